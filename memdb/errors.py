@@ -1,0 +1,102 @@
+"""The one exception hierarchy of memdb, and its mapping to gRPC status codes.
+
+Server code raises these; the service layer turns them into gRPC statuses (`to_status`), and the
+client turns statuses back into them (`from_status`). This is the only place where the mapping
+lives. Messages are meant for a person: say what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MemdbError(Exception):
+    """Base of every memdb error. `code` is the gRPC status it travels as."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(MemdbError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MemdbError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(MemdbError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(MemdbError):
+    """Model fingerprint mismatch, stale expected version."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(MemdbError):
+    """Quota, size limit, or the store is full."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(MemdbError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MemdbError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unavailable(MemdbError):
+    """The server cannot be reached (client side) or is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MemdbError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(MemdbError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(MemdbError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MemdbError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unauthenticated,
+        PermissionDenied,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Internal,
+    )
+}
+
+
+def to_status(exc: MemdbError) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message an error travels as."""
+    return exc.code, str(exc)
+
+
+def from_status(code: grpc.StatusCode, message: str) -> MemdbError:
+    """The memdb error for a gRPC status (unknown codes become `MemdbError`)."""
+    cls = _BY_CODE.get(code, MemdbError)
+    err = cls(message or code.name)
+    err.code = code
+    return err
+
+
+def from_rpc_error(err: grpc.RpcError) -> MemdbError:
+    """Convert a `grpc.RpcError` raised by a stub call."""
+    return from_status(err.code(), err.details() or "")

@@ -160,5 +160,6 @@ def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
         )
     if lse.shape != (i, m, out.shape[2]):
         raise InvalidArgument(
-            f"{where}: tensor 'lse' has shape {list(lse.shape)}, expected [{i}, {m}, {out.shape[2]}]"
+            f"{where}: tensor 'lse' has shape {list(lse.shape)}, "
+            f"expected [{i}, {m}, {out.shape[2]}]"
         )

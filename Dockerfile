@@ -1,0 +1,12 @@
+# memdb: one image for the server (`memdb-server`) and the inference worker (`memdb-worker`).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY memdb memdb
+COPY client client
+COPY worker worker
+ARG EXTRAS=server
+RUN pip install --no-cache-dir ".[${EXTRAS}]"
+EXPOSE 50051 9464
+CMD ["memdb-server", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464", "--data-dir", "/data"]

@@ -1,0 +1,307 @@
+"""MemdbClient: the typed Python client of the memdb server.
+
+numpy arrays in and out, a deadline on every call (streams included, Watch excepted), and
+every gRPC error raised as the matching `memdb.errors` class. The worker and the admin CLI
+talk to the server only through this. Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memdb.errors import InvalidArgument, from_rpc_error
+from memdb.shards import Shard, decode_shard, encode_shard
+from memdb.v1 import memdb_pb2 as pb
+from memdb.v1 import memdb_pb2_grpc as pb_grpc
+from memdb.wire import decode_tensor, encode_tensor
+from memdb_client.types import (
+    ROLES,
+    ApiKeyInfo,
+    LookupResult,
+    Memory,
+    PrefixInfo,
+    Stats,
+    TenantInfo,
+    WatchEvent,
+)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+MiB = 1 << 20
+_MODES = {"create": pb.PUT_MODE_CREATE, "update": pb.PUT_MODE_UPDATE, "upsert": pb.PUT_MODE_UPSERT}
+
+
+class MemdbClient:
+    """A connection to one memdb server, as one API key (hence one tenant)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        stream_timeout: float = 600.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = 64 * MiB,
+        chunk_bytes: int = 4 * MiB,
+    ) -> None:
+        self.address = address or os.environ.get("MEMDB_SERVER", DEFAULT_ADDRESS)
+        self._key = api_key if api_key is not None else os.environ.get("MEMDB_API_KEY", "")
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.chunk_bytes = chunk_bytes
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(self.address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        self._memory = pb_grpc.MemoryServiceStub(self._channel)
+        self._admin = pb_grpc.AdminServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MemdbClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._key}"),) if self._key else ()
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's health status name ("SERVING", "NOT_SERVING", ...)."""
+        req = health_pb2.HealthCheckRequest(service=service)
+        resp = self._call(self._health.Check, req, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the channel connects (Unavailable after `timeout`)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            from memdb.errors import Unavailable
+
+            raise Unavailable(f"memdb server at {self.address} not reachable") from None
+
+    # ------------------------------------------------------------ data plane
+    def lookup(
+        self,
+        name: str,
+        layer: int,
+        queries: np.ndarray,
+        *,
+        model_fingerprint: str,
+        k: int = 1,
+        include_states: bool = True,
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> LookupResult:
+        """Top-k entries of one layer for queries [Q, I, Dk] (or [Q, Dk] for every group)."""
+        q = np.asarray(queries)
+        if q.dtype not in (np.float32, np.float16):
+            q = q.astype(np.float32)
+        req = pb.LookupRequest(
+            name=name,
+            layer=layer,
+            model_fingerprint=model_fingerprint,
+            queries=encode_tensor(q),
+            k=k,
+            include_states=include_states,
+            version=version,
+        )
+        resp = self._call(self._memory.Lookup, req, timeout)
+        return LookupResult(
+            version=resp.version,
+            ids=decode_tensor(resp.ids, name="ids"),
+            scores=decode_tensor(resp.scores, name="scores"),
+            out=decode_tensor(resp.out, name="out") if include_states else None,
+            lse=decode_tensor(resp.lse, name="lse") if include_states else None,
+        )
+
+    def fetch_memory_raw(
+        self, name: str, *, model_fingerprint: str, version: int = 0, timeout: float | None = None
+    ) -> tuple[PrefixInfo, list[bytes]]:
+        """A whole version as its info and every layer's safetensors bytes."""
+        req = pb.FetchMemoryRequest(name=name, model_fingerprint=model_fingerprint, version=version)
+        info: PrefixInfo | None = None
+        blobs: list[bytes] = []
+        buf = bytearray()
+        try:
+            stream = self._memory.FetchMemory(
+                req, timeout=timeout or self.stream_timeout, metadata=self._metadata
+            )
+            for msg in stream:
+                if msg.WhichOneof("kind") == "info":
+                    info = PrefixInfo.from_pb(msg.info)
+                    continue
+                buf += msg.chunk.data
+                if msg.chunk.last:
+                    blobs.append(bytes(buf))
+                    buf = bytearray()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        if info is None or len(blobs) != info.num_layers:
+            raise InvalidArgument(f"FetchMemory of '{name}' ended early; try again")
+        return info, blobs
+
+    def fetch_memory(
+        self, name: str, *, model_fingerprint: str, version: int = 0, timeout: float | None = None
+    ) -> Memory:
+        """A whole version, decoded into shards."""
+        info, blobs = self.fetch_memory_raw(
+            name, model_fingerprint=model_fingerprint, version=version, timeout=timeout
+        )
+        return Memory(info, [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)])
+
+    def watch(self, names: Sequence[str] = (), *, send_initial: bool = False) -> Watch:
+        """A stream of version changes; iterate it, `cancel()` it to stop."""
+        req = pb.WatchRequest(names=list(names), send_initial=send_initial)
+        return Watch(self._memory.Watch(req, metadata=self._metadata))
+
+    # ------------------------------------------------------------ prefixes
+    def put_prefix(
+        self,
+        name: str,
+        shards: Sequence[Shard | bytes],
+        *,
+        model_fingerprint: str,
+        token_count: int = 0,
+        build_params: dict[str, str] | None = None,
+        mode: str = "create",
+        expected_version: int = 0,
+        index_kind: str = "",
+        metric: str = "",
+        timeout: float | None = None,
+    ) -> PrefixInfo:
+        """Upload a memory (one shard per layer) as a new version, atomically."""
+        if mode not in _MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(_MODES)}")
+        header = pb.PutPrefixHeader(
+            name=name,
+            mode=_MODES[mode],
+            expected_version=expected_version,
+            model_fingerprint=model_fingerprint,
+            num_layers=len(shards),
+            token_count=token_count,
+            build_params=build_params or {},
+            index_kind=index_kind,
+            metric=metric,
+        )
+        stream = self._upload_stream(header, shards)
+        resp = self._call(self._admin.PutPrefix, stream, timeout or self.stream_timeout)
+        return PrefixInfo.from_pb(resp)
+
+    def _upload_stream(
+        self, header: pb.PutPrefixHeader, shards: Iterable[Shard | bytes]
+    ) -> Iterator[pb.PutPrefixRequest]:
+        yield pb.PutPrefixRequest(header=header)
+        step = self.chunk_bytes
+        for layer, shard in enumerate(shards):
+            blob = memoryview(shard if isinstance(shard, bytes) else encode_shard(shard))
+            for start in range(0, max(len(blob), 1), step):
+                chunk = pb.ShardChunk(
+                    layer=layer, data=bytes(blob[start : start + step]),
+                    last=start + step >= len(blob),
+                )  # fmt: skip
+                yield pb.PutPrefixRequest(chunk=chunk)
+
+    def get_prefix(self, name: str, timeout: float | None = None) -> PrefixInfo:
+        return PrefixInfo.from_pb(
+            self._call(self._admin.GetPrefix, pb.GetPrefixRequest(name=name), timeout)
+        )
+
+    def list_prefixes_page(
+        self, *, name_prefix: str = "", page_size: int = 100, page_token: str = ""
+    ) -> tuple[list[PrefixInfo], str]:
+        req = pb.ListPrefixesRequest(
+            page_size=page_size, page_token=page_token, name_prefix=name_prefix
+        )
+        resp = self._call(self._admin.ListPrefixes, req)
+        return [PrefixInfo.from_pb(p) for p in resp.prefixes], resp.next_page_token
+
+    def list_prefixes(self, *, name_prefix: str = "", page_size: int = 100) -> list[PrefixInfo]:
+        """Every prefix of the caller's tenant (follows the pages)."""
+        out, token = [], ""
+        while True:
+            page, token = self.list_prefixes_page(
+                name_prefix=name_prefix, page_size=page_size, page_token=token
+            )
+            out += page
+            if not token:
+                return out
+
+    def delete_prefix(self, name: str, *, expected_version: int = 0) -> int:
+        req = pb.DeletePrefixRequest(name=name, expected_version=expected_version)
+        return self._call(self._admin.DeletePrefix, req).deleted_version
+
+    # ------------------------------------------------------------ tenants, keys, stats
+    def create_tenant(self, name: str, *, max_bytes: int = 0, max_prefixes: int = 0) -> TenantInfo:
+        quotas = pb.Quotas(max_bytes=max_bytes, max_prefixes=max_prefixes)
+        req = pb.CreateTenantRequest(name=name, quotas=quotas)
+        return TenantInfo.from_pb(self._call(self._admin.CreateTenant, req))
+
+    def list_tenants(self) -> list[TenantInfo]:
+        resp = self._call(self._admin.ListTenants, pb.ListTenantsRequest())
+        return [TenantInfo.from_pb(t) for t in resp.tenants]
+
+    def delete_tenant(self, name: str, *, force: bool = False) -> None:
+        self._call(self._admin.DeleteTenant, pb.DeleteTenantRequest(name=name, force=force))
+
+    def create_api_key(
+        self, role: str, *, tenant: str = "", description: str = ""
+    ) -> tuple[str, ApiKeyInfo]:
+        """A new key: (the key itself, shown only now; its info)."""
+        if role not in ROLES:
+            raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")
+        req = pb.CreateApiKeyRequest(tenant=tenant, role=ROLES[role], description=description)
+        resp = self._call(self._admin.CreateApiKey, req)
+        return resp.api_key, ApiKeyInfo.from_pb(resp.info)
+
+    def list_api_keys(self, *, tenant: str = "") -> list[ApiKeyInfo]:
+        resp = self._call(self._admin.ListApiKeys, pb.ListApiKeysRequest(tenant=tenant))
+        return [ApiKeyInfo.from_pb(k) for k in resp.keys]
+
+    def revoke_api_key(self, key_id: str) -> None:
+        self._call(self._admin.RevokeApiKey, pb.RevokeApiKeyRequest(key_id=key_id))
+
+    def stats(self) -> Stats:
+        return Stats.from_pb(self._call(self._admin.Stats, pb.StatsRequest()))
+
+
+class Watch:
+    """An open Watch stream: iterate for WatchEvents; `cancel()` ends it."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        try:
+            for msg in self._call:
+                yield WatchEvent.from_pb(msg)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise from_rpc_error(err) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -1,0 +1,112 @@
+"""The server's configuration: one typed, validated object per process.
+
+Precedence: command-line flags > `MEMDB_*` environment variables > a TOML config file
+(`--config` or `MEMDB_CONFIG`) > the defaults below. This module knows nothing of how the
+settings are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class ServerConfig(BaseSettings):
+    """Every knob of `memdb-server`. Environment names are `MEMDB_<FIELD>` in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMDB_", extra="forbid")
+
+    config: Path | None = Field(None, description="TOML file with any of these settings")
+    data_dir: Path = Field(Path("memdb-data"), description="folder of the LMDB environment")
+    listen: str = Field("127.0.0.1:50051", description="gRPC address; port 0 picks a free one")
+    metrics_listen: str = Field(
+        "127.0.0.1:9464", description="Prometheus /metrics address; empty disables it"
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="root API key; if unset one is generated into <data_dir>/admin.key"
+    )
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain (enables TLS)")
+    tls_key: Path | None = Field(None, description="PEM private key (with tls_cert)")
+    max_workers: int = Field(64, ge=2, description="gRPC handler threads (Watch holds one)")
+    max_message_bytes: int = Field(64 * MiB, ge=MiB, description="max size of one gRPC message")
+    max_upload_bytes: int = Field(8 * GiB, ge=MiB, description="max bytes of one memory upload")
+    fetch_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024, description="FetchMemory chunk size")
+    max_lookup_queries: int = Field(8192, ge=1, description="max query rows in one Lookup")
+    max_k: int = Field(256, ge=1, description="max top-k in one Lookup")
+    # storage
+    map_size: int = Field(1 * GiB, ge=MiB, description="initial LMDB map size (grows by itself)")
+    max_map_size: int = Field(1 << 40, ge=MiB, description="LMDB map size never exceeds this")
+    sync: bool = Field(True, description="fsync on every commit (durable)")
+    retain_versions: int = Field(2, ge=1, description="versions kept per prefix (current + old)")
+    # index
+    index_kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    index_auto_threshold: int = Field(100_000, ge=1, description="auto: flat below this M")
+    index_nprobe: int = Field(16, ge=1)
+    index_hnsw_m: int = Field(32, ge=4)
+    index_ef_search: int = Field(128, ge=1)
+    index_cache_bytes: int = Field(2 * GiB, ge=0, description="RAM budget of loaded indices")
+    faiss_threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = automatic")
+    use_gpu: bool = Field(False, description="put flat indices on the GPU (needs faiss-gpu)")
+    # process
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    ready_file: Path | None = Field(
+        None, description="write {address, metrics} as JSON here once serving"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _has_port(cls, v: str) -> str:
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"listen must be HOST:PORT, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        if self.map_size > self.max_map_size:
+            raise ValueError("map_size must not exceed max_map_size")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        path = _config_path(init_settings)
+        if path is not None:
+            if not path.is_file():
+                raise ValueError(f"config file {path} does not exist")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def _config_path(init_settings: PydanticBaseSettingsSource) -> Path | None:
+    given: Any = init_settings().get("config") or os.environ.get("MEMDB_CONFIG")
+    return Path(given) if given else None
+
+
+def load_config(**flags: Any) -> ServerConfig:
+    """Build the config from flags (None means 'not given'), the environment and the file."""
+    return ServerConfig(**{k: v for k, v in flags.items() if v is not None})

@@ -1,0 +1,53 @@
+"""What every servicer of one server process shares: config, store, index cache, events, metrics.
+
+Also the checks that several RPCs share (names, model fingerprints). Knows nothing of gRPC
+transport details.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from memdb.config import ServerConfig
+from memdb.errors import FailedPrecondition, InvalidArgument
+from memdb.events import EventBus
+from memdb.index import IndexCache, IndexParams
+from memdb.metrics import ServerMetrics
+from memdb.storage import Store
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class Runtime:
+    config: ServerConfig
+    store: Store
+    cache: IndexCache
+    bus: EventBus
+    metrics: ServerMetrics
+    index_params: IndexParams
+    started_at: float = field(default_factory=time.time)
+
+
+def check_name(name: str, what: str = "prefix name") -> str:
+    if not _NAME.match(name or ""):
+        raise InvalidArgument(
+            f"{what} {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_fingerprint(expected: str, given: str, name: str) -> None:
+    """Refuse a caller whose model is not the one that built the memory."""
+    if not given:
+        raise InvalidArgument(
+            "model_fingerprint is required: send the fingerprint of the model you decode with"
+        )
+    if given != expected:
+        raise FailedPrecondition(
+            f"memory '{name}' was built for model {expected[:16]}, but the caller's model is "
+            f"{given[:16]}; rebuild the memory with this model or use the model that built it"
+        )

@@ -1,0 +1,73 @@
+"""Tensors on the wire: numpy arrays <-> `memdb.v1.Tensor` (dtype + shape + raw LE bytes).
+
+Owns only the encoding. It does not know what a tensor means; callers check shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from memdb.errors import InvalidArgument
+from memdb.v1 import memdb_pb2 as pb
+
+WIRE_DTYPES = ("float32", "float16", "int64", "int32")
+
+
+def encode_tensor(array: np.ndarray) -> pb.Tensor:
+    """A numpy array as a wire Tensor (little-endian, C order)."""
+    a = np.asarray(array)
+    if a.dtype.name not in WIRE_DTYPES:
+        raise InvalidArgument(f"dtype {a.dtype} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=a.dtype.name, shape=list(a.shape), data=a.tobytes())
+
+
+def decode_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
+    """A wire Tensor as a numpy array; InvalidArgument if dtype, shape and bytes disagree."""
+    if t.dtype not in WIRE_DTYPES:
+        raise InvalidArgument(
+            f"{name}: dtype '{t.dtype}' is not supported; use one of {', '.join(WIRE_DTYPES)}"
+        )
+    shape = tuple(int(s) for s in t.shape)
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"{name}: shape {list(shape)} has a negative dimension")
+    dtype = np.dtype(t.dtype).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(t.data):
+        raise InvalidArgument(
+            f"{name}: shape {list(shape)} of {t.dtype} needs {expected} bytes, got {len(t.data)}"
+        )
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def prefix_info(rec) -> pb.PrefixInfo:
+    """A storage PrefixRecord as the wire PrefixInfo."""
+    s = rec.shape
+    return pb.PrefixInfo(
+        tenant=rec.tenant,
+        name=rec.name,
+        version=rec.version,
+        model_fingerprint=rec.model_fingerprint,
+        num_layers=rec.num_layers,
+        num_groups=s.num_groups,
+        budget=s.budget,
+        key_dim=s.key_dim,
+        heads_per_group=s.heads_per_group,
+        head_dim=s.head_dim,
+        dtype=rec.dtype,
+        token_count=rec.token_count,
+        build_params=rec.build_params,
+        extra_tensors=rec.extra_tensors,
+        bytes=rec.bytes,
+        index_kind=rec.index_kind,
+        metric=rec.metric,
+        created_at=timestamp(rec.created_at),
+        updated_at=timestamp(rec.updated_at),
+    )

@@ -70,6 +70,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             metric=metric,
             shards=blobs,
             indices=indices,
+            decoded=shards,
         )
         self.rt.cache.invalidate(tenant, header.name)
         self.rt.bus.publish(Event("put", tenant, rec.name, rec.version, rec.model_fingerprint,
@@ -178,10 +179,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         name = check_name(request.name, "tenant name")
         if name == auth.DEFAULT_TENANT:
             raise InvalidArgument("the 'default' tenant holds the root key and cannot be deleted")
-        doomed = self.rt.store.list_prefixes(name, limit=1_000_000)
         self.rt.store.delete_tenant(name, force=request.force)
-        for rec in doomed:
-            self.rt.cache.invalidate(name, rec.name)
+        self.rt.cache.invalidate_tenant(name)
         log.info("deleted tenant %s", name)
         return pb.DeleteTenantResponse()
 

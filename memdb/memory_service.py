@@ -16,9 +16,8 @@ import numpy as np
 from memdb import auth
 from memdb.errors import InvalidArgument, ResourceExhausted
 from memdb.events import Event
-from memdb.index import LoadedLayer, deserialize_index
+from memdb.index import LoadedLayer, load_layer
 from memdb.runtime import Runtime, check_fingerprint, check_name
-from memdb.shards import decode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 from memdb.wire import decode_tensor, encode_tensor, prefix_info, timestamp
@@ -36,8 +35,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
         tenant = auth.current().tenant
         name = check_name(request.name)
-        rec = self.rt.store.get_prefix(tenant, name)
-        version = request.version or rec.version
+        rec = self.rt.store.get_prefix(tenant, name, request.version)
+        version = rec.version
         if request.layer >= rec.num_layers:
             raise InvalidArgument(
                 f"layer {request.layer} is out of range: memory '{name}' has "
@@ -82,19 +81,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return np.ascontiguousarray(q, dtype=np.float32)
 
     def _load_layer(self, tenant: str, name: str, version: int, layer: int) -> LoadedLayer:
-        snap = self.rt.store.read_version(tenant, name, version)
-        shard = decode_shard(snap.shard(layer), where=f"stored layer {layer}")
-        groups = shard.keys.shape[0]
-        indices = [
-            deserialize_index(snap.index(layer, g), self.rt.index_params) for g in range(groups)
-        ]
+        snap = self.rt.store.read_version(tenant, name, version, layers=[layer])
         self.rt.metrics.index_loads.inc()
-        return LoadedLayer(
-            version=snap.record.version,
+        return load_layer(
+            snap.record.version,
+            snap.shard(layer),
+            snap.indices[layer],
+            self.rt.index_params,
             model_fingerprint=snap.record.model_fingerprint,
-            indices=indices,
-            out=shard.out,
-            lse=shard.lse,
         )
 
     # ------------------------------------------------------------ FetchMemory

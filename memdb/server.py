@@ -58,8 +58,7 @@ class RunningServer:
 def run_server(config: ServerConfig) -> Iterator[RunningServer]:
     """Serve until the block exits, then shut down gracefully."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    if config.faiss_threads:
-        set_threads(config.faiss_threads)
+    set_threads(config.faiss_threads)
     store = Store(
         config.data_dir,
         map_size=config.map_size,

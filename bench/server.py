@@ -19,7 +19,7 @@ import numpy as np
 
 from memdb.index import IndexParams, build_index, search
 from memdb.shards import Shard
-from memdb.testing import server_process
+from memdb.process import server_process
 from memdb_client import MemdbClient
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,7 +24,7 @@ from memdb.errors import (
 )
 from memdb.server import run_server
 from memdb.shards import Shard, encode_shard
-from memdb.testing import server_process
+from memdb.process import server_process
 from memdb_client import MemdbClient
 
 FP = "fp-test-model"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from memdb.config import load_config
-from memdb.testing import server_process, start_server
+from memdb.process import server_process, start_server
 from memdb_client import MemdbClient
 from tests.test_server import FP, make_shards
 

@@ -1,4 +1,4 @@
-"""Real memdb-server processes for tests, benchmarks and demos.
+"""Real memdb-server child processes, for tests, benchmarks and the demo.
 
 `server_process(data_dir)` starts `memdb-server` as a child process on 127.0.0.1 with an
 ephemeral port, waits until it serves (its ready file), and stops it with SIGTERM on exit

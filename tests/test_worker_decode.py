@@ -1,0 +1,245 @@
+"""Memory decoding on a tiny random Llama: exact memories reproduce full-prefix attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from memdb.shards import decode_shard, encode_shard
+from memdb_worker.attention import bind, current_binding, install
+from memdb_worker.builder import BuildOptions, build_memory
+from memdb_worker.memory import DecodeOptions, Memory
+from memdb_worker.prefix import encode_prefix
+from memdb_worker.scoring import score_continuations
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
+    trace = (torch.randperm(VOCAB - 3, generator=g)[:14] + 3).tolist()  # distinct tokens
+    return prefix, trace
+
+
+def logits(model, ids, **kw):
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), **kw).logits[0]
+
+
+def max_rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+EXACT_OPTIONS = {
+    "paper": (BuildOptions(), "after_prefix"),
+    "zero_positions": (BuildOptions(), "zero"),
+    "kv_group": (BuildOptions(granularity="kv_group"), "after_prefix"),
+    "layer_rope_whiten": (
+        BuildOptions(granularity="layer", key_mode="rope_common", whiten=True),
+        "after_prefix",
+    ),
+    "whiten_centered": (BuildOptions(whiten=True, whiten_center=True), "zero"),
+    "centroid": (BuildOptions(entry_state="centroid"), "after_prefix"),
+    "lse_correction": (BuildOptions(lse_correction=True), "after_prefix"),
+    "float16": (BuildOptions(key_dtype="float16"), "after_prefix"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT_OPTIONS))
+def test_exact_memory_reproduces_full_prefix_logits(tiny, data, name):
+    options, live_positions = EXACT_OPTIONS[name]
+    prefix, trace = data
+    full = logits(tiny, prefix + trace)[len(prefix) :]
+    plain = logits(tiny, trace)
+    # one entry per trace token: budget == recorded tokens, no clustering
+    built = build_memory(
+        tiny, None, prefix, [trace], budget=len(trace), options=options, progress=False
+    )
+    memory = built.to_memory()
+    with bind(tiny, memory, live_positions=live_positions):
+        got = logits(tiny, trace)
+    assert max_rel(plain, full) > 1e-2  # the prefix matters, so the test can fail
+    assert max_rel(got, full) < 1e-4
+
+
+def test_exact_prefix_source_equals_prefix_in_prompt(tiny, data):
+    prefix, trace = data
+    full = logits(tiny, prefix + trace)[len(prefix) :]
+    with bind(tiny, encode_prefix(tiny, prefix)):
+        got = logits(tiny, trace)
+    assert max_rel(got, full) < 1e-5
+
+
+def test_chunked_prefix_calibration_matches_chunked_decoding(tiny, data):
+    prefix, trace = data
+    options = BuildOptions(chunk_tokens=16)  # 40 tokens -> 3 chunks merged
+    exact = encode_prefix(tiny, prefix, chunk_tokens=16)
+    assert exact.chunk_lengths == (13, 14, 13) and exact.prefix_length == 14
+    with bind(tiny, exact):
+        ref = logits(tiny, trace)
+    built = build_memory(
+        tiny, None, prefix, [trace], budget=len(trace), options=options, progress=False
+    )
+    assert built.metadata["chunk_lengths"] == "[13, 14, 13]"
+    with bind(tiny, built.to_memory()):
+        got = logits(tiny, trace)
+    assert max_rel(got, ref) < 1e-4
+
+
+def test_installed_but_unbound_model_runs_plainly(tiny, data):
+    _, trace = data
+    ref = LlamaForCausalLM(tiny.config.__class__(**tiny.config.to_dict()))
+    ref.load_state_dict(tiny.state_dict())
+    ref.eval().set_attn_implementation("sdpa")
+    install(tiny)
+    assert current_binding(tiny) is None
+    assert torch.equal(logits(tiny, trace), logits(ref, trace))
+
+
+def _left_pad(seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+GEN = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+
+
+def _generate(model, seqs, **kw):
+    ids, mask = _left_pad(seqs)
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **GEN, **kw
+        )
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def test_generate_batch2_kv_cache_with_exact_prefix_equals_prefix_in_prompt(tiny, data):
+    prefix, _ = data
+    p1, p2 = [5, 17, 33, 9, 100, 7], [44, 12, 201, 3, 80, 81, 82, 150, 6]
+    ref_tok, ref_logits = _generate(tiny, [prefix + p1, prefix + p2])
+    with bind(tiny, encode_prefix(tiny, prefix)):
+        tok, lg = _generate(tiny, [p1, p2])
+    assert torch.equal(tok, ref_tok)
+    assert max_rel(lg, ref_logits) < 1e-4
+
+
+def test_generate_with_memory_same_with_and_without_kv_cache(tiny, data):
+    prefix, trace = data
+    built = build_memory(tiny, None, prefix, [trace, trace[::-1]], budget=10, progress=False)
+    memory = built.to_memory()
+    seqs = [trace[:5], trace[3:12]]
+    with bind(tiny, memory):
+        tok_c, lg_c = _generate(tiny, seqs)
+        tok_n, lg_n = _generate(tiny, seqs, use_cache=False)
+    plain_tok, plain_lg = _generate(tiny, seqs)
+    assert torch.equal(tok_c, tok_n)
+    assert max_rel(lg_c, lg_n) < 1e-4
+    assert max_rel(lg_c, plain_lg) > 1e-3  # the memory is used
+
+
+def test_mixed_batch_rows_follow_their_own_source(tiny, data):
+    prefix, trace = data
+    exact = encode_prefix(tiny, prefix)
+    seqs = [trace[:7], trace[2:9]]
+    ids = torch.tensor(seqs)
+    with torch.inference_mode(), bind(tiny, [exact, None]):
+        mixed = tiny(ids).logits
+    with torch.inference_mode(), bind(tiny, exact):
+        bound = tiny(ids[:1]).logits
+    plain = logits(tiny, seqs[1])
+    assert max_rel(mixed[0], bound[0]) < 1e-5
+    assert max_rel(mixed[1], plain) < 1e-5
+    with pytest.raises(ValueError, match="per-row sources"), bind(tiny, [exact]):
+        tiny(ids)
+
+
+def test_memory_round_trips_through_shard_bytes(tiny, data):
+    prefix, trace = data
+    built = build_memory(
+        tiny, None, prefix, [trace], budget=6, options=BuildOptions(whiten=True), progress=False
+    )
+    memory = built.to_memory()
+    blobs = [encode_shard(s) for s in memory.to_shards()]
+    again = Memory.from_shards([decode_shard(b) for b in blobs])
+    for a, b in zip(built.shards, again.to_shards(), strict=True):
+        assert (a.keys == b.keys).all() and (a.out == b.out).all() and (a.lse == b.lse).all()
+        assert a.metadata == b.metadata and sorted(a.extras) == sorted(b.extras)
+    with bind(tiny, memory):
+        x = logits(tiny, trace)
+    with bind(tiny, again):
+        y = logits(tiny, trace)
+    assert torch.equal(x, y)
+
+
+def test_soft_top_k_and_decode_options(tiny, data):
+    prefix, trace = data
+    built = build_memory(tiny, None, prefix, [trace], budget=8, progress=False)
+    memory = built.to_memory()
+    with bind(tiny, memory):
+        top1 = logits(tiny, trace)
+    with bind(tiny, memory.with_options(DecodeOptions(top_k=3, temperature=1e-4))):
+        sharp = logits(tiny, trace)  # near-zero temperature: the soft top-k is the top-1
+    with bind(tiny, memory.with_options(DecodeOptions(top_k=3, temperature=1.0))):
+        soft = logits(tiny, trace)
+    with bind(tiny, memory.with_options(DecodeOptions(lse_bias=-50.0))):
+        off = logits(tiny, trace)  # a huge negative bias switches the memory off
+    assert max_rel(sharp, top1) < 1e-4
+    assert max_rel(soft, top1) > 1e-4
+    with bind(tiny, None):
+        plain = logits(tiny, trace)
+    assert max_rel(off, plain) < 1e-4
+    with bind(tiny, memory.with_options(DecodeOptions(lse_bias=(-50.0, -50.0, -50.0)))):
+        assert max_rel(logits(tiny, trace), plain) < 1e-4  # one bias per layer
+    with pytest.raises(ValueError, match="lse_bias has 2 values for 3 layers"):
+        memory.with_options(DecodeOptions(lse_bias=(0.0, 0.0)))
+    with pytest.raises(ValueError, match="lse_correction"):
+        memory.with_options(DecodeOptions(lse_correction=True))
+
+
+def test_memory_must_fit_the_model(tiny, data):
+    prefix, trace = data
+    built = build_memory(tiny, None, prefix, [trace], budget=4, progress=False)
+    other = LlamaForCausalLM(LlamaConfig(**{**tiny.config.to_dict(), "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match="does not fit"), bind(other, built.to_memory()):
+        pass
+
+
+def test_score_continuations_matches_full_forward(tiny, data):
+    prefix, trace = data
+    ctx, conts = trace[:6], [[7, 8], [9], [10, 11, 12]]
+    exact = encode_prefix(tiny, prefix)
+    got = score_continuations(tiny, ctx, conts, exact)
+    for c, s in zip(conts, got.tolist(), strict=True):
+        lp = torch.log_softmax(logits(tiny, prefix + ctx + c), -1)
+        start = len(prefix) + len(ctx) - 1
+        ref = sum(float(lp[start + j, t]) for j, t in enumerate(c))
+        assert abs(s - ref) < 1e-4 * max(1.0, abs(ref))

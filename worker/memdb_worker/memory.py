@@ -1,0 +1,291 @@
+"""The in-device memory: shards turned into tensors on the model's device, and its lookup.
+
+A `Memory` holds, per layer, I index groups of M entries: lookup keys [I, M, Dk], the entries'
+states on the prefix (out [I, M, h, d], lse [I, M, h]) and optional extras: `q_mean`/`k_bar`
+[I, M, h, d] for the first-order lse correction, `whiten`/`whiten_mean` [H, d, d]/[H, d] for
+whitened keys. Its common metadata (key mode, granularity, positions, RoPE, fingerprint, ...)
+comes from the builder and travels in every shard.
+
+As a state source (`prefix_state`, see `attention.bind`) it turns the live queries into lookup
+keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer and group
+(exact, torch ops on the memory's device) and returns their states:
+
+- top_k = 1 (default, the paper): the best entry's state;
+- top_k > 1: a soft top-k, the weighted mean of the k entries' Z = exp(lse) with weights
+  softmax(cosine / temperature) (the output Z-weighted like Eq. 5);
+- lse_correction: lse <- lse + s * k_bar . (q_pre - q_mean), when the memory stores k_bar;
+- lse_bias: a constant added to every entry's lse (against prefix decay), or one per layer.
+
+`DecodeOptions` are chosen at decode time (`with_options` shares the tensors). This module
+knows nothing of how entries were built or of transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from memdb.shards import Shard, check_consistent
+from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec
+from memdb_worker.state import State, combine_states
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a memory answers a query (decode-time choices; the paper's are the defaults)."""
+
+    top_k: int = 1
+    temperature: float = 0.05  # soft top-k: weights softmax(cosine / temperature)
+    lse_correction: bool | None = None  # None: apply when the memory stores k_bar
+    lse_bias: float | tuple[float, ...] = 0.0  # one value, or one per layer
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+
+@dataclass
+class MemoryLayer:
+    """One layer of a memory on the device."""
+
+    keys: torch.Tensor  # [I, M, Dk]
+    inv_norm: torch.Tensor  # [I, M] float32, 1 / |key|
+    out: torch.Tensor  # [I, M, h, d]
+    lse: torch.Tensor  # [I, M, h] float32
+    extras: dict[str, torch.Tensor]
+
+
+class Memory:
+    """A memory on a device; a state source for `attention.bind`."""
+
+    def __init__(
+        self,
+        layers: list[MemoryLayer],
+        keyspace: KeySpace,
+        metadata: dict[str, str],
+        options: DecodeOptions | None = None,
+    ) -> None:
+        self.layers = layers
+        self.keyspace = keyspace
+        self.metadata = dict(metadata)
+        self.options = options or DecodeOptions()
+        if self.options.top_k > self.budget:
+            raise ValueError(f"top_k={self.options.top_k} exceeds the budget M={self.budget}")
+        has_kbar = "k_bar" in layers[0].extras and "q_mean" in layers[0].extras
+        if isinstance(self.options.lse_bias, tuple) and len(self.options.lse_bias) != len(layers):
+            raise ValueError(
+                f"lse_bias has {len(self.options.lse_bias)} values for {len(layers)} layers"
+            )
+        if self.options.lse_correction and not has_kbar:
+            raise ValueError("lse_correction needs a memory built with lse_correction=True (k_bar)")
+        self._correct = (
+            has_kbar if self.options.lse_correction is None else self.options.lse_correction
+        )
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_shards(
+        cls,
+        shards: Sequence[Shard],
+        device: str | torch.device = "cpu",
+        options: DecodeOptions | None = None,
+    ) -> Memory:
+        """Load one shard per layer (in layer order) onto `device`."""
+        check_consistent(list(shards))
+        # "layer" differs per shard; "memdb.format" belongs to the encoding (encode_shard adds it)
+        meta = {k: v for k, v in shards[0].metadata.items() if k not in ("layer", "memdb.format")}
+        for i, s in enumerate(shards):
+            if "layer" in s.metadata and int(s.metadata["layer"]) != i:
+                raise ValueError(
+                    f"shard {i} says it is layer {s.metadata['layer']}; pass shards in order"
+                )
+        dev = torch.device(device)
+        layers = []
+        for s in shards:
+            keys = _tensor(s.keys, dev)
+            norm = keys.float().norm(dim=-1).clamp_min(1e-30)
+            layers.append(
+                MemoryLayer(
+                    keys=keys,
+                    inv_norm=norm.reciprocal(),
+                    out=_tensor(s.out, dev),
+                    lse=_tensor(s.lse, dev).float(),
+                    extras={k: _tensor(v, dev) for k, v in s.extras.items()},
+                )
+            )
+        keyspace = keyspace_from_metadata(meta, [lay.extras for lay in layers])
+        if (
+            keyspace.num_groups != layers[0].keys.shape[0]
+            or keyspace.key_dim != layers[0].keys.shape[2]
+        ):
+            raise ValueError(
+                f"metadata says granularity {keyspace.granularity!r} (I={keyspace.num_groups}, "
+                f"Dk={keyspace.key_dim}) but keys are {list(layers[0].keys.shape)}"
+            )
+        return cls(layers, keyspace, meta, options)
+
+    def with_options(self, options: DecodeOptions) -> Memory:
+        """The same tensors answering with other decode options."""
+        return Memory(self.layers, self.keyspace, self.metadata, options)
+
+    def to_shards(self) -> list[Shard]:
+        """The shards this memory was loaded from (same arrays, same metadata)."""
+        shards = []
+        for i, layer in enumerate(self.layers):
+            shards.append(
+                Shard(
+                    keys=layer.keys.cpu().numpy(),
+                    out=layer.out.cpu().numpy(),
+                    lse=layer.lse.cpu().numpy(),
+                    extras={k: v.cpu().numpy() for k, v in layer.extras.items()},
+                    metadata={**self.metadata, "layer": str(i)},
+                )
+            )
+        return shards
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def budget(self) -> int:  # M
+        return int(self.layers[0].keys.shape[1])
+
+    @property
+    def prefix_length(self) -> int:
+        """Position right after the prefix in calibration (live tokens start there)."""
+        return int(self.metadata.get("prefix_length", "0"))
+
+    @property
+    def token_count(self) -> int:
+        return int(self.metadata.get("token_count", "0"))
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.metadata.get("model_fingerprint", "")
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].keys.device
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor of the memory (keys, states, extras)."""
+        total = 0
+        for layer in self.layers:
+            for t in (layer.keys, layer.out, layer.lse, *layer.extras.values()):
+                total += t.numel() * t.element_size()
+        return total
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError unless the model has this memory's layers and heads."""
+        cfg = model.config
+        want = {
+            "num_layers": int(cfg.num_hidden_layers),
+            "num_heads": int(cfg.num_attention_heads),
+            "num_kv_heads": int(cfg.num_key_value_heads),
+            "head_dim": int(
+                getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            ),
+        }
+        have = {
+            "num_layers": self.num_layers,
+            "num_heads": self.keyspace.num_heads,
+            "num_kv_heads": self.keyspace.num_kv_heads,
+            "head_dim": self.keyspace.head_dim,
+        }
+        if want != have:
+            raise ValueError(f"memory shape {have} does not fit the model {want}")
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    def search(
+        self, layer: int, keys: torch.Tensor, k: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k entries by cosine similarity: keys [n, I, Dk] -> (scores, ids) [n, I, k]."""
+        lay = self.layers[layer]
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+        sims = torch.einsum("nik,imk->nim", unit, lay.keys.float()) * lay.inv_norm  # [n, I, M]
+        if k == 1:
+            scores, ids = sims.max(dim=-1, keepdim=True)
+            return scores, ids
+        return sims.topk(k, dim=-1)
+
+    def prefix_state(self, query: LayerQuery) -> State:
+        """State source protocol: the memory's state for each live query (see module doc)."""
+        b, h, t, d = query.q.shape
+        ks = self.keyspace
+        lay = self.layers[query.layer]
+        q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)  # [n, H, d]
+        keys = ks.keys(q_pre, query.layer)  # [n, I, Dk]
+        scores, ids = self.search(query.layer, keys, self.options.top_k)  # [n, I, k]
+        groups = torch.arange(ks.num_groups, device=ids.device).view(1, -1, 1)
+        lse = lay.lse[groups, ids]  # [n, I, k, h]
+        out = lay.out[groups, ids].float()  # [n, I, k, h, d]
+        if self._correct:
+            qg = q_pre.view(b * t, ks.num_groups, ks.heads_per_group, d)  # [n, I, h, d]
+            q_mean = lay.extras["q_mean"][groups, ids].float()  # [n, I, k, h, d]
+            k_bar = lay.extras["k_bar"][groups, ids].float()
+            lse = lse + query.scaling * ((qg.unsqueeze(2) - q_mean) * k_bar).sum(-1)
+        bias = self.options.lse_bias
+        bias = bias[query.layer] if isinstance(bias, tuple) else bias
+        if bias:
+            lse = lse + bias
+        if self.options.top_k == 1:
+            lse, out = lse[:, :, 0], out[:, :, 0]  # [n, I, h], [n, I, h, d]
+        else:
+            logw = torch.log_softmax(scores / self.options.temperature, dim=-1)  # [n, I, k]
+            lse, out = combine_states(lse, out, logw.unsqueeze(-1), dim=2)
+        lse = lse.reshape(b, t, h).transpose(1, 2)  # [B, H, T]
+        out = out.reshape(b, t, h, d).transpose(1, 2)  # [B, H, T, d]
+        return State(out.contiguous(), lse.contiguous())
+
+
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    # a private, writable copy (decoded shards may be read-only views of a blob)
+    return torch.from_numpy(np.array(a, copy=True)).to(device)
+
+
+def keyspace_from_metadata(
+    meta: dict[str, str], layers: Sequence[Shard] | Sequence[Mapping[str, torch.Tensor]]
+) -> KeySpace:
+    """Rebuild the key space a memory was built with from its metadata and, per layer, the
+    shards (or their extra tensors as a mapping) that hold the whitening, if any."""
+    extras = [x.extras if isinstance(x, Shard) else x for x in layers]
+    try:
+        rope_meta = json.loads(meta["rope"])
+        rope = RopeSpec(
+            inv_freq=torch.tensor(rope_meta["inv_freq"], dtype=torch.float32),
+            attention_scaling=float(rope_meta["attention_scaling"]),
+        )
+        whiten = None
+        whiten_mean = None
+        if meta.get("whiten", "0") == "1":
+            whiten = [torch.as_tensor(e["whiten"]).float() for e in extras]  # per layer
+            whiten_mean = [torch.as_tensor(e["whiten_mean"]).float() for e in extras]
+        return KeySpace(
+            mode=meta["key_mode"],  # type: ignore[arg-type]
+            granularity=meta["granularity"],  # type: ignore[arg-type]
+            num_heads=int(meta["num_heads"]),
+            num_kv_heads=int(meta["num_kv_heads"]),
+            head_dim=int(meta["head_dim"]),
+            common_position=int(meta.get("common_position", "0")),
+            rope=rope,
+            whiten=whiten,
+            whiten_mean=whiten_mean,
+        )
+    except KeyError as exc:
+        raise ValueError(
+            f"memory metadata lacks {exc}; was it built by memdb_worker.builder?"
+        ) from None

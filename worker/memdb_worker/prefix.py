@@ -1,0 +1,149 @@
+"""The exact prefix: its per-layer keys/values, and its encoding (chunked past the context).
+
+`encode_prefix` runs the model on the prefix and keeps, per layer, the post-RoPE keys and the
+values of every token. A prefix longer than `chunk_tokens` is split into chunks encoded
+independently (each at positions 0..len-1), and their keys/values are concatenated: attention
+over the concatenation is the exact merge of the chunks' states (DESIGN.md section 1), which is
+how the paper composes a prefix longer than the model's context.
+
+`ExactPrefix` is a state source for `attention.bind`: it gives each query its exact state on the
+prefix (what a memory approximates). Bound with live positions after the prefix it reproduces
+in-context learning with the prefix in the prompt; the builder records its states as calibration.
+
+This module knows nothing of memories, clustering or key modes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from memdb_worker.keys import LayerQuery
+from memdb_worker.state import State, attention_state, attention_state_and_key_mean
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LIVE_RESERVE = 1024
+
+
+@dataclass
+class ExactPrefix:
+    """Post-RoPE keys and values of an encoded prefix, per layer."""
+
+    keys: list[torch.Tensor]  # per layer [1, Hkv, N, d] (post-RoPE, model dtype)
+    values: list[torch.Tensor]  # per layer [1, Hkv, N, d]
+    scaling: float
+    prefix_length: int  # position right after the (longest) chunk: where live tokens start
+    token_count: int  # N, total prefix tokens over all chunks
+    chunk_lengths: tuple[int, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def state(self, layer: int, q: torch.Tensor) -> State:
+        """Exact state of post-RoPE queries q [B, H, T, d] on the prefix at `layer`."""
+        k, v = self._kv(layer, q.device)
+        return attention_state(q, k, v, self.scaling)
+
+    def state_and_key_mean(self, layer: int, q: torch.Tensor) -> tuple[State, torch.Tensor]:
+        """`state` plus the attention-weighted mean key [B, H, T, d] (post-RoPE frame)."""
+        k, v = self._kv(layer, q.device)
+        return attention_state_and_key_mean(q, k, v, self.scaling)
+
+    def prefix_state(self, query: LayerQuery) -> State:
+        """State source protocol (see attention.bind)."""
+        return self.state(query.layer, query.q)
+
+    def head(self, n: int) -> ExactPrefix:
+        """The first n tokens (the same as encoding them alone; single-chunk prefixes only)."""
+        if len(self.chunk_lengths) != 1:
+            raise ValueError("head() is only defined for a prefix encoded as one chunk")
+        if not 0 < n <= self.token_count:
+            raise ValueError(f"head({n}) of a {self.token_count}-token prefix")
+        return ExactPrefix(
+            keys=[k[:, :, :n] for k in self.keys],
+            values=[v[:, :, :n] for v in self.values],
+            scaling=self.scaling,
+            prefix_length=n,
+            token_count=n,
+            chunk_lengths=(n,),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the prefix's KV cache as held here."""
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
+
+    def _kv(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.keys[layer], self.values[layer]
+        if k.device != device:
+            k, v = k.to(device), v.to(device)
+        return k, v
+
+
+def default_chunk_tokens(model: torch.nn.Module, live_reserve: int = DEFAULT_LIVE_RESERVE) -> int:
+    """Largest chunk that leaves `live_reserve` positions of the context for live tokens."""
+    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if ctx <= 0:
+        return 1 << 30
+    return max(1, ctx - min(live_reserve, ctx // 2))
+
+
+@torch.inference_mode()
+def encode_prefix(
+    model: torch.nn.Module,
+    prefix_ids: Sequence[int] | torch.Tensor,
+    chunk_tokens: int | None = None,
+    progress: bool = False,
+) -> ExactPrefix:
+    """Run the model on the prefix (chunks of at most `chunk_tokens`) and keep its keys/values.
+
+    chunk_tokens defaults to the model's context minus DEFAULT_LIVE_RESERVE positions. Chunks are
+    equal-sized up to one token (so no chunk is a short tail) and encoded independently.
+    """
+    ids = torch.as_tensor(prefix_ids, dtype=torch.long).flatten()
+    n = int(ids.numel())
+    if n == 0:
+        raise ValueError("the prefix is empty")
+    chunk = chunk_tokens or default_chunk_tokens(model)
+    num_chunks = -(-n // chunk)
+    bounds = torch.linspace(0, n, num_chunks + 1).round().long().tolist()
+    device = next(model.parameters()).device
+    keys: list[list[torch.Tensor]] = []
+    values: list[list[torch.Tensor]] = []
+    lengths = []
+    it = range(num_chunks)
+    if progress and num_chunks > 1:
+        it = tqdm(it, desc="prefix chunks", unit="chunk")
+    for c in it:
+        part = ids[bounds[c] : bounds[c + 1]].to(device)
+        lengths.append(int(part.numel()))
+        out = model(part.unsqueeze(0), use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        layer_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        keys.append([k for k, _ in layer_kv])
+        values.append([v for _, v in layer_kv])
+    num_layers = len(keys[0])
+    cat_k = [torch.cat([keys[c][i] for c in range(num_chunks)], dim=2) for i in range(num_layers)]
+    cat_v = [torch.cat([values[c][i] for c in range(num_chunks)], dim=2) for i in range(num_layers)]
+    attn = _first_attention(model)
+    logger.info("encoded a %d-token prefix in %d chunk(s)", n, num_chunks)
+    return ExactPrefix(
+        keys=cat_k,
+        values=cat_v,
+        scaling=float(attn.scaling),
+        prefix_length=max(lengths),
+        token_count=n,
+        chunk_lengths=tuple(lengths),
+    )
+
+
+def _first_attention(model: torch.nn.Module) -> torch.nn.Module:
+    for mod in model.modules():
+        if hasattr(mod, "layer_idx") and hasattr(mod, "scaling") and hasattr(mod, "q_proj"):
+            return mod
+    raise ValueError("no attention module with layer_idx/scaling/q_proj found in the model")

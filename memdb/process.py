@@ -52,15 +52,18 @@ class ServerProcess:
 
 
 def start_server(
-    data_dir: Path, *, admin_key: str = DEFAULT_ADMIN_KEY, timeout: float = 60.0, **flags
+    data_dir: Path, *, admin_key: str | None = DEFAULT_ADMIN_KEY, timeout: float = 60.0, **flags
 ) -> ServerProcess:
+    """Start a server; admin_key=None lets it use (or generate) <data_dir>/admin.key."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     ready = data_dir / f"ready-{time.monotonic_ns()}.json"
     log_path = data_dir / "server.log"
     args = [sys.executable, "-m", "memdb", "--data-dir", str(data_dir),
             "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-            "--admin-key", admin_key, "--ready-file", str(ready)]  # fmt: skip
+            "--ready-file", str(ready)]  # fmt: skip
+    if admin_key is not None:
+        args += ["--admin-key", admin_key]
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -82,6 +85,8 @@ def start_server(
             raise TimeoutError(f"memdb-server not ready after {timeout}s:\n{log_path.read_text()}")
         time.sleep(0.05)
     info = json.loads(ready.read_text())
+    if admin_key is None:
+        admin_key = (data_dir / "admin.key").read_text().strip()
     return ServerProcess(info["address"], info["metrics"], admin_key, data_dir, proc, log_path)
 
 

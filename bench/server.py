@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from memdb.index import IndexParams, build_index, search
-from memdb.shards import Shard
 from memdb.process import server_process
+from memdb.shards import Shard
 from memdb_client import MemdbClient
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,9 +22,9 @@ from memdb.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from memdb.process import server_process
 from memdb.server import run_server
 from memdb.shards import Shard, encode_shard
-from memdb.process import server_process
 from memdb_client import MemdbClient
 
 FP = "fp-test-model"

@@ -8,7 +8,8 @@ talk to the server only through this. Knows nothing of models.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -139,37 +140,60 @@ class MemdbClient:
         )
 
     def fetch_memory_raw(
-        self, name: str, *, model_fingerprint: str, version: int = 0, timeout: float | None = None
+        self,
+        name: str,
+        *,
+        model_fingerprint: str,
+        version: int = 0,
+        timeout: float | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> tuple[PrefixInfo, list[bytes]]:
-        """A whole version as its info and every layer's safetensors bytes."""
+        """A whole version as its info and every layer's safetensors bytes.
+
+        `on_bytes(n)` is called as each chunk arrives; an interruption cancels the stream."""
         req = pb.FetchMemoryRequest(name=name, model_fingerprint=model_fingerprint, version=version)
         info: PrefixInfo | None = None
         blobs: list[bytes] = []
         buf = bytearray()
+        stream = self._memory.FetchMemory(
+            req, timeout=timeout or self.stream_timeout, metadata=self._metadata
+        )
         try:
-            stream = self._memory.FetchMemory(
-                req, timeout=timeout or self.stream_timeout, metadata=self._metadata
-            )
             for msg in stream:
                 if msg.WhichOneof("kind") == "info":
                     info = PrefixInfo.from_pb(msg.info)
                     continue
                 buf += msg.chunk.data
+                if on_bytes is not None:
+                    on_bytes(len(msg.chunk.data))
                 if msg.chunk.last:
                     blobs.append(bytes(buf))
                     buf = bytearray()
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        except BaseException:
+            stream.cancel()
+            raise
         if info is None or len(blobs) != info.num_layers:
             raise InvalidArgument(f"FetchMemory of '{name}' ended early; try again")
         return info, blobs
 
     def fetch_memory(
-        self, name: str, *, model_fingerprint: str, version: int = 0, timeout: float | None = None
+        self,
+        name: str,
+        *,
+        model_fingerprint: str,
+        version: int = 0,
+        timeout: float | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> Memory:
         """A whole version, decoded into shards."""
         info, blobs = self.fetch_memory_raw(
-            name, model_fingerprint=model_fingerprint, version=version, timeout=timeout
+            name,
+            model_fingerprint=model_fingerprint,
+            version=version,
+            timeout=timeout,
+            on_bytes=on_bytes,
         )
         return Memory(info, [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)])
 
@@ -192,8 +216,14 @@ class MemdbClient:
         index_kind: str = "",
         metric: str = "",
         timeout: float | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> PrefixInfo:
-        """Upload a memory (one shard per layer) as a new version, atomically."""
+        """Upload a memory (one shard per layer) as a new version, atomically.
+
+        The server commits only a complete, valid upload. If this call is interrupted (e.g.
+        KeyboardInterrupt), the stream is cancelled before the exception propagates, so nothing
+        is stored. `on_bytes(n)` is called (from gRPC's sending thread) as each chunk is sent.
+        """
         if mode not in _MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(_MODES)}")
         header = pb.PutPrefixHeader(
@@ -207,23 +237,46 @@ class MemdbClient:
             index_kind=index_kind,
             metric=metric,
         )
-        stream = self._upload_stream(header, shards)
-        resp = self._call(self._admin.PutPrefix, stream, timeout or self.stream_timeout)
+        stop = threading.Event()
+        stream = self._upload_stream(header, shards, on_bytes, stop)
+        future = None
+        try:
+            future = self._admin.PutPrefix.future(
+                stream, timeout=timeout or self.stream_timeout, metadata=self._metadata
+            )
+            resp = future.result()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        except BaseException:  # KeyboardInterrupt, SystemExit: never leave the upload running
+            stop.set()  # the sending thread stops too, even if the call object was not made yet
+            if future is not None:
+                future.cancel()
+            raise
         return PrefixInfo.from_pb(resp)
 
     def _upload_stream(
-        self, header: pb.PutPrefixHeader, shards: Iterable[Shard | bytes]
+        self,
+        header: pb.PutPrefixHeader,
+        shards: Iterable[Shard | bytes],
+        on_bytes: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[pb.PutPrefixRequest]:
         yield pb.PutPrefixRequest(header=header)
         step = self.chunk_bytes
         for layer, shard in enumerate(shards):
+            if stop is not None and stop.is_set():
+                return  # an incomplete upload: the server stores nothing
             blob = memoryview(shard if isinstance(shard, bytes) else encode_shard(shard))
             for start in range(0, max(len(blob), 1), step):
                 chunk = pb.ShardChunk(
                     layer=layer, data=bytes(blob[start : start + step]),
                     last=start + step >= len(blob),
                 )  # fmt: skip
+                if stop is not None and stop.is_set():
+                    return
                 yield pb.PutPrefixRequest(chunk=chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk.data))
 
     def get_prefix(self, name: str, timeout: float | None = None) -> PrefixInfo:
         return PrefixInfo.from_pb(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Idle OpenMP threads (torch, FAISS) sleep instead of spinning: test processes and the server
+# processes they start share 2 cores, and spinning threads slowed builds 15-60x there.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,38 @@ def test_config_precedence_is_flags_then_env_then_file(tmp_path, monkeypatch):
     assert load_config(max_k=11).max_k == 11
     with pytest.raises(ValueError, match="HOST:PORT"):
         load_config(listen="nonsense")
+
+
+def test_tls_serves_clients_that_trust_the_certificate(tmp_path):
+    import subprocess
+
+    from memdb.config import ServerConfig
+    from memdb.errors import Unavailable
+    from memdb.server import run_server
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cfg = ServerConfig(data_dir=tmp_path / "d", listen="127.0.0.1:0", metrics_listen="",
+                       admin_key="k", tls_cert=cert, tls_key=key)  # fmt: skip
+    with run_server(cfg) as s:
+        with MemdbClient(s.address, "k", tls=True, root_certificates=cert.read_bytes()) as c:
+            assert c.stats().num_tenants == 1
+        with MemdbClient(s.address, "k", timeout=3) as plain, pytest.raises(Unavailable):
+            plain.stats()  # a plaintext client cannot talk to a TLS server
+
+
+def test_json_logs_are_one_object_per_line(tmp_path):
+    import json
+
+    s = start_server(tmp_path, log_format="json")
+    s.stop()
+    lines = [ln for ln in s.log().splitlines() if ln.startswith("{")]
+    assert lines, s.log()
+    records = [json.loads(ln) for ln in lines]
+    assert {"levelname", "name", "message"} <= set(records[0])
+    assert any("serving on" in r["message"] for r in records)

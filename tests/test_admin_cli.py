@@ -549,8 +549,8 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     """Layer-0 queries do not depend on the prefix, and M = records keeps every query exact:
     there, appending chunk B to a memory of A must equal building on the chunks [A; B]."""
     from memdb_client import build
+    from memdb_worker.append import entry_queries
     from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
-    from memdb_worker.keys import undo_rope
     from memdb_worker.memory import keyspace_from_metadata
 
     model, tok = model_in_cli
@@ -580,7 +580,7 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
         mem = cluster(calib, m, opts, progress=False)
         ks = keyspace_from_metadata(mem.shards[0].metadata, mem.shards)
         for layer in (0, 17):
-            q = build._entry_queries(mem.shards[layer], ks, layer, undo_rope)  # [I, M, h, d]
+            q = entry_queries(mem.shards[layer], ks, layer)  # [I, M, h, d]
             q = q.permute(1, 0, 2, 3).reshape(m, -1, q.shape[-1])
             want = calib.q_pre[layer]
             assert float((q - want).abs().max() / want.abs().max()) < 1e-4

@@ -1,0 +1,176 @@
+"""Appending text to a built memory without rebuilding it.
+
+Appending (`append_chunk`) uses the composability of attention states (DESIGN.md section 1):
+a new chunk is encoded on its own (positions 0..n-1, like the builder's chunks) and, at every
+layer, each stored entry's query gets its exact state on the chunk, which is merged with the
+stored state by the online-softmax identity. The entry's query is recovered from the stored key
+in every key mode: the mean pre-RoPE query `q_mean` when the memory stores it, else the key
+with its whitening (stored per layer) inverted and, for `rope_common`, the common rotation
+undone. Keys do not change. What an append cannot know is each entry's members: the state on
+the new chunk is that of the entry's mean query (exact for `centroid` entries; for Eq. 5
+`average` entries the members' own states would be Z-averaged instead), and the traces' queries
+are not re-run with the new text in context (a rebuild would see it).
+
+Knows nothing of servers or files: it maps stored shards and new text to new shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from memdb.shards import Shard
+from memdb_worker.keys import KeySpace, apply_rope, undo_rope
+from memdb_worker.memory import keyspace_from_metadata
+from memdb_worker.prefix import encode_prefix
+from memdb_worker.state import State, merge_states
+
+
+@dataclass
+class Appended:
+    shards: list[Shard]
+    metadata: dict[str, str]
+    tokens: int  # tokens of the appended text
+    token_count: int  # tokens of the whole prefix now
+    query_position: int  # where the entries' queries were placed for the new chunk
+
+
+def append_chunk(
+    model,
+    tokenizer,
+    shards: Sequence[Shard],
+    text: str | Sequence[int],
+    *,
+    chunk_tokens: int | None = None,
+    query_position: int | None = None,
+    progress: bool = True,
+) -> Appended:
+    """Merge every entry's state on a new prefix chunk into the stored shards (see module doc).
+
+    `text` is text (tokenized without special tokens, like the builder's later chunks) or ids.
+    `query_position`: RoPE position of the entries' queries for the new chunk; default: where
+    calibration put the traces' tokens on average (the new prefix length plus half the mean
+    trace length).
+    """
+    if not shards:
+        raise ValueError("the stored memory has no layers")
+    meta = {k: v for k, v in shards[0].metadata.items() if k not in ("layer", "memdb.format")}
+    ks = keyspace_from_metadata(meta, shards)
+    cfg = model.config
+    heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+    d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if (len(shards), ks.num_heads, ks.num_kv_heads, ks.head_dim) != (
+        int(cfg.num_hidden_layers),
+        heads,
+        kv_heads,
+        d,
+    ):
+        raise ValueError("cannot append: the memory's layers/heads do not match the model")
+    if isinstance(text, str):
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    else:
+        ids = [int(t) for t in text]
+    if not ids:
+        raise ValueError("the text to append is empty")
+
+    with torch.inference_mode():
+        new = encode_prefix(model, ids, chunk_tokens, progress=progress)
+    old_chunks = json.loads(meta.get("chunk_lengths", "[]"))
+    old_len = int(meta.get("prefix_length", "0"))
+    prefix_length = max(old_len, new.prefix_length)
+    if query_position is None:
+        query_position = prefix_length + _mean_trace_offset(meta)
+    rope = ks.rope
+    assert rope is not None
+    cos_p, sin_p = rope.cos_sin(torch.tensor(query_position))
+    ng, hg = ks.num_groups, ks.heads_per_group
+
+    def to_heads(x: torch.Tensor) -> torch.Tensor:  # [I, M, h, e] -> [1, H, M, e]
+        return x.permute(0, 2, 1, 3).reshape(ng * hg, x.shape[1], x.shape[-1]).unsqueeze(0)
+
+    def to_groups(x: torch.Tensor) -> torch.Tensor:  # [1, H, M, e] -> [I, M, h, e]
+        return x[0].reshape(ng, hg, x.shape[2], x.shape[-1]).permute(0, 2, 1, 3).contiguous()
+
+    out_shards = []
+    bar = tqdm(range(len(shards)), desc="merging layers", unit="layer", disable=not progress)
+    with torch.inference_mode():
+        for layer in bar:
+            s = shards[layer]
+            q_pre = to_heads(entry_queries(s, ks, layer))  # [1, H, M, d] pre-RoPE
+            q_post = apply_rope(q_pre, cos_p, sin_p).to(new.keys[layer].device)
+            has_kbar = "k_bar" in s.extras
+            if has_kbar:
+                st, kb = new.state_and_key_mean(layer, q_post)
+                kb = undo_rope(kb.cpu(), cos_p, sin_p)  # the builder stores k_bar pre-RoPE
+            else:
+                st, kb = new.state(layer, q_post), None
+            st = State(st.out.cpu(), st.lse.cpu())
+            old_out = to_heads(torch.from_numpy(s.out.astype("float32")))
+            old_lse = to_heads(torch.from_numpy(s.lse.astype("float32"))[..., None])[..., 0]
+            if has_kbar:
+                old_out = torch.cat([old_out, to_heads(torch.from_numpy(s.extras["k_bar"]))], -1)
+                new_out = torch.cat([st.out, kb], dim=-1)
+            else:
+                new_out = st.out
+            merged = merge_states(State(old_out, old_lse), State(new_out, st.lse))
+            out = to_groups(merged.out)
+            extras = dict(s.extras)
+            if has_kbar:
+                extras["k_bar"] = out[..., d:].numpy().astype(s.extras["k_bar"].dtype)
+            lse = to_groups(merged.lse.unsqueeze(-1))[..., 0]
+            if not (torch.isfinite(lse).all() and torch.isfinite(out).all()):
+                raise ValueError(f"merging layer {layer} gave non-finite states; not uploading")
+            out_shards.append(
+                Shard(
+                    keys=s.keys,
+                    out=out[..., :d].numpy().astype(s.out.dtype),
+                    lse=lse.numpy().astype("float32"),
+                    extras=extras,
+                    metadata={},
+                )
+            )
+    token_count = int(meta.get("token_count", "0")) + len(ids)
+    appended = json.loads(meta.get("appended_chunks", "[]")) + [len(ids)]
+    meta.update(
+        token_count=str(token_count),
+        prefix_length=str(prefix_length),
+        chunk_lengths=json.dumps(list(old_chunks) + list(new.chunk_lengths)),
+        appended_chunks=json.dumps(appended),
+    )
+    for i, s in enumerate(out_shards):
+        s.metadata = {**meta, "layer": str(i)}
+    return Appended(out_shards, meta, len(ids), token_count, int(query_position))
+
+
+def entry_queries(s: Shard, ks: KeySpace, layer: int) -> torch.Tensor:
+    """Each entry's mean pre-RoPE query [I, M, h, d] (float32)."""
+    ng, m = s.keys.shape[:2]
+    hg, d = ks.heads_per_group, ks.head_dim
+    if "q_mean" in s.extras:
+        return torch.from_numpy(s.extras["q_mean"].astype("float32"))
+    x = torch.from_numpy(s.keys.astype("float32")).reshape(ng, m, hg, d)  # grouped per head
+    x = x.permute(1, 0, 2, 3).reshape(m, ng * hg, d)  # [M, H, d] key space, per head
+    if ks.whiten is not None:
+        w = ks.whiten[layer].double()  # key = W (x - mu)
+        mu = ks.whiten_mean[layer].double() if ks.whiten_mean is not None else 0.0
+        x = (torch.linalg.solve(w, x.double().permute(1, 2, 0)).permute(2, 0, 1) + mu).float()
+    if ks.mode == "rope_common":
+        cos, sin = ks.rope.cos_sin(torch.tensor(ks.common_position))
+        x = undo_rope(x, cos, sin)
+    return x.reshape(m, ng, hg, d).permute(1, 0, 2, 3).contiguous()
+
+
+def _mean_trace_offset(meta: dict[str, str]) -> int:
+    try:
+        params = json.loads(meta.get("build_params", "{}"))
+        tokens, count = float(params["trace_tokens"]), float(params["trace_count"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+    if count <= 0 or not math.isfinite(tokens / count):
+        return 0
+    return max(0, round((tokens / count - 1) / 2))

@@ -71,6 +71,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             shards=blobs,
             indices=indices,
             decoded=shards,
+            still_wanted=context.is_active,
         )
         self.rt.cache.invalidate(tenant, header.name)
         self.rt.bus.publish(Event("put", tenant, rec.name, rec.version, rec.model_fingerprint,

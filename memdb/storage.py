@@ -36,6 +36,7 @@ import lmdb
 
 from memdb.errors import (
     AlreadyExists,
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -418,6 +419,7 @@ class Store:
         shards: list[bytes],
         indices: list[list[bytes]],
         decoded: list[Shard] | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> PrefixRecord:
         """Validate and store a new version (current + 1) and make it current, atomically.
 
@@ -426,7 +428,8 @@ class Store:
         mode), AlreadyExists (create mode), FailedPrecondition (`expected_version` nonzero and
         not current), ResourceExhausted (quota, store full). On any error nothing is written.
         `decoded`: the shards as the caller already decoded them with `decode_shard` (skips
-        decoding and validating them a second time).
+        decoding and validating them a second time). `still_wanted`: asked inside the write
+        transaction just before it commits; False aborts it (Cancelled, nothing written).
         """
         _check_name(tenant, "tenant name", MAX_TENANT_BYTES)
         _check_name(name, "prefix name", MAX_NAME_BYTES)
@@ -457,7 +460,10 @@ class Store:
         payload = draft.bytes + sum(len(b) for layer in indices for b in layer)
 
         def commit(txn: lmdb.Transaction) -> PrefixRecord:
-            return self._commit_version(txn, draft, mode, expected_version, shards, indices)
+            rec = self._commit_version(txn, draft, mode, expected_version, shards, indices)
+            if still_wanted is not None and not still_wanted():
+                raise Cancelled(f"upload of '{name}' was cancelled; nothing was written")
+            return rec
 
         rec = self._write(commit, payload)
         log.info("stored %s/%s version %d (%d bytes)", tenant, name, rec.version, rec.bytes)

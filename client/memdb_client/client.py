@@ -147,10 +147,13 @@ class MemdbClient:
         version: int = 0,
         timeout: float | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        max_layers: int | None = None,
     ) -> tuple[PrefixInfo, list[bytes]]:
         """A whole version as its info and every layer's safetensors bytes.
 
-        `on_bytes(n)` is called as each chunk arrives; an interruption cancels the stream."""
+        `on_bytes(n)` is called as each chunk arrives; an interruption cancels the stream.
+        `max_layers` stops (and cancels the stream) after that many layers, e.g. 1 to read a
+        memory's metadata without its tensors."""
         req = pb.FetchMemoryRequest(name=name, model_fingerprint=model_fingerprint, version=version)
         info: PrefixInfo | None = None
         blobs: list[bytes] = []
@@ -169,12 +172,20 @@ class MemdbClient:
                 if msg.chunk.last:
                     blobs.append(bytes(buf))
                     buf = bytearray()
+                    if max_layers is not None and len(blobs) >= max_layers:
+                        stream.cancel()
+                        break
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         except BaseException:
             stream.cancel()
             raise
-        if info is None or len(blobs) != info.num_layers:
+        want = (
+            info.num_layers
+            if info is None or max_layers is None
+            else min(max_layers, info.num_layers)
+        )
+        if info is None or len(blobs) != want:
             raise InvalidArgument(f"FetchMemory of '{name}' ended early; try again")
         return info, blobs
 

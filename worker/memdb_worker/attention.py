@@ -22,6 +22,11 @@ from the pre-RoPE query) and RoPE makes live-to-live attention depend only on re
 positions, so for a `Memory` the two choices differ by rounding only (and in how much of the
 model's context is left); an `ExactPrefix` needs "after_prefix" to equal in-context learning.
 
+On CUDA, a decode step (T = 1) bound to one `Memory` whose options the kernels cover (hard
+top-1, no lse correction) runs the fused Triton kernels of `fused` instead of steps 1-3 (same
+function, to bf16 rounding); `MEMDB_FUSED=0` or `fused.set_enabled(False)` forces the reference
+path, and observers always see it.
+
 Works with `model.generate` and a KV cache (the cache holds live tokens only), with batches
 (rows may mix sources and unbound rows), on CPU and CUDA. A binding lives on the model's
 attention modules: one binding per model at a time, not thread-safe.
@@ -193,6 +198,9 @@ def memdb_attention(
         )
     b, h, t, d = query.shape
     scale = float(scaling if scaling is not None else module.scaling)
+    fast = _fused_attention(module, binding, query, key, value, attention_mask, scale, kwargs)
+    if fast is not None:
+        return fast, None
     mask = attention_mask
     if mask is None and t > 1:
         n = key.shape[2]
@@ -219,6 +227,49 @@ def memdb_attention(
     for obs in binding.observers:
         obs(LayerEvent(query=lq, live=live, prefix=prefix, merged=merged))
     return merged.out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _fused_attention(
+    module: torch.nn.Module,
+    binding: Binding,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    kwargs: dict,
+) -> torch.Tensor | None:
+    """The fused CUDA kernels (`fused.memory_attention`) for a decode step bound to one memory;
+    None where they do not apply (then the reference path below runs)."""
+    from memdb_worker import fused
+    from memdb_worker.memory import Memory
+
+    source = binding.sources
+    if not isinstance(source, Memory) or binding.observers or not fused.memory_ok(source, query):
+        return None
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return None
+    b = query.shape[0]
+    layer = int(module.layer_idx)
+    positions = (position_ids.long() + binding.offsets(b, query.device)).expand(b, 1)[:, 0]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[:, 0, -1, :]  # [B|1, N]: T = 1, the query's row
+    return fused.memory_attention(
+        query,
+        key,
+        value,
+        mask,
+        positions,
+        fused.prepare_layer(source, layer),
+        binding.rope.inv_freq,
+        binding.rope.attention_scaling,
+        scale,
+        fused.lse_bias(source, layer),
+    )
 
 
 def _prefix_state(binding: Binding, lq: LayerQuery, b: int, h: int, t: int, dv: int) -> State:

@@ -1,0 +1,819 @@
+"""The fused decode path of a memory (CUDA, Triton): lookup, gather, live attention and merge.
+
+One decode step (T = 1 query per sequence) of one layer, `memory_attention`, runs two kernels:
+
+1. `_phase1`: two kinds of programs in one launch.
+   - scan programs, per (index group, slice of the M entries, block of batch rows): undo RoPE of
+     the live queries (position per row), form the lookup keys and scan the slice's keys in tiles
+     (cosine = (q . k + bias) / |k|), keeping the best score and entry id per row;
+   - live programs, per (batch row, KV head, slice of the live context): flash-style attention of
+     the KV head's query heads over the slice (online softmax), a partial state (out, lse).
+2. `_combine`, per (batch row, KV head): reduce the scan slices to the top-1 entry of each query
+   head's group, gather its stored state (out, lse + bias), reduce the live slices, and merge all
+   of them with the online-softmax identity; write the output in the query dtype, [B, 1, H, d].
+
+The memory's keys are read once per step whatever the batch (all rows of a block share a tile).
+Key modes are folded into the stored keys once per layer (`prepare_layer`): a lookup key is a
+linear map of the pre-RoPE query, `key = T q_pre - c` (T = whitening x common rotation,
+c = whitening x mean), so `key . k = q_pre . (T^T k) - c . k`: the kernel dots the pre-RoPE query
+with `T^T k` (stored in the keys' dtype) and adds the bias `-c . k`. With the pre_rope mode and no
+whitening the memory's own keys are used (no copy). Scores of keys in bf16/fp16 are computed as
+two half-precision products (the query split into high and low halves, ~16 mantissa bits), of
+float32 keys as tf32x3 products (~float32): argmax ties within that rounding may pick another
+entry than the float32 reference.
+
+Speed (H100, bench/GPU_NOTES.md): batch 1, M = 4K, 512 live tokens: 30 µs per layer (its
+bytes take 12 µs at copy bandwidth): the scan streams the keys at ~2 TB/s (one program per SM,
+cp.async stages; ncu: shared-memory waits) and ~13 µs are dependent latencies (two launches,
+short live programs, the combine's gather). The memory's keys are read once for all rows, so
+the gap to SDPA over a cached prefix grows with batch.
+
+The fused path covers hard top-1 without the first-order lse correction, groups of at most 512
+key dimensions (head and kv_group granularity for head_dim 128), T = 1 and a boolean key mask;
+everything else goes through the reference path (`Memory.prefix_state` + `state.merge_states`).
+`decode_reference` computes the same function with torch ops (CPU-testable; it is also what the
+tests compare the kernels with). `MEMDB_FUSED=0` in the environment or `set_enabled(False)`
+forces the reference path in `attention.memdb_attention`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from memdb_worker.keys import apply_rope, undo_rope
+from memdb_worker.state import State, attention_state, merge_states
+
+if TYPE_CHECKING:
+    from memdb_worker.memory import Memory
+
+logger = logging.getLogger(__name__)
+
+try:  # Triton is optional: without it (or on CPU) the reference path runs
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+MAX_KEY_DIM = 512  # Dk the scan kernel takes (head_dim 128: head and kv_group granularity)
+_ENABLED = os.environ.get("MEMDB_FUSED", "1") != "0"
+_ATTR = "_memdb_fused"
+
+
+def enabled() -> bool:
+    """Whether `attention.memdb_attention` may use the fused kernels (CUDA + Triton needed)."""
+    return _ENABLED and HAVE_TRITON
+
+
+def set_enabled(on: bool) -> None:
+    global _ENABLED
+    _ENABLED = bool(on)
+
+
+@contextmanager
+def disabled():
+    """Force the reference path inside the block."""
+    prev = _ENABLED
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(prev)
+
+
+@dataclass
+class FusedLayer:
+    """One memory layer in the form the kernels read."""
+
+    keys: torch.Tensor  # [I, M, Dk] contiguous: keys in the pre-RoPE query frame (T^T k)
+    inv_norm: torch.Tensor  # [I, M] float32, 1 / |k| of the memory's keys
+    bias: torch.Tensor | None  # [I, M] float32, -c . k (None when c = 0)
+    out: torch.Tensor  # [I, M, h, d]
+    lse: torch.Tensor  # [I, M, h] float32
+    heads_per_group: int
+
+
+def supports(memory: Memory) -> bool:
+    """Whether the memory's decode options and shapes fit the fused kernels."""
+    ks = memory.keyspace
+    return (
+        memory.options.top_k == 1
+        and not memory._correct
+        and ks.key_dim <= MAX_KEY_DIM
+        and ks.head_dim in (16, 32, 64, 128, 256)
+        and memory.layers[0].keys.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
+
+
+def lse_bias(memory: Memory, layer: int) -> float:
+    b = memory.options.lse_bias
+    return float(b[layer] if isinstance(b, tuple) else b)
+
+
+def prepare_layer(memory: Memory, layer: int) -> FusedLayer:
+    """The fused form of a memory layer (computed once, kept on the layer object)."""
+    lay = memory.layers[layer]
+    cached = getattr(lay, _ATTR, None)
+    if cached is not None:
+        return cached
+    ks = memory.keyspace
+    i_groups, m, dk = lay.keys.shape
+    hpg, d = ks.heads_per_group, ks.head_dim
+    if ks.mode == "pre_rope" and ks.whiten is None:
+        keys, bias = lay.keys.contiguous(), None
+    else:
+        dev = lay.keys.device
+        h = ks.num_heads
+        eye = torch.eye(d, dtype=torch.float64, device=dev)
+        if ks.mode == "rope_common":
+            assert ks.rope is not None
+            pos = torch.tensor(ks.common_position, device=dev)
+            cos, sin = ks.rope.cos_sin(pos, device=dev)
+            rot = apply_rope(eye, cos.double(), sin.double()).T  # column j = A e_j
+        else:
+            rot = eye
+        if ks.whiten is not None:
+            w = ks.whiten[layer].to(dev, torch.float64)  # [H, d, d]: key = W (x - mu)
+            mu = (
+                ks.whiten_mean[layer].to(dev, torch.float64)
+                if ks.whiten_mean is not None
+                else torch.zeros(h, d, dtype=torch.float64, device=dev)
+            )
+        else:
+            w = eye.expand(h, d, d)
+            mu = torch.zeros(h, d, dtype=torch.float64, device=dev)
+        tmat = (w @ rot).view(i_groups, hpg, d, d)  # key_h = T_h q_pre - c_h
+        c = torch.einsum("hed,hd->he", w, mu).view(i_groups, hpg, d)
+        k = lay.keys.double().view(i_groups, m, hpg, d)
+        keys = torch.einsum("imje,ijed->imjd", k, tmat).reshape(i_groups, m, dk)
+        keys = keys.to(lay.keys.dtype).contiguous()
+        bias = -torch.einsum("imje,ije->im", k, c).float()
+        if not bool(bias.abs().max() > 0):
+            bias = None
+    fl = FusedLayer(
+        keys=keys,
+        inv_norm=lay.inv_norm.float().contiguous(),
+        bias=None if bias is None else bias.contiguous(),
+        out=lay.out.contiguous(),
+        lse=lay.lse.float().contiguous(),
+        heads_per_group=hpg,
+    )
+    setattr(lay, _ATTR, fl)
+    return fl
+
+
+# -- the reference (torch ops, any device) ---------------------------------------------------
+
+
+def decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    fl: FusedLayer,
+    inv_freq: torch.Tensor,
+    rope_scaling: float,
+    scale: float,
+    lse_bias: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `memory_attention` computes, with torch ops in float32.
+
+    q [B, H, 1, d] post-RoPE, k/v [B, Hkv, N, d] live KV, mask boolean broadcasting to
+    [B, 1, 1, N] (True = attend) or None, positions [B] (RoPE positions of q).
+    Returns (out [B, 1, H, d] in q's dtype, ids [B, H] the chosen entries).
+    """
+    b, h, t, d = q.shape
+    assert t == 1
+    i_groups, m, dk = fl.keys.shape
+    hpg = fl.heads_per_group
+    inv = inv_freq.to(q.device, torch.float32)
+    freqs = positions.view(b, 1).float() * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * rope_scaling, emb.sin() * rope_scaling  # [B, d]
+    q_pre = undo_rope(q[:, :, 0].float(), cos.unsqueeze(1), sin.unsqueeze(1))  # [B, H, d]
+    keys = q_pre.reshape(b, i_groups, dk)
+    sims = torch.einsum("bik,imk->bim", keys, fl.keys.float())
+    if fl.bias is not None:
+        sims = sims + fl.bias
+    sims = sims * fl.inv_norm
+    ids = sims.argmax(dim=-1)  # [B, I]
+    groups = torch.arange(i_groups, device=q.device).view(1, -1)
+    mem_out = fl.out[groups, ids].float().reshape(b, h, 1, -1)  # [B, I, h, d] -> [B, H, 1, d]
+    mem_lse = (fl.lse[groups, ids] + lse_bias).reshape(b, h, 1)
+    live = attention_state(q, k, v, scale, mask)
+    merged = merge_states(live, State(mem_out, mem_lse))
+    head_ids = ids.repeat_interleave(hpg, dim=1)  # [B, H]
+    return merged.out.to(q.dtype).transpose(1, 2).contiguous(), head_ids
+
+
+# -- the kernels -------------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _scan(
+        pid,
+        q_ptr,
+        sq_b,
+        sq_h,
+        pos_ptr,
+        inv_freq_ptr,
+        rope_scaling,
+        keys_ptr,
+        inv_norm_ptr,
+        bias_ptr,
+        M,
+        best_s_ptr,
+        best_i_ptr,
+        B,
+        NG,
+        S,
+        tiles_per_split,
+        HAS_BIAS: tl.constexpr,
+        KEY_F32: tl.constexpr,
+        KEYS_A: tl.constexpr,
+        GEMV: tl.constexpr,
+        D: tl.constexpr,
+        HPG: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        DK: tl.constexpr = HPG * D
+        HALF: tl.constexpr = D // 2
+        i = pid % NG
+        rest = pid // NG
+        split = rest % S
+        bblk = rest // S
+        offs_b = bblk * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = offs_b < B
+        kk = tl.arange(0, DK)
+        head = i * HPG + kk // D
+        dd = kk % D
+        partner = (dd + HALF) % D
+        sign = tl.where(dd < HALF, -1.0, 1.0)
+        qrow = q_ptr + offs_b.to(tl.int64)[:, None] * sq_b + head[None, :] * sq_h
+        x = tl.load(qrow + dd[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
+        xr = tl.load(qrow + partner[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
+        xr = xr * sign[None, :]  # rotate_half(x)
+        pos = tl.load(pos_ptr + offs_b, mask=bmask, other=0).to(tl.float32)
+        f = tl.load(inv_freq_ptr + (dd % HALF))
+        ang = pos[:, None] * f[None, :]
+        c = tl.cos(ang) * rope_scaling
+        s = tl.sin(ang) * rope_scaling
+        qpre = (x * c - xr * s) / (c * c + s * s)  # undo RoPE, [BLOCK_B, DK] float32
+        if KEY_F32 or GEMV:
+            q_hi = qpre
+            q_lo = qpre
+        else:
+            kdt = keys_ptr.dtype.element_ty
+            q_hi = qpre.to(kdt)
+            q_lo = (qpre - q_hi.to(tl.float32)).to(kdt)
+        q_hi_t = tl.trans(q_hi)  # [DK, BLOCK_B]
+        q_lo_t = tl.trans(q_lo)
+
+        # running maximum per (entry lane, row), reduced once after the loop (no per-tile
+        # cross-warp reduction); ties go to the smallest entry id
+        m_start = split * tiles_per_split * BLOCK_M
+        offs_m0 = tl.arange(0, BLOCK_M)
+        kbase = keys_ptr + i.to(tl.int64) * M * DK
+        if KEYS_A or GEMV:
+            run = tl.full([BLOCK_M, BLOCK_B], float("-inf"), tl.float32)
+            run_i = tl.zeros([BLOCK_M, BLOCK_B], tl.int32)
+        else:
+            run = tl.full([BLOCK_B, BLOCK_M], float("-inf"), tl.float32)
+            run_i = tl.zeros([BLOCK_B, BLOCK_M], tl.int32)
+        for tile in range(tiles_per_split):
+            m0 = m_start + tile * BLOCK_M
+            offs_m = m0 + offs_m0
+            mm = offs_m < M
+            kt = tl.load(kbase + offs_m[:, None] * DK + kk[None, :], mask=mm[:, None], other=0.0)
+            inv_n = tl.load(inv_norm_ptr + i * M + offs_m, mask=mm, other=0.0)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + i * M + offs_m, mask=mm, other=0.0)
+            if GEMV:  # few rows: float32 multiply-adds from registers, no tensor cores
+                sc = tl.sum(kt.to(tl.float32)[:, None, :] * qpre[None, :, :], axis=2)
+                if HAS_BIAS:
+                    sc = sc + bias[:, None]
+                sc = sc * inv_n[:, None]
+                sc = tl.where(mm[:, None], sc, float("-inf"))
+                upd = sc > run
+                run_i = tl.where(upd, offs_m[:, None], run_i)
+            elif KEYS_A:  # the key tile is the large operand: scores^T [BLOCK_M, BLOCK_B]
+                if KEY_F32:
+                    sc = tl.dot(kt, q_hi_t, input_precision="tf32x3")
+                else:
+                    sc = tl.dot(kt, q_hi_t) + tl.dot(kt, q_lo_t)
+                if HAS_BIAS:
+                    sc = sc + bias[:, None]
+                sc = sc * inv_n[:, None]
+                sc = tl.where(mm[:, None], sc, float("-inf"))
+                upd = sc > run
+                run_i = tl.where(upd, offs_m[:, None], run_i)
+            else:  # scores [BLOCK_B, BLOCK_M]
+                if KEY_F32:
+                    sc = tl.dot(q_hi, tl.trans(kt), input_precision="tf32x3")
+                else:
+                    ktt = tl.trans(kt)
+                    sc = tl.dot(q_hi, ktt) + tl.dot(q_lo, ktt)
+                if HAS_BIAS:
+                    sc = sc + bias[None, :]
+                sc = sc * inv_n[None, :]
+                sc = tl.where(mm[None, :], sc, float("-inf"))
+                upd = sc > run
+                run_i = tl.where(upd, offs_m[None, :], run_i)
+            run = tl.where(upd, sc, run)
+        if KEYS_A or GEMV:
+            best = tl.max(run, axis=0)
+            besti = tl.min(tl.where(run == best[None, :], run_i, 2147483647), axis=0)
+        else:
+            best = tl.max(run, axis=1)
+            besti = tl.min(tl.where(run == best[:, None], run_i, 2147483647), axis=1)
+        dst = (split * B + offs_b) * NG + i
+        tl.store(best_s_ptr + dst, best, mask=bmask)
+        tl.store(best_i_ptr + dst, besti, mask=bmask)
+
+    @triton.jit
+    def _live(
+        pid,
+        q_ptr,
+        sq_b,
+        sq_h,
+        k_ptr,
+        sk_b,
+        sk_h,
+        sk_n,
+        v_ptr,
+        sv_b,
+        sv_h,
+        sv_n,
+        mask_ptr,
+        sm_b,
+        sm_n,
+        N,
+        B,
+        H,
+        HKV,
+        SL,
+        live_split,
+        scale,
+        lo_ptr,
+        ll_ptr,
+        HAS_MASK: tl.constexpr,
+        IEEE: tl.constexpr,
+        LIVE_T: tl.constexpr,
+        D: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        sl = pid % SL
+        rest = pid // SL
+        kh = rest % HKV
+        b = (rest // HKV).to(tl.int64)
+        offs_g = tl.arange(0, GP)
+        gm = offs_g < G
+        offs_d = tl.arange(0, D)
+        hq = kh * G + offs_g
+        q = tl.load(
+            q_ptr + b * sq_b + hq[:, None] * sq_h + offs_d[None, :], mask=gm[:, None], other=0.0
+        )
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        acc_t = tl.zeros([D, GP], tl.float32)
+        q_t = tl.trans(q)
+        n0 = sl * live_split
+        n_end = tl.minimum(n0 + live_split, N)
+        kbase = k_ptr + b * sk_b + kh * sk_h
+        vbase = v_ptr + b * sv_b + kh * sv_h
+        for start in range(n0, n_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            inb = offs_n < n_end
+            kt = tl.load(
+                kbase + offs_n.to(tl.int64)[:, None] * sk_n + offs_d[None, :],
+                mask=inb[:, None],
+                other=0.0,
+            )
+            vt = tl.load(
+                vbase + offs_n.to(tl.int64)[:, None] * sv_n + offs_d[None, :],
+                mask=inb[:, None],
+                other=0.0,
+            )
+            ok = inb
+            if HAS_MASK:
+                mv = tl.load(mask_ptr + b * sm_b + offs_n.to(tl.int64) * sm_n, mask=inb, other=0)
+                ok = ok & (mv != 0)
+            if LIVE_T:  # keys / values as the large operands: s^T [BLOCK_N, GP], acc^T [D, GP]
+                if IEEE:
+                    sc = tl.dot(kt, q_t, input_precision="ieee") * scale
+                else:
+                    sc = tl.dot(kt, q_t) * scale
+                sc = tl.where(ok[:, None], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(sc - m_safe[None, :])
+                alpha = tl.exp(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                if IEEE:
+                    pv = tl.dot(tl.trans(vt.to(tl.float32)), p, input_precision="ieee")
+                else:
+                    pv = tl.dot(tl.trans(vt), p.to(vt.dtype))
+                acc_t = acc_t * alpha[None, :] + pv
+            else:
+                if IEEE:
+                    sc = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
+                else:
+                    sc = tl.dot(q, tl.trans(kt)) * scale
+                sc = tl.where(ok[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(sc - m_safe[:, None])
+                alpha = tl.exp(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if IEEE:
+                    pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(vt.dtype), vt)
+                acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        if LIVE_T:
+            acc = tl.trans(acc_t)
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        row = (sl * B + b) * H + hq
+        tl.store(ll_ptr + row, lse, mask=gm)
+        tl.store(lo_ptr + row[:, None] * D + offs_d[None, :], out, mask=gm[:, None])
+
+    @triton.jit
+    def _phase1(
+        n_scan,
+        q_ptr,
+        sq_b,
+        sq_h,
+        pos_ptr,
+        inv_freq_ptr,
+        rope_scaling,
+        keys_ptr,
+        inv_norm_ptr,
+        bias_ptr,
+        M,
+        best_s_ptr,
+        best_i_ptr,
+        B,
+        NG,
+        S,
+        tiles_per_split,
+        k_ptr,
+        sk_b,
+        sk_h,
+        sk_n,
+        v_ptr,
+        sv_b,
+        sv_h,
+        sv_n,
+        mask_ptr,
+        sm_b,
+        sm_n,
+        N,
+        H,
+        HKV,
+        SL,
+        live_split,
+        scale,
+        lo_ptr,
+        ll_ptr,
+        HAS_BIAS: tl.constexpr,
+        KEY_F32: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        IEEE: tl.constexpr,
+        KEYS_A: tl.constexpr,
+        LIVE_T: tl.constexpr,
+        GEMV: tl.constexpr,
+        D: tl.constexpr,
+        HPG: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if pid < n_scan:
+            _scan(
+                pid, q_ptr, sq_b, sq_h, pos_ptr, inv_freq_ptr, rope_scaling, keys_ptr,
+                inv_norm_ptr, bias_ptr, M, best_s_ptr, best_i_ptr, B, NG, S, tiles_per_split,
+                HAS_BIAS, KEY_F32, KEYS_A, GEMV, D, HPG, BLOCK_B, BLOCK_M,
+            )  # fmt: skip
+        else:
+            _live(
+                pid - n_scan, q_ptr, sq_b, sq_h, k_ptr, sk_b, sk_h, sk_n, v_ptr, sv_b, sv_h,
+                sv_n, mask_ptr, sm_b, sm_n, N, B, H, HKV, SL, live_split, scale, lo_ptr, ll_ptr,
+                HAS_MASK, IEEE, LIVE_T, D, G, GP, BLOCK_N,
+            )  # fmt: skip
+
+    @triton.jit
+    def _combine(
+        best_s_ptr,
+        best_i_ptr,
+        S,
+        B,
+        NG,
+        mem_out_ptr,
+        so_i,
+        so_m,
+        so_j,
+        mem_lse_ptr,
+        sl_i,
+        sl_m,
+        lse_bias,
+        lo_ptr,
+        ll_ptr,
+        SL,
+        out_ptr,
+        sout_b,
+        sout_h,
+        ids_ptr,
+        H,
+        HKV,
+        D: tl.constexpr,
+        HPG: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        SP: tl.constexpr,
+        SLP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        kh = pid % HKV
+        b = pid // HKV
+        offs_g = tl.arange(0, GP)
+        gm = offs_g < G
+        hq = kh * G + offs_g
+        grp = hq // HPG
+        j = hq % HPG
+        offs_d = tl.arange(0, D)
+        # top-1 entry over the scan slices (slices are in entry order: first maximum wins)
+        offs_s = tl.arange(0, SP)
+        sm = gm[:, None] & (offs_s < S)[None, :]
+        part = (offs_s[None, :] * B + b) * NG + grp[:, None]
+        ps = tl.load(best_s_ptr + part, mask=sm, other=float("-inf"))
+        pi = tl.load(best_i_ptr + part, mask=sm, other=0)
+        sel = tl.argmax(ps, axis=1)
+        ids = tl.sum(tl.where(offs_s[None, :] == sel[:, None], pi, 0), axis=1)
+        ids64 = ids.to(tl.int64)
+        mo = tl.load(
+            mem_out_ptr + grp[:, None] * so_i + ids64[:, None] * so_m + j[:, None] * so_j
+            + offs_d[None, :],
+            mask=gm[:, None],
+            other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        ml = tl.load(mem_lse_ptr + grp * sl_i + ids64 * sl_m + j, mask=gm, other=float("-inf"))
+        ml = ml + lse_bias
+        # live slices, all at once: weights [SLP, GP], outputs [SLP, GP, D]
+        offs_l = tl.arange(0, SLP)
+        lmask = (offs_l < SL)[:, None] & gm[None, :]
+        lrow = (offs_l[:, None] * B + b) * H + hq[None, :]
+        ll = tl.load(ll_ptr + lrow, mask=lmask, other=float("-inf"))
+        lo = tl.load(lo_ptr + lrow[:, :, None] * D + offs_d[None, None, :],
+                     mask=lmask[:, :, None], other=0.0)  # fmt: skip
+        mx = tl.maximum(tl.max(ll, axis=0), ml)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        wl = tl.exp(ll - mx[None, :])
+        wm = tl.exp(ml - mx)
+        total = tl.sum(wl, axis=0) + wm
+        acc = wm[:, None] * mo + tl.sum(wl[:, :, None] * lo, axis=0)
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        b64 = b.to(tl.int64)
+        tl.store(
+            out_ptr + b64 * sout_b + hq[:, None] * sout_h + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=gm[:, None],
+        )
+        tl.store(ids_ptr + b64 * H + hq, ids, mask=gm)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch shape of the kernels (bench/attention.py sweeps them; see `default_config`)."""
+
+    block_m: int = 128  # entries per scan tile
+    scan_programs_per_sm: int = 1  # scan slices: about this many programs per SM over all groups
+    live_programs_per_sm: int = 1
+    block_n: int = 64  # live keys per tile
+    num_warps: int = 8
+    num_stages: int = 3
+    combine_warps: int = 4
+    keys_a: bool = True  # scan: the key tile as the large (M-side) operand of the products
+    live_t: bool = False  # live attention: keys / values as the large operands
+    gemv_max_batch: int = 0  # up to this many rows the scan uses float32 FMAs (slower on H100)
+
+
+def default_config(batch: int) -> Config:
+    """The shapes the H100 sweep of bench/attention.py chose (GPU_NOTES.md, run 3)."""
+    if batch <= 4:
+        return Config(block_m=128, num_warps=8, live_programs_per_sm=2)
+    if batch <= 16:
+        return Config(block_m=128, num_warps=4)
+    return Config(block_m=64, num_warps=8)
+
+
+DEFAULT_CONFIG = Config()
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+_DEVICE_COPIES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x as contiguous float32 on `device`, copied once per (tensor, device)."""
+    if x.device == device and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    key = (id(x), device)
+    hit = _DEVICE_COPIES.get(key)
+    if hit is None or hit[0] is not x:
+        hit = (x, x.detach().to(device, torch.float32).contiguous())
+        _DEVICE_COPIES[key] = hit
+    return hit[1]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def memory_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    fl: FusedLayer,
+    inv_freq: torch.Tensor,
+    rope_scaling: float,
+    scale: float,
+    lse_bias: float = 0.0,
+    config: Config | None = None,
+    return_ids: bool = False,
+    _only: str | None = None,
+):
+    """The fused decode layer: `decode_reference`'s function with two kernel launches.
+
+    q [B, H, 1, d] post-RoPE, k/v [B, Hkv, N, d] live KV (last dim contiguous), mask boolean
+    broadcasting to [B, 1, 1, N] or None, positions [B] int. Returns out [B, 1, H, d] in q's
+    dtype (and the chosen entry per head [B, H] with return_ids).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("the fused memory path needs Triton")
+    b, h, t, d = q.shape
+    if t != 1:
+        raise ValueError("the fused memory path decodes one token per sequence (T = 1)")
+    hkv, n = k.shape[1], k.shape[2]
+    g = h // hkv
+    i_groups, m, dk = fl.keys.shape
+    hpg = fl.heads_per_group
+    if dk != hpg * d or i_groups * hpg != h:
+        raise ValueError(f"memory keys {list(fl.keys.shape)} do not fit {h} heads of dim {d}")
+    dev = q.device
+    if config is None:
+        config = default_config(b)
+    q2 = q[:, :, 0]
+    if q2.stride(-1) != 1:
+        q2 = q2.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    pos = positions.reshape(-1)
+    if pos.numel() == 1 and b > 1:
+        pos = pos.expand(b)
+    pos = pos.contiguous()
+    inv = _on_device(inv_freq, dev)
+    sms = _sm_count(dev)
+
+    # scan grid: groups x slices of M x blocks of rows
+    gemv = b <= config.gemv_max_batch
+    if gemv:
+        block_b = _pow2(b)
+        block_m = min(config.block_m, 16384 // (dk * block_b))  # [BLOCK_M, BLOCK_B, Dk] products
+    else:
+        block_b = 16 if b <= 16 else (32 if b <= 32 else 64)
+        block_m = config.block_m if dk <= 128 else min(config.block_m, 32)
+    nb = -(-b // block_b)
+    tiles = -(-m // block_m)
+    want = max(1, (config.scan_programs_per_sm * sms) // (i_groups * nb))
+    tps = -(-tiles // min(tiles, want))
+    s = -(-tiles // tps)
+    # live grid: rows x KV heads x slices of the live context
+    block_n = config.block_n
+    want_l = max(1, (config.live_programs_per_sm * sms) // (b * hkv))
+    ntiles = max(1, -(-n // block_n))
+    per = -(-ntiles // min(ntiles, want_l))
+    live_split = per * block_n
+    sl = max(1, -(-n // live_split))
+
+    f32 = torch.float32
+    best_s = torch.empty(s, b, i_groups, dtype=f32, device=dev)
+    best_i = torch.empty(s, b, i_groups, dtype=torch.int32, device=dev)
+    lo = torch.empty(sl, b, h, d, dtype=f32, device=dev)
+    ll = torch.empty(sl, b, h, dtype=f32, device=dev)
+    out = torch.empty(b, 1, h, d, dtype=q.dtype, device=dev)
+    ids = torch.empty(b, h, dtype=torch.int32, device=dev)
+    if mask is not None:
+        mk = mask.reshape(mask.shape[0], mask.shape[-1]) if mask.dim() != 2 else mask
+        if mk.shape[0] == 1 and b > 1:
+            mk = mk.expand(b, -1)
+        if mk.dtype != torch.bool:
+            raise ValueError("the fused memory path takes a boolean mask")
+        sm_b, sm_n = mk.stride(0), mk.stride(1)
+    else:
+        mk, sm_b, sm_n = best_i, 0, 0  # unused
+    bias = fl.bias if fl.bias is not None else fl.inv_norm  # unused without HAS_BIAS
+    n_scan = i_groups * s * nb
+    n_live = b * hkv * sl
+    if _only == "scan":  # (timing breakdown in bench/attention.py: one kind of program alone)
+        n_live = 0
+    elif _only == "live":
+        n_scan = 0
+    gp = max(16, _pow2(g))
+    _phase1[(n_scan + n_live,)](
+        n_scan, q2, q2.stride(0), q2.stride(1), pos, inv, float(rope_scaling),
+        fl.keys, fl.inv_norm, bias, m, best_s, best_i, b, i_groups, s, tps,
+        k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
+        mk, sm_b, sm_n, n, h, hkv, sl, live_split, float(scale), lo, ll,
+        HAS_BIAS=fl.bias is not None, KEY_F32=fl.keys.dtype == torch.float32,
+        HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32,
+        KEYS_A=config.keys_a, LIVE_T=config.live_t, GEMV=gemv,
+        D=d, HPG=hpg, G=g, GP=gp, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if _only is not None:
+        return out
+    mo, ml = fl.out, fl.lse
+    _combine[(b * hkv,)](
+        best_s, best_i, s, b, i_groups, mo, mo.stride(0), mo.stride(1), mo.stride(2),
+        ml, ml.stride(0), ml.stride(1), float(lse_bias), lo, ll, sl,
+        out, out.stride(0), out.stride(2), ids, h, hkv,
+        D=d, HPG=hpg, G=g, GP=max(2, _pow2(g)), SP=max(2, _pow2(s)), SLP=max(2, _pow2(sl)),
+        num_warps=config.combine_warps,
+    )  # fmt: skip
+    if return_ids:
+        return out, ids
+    return out
+
+
+def floor_bytes(fl: FusedLayer, batch: int, heads: int, kv_heads: int, live: int, d: int,
+                dtype_bytes: int = 2) -> int:  # fmt: skip
+    """The fewest bytes a fused decode layer moves: the keys once, the live KV, q, the gathered
+    states and the output."""
+    keys = fl.keys.numel() * fl.keys.element_size() + fl.inv_norm.numel() * 4
+    if fl.bias is not None:
+        keys += fl.bias.numel() * 4
+    kv = 2 * batch * kv_heads * live * d * dtype_bytes
+    io = 2 * batch * heads * d * dtype_bytes
+    gathered = batch * heads * (d * fl.out.element_size() + 4)
+    return keys + kv + io + gathered
+
+
+def memory_ok(memory: Memory, query: torch.Tensor) -> bool:
+    """Whether `attention.memdb_attention` may take the fused path for this memory and query."""
+    return (
+        enabled()
+        and query.is_cuda
+        and query.shape[2] == 1
+        and memory.device == query.device
+        and supports(memory)
+    )
+
+
+__all__ = [
+    "Config",
+    "DEFAULT_CONFIG",
+    "default_config",
+    "FusedLayer",
+    "decode_reference",
+    "disabled",
+    "enabled",
+    "floor_bytes",
+    "memory_attention",
+    "memory_ok",
+    "prepare_layer",
+    "set_enabled",
+    "supports",
+]

@@ -1,0 +1,156 @@
+"""Smoke tests of the quality benchmark's pure pieces (no model load)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench import quality as q
+
+
+def _rows(n_per_label: dict[str, int]) -> list[dict]:
+    rows = []
+    for lab, n in n_per_label.items():
+        rows += [{"text": f"{lab} example {i}", "label": lab} for i in range(n)]
+    return rows
+
+
+def test_prompt_format():
+    assert q.format_demo("How far is it ?", "number") == "How far is it ?\nLabel: number\n\n"
+    assert q.format_query("How far is it ?") == "How far is it ?\nLabel:"
+    assert q.format_query("x") + q.format_label("y") + "\n\n" == q.format_demo("x", "y")
+
+
+def test_balanced_order_is_seeded_and_balanced():
+    rows = _rows({"a": 50, "b": 30, "c": 5})
+    o1, o2, o3 = q.balanced_order(rows, 0), q.balanced_order(rows, 0), q.balanced_order(rows, 1)
+    assert o1 == o2 and o1 != o3
+    assert sorted(o1) == list(range(len(rows)))  # a permutation
+    first = Counter(rows[i]["label"] for i in o1[:15])
+    assert first == {"a": 5, "b": 5, "c": 5}  # any prefix is balanced while pools last
+    after = Counter(rows[i]["label"] for i in o1[15:25])
+    assert after == {"a": 5, "b": 5}
+
+
+def test_plan_seed_fills_budget_and_never_mixes_sets():
+    train = _rows({"a": 40, "b": 40, "c": 40})
+    lengths = [10] * len(train)
+    test_idx = q.test_slices(100, [0, 1, 2], 20)
+    assert all(len(v) == 20 for v in test_idx.values())
+    flat = [i for v in test_idx.values() for i in v]
+    assert len(set(flat)) == 60  # disjoint across seeds
+    plan = q.plan_seed(train, lengths, 0, 305, 905, 20, test_idx[0])
+    assert len(plan.demos) == 30 and len(plan.demos32k) == 90
+    assert Counter(train[i]["label"] for i in plan.demos) == {"a": 10, "b": 10, "c": 10}
+    assert set(plan.demos) <= set(plan.demos32k)  # the 32K prefix extends the full one
+    assert not set(plan.traces) & set(plan.demos32k)  # traces are other training examples
+    assert len(plan.traces) == 20
+    assert plan.test == test_idx[0]
+    again = q.plan_seed(train, lengths, 0, 305, 905, 20, test_idx[0])
+    assert again == plan
+    other = q.plan_seed(train, lengths, 1, 305, 905, 20, test_idx[1])
+    assert other.demos != plan.demos
+
+
+def test_take_to_budget():
+    assert q.take_to_budget([3, 3, 3], 7) == 2
+    assert q.take_to_budget([3, 3], 100) == 2
+    assert q.take_to_budget([8], 7) == 0
+
+
+def _seed_record(seed, base):
+    ms = [512, 1024]
+    return {
+        "seed": seed,
+        "n_test": 10,
+        "acc": {
+            "zero_shot": 0.1,
+            "icl_full": base,
+            "memory_32k": base,
+            "icl": {str(m): base / 2 for m in ms},
+            "memory": {str(m): base for m in ms},
+        },
+        "acc_norm": {
+            "zero_shot": 0.1,
+            "icl_full": base,
+            "memory_32k": base,
+            "icl": {str(m): base for m in ms},
+            "memory": {str(m): base for m in ms},
+        },
+        "fidelity": {
+            str(m): {"rel_err": 0.1, "top1_agree": 0.9, "kl": 0.01, "per_layer_rel_err": [0.1, 0.1]}
+            for m in ms
+        },
+        "bytes": {str(m): {"memory": m * 10, "kv_prefix": 5000} for m in ms},
+        "build_s": {str(m): 1.0 for m in ms},
+    }
+
+
+def test_results_format_and_writer(tmp_path):
+    recs = [_seed_record(0, 0.4), _seed_record(1, 0.6)]
+    ds = q.dataset_summary(recs, [512, 1024], 20, {"num_labels": 6})
+    assert ds["n_test"] == 20
+    assert ds["zero_shot"] == pytest.approx(0.1)
+    assert ds["icl_full"] == pytest.approx(0.5)
+    assert ds["icl"] == {"512": pytest.approx(0.25), "1024": pytest.approx(0.25)}
+    assert ds["memory"]["1024"] == pytest.approx(0.5)
+    assert ds["spread"]["memory"]["1024"]["min"] == pytest.approx(0.4)
+    assert set(ds["fidelity"]["512"]) >= {"rel_err", "top1_agree", "kl"}
+    assert ds["bytes"]["512"] == {"memory": 5120, "kv_prefix": 5000}
+    assert ds["build_s"]["1024"] == 1.0
+    results = {"model": "m", "datasets": {"toy": ds}}
+    out = tmp_path / "quality.json"
+    q.write_json(out, results)
+    back = json.loads(out.read_text())
+    assert back["datasets"]["toy"]["memory"]["512"] == pytest.approx(0.5)
+    for v in [*back["datasets"]["toy"]["icl"].values(), back["datasets"]["toy"]["icl_full"]]:
+        assert 0.0 <= v <= 1.0
+    q.plot(results, tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_calibrate_accepts_an_encoded_prefix():
+    from memdb_worker.builder import calibrate
+    from memdb_worker.prefix import encode_prefix
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    prefix = list(range(3, 40))
+    traces = [[5, 6, 7, 8], [9, 10, 11]]
+    a = calibrate(model, None, prefix, traces, progress=False)
+    b = calibrate(model, None, encode_prefix(model, prefix), traces, progress=False)
+    assert b.prefix.token_count == len(prefix)
+    for x, y in zip(a.lse, b.lse, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_test_slices_depend_on_the_seed_not_on_the_seed_list():
+    full = q.test_slices(300, [0, 1, 2], 30)
+    assert q.test_slices(300, [2], 30)[2] == full[2]
+    assert q.test_slices(300, [1, 2], 30)[1] == full[1]
+
+
+def test_merge_runs_of_different_seeds():
+    ms = [512, 1024]
+    a = {"model": "m", "config": {"budgets": ms}, "command": "a", "datasets": {}}
+    b = {"model": "m", "config": {"budgets": ms}, "command": "b", "datasets": {}}
+    a["datasets"]["toy"] = q.dataset_summary([_seed_record(0, 0.4), _seed_record(1, 0.6)], ms, 20)
+    b["datasets"]["toy"] = q.dataset_summary([_seed_record(2, 0.8)], ms, 10)
+    merged = q.merge_results([a, b])
+    toy = merged["datasets"]["toy"]
+    assert toy["seeds"] == [0, 1, 2] and toy["n_test"] == 30
+    assert toy["icl_full"] == pytest.approx(0.6)
+    assert [p["command"] for p in merged["parts"]] == ["a", "b"]

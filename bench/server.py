@@ -8,6 +8,12 @@ bench/results/server.json and prints a table.
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads sleep when idle: the server process and this one share the cores, and threads
+# spinning after one side's search steal the CPU from the other side's (set before FAISS loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import platform
@@ -27,8 +33,6 @@ FP = "bench-model"
 
 
 def machine() -> str:
-    import os
-
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " + (
         f"Python {platform.python_version()}"

@@ -1,10 +1,11 @@
 """The end-to-end demo (the README's main command, `bash scripts/demo.sh`).
 
-Starts a local memdb-server (LMDB in ./memdb-data), builds a memory from a real many-shot
-prefix (TREC question classification demonstrations from ../shared/data) with SmolLM2-135M,
-uploads it, fetches it back from the server as a worker would, and answers test questions
-three ways, side by side with their latencies: the full prefix in the prompt (in-context
-learning), the memory (prefix left out of the prompt), and neither.
+Starts a local memdb-server (LMDB in ./memdb-data) and a memdb-worker process (SmolLM2-135M on
+CPU, OpenAI-compatible HTTP API), builds a memory from a real many-shot prefix (TREC question
+classification demonstrations from ../shared/data) with SmolLM2 in this process, uploads it, and
+asks the worker's `/v1/completions` three ways per test question, side by side with the
+latencies seen by the HTTP client: the full prefix in the prompt (in-context learning), the
+memory (`"memory": name`, the prefix left out of the prompt), and neither.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import torch
 
 from memdb.process import start_server
 from memdb_client import MemdbClient
-from memdb_worker.attention import bind
 from memdb_worker.builder import BuildOptions, build_memory
-from memdb_worker.memory import Memory
 from memdb_worker.model import load_model, model_fingerprint
+from memdb_worker.process import WorkerProcess, launch_worker, wait_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
@@ -53,22 +54,17 @@ def balanced_sample(rows: list[dict], n: int, rng: random.Random) -> list[dict]:
     return out
 
 
-@torch.inference_mode()
-def answer(model, tokenizer, prompt: str, memory: Memory | None, max_new_tokens: int = 4):
-    """Greedy answer text and seconds; with a memory bound, the prefix is not in the prompt."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+def answer(worker: WorkerProcess, prompt: str, memory: str | None, max_tokens: int = 4):
+    """The worker's greedy answer (first line) and the request's seconds, over HTTP."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": ["\n"]}
+    if memory:
+        body["memory"] = memory
     start = time.perf_counter()
-    with bind(model, memory):
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )
+    r = httpx.post(f"{worker.url}/v1/completions", json=body, timeout=300)
     seconds = time.perf_counter() - start
-    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return text.strip().split("\n")[0].strip(), seconds
+    if r.status_code != 200:
+        raise RuntimeError(f"worker answered {r.status_code}: {r.text}")
+    return r.json()["choices"][0]["text"].strip(), seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=512, help="memory entries per layer and head")
     ap.add_argument("--questions", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="worker's torch threads (0: default)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
@@ -96,21 +93,36 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"== memdb demo: SmolLM2-135M-Instruct, {args.dataset}, data in {args.data_dir}/")
     server = start_server(args.data_dir, admin_key=None)
+    launched = None
     try:
         with MemdbClient(server.address, server.admin_key) as client:
             print(f"server: memdb-server on {server.address} (health: {client.health()})")
-            run(args, client, prefix, trace_texts, questions)
+            # the worker loads its model while this process builds the memory
+            launched = launch_worker(
+                server.address, server.admin_key, args.data_dir / "worker", threads=args.threads
+            )
+            name = build_and_upload(args, client, prefix, trace_texts)
+            t = time.perf_counter()
+            worker = wait_worker(*launched)
+            print(f"worker: memdb-worker on {worker.url} (ready {time.perf_counter() - t:.1f} s "
+                  "after the upload)\n")  # fmt: skip
+            ask(worker, name, prefix, questions)
+            health = httpx.get(f"{worker.url}/health").json()
+            print(f"\nworker cache: {health['cache']['memories']} "
+                  f"({health['cache']['bytes'] / 1e6:.1f} MB on {health['device']})")  # fmt: skip
     finally:
+        if launched is not None:
+            WorkerProcess("", launched[0], launched[2]).stop()
+            print("worker stopped")
         server.stop()
         print("server stopped")
 
 
-def run(args, client: MemdbClient, prefix: str, traces: list[str], questions: list[dict]) -> None:
+def build_and_upload(args, client: MemdbClient, prefix: str, traces: list[str]) -> str:
     t = time.perf_counter()
     model, tokenizer = load_model("default")
     fp = model_fingerprint(model)
     print(f"model: loaded in {time.perf_counter() - t:.1f} s, fingerprint {fp[:23]}")
-
     built = build_memory(model, tokenizer, prefix, traces, args.budget, BuildOptions(seed=0))
     name = f"{args.dataset}-demo"
     info = client.put_prefix(
@@ -133,19 +145,19 @@ def run(args, client: MemdbClient, prefix: str, traces: list[str], questions: li
         f"{built.build_seconds:.0f} s from a {built.token_count}-token prefix "
         f"(its KV cache: {kv_bytes / 1e6:.1f} MB)"
     )
-    t = time.perf_counter()
-    fetched = client.fetch_memory(name, model_fingerprint=fp)
-    memory = Memory.from_shards(fetched.shards)
-    print(f"worker: fetched version {fetched.info.version} in {time.perf_counter() - t:.2f} s\n")
+    return name
 
+
+def ask(worker: WorkerProcess, name: str, prefix: str, questions: list[dict]) -> None:
+    answer(worker, QUERY.format(text="warm up"), name)  # the worker fetches the memory once
     rows, score = [], defaultdict(int)
     times: dict[str, list[float]] = defaultdict(list)
     for q in questions:
         query = QUERY.format(text=q["text"])
         got = {
-            "full prefix": answer(model, tokenizer, prefix + query, None),
-            "memory": answer(model, tokenizer, query, memory),
-            "neither": answer(model, tokenizer, query, None),
+            "full prefix": answer(worker, prefix + query, None),
+            "memory": answer(worker, query, name),
+            "neither": answer(worker, query, None),
         }
         for how, (text, sec) in got.items():
             score[how] += text.split(" ")[0] == q["label"].split(" ")[0]

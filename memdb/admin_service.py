@@ -53,11 +53,6 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         kind = resolve_kind(self.rt.index_params, shape.budget) if kind == "auto" else kind
         indices = [build_layer_indices(s, kind, metric, self.rt.index_params) for s in shards]
         self.rt.metrics.index_builds.inc(sum(len(i) for i in indices))
-        if not context.is_active():
-            log.info(
-                "upload of %s/%s cancelled before commit; nothing written", tenant, header.name
-            )
-            return pb.PrefixInfo()
         rec = self.rt.store.write_version(
             tenant,
             header.name,

@@ -22,11 +22,9 @@ DEFAULT_ADMIN_KEY = "test-root-key"
 
 
 @dataclass
-class ServerProcess:
-    address: str
-    metrics_address: str | None
-    admin_key: str
-    data_dir: Path
+class ChildProcess:
+    """A started child (server or worker): its Popen and its log file."""
+
     proc: subprocess.Popen
     log_path: Path
 
@@ -51,6 +49,50 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+@dataclass
+class ServerProcess(ChildProcess):
+    address: str = ""
+    metrics_address: str | None = None
+    admin_key: str = ""
+    data_dir: Path = Path()
+
+
+def flag_args(flags: dict) -> list[str]:
+    """`--some-flag value` for every item; booleans as `--flag` / `--no-flag`."""
+    args: list[str] = []
+    for name, value in flags.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `args` with stdout and stderr appended to log_path and no MEMDB_* variables
+    inherited (callers pass what they mean in `env`)."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MEMDB_")}
+    child_env.update(env or {})
+    with open(log_path, "ab") as log_file:  # the child keeps its own handle
+        return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=child_env)
+
+
+def wait_ready(
+    proc: subprocess.Popen, ready: Path, log_path: Path, what: str, timeout: float
+) -> dict:
+    """Wait for the child's ready file (JSON) and return it; raise with the log if it dies."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"{what} not ready after {timeout}s:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return json.loads(ready.read_text())
+
+
 def start_server(
     data_dir: Path, *, admin_key: str | None = DEFAULT_ADMIN_KEY, timeout: float = 60.0, **flags
 ) -> ServerProcess:
@@ -64,30 +106,11 @@ def start_server(
             "--ready-file", str(ready)]  # fmt: skip
     if admin_key is not None:
         args += ["--admin-key", admin_key]
-    for name, value in flags.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMDB_")}
-    log_file = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    log_file.close()
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"memdb-server exited with {proc.returncode}:\n{log_path.read_text()}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"memdb-server not ready after {timeout}s:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
+    proc = spawn(args + flag_args(flags), log_path)
+    info = wait_ready(proc, ready, log_path, "memdb-server", timeout)
     if admin_key is None:
         admin_key = (data_dir / "admin.key").read_text().strip()
-    return ServerProcess(info["address"], info["metrics"], admin_key, data_dir, proc, log_path)
+    return ServerProcess(proc, log_path, info["address"], info["metrics"], admin_key, data_dir)
 
 
 @contextmanager

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"({health['cache']['bytes'] / 1e6:.1f} MB on {health['device']})")  # fmt: skip
     finally:
         if launched is not None:
-            WorkerProcess("", launched[0], launched[2]).stop()
+            WorkerProcess(launched[0], launched[2]).stop()
             print("worker stopped")
         server.stop()
         print("server stopped")

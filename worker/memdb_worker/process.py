@@ -8,43 +8,22 @@ check.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from memdb.process import ChildProcess, flag_args, spawn, wait_ready
+
 
 @dataclass
-class WorkerProcess:
-    address: str  # host:port
-    proc: subprocess.Popen
-    log_path: Path
+class WorkerProcess(ChildProcess):
+    address: str = ""  # host:port
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def launch_worker(
@@ -57,35 +36,16 @@ def launch_worker(
     log_path = workdir / f"{name}.log"
     args = [sys.executable, "-m", "memdb_worker.cli", "serve", "--server", server_address,
             "--listen", "127.0.0.1:0", "--ready-file", str(ready)]  # fmt: skip
-    for key, value in flags.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMDB_")}
-    env["MEMDB_API_KEY"] = api_key  # not on the command line (ps shows it)
-    log_file = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    log_file.close()
+    # the key travels in the environment, not on the command line (ps shows that)
+    proc = spawn(args + flag_args(flags), log_path, env={"MEMDB_API_KEY": api_key})
     return proc, ready, log_path
 
 
 def wait_worker(
     proc: subprocess.Popen, ready: Path, log_path: Path, timeout: float = 180.0
 ) -> WorkerProcess:
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"memdb-worker exited with {proc.returncode}:\n{log_path.read_text()}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"memdb-worker not ready after {timeout}s:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    return WorkerProcess(info["address"], proc, log_path)
+    info = wait_ready(proc, ready, log_path, "memdb-worker", timeout)
+    return WorkerProcess(proc, log_path, info["address"])
 
 
 def start_worker(

@@ -2,8 +2,8 @@
 
 This module owns: choosing an index kind (flat / IVF / HNSW) for a number of entries, building
 one index per index group of a layer, (de)serializing indices, batched search with the
-cosine or inner-product metric, gathering the stored `out`/`lse` rows of the hits, and the
-byte-budgeted, thread-safe cache of loaded layers (`IndexCache`).
+cosine or inner-product metric, gathering the stored `out`/`lse` (and extra) rows of the hits,
+and the byte-budgeted, thread-safe cache of loaded layers (`IndexCache`).
 
 It does not know LMDB, gRPC, tenants or auth: it takes keys as numpy arrays and indices as
 bytes, and hands back numpy arrays. Ids are always the entry rows 0..M-1 of a group.
@@ -17,9 +17,9 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -197,20 +197,23 @@ class LoadedLayer:
     lse: np.ndarray  # [I, M, h]
     nbytes: int = 0  # 0 = estimate from the arrays and indices
     model_fingerprint: str = ""
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [I, M, ...]
 
     def __post_init__(self) -> None:
         if not self.nbytes:
             held = sum(_index_nbytes(index) for index in self.indices)
-            self.nbytes = self.out.nbytes + self.lse.nbytes + held
+            arrays = self.out.nbytes + self.lse.nbytes + sum(a.nbytes for a in self.extras.values())
+            self.nbytes = arrays + held
 
     def search(
         self, queries: np.ndarray, k: int, metric: str, include_states: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Top-k per query and group: ids [Q, I, k], scores [Q, I, k], out, lse.
 
-        `queries` is [Q, I, Dk], or [Q, Dk] to send the same query to every group.
-        With `include_states`, out [Q, I, k, h, d] and lse [Q, I, k, h] are the stored rows of
-        the hits; rows whose id is -1 (fewer than k entries) are zeros.
+        `queries` is [Q, I, Dk], or [Q, Dk] to send the same query to every group
+        (InvalidArgument otherwise). With `include_states`, out [Q, I, k, h, d] and
+        lse [Q, I, k, h] are the stored rows of the hits; rows whose id is -1 (fewer than k
+        entries) are zeros.
         """
         queries = self._check_queries(queries)
         q, num_groups = queries.shape[0], len(self.indices)
@@ -225,25 +228,37 @@ class LoadedLayer:
 
     def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The stored out [Q, I, k, h, d] and lse [Q, I, k, h] of `ids` [Q, I, k] (-1 -> 0)."""
-        groups = np.arange(ids.shape[1])[None, :, None]
-        missing = ids < 0
-        rows = np.where(missing, 0, ids)
-        out, lse = self.out[groups, rows], self.lse[groups, rows]
-        if missing.any():
-            out[missing] = 0
-            lse[missing] = 0
-        return out, lse
+        return _gather(self.out, ids), _gather(self.lse, ids)
+
+    def gather_extras(self, ids: np.ndarray, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored rows [Q, I, k, ...] of `ids` [Q, I, k] of the named extra tensors (-1 -> 0).
+
+        Names must be extras of this layer (KeyError otherwise): callers check them first.
+        """
+        return {name: _gather(self.extras[name], ids) for name in names}
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        """Queries as [Q, I, Dk] (a [Q, Dk] query is sent to every group); the one shape check
+        of Lookup's queries."""
         num_groups, dk = len(self.indices), self.indices[0].d
         if queries.ndim == 2 and queries.shape[1] == dk:
             return np.broadcast_to(queries[:, None, :], (queries.shape[0], num_groups, dk))
         if queries.ndim == 3 and queries.shape[1:] == (num_groups, dk):
             return queries
         raise InvalidArgument(
-            f"queries must be [Q, {num_groups}, {dk}] or [Q, {dk}] for this layer "
-            f"({num_groups} groups, key dim {dk}), got {list(queries.shape)}"
+            f"queries must be [Q, {num_groups}, {dk}] or [Q, {dk}] (the same query for every "
+            f"group) for this layer ({num_groups} groups, key dim {dk}), got {list(queries.shape)}"
         )
+
+
+def _gather(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows [Q, I, k, ...] of `table` [I, M, ...] at `ids` [Q, I, k]; zeros where an id is -1."""
+    groups = np.arange(ids.shape[1])[None, :, None]
+    missing = ids < 0
+    rows = table[groups, np.where(missing, 0, ids)]
+    if missing.any():
+        rows[missing] = 0
+    return rows
 
 
 def _index_nbytes(index: faiss.Index) -> int:
@@ -271,7 +286,14 @@ def load_layer(
             f"{shard.keys.shape[0]} groups; re-upload the prefix"
         )
     indices = [deserialize_index(b, params) for b in index_blobs]
-    return LoadedLayer(version, indices, shard.out, shard.lse, model_fingerprint=model_fingerprint)
+    return LoadedLayer(
+        version,
+        indices,
+        shard.out,
+        shard.lse,
+        model_fingerprint=model_fingerprint,
+        extras=shard.extras,
+    )
 
 
 # ---------------------------------------------------------------- cache

@@ -47,32 +47,31 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             lambda: self._load_layer(tenant, name, version, request.layer),
         )
         check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
-        queries = self._queries(request, rec.shape.num_groups, rec.shape.key_dim)
+        extras = _extra_names(request, rec.extra_tensors, name)
+        queries = self._queries(request)
         k = request.k or 1
         if k > self.rt.config.max_k:
             raise InvalidArgument(f"k={k} exceeds the server's max_k={self.rt.config.max_k}")
+        # LoadedLayer.search checks the queries' shape against the layer
         ids, scores, out, lse = layer.search(queries, k, rec.metric, request.include_states)
-        self.rt.metrics.lookup_vectors.inc(queries.shape[0] * queries.shape[1])
+        self.rt.metrics.lookup_vectors.inc(ids.shape[0] * ids.shape[1])
         resp = pb.LookupResponse(
             version=version, ids=encode_tensor(ids), scores=encode_tensor(scores)
         )
         if request.include_states:
             resp.out.CopyFrom(encode_tensor(out))
             resp.lse.CopyFrom(encode_tensor(lse))
+        for extra, rows in layer.gather_extras(ids, extras).items():
+            resp.extras[extra].CopyFrom(encode_tensor(rows))
         return resp
 
-    def _queries(self, request: pb.LookupRequest, groups: int, dk: int) -> np.ndarray:
+    def _queries(self, request: pb.LookupRequest) -> np.ndarray:
+        """The request's queries as float32, checked for dtype, count and finite values (their
+        shape is checked by the layer they search)."""
         q = decode_tensor(request.queries, name="queries")  # [Q, I, Dk] or [Q, Dk]
         if q.dtype.kind != "f":
             raise InvalidArgument(f"queries must be float32 or float16, got {q.dtype}")
-        if q.ndim == 2:
-            q = np.broadcast_to(q[:, None, :], (q.shape[0], groups, q.shape[1]))
-        if q.ndim != 3 or q.shape[1:] != (groups, dk):
-            raise InvalidArgument(
-                f"queries have shape {list(q.shape)}; this memory needs [Q, {groups}, {dk}] "
-                f"(or [Q, {dk}] to use one query for every group)"
-            )
-        if not 1 <= q.shape[0] <= self.rt.config.max_lookup_queries:
+        if q.ndim and not 1 <= q.shape[0] <= self.rt.config.max_lookup_queries:
             raise InvalidArgument(
                 f"a Lookup takes 1..{self.rt.config.max_lookup_queries} queries, got {q.shape[0]}"
             )
@@ -142,6 +141,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             if len(page) < 500:
                 return
             start = page[-1].name
+
+
+def _extra_names(request: pb.LookupRequest, stored: list[str], name: str) -> list[str]:
+    """The extra tensors a Lookup asks for (each once, in request order), all stored ones."""
+    wanted = list(dict.fromkeys(request.extras))
+    unknown = [extra for extra in wanted if extra not in stored]
+    if unknown:
+        have = ", ".join(f"'{s}'" for s in stored) if stored else "none"
+        raise InvalidArgument(
+            f"memory '{name}' stores no extra tensor {', '.join(repr(u) for u in unknown)}; "
+            f"its extra tensors: {have} (see PrefixInfo.extra_tensors)"
+        )
+    return wanted
 
 
 def _watch_event(event: Event) -> pb.WatchEvent:

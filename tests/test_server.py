@@ -4,6 +4,7 @@ server process, with real LMDB files in tmp dirs and real FAISS indices."""
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memdb.config import ServerConfig
 from memdb.errors import (
     AlreadyExists,
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -25,6 +27,7 @@ from memdb.errors import (
 from memdb.process import server_process
 from memdb.server import run_server
 from memdb.shards import Shard, encode_shard
+from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
 
 FP = "fp-test-model"
@@ -109,6 +112,53 @@ def test_put_get_lookup_fetch_delete_round_trip_is_exact(root):
         root.get_prefix("rt")
     with pytest.raises(NotFound):
         root.lookup("rt", 0, q, model_fingerprint=FP)
+
+
+def with_extras(shards: list[Shard], seed: int = 0) -> list[Shard]:
+    """The shards with the extras a default worker build stores: q_mean, k_bar [I, M, h, d]."""
+    rng = np.random.default_rng(seed)
+    for s in shards:
+        s.extras = {
+            "q_mean": rng.standard_normal(s.out.shape).astype(np.float32),
+            "k_bar": rng.standard_normal(s.out.shape).astype(np.float16),
+        }
+    return shards
+
+
+def test_lookup_returns_the_requested_extras_of_the_hits_as_stored(root):
+    shards = with_extras(make_shards(seed=2))
+    root.put_prefix("ext", shards, model_fingerprint=FP)
+    assert root.get_prefix("ext").extra_tensors == ["k_bar", "q_mean"]
+    layer, rows = 1, [3, 40, 63]
+    q = shards[layer].keys[:, rows, :].transpose(1, 0, 2)  # [Q=3, I, Dk]: stored keys
+    res = root.lookup("ext", layer, q, model_fingerprint=FP, k=2, extras=["k_bar", "q_mean"])
+    np.testing.assert_array_equal(res.ids[:, :, 0], np.array([rows, rows]).T)
+    assert list(res.extras) == ["k_bar", "q_mean"]  # in request order
+    for name, dtype in (("q_mean", np.float32), ("k_bar", np.float16)):
+        got = res.extras[name]
+        assert got.shape == (3, 2, 2, 2, 8) and got.dtype == dtype  # [Q, I, k, h, d], as stored
+        groups = np.arange(2)[None, :, None]
+        np.testing.assert_array_equal(got, shards[layer].extras[name][groups, res.ids])
+    # extras need no states, and a Lookup that asks for none gets none
+    only = root.lookup("ext", layer, q[:1], model_fingerprint=FP, include_states=False,
+                       extras=["q_mean"])  # fmt: skip
+    assert only.out is None and list(only.extras) == ["q_mean"]
+    np.testing.assert_array_equal(only.extras["q_mean"], res.extras["q_mean"][:1, :, :1])
+    assert root.lookup("ext", layer, q, model_fingerprint=FP).extras == {}
+    root.delete_prefix("ext")
+
+
+def test_lookup_of_an_unknown_extra_is_invalid_argument(root):
+    root.put_prefix("ext-bad", with_extras(make_shards()), model_fingerprint=FP)
+    root.put_prefix("ext-none", make_shards(), model_fingerprint=FP)
+    q = np.zeros((1, 16), np.float32) + 1
+    with pytest.raises(InvalidArgument, match=r"no extra tensor 'whiten'.*'k_bar', 'q_mean'"):
+        root.lookup("ext-bad", 0, q, model_fingerprint=FP, extras=["q_mean", "whiten"])
+    with pytest.raises(InvalidArgument, match=r"no extra tensor 'k_bar'; its extra tensors: none"):
+        root.lookup("ext-none", 0, q, model_fingerprint=FP, extras=["k_bar"])
+    assert root.lookup("ext-bad", 0, q, model_fingerprint=FP, extras=["k_bar"]).extras
+    root.delete_prefix("ext-bad")
+    root.delete_prefix("ext-none")
 
 
 def test_update_makes_a_new_version_and_lookup_reads_it(root):
@@ -225,8 +275,6 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(root):
 
 
 def test_chunks_out_of_order_are_invalid(root):
-    from memdb.v1 import memdb_pb2 as pb
-
     blob = encode_shard(make_shards(layers=1)[0])
     header = pb.PutPrefixHeader(name="order", model_fingerprint=FP, num_layers=2)
     msgs = [pb.PutPrefixRequest(header=header),
@@ -239,25 +287,50 @@ def test_chunks_out_of_order_are_invalid(root):
         root._call(root._admin.PutPrefix, iter(msgs))
 
 
-def test_cancelled_upload_leaves_no_trace(root):
-    from memdb.v1 import memdb_pb2 as pb
+def test_upload_cancelled_after_its_last_chunk_stores_nothing(tmp_path, monkeypatch):
+    """The client cancels once the server has the whole upload, just before it commits: the
+    in-transaction `still_wanted` check (context.is_active) must abort the write."""
+    cfg = ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0", metrics_listen="",
+                       admin_key=ROOT_KEY)  # fmt: skip
+    with run_server(cfg) as srv, MemdbClient(srv.address, ROOT_KEY) as c:
+        store, call = srv.runtime.store, {}
+        write_version, made, written = store.write_version, threading.Event(), threading.Event()
+        seen: list = []
 
-    blob = encode_shard(make_shards(layers=1)[0])
-    header = pb.PutPrefixHeader(name="cancelled", model_fingerprint=FP, num_layers=3)
-    gate = threading.Event()
+        def cancel_then_write(*args, still_wanted, **kw):
+            seen.append(still_wanted())  # every layer arrived and the call is still live
+            try:
+                assert made.wait(10)
+                call["future"].cancel()
+                deadline = time.monotonic() + 10
+                while still_wanted() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return write_version(*args, still_wanted=still_wanted, **kw)
+            except Exception as exc:
+                seen.append(exc)
+                raise
+            finally:
+                written.set()
 
-    def requests():
-        yield pb.PutPrefixRequest(header=header)
-        yield pb.PutPrefixRequest(chunk=pb.ShardChunk(layer=0, data=blob, last=True))
-        gate.wait(10)  # the client is interrupted here
-
-    future = root._admin.PutPrefix.future(requests(), metadata=root._metadata, timeout=30)
-    future.cancel()
-    gate.set()
-    with pytest.raises(grpc.FutureCancelledError):
-        future.result()
-    with pytest.raises(NotFound):
-        root.get_prefix("cancelled")
+        monkeypatch.setattr(store, "write_version", cancel_then_write)
+        shards = make_shards()
+        header = pb.PutPrefixHeader(name="cancelled", model_fingerprint=FP, num_layers=3)
+        stream = c._upload_stream(header, shards)  # header, then every chunk of every layer
+        call["future"] = c._admin.PutPrefix.future(stream, metadata=c._metadata, timeout=30)
+        made.set()
+        with pytest.raises(grpc.FutureCancelledError):
+            call["future"].result()
+        assert written.wait(10)  # the server's attempt to commit is over
+        monkeypatch.undo()
+        with pytest.raises(NotFound):
+            c.get_prefix("cancelled")
+        assert c.list_prefixes() == []
+        with pytest.raises(NotFound):
+            store.read_version("default", "cancelled", 1)
+        assert c.stats().tenants.get("default", (0, 0)) == (0, 0)  # no prefix, no bytes
+        assert seen[0] is True and isinstance(seen[-1], Cancelled), seen  # aborted at commit
+        # no record was left behind: a create of the same name starts again at version 1
+        assert c.put_prefix("cancelled", shards, model_fingerprint=FP).version == 1
 
 
 def test_auth_missing_or_wrong_key_is_unauthenticated(server):
@@ -334,8 +407,6 @@ def test_watch_streams_puts_and_deletes(root):
 
     t = threading.Thread(target=consume)
     t.start()
-    import time
-
     time.sleep(0.3)
     root.put_prefix("watched", make_shards(), model_fingerprint=FP)
     root.put_prefix("unwatched", make_shards(), model_fingerprint=FP)

@@ -48,8 +48,8 @@ def _build(model, tok, dataset: str, seed: int):
     rows = rng.sample(_rows(dataset), 20)
     prefix = "".join(TEMPLATE.format(**r) for r in rows[:10])
     traces = [TEMPLATE.format(**r).rstrip("\n") for r in rows[10:]]
-    # no k_bar: the remote replica's Lookup returns no extras (see memdb_worker.cache)
-    opts = BuildOptions(lse_correction=False, seed=seed)
+    # the default build (k_bar, lse correction): the remote replica gets the extras via Lookup
+    opts = BuildOptions(seed=seed)
     return build_memory(model, tok, prefix, traces, 16, opts, progress=False)
 
 

@@ -116,8 +116,14 @@ class MemdbClient:
         include_states: bool = True,
         version: int = 0,
         timeout: float | None = None,
+        extras: Sequence[str] = (),
     ) -> LookupResult:
-        """Top-k entries of one layer for queries [Q, I, Dk] (or [Q, Dk] for every group)."""
+        """Top-k entries of one layer for queries [Q, I, Dk] (or [Q, Dk] for every group).
+
+        `extras`: names of extra tensors of the memory (`PrefixInfo.extra_tensors`, e.g.
+        "q_mean", "k_bar") whose rows of the hits to return too, as `LookupResult.extras`
+        (name -> [Q, I, k, ...]); an unknown name is InvalidArgument.
+        """
         q = np.asarray(queries)
         if q.dtype not in (np.float32, np.float16):
             q = q.astype(np.float32)
@@ -129,6 +135,7 @@ class MemdbClient:
             k=k,
             include_states=include_states,
             version=version,
+            extras=list(extras),
         )
         resp = self._call(self._memory.Lookup, req, timeout)
         return LookupResult(
@@ -137,6 +144,7 @@ class MemdbClient:
             scores=decode_tensor(resp.scores, name="scores"),
             out=decode_tensor(resp.out, name="out") if include_states else None,
             lse=decode_tensor(resp.lse, name="lse") if include_states else None,
+            extras=_lookup_extras(resp, extras),
         )
 
     def fetch_memory_raw(
@@ -350,6 +358,14 @@ class MemdbClient:
 
     def stats(self) -> Stats:
         return Stats.from_pb(self._call(self._admin.Stats, pb.StatsRequest()))
+
+
+def _lookup_extras(resp: pb.LookupResponse, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The requested extras of a Lookup response, in request order."""
+    missing = [n for n in names if n not in resp.extras]
+    if missing:  # a server that predates Lookup extras ignores the request field
+        raise InvalidArgument(f"the server returned no extra tensor {missing}; upgrade it")
+    return {n: decode_tensor(resp.extras[n], name=n) for n in dict.fromkeys(names)}
 
 
 class Watch:

@@ -75,6 +75,7 @@ class LookupResult:
     scores: np.ndarray  # float32 [Q, I, k]
     out: np.ndarray | None  # [Q, I, k, h, d]
     lse: np.ndarray | None  # [Q, I, k, h]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [Q, I, k, ...]
 
 
 @dataclass

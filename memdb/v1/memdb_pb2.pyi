@@ -186,7 +186,7 @@ class DeletePrefixResponse(_message.Message):
     def __init__(self, deleted_version: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("name", "layer", "model_fingerprint", "queries", "k", "include_states", "version")
+    __slots__ = ("name", "layer", "model_fingerprint", "queries", "k", "include_states", "version", "extras")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class LookupRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     layer: int
     model_fingerprint: str
@@ -201,21 +202,31 @@ class LookupRequest(_message.Message):
     k: int
     include_states: bool
     version: int
-    def __init__(self, name: _Optional[str] = ..., layer: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., include_states: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    extras: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., layer: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., include_states: _Optional[bool] = ..., version: _Optional[int] = ..., extras: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("version", "ids", "scores", "out", "lse")
+    __slots__ = ("version", "ids", "scores", "out", "lse", "extras")
+    class ExtrasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     OUT_FIELD_NUMBER: _ClassVar[int]
     LSE_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     scores: Tensor
     out: Tensor
     lse: Tensor
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    extras: _containers.MessageMap[str, Tensor]
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class FetchMemoryRequest(_message.Message):
     __slots__ = ("name", "model_fingerprint", "version", "chunk_bytes")

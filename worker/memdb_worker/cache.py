@@ -7,9 +7,10 @@
   memory larger than the whole budget is served as in remote mode (the fetch stops as soon as
   it is seen to be too large);
 - mode "remote": a `RemoteMemory` that looks every layer up through the server (`Lookup`), for
-  memories too large to cache. Same lookup (cosine, hard top-1), so the same tokens as cache
-  mode, for memories without whitening (refused: FailedPrecondition) and without k_bar (remote
-  lookups return no extras, so the first-order lse correction is not applied; logged).
+  memories too large to cache. Same lookup (cosine top-k) and the same decode options, applied
+  by the same code (`memory.hits_state`; the lse correction's q_mean/k_bar rows come with the
+  Lookup), so the same tokens as cache mode, for memories without whitening (refused:
+  FailedPrecondition).
 
 The cache follows the server's `Watch` stream in a background thread: a put or delete of a
 memory drops its cached version at once, so the next request gets the new version (or
@@ -30,7 +31,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,7 +42,14 @@ from memdb.errors import DeadlineExceeded, FailedPrecondition, MemdbError, Unava
 from memdb.shards import decode_shard
 from memdb_client import MemdbClient
 from memdb_worker.keys import KeySpace, LayerQuery
-from memdb_worker.memory import DecodeOptions, Memory, keyspace_from_metadata
+from memdb_worker.memory import (
+    LSE_CORRECTION_EXTRAS,
+    DecodeOptions,
+    Memory,
+    check_options,
+    hits_state,
+    keyspace_from_metadata,
+)
 from memdb_worker.state import State
 
 logger = logging.getLogger(__name__)
@@ -53,7 +61,10 @@ ClientFactory = Callable[[], MemdbClient]
 class RemoteMemory:
     """A state source that looks each layer up through the server (one `Lookup` per layer call).
 
-    Pinned to one version; answers like `Memory` with hard top-1 (no lse correction, no bias).
+    Pinned to one version; answers like `Memory` with the same decode options: the server finds
+    the top-k entries (cosine) and returns their states, plus their q_mean/k_bar rows when the
+    first-order lse correction applies; `memory.hits_state` does the rest, as for `Memory`.
+    `budget`, `num_layers` and `extras` describe the memory (to check `options` like `Memory`).
     """
 
     def __init__(
@@ -65,6 +76,11 @@ class RemoteMemory:
         keyspace: KeySpace,
         metadata: dict[str, str],
         timeout: float = 10.0,
+        *,
+        options: DecodeOptions | None = None,
+        budget: int,
+        num_layers: int,
+        extras: Sequence[str],
     ) -> None:
         self._client = client
         self.name = name
@@ -73,6 +89,10 @@ class RemoteMemory:
         self.keyspace = keyspace
         self.metadata = dict(metadata)
         self.timeout = timeout
+        self.options = options or DecodeOptions()
+        self._correct = check_options(
+            self.options, budget=budget, num_layers=num_layers, extras=extras
+        )
         self.lookups = 0
 
     @property
@@ -83,6 +103,7 @@ class RemoteMemory:
         return 0  # nothing held on the device
 
     def prefix_state(self, query: LayerQuery) -> State:
+        """State source protocol: one Lookup of the layer, then as `Memory.prefix_state`."""
         b, h, t, d = query.q.shape
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)
         keys = self.keyspace.keys(q_pre, query.layer)  # [n, I, Dk]
@@ -91,18 +112,24 @@ class RemoteMemory:
             query.layer,
             np.ascontiguousarray(keys.detach().cpu().numpy(), dtype=np.float32),
             model_fingerprint=self.model_fingerprint,
-            k=1,
+            k=self.options.top_k,
             version=self.version,
             timeout=self.timeout,
+            extras=LSE_CORRECTION_EXTRAS if self._correct else (),
         )
         self.lookups += 1
         assert res.out is not None and res.lse is not None
         dev = query.q.device
-        out = torch.from_numpy(np.array(res.out[:, :, 0], dtype=np.float32)).to(dev)  # [n, I, h, d]
-        lse = torch.from_numpy(np.array(res.lse[:, :, 0], dtype=np.float32)).to(dev)  # [n, I, h]
-        lse = lse.reshape(b, t, h).transpose(1, 2)
-        out = out.reshape(b, t, h, d).transpose(1, 2)
-        return State(out.contiguous(), lse.contiguous())
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.array(a, dtype=np.float32)).to(dev)
+
+        correction = None
+        if self._correct:
+            correction = [tensor(res.extras[x]) for x in LSE_CORRECTION_EXTRAS]
+        # scores [n, I, k], lse [n, I, k, h], out [n, I, k, h, d]; the ids are never -1 (k <= M)
+        return hits_state(query, q_pre, tensor(res.scores), tensor(res.lse), tensor(res.out),
+                          self.options, correction)  # fmt: skip
 
 
 Source = Memory | RemoteMemory
@@ -361,15 +388,12 @@ class MemoryCache:
                 "the per-layer whitening (serve it with --memory-mode cache and a budget that "
                 "holds it)"
             )
-        if "k_bar" in shard.extras:
-            logger.warning(
-                "memory '%s' stores k_bar: remote mode decodes it without the first-order lse "
-                "correction (Lookup returns no extras); cache mode applies it",
-                name,
-            )
         keyspace = keyspace_from_metadata(meta, [shard])
-        source = RemoteMemory(self.client, name, info.version, self.model_fingerprint, keyspace,
-                              meta, self.lookup_timeout)  # fmt: skip
+        source = RemoteMemory(
+            self.client, name, info.version, self.model_fingerprint, keyspace, meta,
+            self.lookup_timeout, options=self.decode_options, budget=info.budget,
+            num_layers=info.num_layers, extras=info.extra_tensors,
+        )  # fmt: skip
         return source, info.version, 0
 
     def _on_event(self, kind: str, name: str, version: int) -> None:

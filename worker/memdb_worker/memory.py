@@ -16,15 +16,17 @@ keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer
 - lse_correction: lse <- lse + s * k_bar . (q_pre - q_mean), when the memory stores k_bar;
 - lse_bias: a constant added to every entry's lse (against prefix decay), or one per layer.
 
-`DecodeOptions` are chosen at decode time (`with_options` shares the tensors). This module
-knows nothing of how entries were built or of transformers.
+`DecodeOptions` are chosen at decode time (`with_options` shares the tensors). Everything after
+the search (correction, bias, soft top-k) is `hits_state`, shared with the worker's remote
+lookups (`cache.RemoteMemory`) so that both answer alike. This module knows nothing of how
+entries were built or of transformers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,8 @@ from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
 
 logger = logging.getLogger(__name__)
+
+LSE_CORRECTION_EXTRAS = ("q_mean", "k_bar")  # the extra tensors of the first-order correction
 
 
 @dataclass(frozen=True)
@@ -78,17 +82,8 @@ class Memory:
         self.keyspace = keyspace
         self.metadata = dict(metadata)
         self.options = options or DecodeOptions()
-        if self.options.top_k > self.budget:
-            raise ValueError(f"top_k={self.options.top_k} exceeds the budget M={self.budget}")
-        has_kbar = "k_bar" in layers[0].extras and "q_mean" in layers[0].extras
-        if isinstance(self.options.lse_bias, tuple) and len(self.options.lse_bias) != len(layers):
-            raise ValueError(
-                f"lse_bias has {len(self.options.lse_bias)} values for {len(layers)} layers"
-            )
-        if self.options.lse_correction and not has_kbar:
-            raise ValueError("lse_correction needs a memory built with lse_correction=True (k_bar)")
-        self._correct = (
-            has_kbar if self.options.lse_correction is None else self.options.lse_correction
+        self._correct = check_options(
+            self.options, budget=self.budget, num_layers=len(layers), extras=layers[0].extras
         )
 
     # -- construction -------------------------------------------------------------------------
@@ -233,23 +228,77 @@ class Memory:
         groups = torch.arange(ks.num_groups, device=ids.device).view(1, -1, 1)
         lse = lay.lse[groups, ids]  # [n, I, k, h]
         out = lay.out[groups, ids].float()  # [n, I, k, h, d]
+        correction = None
         if self._correct:
-            qg = q_pre.view(b * t, ks.num_groups, ks.heads_per_group, d)  # [n, I, h, d]
-            q_mean = lay.extras["q_mean"][groups, ids].float()  # [n, I, k, h, d]
-            k_bar = lay.extras["k_bar"][groups, ids].float()
-            lse = lse + query.scaling * ((qg.unsqueeze(2) - q_mean) * k_bar).sum(-1)
-        bias = self.options.lse_bias
-        bias = bias[query.layer] if isinstance(bias, tuple) else bias
-        if bias:
-            lse = lse + bias
-        if self.options.top_k == 1:
-            lse, out = lse[:, :, 0], out[:, :, 0]  # [n, I, h], [n, I, h, d]
-        else:
-            logw = torch.log_softmax(scores / self.options.temperature, dim=-1)  # [n, I, k]
-            lse, out = combine_states(lse, out, logw.unsqueeze(-1), dim=2)
-        lse = lse.reshape(b, t, h).transpose(1, 2)  # [B, H, T]
-        out = out.reshape(b, t, h, d).transpose(1, 2)  # [B, H, T, d]
-        return State(out.contiguous(), lse.contiguous())
+            correction = tuple(lay.extras[x][groups, ids] for x in LSE_CORRECTION_EXTRAS)
+        return hits_state(query, q_pre, scores, lse, out, self.options, correction)
+
+
+def check_options(
+    options: DecodeOptions, *, budget: int, num_layers: int, extras: Collection[str]
+) -> bool:
+    """Raise ValueError unless `options` fit a memory of `budget` entries per group, `num_layers`
+    layers and these extra tensors; returns whether the first-order lse correction applies."""
+    if options.top_k > budget:
+        raise ValueError(f"top_k={options.top_k} exceeds the budget M={budget}")
+    if isinstance(options.lse_bias, tuple) and len(options.lse_bias) != num_layers:
+        raise ValueError(f"lse_bias has {len(options.lse_bias)} values for {num_layers} layers")
+    has_kbar = all(x in extras for x in LSE_CORRECTION_EXTRAS)
+    if options.lse_correction and not has_kbar:
+        raise ValueError("lse_correction needs a memory built with lse_correction=True (k_bar)")
+    return has_kbar if options.lse_correction is None else options.lse_correction
+
+
+def correct_lse(
+    lse: torch.Tensor,
+    q_pre: torch.Tensor,
+    q_mean: torch.Tensor,
+    k_bar: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The first-order lse correction of hits: lse + scaling * (q_pre - q_mean) . k_bar.
+
+    lse [n, I, k, h] of the hits, q_pre [n, I, h, d] the live pre-RoPE queries by group,
+    q_mean and k_bar [n, I, k, h, d] the hits' stored rows.
+    """
+    return lse + scaling * ((q_pre.unsqueeze(2) - q_mean.float()) * k_bar.float()).sum(-1)
+
+
+def hits_state(
+    query: LayerQuery,
+    q_pre: torch.Tensor,
+    scores: torch.Tensor,
+    lse: torch.Tensor,
+    out: torch.Tensor,
+    options: DecodeOptions,
+    correction: Sequence[torch.Tensor] | None = None,
+) -> State:
+    """The state of each live query from its top-k hits: what a state source answers once it
+    has found and gathered them.
+
+    q_pre [n, H, d] (float32, n = B*T in (b, t) order), scores [n, I, k], lse [n, I, k, h] and
+    out [n, I, k, h, d] (float32) of the hits; `correction`: the hits' (q_mean, k_bar) rows
+    [n, I, k, h, d] to apply the first-order lse correction, None for none. Then the lse bias
+    of `options`, and the soft top-k when k > 1. Returns the State [B, H, T(, d)] of `query`.
+    """
+    b, h, t, d = query.q.shape
+    n, num_groups, k, heads_per_group = lse.shape
+    if correction is not None:
+        q_mean, k_bar = correction
+        qg = q_pre.view(n, num_groups, heads_per_group, d)  # [n, I, h, d]
+        lse = correct_lse(lse, qg, q_mean, k_bar, query.scaling)
+    bias = options.lse_bias
+    bias = bias[query.layer] if isinstance(bias, tuple) else bias
+    if bias:
+        lse = lse + bias
+    if k == 1:
+        lse, out = lse[:, :, 0], out[:, :, 0]  # [n, I, h], [n, I, h, d]
+    else:
+        logw = torch.log_softmax(scores / options.temperature, dim=-1)  # [n, I, k]
+        lse, out = combine_states(lse, out, logw.unsqueeze(-1), dim=2)
+    lse = lse.reshape(b, t, h).transpose(1, 2)  # [B, H, T]
+    out = out.reshape(b, t, h, d).transpose(1, 2)  # [B, H, T, d]
+    return State(out.contiguous(), lse.contiguous())
 
 
 def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:

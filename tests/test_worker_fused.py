@@ -2,10 +2,13 @@
 
 On CPU: the torch form of the fused math (`decode_reference`: keys modes folded into the stored
 keys, RoPE undone from positions) equals the worker's reference path (Memory.prefix_state +
-attention_state + merge_states) for every key mode and granularity, and the Triton kernels run
-under Triton's interpreter (when Triton is installed) equal it too. On CUDA: the compiled kernels
-equal it to bf16 tolerance, and decoding through `bind` with the fused path gives the logits of
-the reference path.
+attention_state + merge_states) for every key mode and granularity, with and without the
+first-order lse correction, and the Triton kernels run under Triton's interpreter (when Triton
+is installed) equal it too. On CUDA: the compiled kernels equal it to bf16 tolerance, and
+decoding through `bind` with the fused path gives the logits of the reference path.
+
+The CUDA tests are skipped without a GPU; on one:
+`OMP_NUM_THREADS=1 pytest -q tests/test_worker_fused.py` runs them all.
 """
 
 from __future__ import annotations
@@ -48,7 +51,11 @@ def make_memory(
     options=None,
     device="cpu",
     seed=0,
+    extras_dtype=None,
+    kbar_scale=1.0,
 ) -> Memory:
+    """A random memory; with extras_dtype it stores q_mean / k_bar (k_bar ~ kbar_scale * N(0, 1)),
+    so the lse correction applies by default."""
     g = torch.Generator().manual_seed(seed)
     rope = _rope(d, scaling)
     ws = wm = None
@@ -65,13 +72,19 @@ def make_memory(
     lays = []
     for _ in range(layers):
         keys = torch.randn(i, budget, dk, generator=g).to(key_dtype)
+        extras = {}
+        if extras_dtype is not None:
+            q_mean = torch.randn(i, budget, hpg, d, generator=g)
+            k_bar = torch.randn(i, budget, hpg, d, generator=g) * kbar_scale
+            extras = {"q_mean": q_mean.to(extras_dtype).to(device),
+                      "k_bar": k_bar.to(extras_dtype).to(device)}  # fmt: skip
         lays.append(
             MemoryLayer(
                 keys=keys.to(device),
                 inv_norm=(1.0 / keys.float().norm(dim=-1).clamp_min(1e-30)).to(device),
                 out=torch.randn(i, budget, hpg, d, generator=g).to(out_dtype).to(device),
                 lse=(torch.randn(i, budget, hpg, generator=g) * 2 + 3).to(device),
-                extras={},
+                extras=extras,
             )
         )
     return Memory(lays, ks, {"prefix_length": "100"}, options)
@@ -149,6 +162,30 @@ def test_torch_form_equals_reference_path(mode, granularity, whiten, center):
         assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("extras_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode,granularity,whiten,center", [MODES[0], MODES[1], MODES[4]])
+def test_torch_form_with_lse_correction(mode, granularity, whiten, center, extras_dtype):
+    memory = make_memory(mode, granularity, whiten, center, scaling=1.25, extras_dtype=extras_dtype,
+                         options=DecodeOptions(lse_bias=(0.0, 0.7)))  # fmt: skip
+    assert fused.lse_correction(memory)
+    scale = 32**-0.5
+    for layer in (0, 1):
+        q, k, v, mask, pos = make_inputs(memory, mask=layer == 1, seed=layer + 3)
+        want, want_ids = reference_path(memory, layer, q, k, v, mask, pos, scale)
+        args = (q, k, v, mask, pos, *fused_args(memory, layer), scale)
+        bias = fused.lse_bias(memory, layer)
+        got, ids = fused.decode_reference(*args, bias, lse_correction=True)
+        assert torch.equal(ids, want_ids)
+        assert _rel(got, want) < 1e-5
+        # the correction matters here: leaving it out is far off the reference
+        plain, _ = fused.decode_reference(*args, bias)
+        assert _rel(plain, want) > 0.05
+        # and with the correction switched off the reference path is the plain form
+        off = memory.with_options(DecodeOptions(lse_bias=(0.0, 0.7), lse_correction=False))
+        want_off, _ = reference_path(off, layer, q, k, v, mask, pos, scale)
+        assert _rel(plain, want_off) < 1e-5
+
+
 def test_prepare_is_cached_and_shares_plain_keys():
     memory = make_memory()
     fl = fused.prepare_layer(memory, 0)
@@ -158,6 +195,14 @@ def test_prepare_is_cached_and_shares_plain_keys():
 
 def test_supports():
     assert fused.supports(make_memory())
+    corrected = make_memory(extras_dtype=torch.float16)
+    assert fused.supports(corrected) and fused.lse_correction(corrected)
+    plain = corrected.with_options(DecodeOptions(lse_correction=False))
+    assert fused.supports(plain) and not fused.lse_correction(plain)
+    assert not fused.lse_correction(make_memory())
+    fl = fused.prepare_layer(corrected, 0)
+    assert fl.q_mean is not None and fl.k_bar is not None and fl.k_bar.dtype == torch.float16
+    assert fused.prepare_layer(make_memory(), 0).k_bar is None
     assert not fused.supports(make_memory(options=DecodeOptions(top_k=2)))
     assert not fused.supports(make_memory(heads=32, kv_heads=8, d=128, granularity="layer",
                                           budget=4, layers=1))  # fmt: skip
@@ -197,14 +242,63 @@ print("OK")
 """
 
 
-@pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
-def test_kernels_under_triton_interpreter():
+_INTERPRETER_LSE_CORRECTION_CASE = r"""
+# the lse correction in the kernels against the torch forms (small: the interpreter is slow)
+cases = [
+    dict(mode="pre_rope", granularity="head", key_dtype=torch.float16, out_dtype=torch.float16,
+         extras_dtype=torch.float32),
+    dict(mode="rope_common", granularity="kv_group", whiten=True, key_dtype=torch.float32,
+         extras_dtype=torch.float16, scaling=1.25),
+]
+cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
+scale = 32 ** -0.5
+for i, kw in enumerate(cases):
+    mem = make_memory(**kw, budget=40, layers=1, seed=i + 5, kbar_scale=1.5,
+                      options=DecodeOptions(lse_bias=0.25))
+    assert fused.lse_correction(mem)
+    for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16)):
+        q, k, v, m, pos = make_inputs(mem, batch=batch, live=21, dtype=dtype, mask=mask)
+        args = (q, k, v, m, pos, *fused_args(mem, 0), scale, 0.25)
+        want, want_ids = fused.decode_reference(*args, lse_correction=True)
+        path, path_ids = reference_path(mem, 0, q, k, v, m, pos, scale)
+        plain, _ = fused.decode_reference(*args)
+        got, ids = fused.memory_attention(*args, config=cfg, return_ids=True,
+                                          lse_correction=True)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(ids.long(), want_ids) and torch.equal(ids.long(), path_ids), (kw, batch)
+        err = _rel(got, want)
+        assert err < 1e-3, (kw, batch, err)
+        assert _rel(got, path) < 1e-3, (kw, batch, _rel(got, path))
+        # a kernel that dropped the correction would be this far off
+        assert _rel(plain, want) > 0.05, (kw, batch, _rel(plain, want))
+        # the uncorrected kernels on the same memory stay the plain form
+        got0 = fused.memory_attention(*args, config=cfg)
+        assert _rel(got0, plain) < 1e-3, (kw, batch, _rel(got0, plain))
+print("OK")
+"""
+
+
+def _run_under_interpreter(code: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [os.path.join(ROOT, "worker"), ROOT, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    code = _INTERPRETER_CASE.format(root=ROOT)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
+def test_kernels_under_triton_interpreter():
+    _run_under_interpreter(_INTERPRETER_CASE.format(root=ROOT))
+
+
+@pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
+def test_kernels_with_lse_correction_under_triton_interpreter():
+    head, _ = _INTERPRETER_CASE.split("cases = [", 1)  # its imports and interpreter patch
+    code = head.format(root=ROOT) + (
+        "from test_worker_fused import reference_path\n"
+        "from memdb_worker.memory import DecodeOptions\n"
+    )
+    _run_under_interpreter(code + _INTERPRETER_LSE_CORRECTION_CASE)
 
 
 # -- CUDA --------------------------------------------------------------------------------------
@@ -229,6 +323,40 @@ def test_kernels_on_cuda_8b_shape(kw, batch, live, mask):
     args = (q, k, v, m, pos, *fused_args(mem, 0), 128**-0.5, 0.1)
     want, want_ids = fused.decode_reference(*args)
     got, ids = fused.memory_attention(*args, return_ids=True)
+    _check_cuda(mem, q, pos, got, ids, want, want_ids)
+
+
+@cuda
+@pytest.mark.parametrize("extras_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(key_dtype=torch.float16, out_dtype=torch.float16),
+        dict(key_dtype=torch.bfloat16, out_dtype=torch.bfloat16, granularity="kv_group"),
+        dict(key_dtype=torch.float32, mode="rope_common", whiten=True, scaling=1.25),
+    ],
+)
+@pytest.mark.parametrize("batch,live,mask", [(1, 512, False), (8, 300, True), (33, 77, False)])
+def test_kernels_on_cuda_lse_correction(kw, batch, live, mask, extras_dtype):
+    mem = make_memory(**kw, heads=32, kv_heads=8, d=128, budget=4096, layers=1, device="cuda",
+                      extras_dtype=extras_dtype, kbar_scale=1.5)  # fmt: skip
+    q, k, v, m, pos = make_inputs(mem, batch=batch, live=live, dtype=torch.bfloat16,
+                                  device="cuda", mask=mask)  # fmt: skip
+    scale = 128**-0.5
+    args = (q, k, v, m, pos, *fused_args(mem, 0), scale, 0.1)
+    want, want_ids = fused.decode_reference(*args, lse_correction=True)
+    got, ids = fused.memory_attention(*args, return_ids=True, lse_correction=True)
+    _check_cuda(mem, q, pos, got, ids, want, want_ids)
+    # the torch form is the worker's reference path (bias 0.1 as a memory option) ...
+    opt = mem.with_options(DecodeOptions(lse_bias=0.1))
+    path, path_ids = reference_path(opt, 0, q, k, v, m, pos, scale)
+    assert torch.equal(path_ids, want_ids) and _rel(want, path) < 1e-2
+    # ... and dropping the correction would be far outside the tolerance
+    plain, _ = fused.decode_reference(*args)
+    assert _rel(plain, want) > 0.05
+
+
+def _check_cuda(mem, q, pos, got, ids, want, want_ids):
     torch.cuda.synchronize()
     assert torch.isfinite(got.float()).all()
     same = ids.long() == want_ids  # [B, H]
@@ -266,7 +394,8 @@ def _sims(fl, q_pre):
 
 
 @cuda
-def test_bind_decode_uses_fused_path_and_matches_reference():
+@pytest.mark.parametrize("extras_dtype", [None, torch.float16])
+def test_bind_decode_uses_fused_path_and_matches_reference(extras_dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memdb_worker.attention import bind
@@ -278,7 +407,9 @@ def test_bind_decode_uses_fused_path_and_matches_reference():
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval().requires_grad_(False)
     mem = make_memory(heads=8, kv_heads=2, d=128, budget=1000, layers=2, device="cuda",
-                      key_dtype=torch.float16, out_dtype=torch.float16)  # fmt: skip
+                      key_dtype=torch.float16, out_dtype=torch.float16,
+                      extras_dtype=extras_dtype)  # fmt: skip
+    assert fused.lse_correction(mem) == (extras_dtype is not None)
     ids = torch.randint(3, 512, (2, 9), device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding

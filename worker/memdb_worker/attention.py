@@ -23,9 +23,9 @@ positions, so for a `Memory` the two choices differ by rounding only (and in how
 model's context is left); an `ExactPrefix` needs "after_prefix" to equal in-context learning.
 
 On CUDA, a decode step (T = 1) bound to one `Memory` whose options the kernels cover (hard
-top-1, no lse correction) runs the fused Triton kernels of `fused` instead of steps 1-3 (same
-function, to bf16 rounding); `MEMDB_FUSED=0` or `fused.set_enabled(False)` forces the reference
-path, and observers always see it.
+top-1, with or without the first-order lse correction, any lse_bias) runs the fused Triton
+kernels of `fused` instead of steps 1-3 (same function, to bf16 rounding); `MEMDB_FUSED=0` or
+`fused.set_enabled(False)` forces the reference path, and observers always see it.
 
 Works with `model.generate` and a KV cache (the cache holds live tokens only), with batches
 (rows may mix sources and unbound rows), on CPU and CUDA. A binding lives on the model's
@@ -269,6 +269,7 @@ def _fused_attention(
         binding.rope.attention_scaling,
         scale,
         fused.lse_bias(source, layer),
+        lse_correction=fused.lse_correction(source),
     )
 
 

@@ -11,6 +11,10 @@ One decode step (T = 1 query per sequence) of one layer, `memory_attention`, run
 2. `_combine`, per (batch row, KV head): reduce the scan slices to the top-1 entry of each query
    head's group, gather its stored state (out, lse + bias), reduce the live slices, and merge all
    of them with the online-softmax identity; write the output in the query dtype, [B, 1, H, d].
+   With the first-order lse correction (`lse_correction=True`) it also gathers the entry's
+   `q_mean` / `k_bar` rows, undoes RoPE of the head's query and adds
+   `scale * (q_pre - q_mean) . k_bar` to the entry's lse (as `Memory.prefix_state` does); without
+   it (a constexpr) none of that is compiled in.
 
 The memory's keys are read once per step whatever the batch (all rows of a block share a tile).
 Key modes are folded into the stored keys once per layer (`prepare_layer`): a lookup key is a
@@ -28,12 +32,13 @@ cp.async stages; ncu: shared-memory waits) and ~13 µs are dependent latencies (
 short live programs, the combine's gather). The memory's keys are read once for all rows, so
 the gap to SDPA over a cached prefix grows with batch.
 
-The fused path covers hard top-1 without the first-order lse correction, groups of at most 512
-key dimensions (head and kv_group granularity for head_dim 128), T = 1 and a boolean key mask;
-everything else goes through the reference path (`Memory.prefix_state` + `state.merge_states`).
-`decode_reference` computes the same function with torch ops (CPU-testable; it is also what the
-tests compare the kernels with). `MEMDB_FUSED=0` in the environment or `set_enabled(False)`
-forces the reference path in `attention.memdb_attention`.
+The fused path covers hard top-1 (with or without the first-order lse correction, any
+lse_bias), groups of at most 512 key dimensions (head and kv_group granularity for head_dim
+128), T = 1 and a boolean key mask; everything else goes through the reference path
+(`Memory.prefix_state` + `state.merge_states`). `decode_reference` computes the same function
+with torch ops (CPU-testable; it is also what the tests compare the kernels with).
+`MEMDB_FUSED=0` in the environment or `set_enabled(False)` forces the reference path in
+`attention.memdb_attention`.
 """
 
 from __future__ import annotations
@@ -100,18 +105,39 @@ class FusedLayer:
     out: torch.Tensor  # [I, M, h, d]
     lse: torch.Tensor  # [I, M, h] float32
     heads_per_group: int
+    # the extras of the first-order lse correction, [I, M, h, d] contiguous (their stored dtype),
+    # None when the memory has none; used only when a call asks for the correction
+    q_mean: torch.Tensor | None = None
+    k_bar: torch.Tensor | None = None
 
 
 def supports(memory: Memory) -> bool:
     """Whether the memory's decode options and shapes fit the fused kernels."""
     ks = memory.keyspace
+    lay = memory.layers[0]
     return (
         memory.options.top_k == 1
-        and not memory._correct
+        and (not memory._correct or _extras_fit(lay))
         and ks.key_dim <= MAX_KEY_DIM
         and ks.head_dim in (16, 32, 64, 128, 256)
-        and memory.layers[0].keys.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and lay.keys.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
+
+
+def _extras_fit(lay) -> bool:
+    qm, kb = lay.extras.get("q_mean"), lay.extras.get("k_bar")
+    return (
+        qm is not None
+        and kb is not None
+        and qm.shape == kb.shape == lay.out.shape
+        and qm.is_floating_point()
+        and kb.is_floating_point()
+    )
+
+
+def lse_correction(memory: Memory) -> bool:
+    """Whether the memory's decode options apply the first-order lse correction."""
+    return bool(memory._correct)
 
 
 def lse_bias(memory: Memory, layer: int) -> float:
@@ -159,6 +185,7 @@ def prepare_layer(memory: Memory, layer: int) -> FusedLayer:
         bias = -torch.einsum("imje,ije->im", k, c).float()
         if not bool(bias.abs().max() > 0):
             bias = None
+    extras = _extras_fit(lay)
     fl = FusedLayer(
         keys=keys,
         inv_norm=lay.inv_norm.float().contiguous(),
@@ -166,6 +193,8 @@ def prepare_layer(memory: Memory, layer: int) -> FusedLayer:
         out=lay.out.contiguous(),
         lse=lay.lse.float().contiguous(),
         heads_per_group=hpg,
+        q_mean=lay.extras["q_mean"].contiguous() if extras else None,
+        k_bar=lay.extras["k_bar"].contiguous() if extras else None,
     )
     setattr(lay, _ATTR, fl)
     return fl
@@ -185,11 +214,13 @@ def decode_reference(
     rope_scaling: float,
     scale: float,
     lse_bias: float = 0.0,
+    lse_correction: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `memory_attention` computes, with torch ops in float32.
 
     q [B, H, 1, d] post-RoPE, k/v [B, Hkv, N, d] live KV, mask boolean broadcasting to
-    [B, 1, 1, N] (True = attend) or None, positions [B] (RoPE positions of q).
+    [B, 1, 1, N] (True = attend) or None, positions [B] (RoPE positions of q). With
+    lse_correction the entry's lse gets `scale * (q_pre - q_mean) . k_bar` (fl must hold them).
     Returns (out [B, 1, H, d] in q's dtype, ids [B, H] the chosen entries).
     """
     b, h, t, d = q.shape
@@ -209,7 +240,15 @@ def decode_reference(
     ids = sims.argmax(dim=-1)  # [B, I]
     groups = torch.arange(i_groups, device=q.device).view(1, -1)
     mem_out = fl.out[groups, ids].float().reshape(b, h, 1, -1)  # [B, I, h, d] -> [B, H, 1, d]
-    mem_lse = (fl.lse[groups, ids] + lse_bias).reshape(b, h, 1)
+    mem_lse = fl.lse[groups, ids]  # [B, I, h]
+    if lse_correction:
+        if fl.q_mean is None or fl.k_bar is None:
+            raise ValueError("lse_correction needs a memory layer with q_mean and k_bar")
+        qg = q_pre.view(b, i_groups, hpg, d)
+        q_mean = fl.q_mean[groups, ids].float()  # [B, I, h, d]
+        k_bar = fl.k_bar[groups, ids].float()
+        mem_lse = mem_lse + scale * ((qg - q_mean) * k_bar).sum(-1)
+    mem_lse = (mem_lse + lse_bias).reshape(b, h, 1)
     live = attention_state(q, k, v, scale, mask)
     merged = merge_states(live, State(mem_out, mem_lse))
     head_ids = ids.repeat_interleave(hpg, dim=1)  # [B, H]
@@ -536,6 +575,21 @@ if HAVE_TRITON:
         sl_i,
         sl_m,
         lse_bias,
+        q_ptr,
+        sq_b,
+        sq_h,
+        pos_ptr,
+        inv_freq_ptr,
+        rope_scaling,
+        qm_ptr,
+        sqm_i,
+        sqm_m,
+        sqm_j,
+        kb_ptr,
+        skb_i,
+        skb_m,
+        skb_j,
+        scale,
         lo_ptr,
         ll_ptr,
         SL,
@@ -551,10 +605,13 @@ if HAVE_TRITON:
         GP: tl.constexpr,
         SP: tl.constexpr,
         SLP: tl.constexpr,
+        CORRECT: tl.constexpr,
     ):
+        HALF: tl.constexpr = D // 2
         pid = tl.program_id(0)
         kh = pid % HKV
         b = pid // HKV
+        b64 = b.to(tl.int64)
         offs_g = tl.arange(0, GP)
         gm = offs_g < G
         hq = kh * G + offs_g
@@ -577,6 +634,31 @@ if HAVE_TRITON:
             other=0.0,
         ).to(tl.float32)  # fmt: skip
         ml = tl.load(mem_lse_ptr + grp * sl_i + ids64 * sl_m + j, mask=gm, other=float("-inf"))
+        if CORRECT:  # first-order lse correction: + scale * (q_pre - q_mean) . k_bar
+            partner = (offs_d + HALF) % D
+            sign = tl.where(offs_d < HALF, -1.0, 1.0)
+            qrow = q_ptr + b64 * sq_b + hq[:, None] * sq_h
+            x = tl.load(qrow + offs_d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+            xr = tl.load(qrow + partner[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+            xr = xr * sign[None, :]  # rotate_half(x)
+            pos = tl.load(pos_ptr + b).to(tl.float32)
+            ang = pos * tl.load(inv_freq_ptr + (offs_d % HALF))
+            c = tl.cos(ang) * rope_scaling
+            s = tl.sin(ang) * rope_scaling
+            qpre = (x * c[None, :] - xr * s[None, :]) / (c * c + s * s)[None, :]  # undo RoPE
+            qm = tl.load(
+                qm_ptr + grp[:, None] * sqm_i + ids64[:, None] * sqm_m + j[:, None] * sqm_j
+                + offs_d[None, :],
+                mask=gm[:, None],
+                other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            kb = tl.load(
+                kb_ptr + grp[:, None] * skb_i + ids64[:, None] * skb_m + j[:, None] * skb_j
+                + offs_d[None, :],
+                mask=gm[:, None],
+                other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            ml = ml + scale * tl.sum((qpre - qm) * kb, axis=1)
         ml = ml + lse_bias
         # live slices, all at once: weights [SLP, GP], outputs [SLP, GP, D]
         offs_l = tl.arange(0, SLP)
@@ -592,7 +674,6 @@ if HAVE_TRITON:
         total = tl.sum(wl, axis=0) + wm
         acc = wm[:, None] * mo + tl.sum(wl[:, :, None] * lo, axis=0)
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        b64 = b.to(tl.int64)
         tl.store(
             out_ptr + b64 * sout_b + hq[:, None] * sout_h + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -672,11 +753,13 @@ def memory_attention(
     config: Config | None = None,
     return_ids: bool = False,
     _only: str | None = None,
+    lse_correction: bool = False,
 ):
     """The fused decode layer: `decode_reference`'s function with two kernel launches.
 
     q [B, H, 1, d] post-RoPE, k/v [B, Hkv, N, d] live KV (last dim contiguous), mask boolean
-    broadcasting to [B, 1, 1, N] or None, positions [B] int. Returns out [B, 1, H, d] in q's
+    broadcasting to [B, 1, 1, N] or None, positions [B] int; lse_correction adds the
+    first-order lse correction (fl must hold q_mean / k_bar). Returns out [B, 1, H, d] in q's
     dtype (and the chosen entry per head [B, H] with return_ids).
     """
     if not HAVE_TRITON:
@@ -690,6 +773,8 @@ def memory_attention(
     hpg = fl.heads_per_group
     if dk != hpg * d or i_groups * hpg != h:
         raise ValueError(f"memory keys {list(fl.keys.shape)} do not fit {h} heads of dim {d}")
+    if lse_correction and (fl.q_mean is None or fl.k_bar is None):
+        raise ValueError("lse_correction needs a memory layer with q_mean and k_bar")
     dev = q.device
     if config is None:
         config = default_config(b)
@@ -766,12 +851,21 @@ def memory_attention(
     if _only is not None:
         return out
     mo, ml = fl.out, fl.lse
+    if lse_correction:
+        qm, kb = fl.q_mean, fl.k_bar
+        assert qm is not None and kb is not None
+        qm_st, kb_st = qm.stride()[:3], kb.stride()[:3]
+    else:
+        qm = kb = ml  # unused without CORRECT
+        qm_st = kb_st = (0, 0, 0)
     _combine[(b * hkv,)](
         best_s, best_i, s, b, i_groups, mo, mo.stride(0), mo.stride(1), mo.stride(2),
-        ml, ml.stride(0), ml.stride(1), float(lse_bias), lo, ll, sl,
+        ml, ml.stride(0), ml.stride(1), float(lse_bias),
+        q2, q2.stride(0), q2.stride(1), pos, inv, float(rope_scaling),
+        qm, *qm_st, kb, *kb_st, float(scale), lo, ll, sl,
         out, out.stride(0), out.stride(2), ids, h, hkv,
         D=d, HPG=hpg, G=g, GP=max(2, _pow2(g)), SP=max(2, _pow2(s)), SLP=max(2, _pow2(sl)),
-        num_warps=config.combine_warps,
+        CORRECT=bool(lse_correction), num_warps=config.combine_warps,
     )  # fmt: skip
     if return_ids:
         return out, ids
@@ -779,15 +873,17 @@ def memory_attention(
 
 
 def floor_bytes(fl: FusedLayer, batch: int, heads: int, kv_heads: int, live: int, d: int,
-                dtype_bytes: int = 2) -> int:  # fmt: skip
+                dtype_bytes: int = 2, lse_correction: bool = False) -> int:  # fmt: skip
     """The fewest bytes a fused decode layer moves: the keys once, the live KV, q, the gathered
-    states and the output."""
+    states (and q_mean / k_bar rows with the lse correction) and the output."""
     keys = fl.keys.numel() * fl.keys.element_size() + fl.inv_norm.numel() * 4
     if fl.bias is not None:
         keys += fl.bias.numel() * 4
     kv = 2 * batch * kv_heads * live * d * dtype_bytes
     io = 2 * batch * heads * d * dtype_bytes
     gathered = batch * heads * (d * fl.out.element_size() + 4)
+    if lse_correction and fl.q_mean is not None and fl.k_bar is not None:
+        gathered += batch * heads * d * (fl.q_mean.element_size() + fl.k_bar.element_size())
     return keys + kv + io + gathered
 
 
@@ -811,6 +907,8 @@ __all__ = [
     "disabled",
     "enabled",
     "floor_bytes",
+    "lse_bias",
+    "lse_correction",
     "memory_attention",
     "memory_ok",
     "prepare_layer",

@@ -3,6 +3,7 @@ LRU eviction by bytes, Watch invalidation, errors, remote mode == cache mode, ba
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 
@@ -17,7 +18,7 @@ from memdb_client import MemdbClient
 from memdb_worker.attention import bind
 from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.cache import MemoryCache, RemoteMemory
-from memdb_worker.memory import Memory
+from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.model import model_fingerprint
 from memdb_worker.scheduler import GenerationRequest, SamplingParams, Scheduler
 
@@ -46,9 +47,19 @@ def built(tiny):
     for _ in range(2):
         prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
         traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(3)]
-        opts = BuildOptions(lse_correction=False)  # remote lookups return no k_bar
+        opts = BuildOptions(lse_correction=False)  # plain memories (no q_mean / k_bar)
         out.append(build_memory(tiny, None, prefix, traces, 8, opts, progress=False))
     return out
+
+
+@pytest.fixture(scope="module")
+def built_lse(tiny):
+    """A memory of the tiny model built with the default options: it stores q_mean and k_bar
+    for the first-order lse correction."""
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
+    traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(3)]
+    return build_memory(tiny, None, prefix, traces, 8, BuildOptions(), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +178,35 @@ def test_remote_mode_gives_the_same_tokens_as_cache_mode(server, root, tiny, bui
     assert not torch.equal(outs[0], plain)  # the memory matters, so the test can fail
 
 
+@pytest.mark.parametrize(
+    "options", [None, DecodeOptions(top_k=3, lse_bias=0.25)], ids=["default", "top3-bias"]
+)
+def test_remote_mode_applies_the_lse_correction_and_options_like_cache_mode(
+    server, root, tiny, built_lse, options
+):
+    fp = model_fingerprint(tiny)
+    put(root, "remote-lse", built_lse, fp)
+    prompt = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
+    gen = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+               pad_token_id=0)  # fmt: skip
+    logits, tokens, sources = {}, {}, {}
+    for mode in ("cache", "remote"):
+        with make_cache(server, fp, mode=mode, decode_options=options) as cache:
+            source = sources[mode] = cache.get("remote-lse")
+            assert isinstance(source, RemoteMemory if mode == "remote" else Memory)
+            assert source._correct  # a default build: the lse correction applies
+            with bind(tiny, source):
+                logits[mode] = tiny(prompt).logits
+                tokens[mode] = tiny.generate(prompt, **gen)
+    torch.testing.assert_close(logits["remote"], logits["cache"], rtol=0, atol=1e-4)
+    assert torch.equal(tokens["remote"], tokens["cache"])
+    # the correction moves the logits, so remote mode without it (as before) fails this test
+    plain = dataclasses.replace(options or DecodeOptions(), lse_correction=False)
+    with bind(tiny, sources["cache"].with_options(plain)):
+        uncorrected = tiny(prompt).logits
+    assert (uncorrected - logits["cache"]).abs().max() > 100 * 1e-4
+
+
 def test_scheduler_batches_rows_with_mixed_memories_like_single_requests(tiny, built):
     memory = built[0].to_memory()
     sched = Scheduler(tiny, None, max_batch=8, batch_wait_s=0.2).start()
@@ -231,3 +271,16 @@ def test_requests_join_a_running_batch_and_get_the_same_tokens(tiny, built):
         assert sched.stats.step_rows > sched.stats.steps  # rows shared decode steps
     finally:
         sched.stop()
+
+
+def test_a_scheduler_leaves_the_model_config_eos_ids_as_they_are(tiny):
+    """The config feeds the model fingerprint: building schedulers must not change it."""
+    tok = type("Tok", (), {"eos_token_id": 7, "pad_token_id": None})()
+    before = tiny.config.eos_token_id
+    tiny.config.eos_token_id = [2]
+    try:
+        for _ in range(3):
+            assert Scheduler(tiny, tok).eos == {2, 7}
+        assert tiny.config.eos_token_id == [2]
+    finally:
+        tiny.config.eos_token_id = before

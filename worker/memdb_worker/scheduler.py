@@ -233,7 +233,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = getattr(model.config, "eos_token_id", None)
-        eos_ids = eos if isinstance(eos, list) else [eos]
+        eos_ids = list(eos) if isinstance(eos, list) else [eos]  # a copy: config stays as is
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.eos = {int(e) for e in eos_ids if e is not None}

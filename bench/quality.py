@@ -21,7 +21,14 @@ Protocol (also recorded in the JSON under "protocol"):
   (the spread: std and min/max over seeds).
 - Methods: zero_shot; icl[M] = the prefix truncated to its first M tokens (ExactPrefix.head);
   icl_full; memory[M] built from the full prefix; memory_32k built from the ~32K prefix at one
-  budget (`budget_32k`).
+  budget (`budget_32k`), its later chunks encoded after the prefix's first 32 tokens (an
+  attention sink, `sinks_32k[0]`); memory_32k_sink0 the same with chunks encoded alone, as in
+  the paper.
+- Append vs rebuild (`append_budgets`): a memory built from the first half of the
+  demonstrations ("memory_half"), then the second half appended with
+  `memdb_worker.append.append_chunk` ("memory_append", what `memdb-admin prefix append` does),
+  against the memory rebuilt from the whole prefix (memory[M]): accuracy and fidelity, both
+  against exact attention over the whole prefix.
 - Fidelity per budget on held-out test sequences (query + gold label): per layer, the relative
   error ||o_mem - o_exact|| / ||o_exact|| of the merged attention output (all heads of a token
   as one vector) against exact attention over [prefix; context] for the same layer input
@@ -193,6 +200,10 @@ def dataset_summary(
             s = mean_std([acc(r, key, which=which) for r in recs])
             out[key + suffix] = s["mean"]
             spread[key + suffix] = s
+        for key in sorted({k for r in with32 for k in r["acc"] if k.startswith("memory_32k_")}):
+            vals = [acc(r, key, which=which) for r in with32 if key in r["acc"]]
+            out[key + suffix] = float(np.mean(vals))
+            spread[key + suffix] = mean_std(vals)
         if with32:  # ICL full on exactly the examples memory_32k was scored on
             s = mean_std([acc(r, "icl_full", which=which) for r in with32])
             out["icl_full_on_32k_seeds" + suffix] = s["mean"]
@@ -223,11 +234,31 @@ def dataset_summary(
     out["build_s"] = {
         str(m): float(np.mean([r["build_s"][str(m)] for r in per_seed])) for m in budgets
     }
+    out["append"] = _append_summary(per_seed)
     out["spread"] = spread
     out["seeds"] = [r["seed"] for r in per_seed]
     out["per_seed"] = list(per_seed)
     if extra:
         out.update(extra)
+    return out
+
+
+def _append_summary(per_seed: Sequence[dict]) -> dict:
+    """Append vs rebuild per budget: mean accuracies and fidelity over the seeds that ran it."""
+    out: dict = {}
+    budgets = sorted({m for r in per_seed for m in r.get("append", {})}, key=int)
+    for m in budgets:
+        recs = [r["append"][m] for r in per_seed if m in r.get("append", {})]
+        row: dict = {"seeds": [r["seed"] for r in per_seed if m in r.get("append", {})]}
+        for key in ("half", "append", "rebuilt"):
+            accs = [x[f"acc_{key}"] for x in recs if x.get(f"acc_{key}") is not None]
+            fids = [x[f"fidelity_{key}"] for x in recs if x.get(f"fidelity_{key}")]
+            row[f"acc_{key}"] = float(np.mean(accs)) if accs else None
+            row[f"fidelity_{key}"] = {
+                k: float(np.mean([f[k] for f in fids])) for k in ("rel_err", "top1_agree", "kl")
+            } if fids else None  # fmt: skip
+        row["append_s"] = float(np.mean([x["append_s"] for x in recs]))
+        out[m] = row
     return out
 
 
@@ -299,6 +330,8 @@ class Config:
     fidelity_examples: int = 8  # test sequences per seed for fidelity
     kmeans_iters: int = 10
     max_records: int = 16384
+    sinks_32k: tuple[int, ...] = (32, 0)  # first: memory_32k; others: memory_32k_sink{s}
+    append_budgets: tuple[int, ...] = (2048,)  # append vs rebuild (must be among budgets)
     datasets: tuple[str, ...] = ()
     deadline: float | None = None  # unix time: no work is started that would end after it
     build: dict = field(default_factory=dict)  # BuildOptions overrides
@@ -345,7 +378,7 @@ def first_token_logprobs(model, context: Sequence[int], source) -> torch.Tensor:
     """Log-probabilities [V] of the token after `context` (with `source` bound)."""
     from memdb_worker.attention import bind
 
-    ids = torch.as_tensor(context, dtype=torch.long).view(1, -1)
+    ids = torch.as_tensor(context, dtype=torch.long).view(1, -1).to(_device(model))
     with bind(model, source):
         logits = model(ids, logits_to_keep=1).logits[0, -1].float()
     return torch.log_softmax(logits, -1)
@@ -402,12 +435,7 @@ def fidelity(model, seqs: Sequence[Sequence[int]], memory, exact, ref_logp=None)
     from memdb_worker.attention import bind
     from memdb_worker.state import State, merge_states
 
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad(seqs, _device(model))
     valid = mask.bool()
     num_layers = int(model.config.num_hidden_layers)
     errs = [0.0] * num_layers
@@ -437,14 +465,18 @@ def fidelity(model, seqs: Sequence[Sequence[int]], memory, exact, ref_logp=None)
     }
 
 
-def pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: Sequence[Sequence[int]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -519,14 +551,14 @@ def run_seed(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int) -> 
 
     fid_rows = rows[: cfg.fidelity_examples]
     fid_seqs = [task.trace_ids(r) for r in fid_rows]
-    ids, mask = pad(fid_seqs)
+    ids, mask = pad(fid_seqs, _device(model))
     ref = exact_logp(model, ids, mask, exact)
     fid, nbytes, build_s = {}, {}, {}
     for m in cfg.budgets:
         t = time.perf_counter()
         built = cluster(calib, m, opts, progress=False)
         build_s[str(m)] = built.build_seconds
-        mem = built.to_memory(options=decode_options(cfg))
+        mem = built.to_memory(_device(model), options=decode_options(cfg))
         nbytes[str(m)] = {"memory": int(built.nbytes()), "kv_prefix": int(exact.nbytes())}
         t2 = time.perf_counter()
         record("memory", m, classify(model, task, rows, mem))
@@ -548,6 +580,13 @@ def run_seed(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int) -> 
     prefix_tokens = exact.token_count
     del calib
     gc.collect()
+    appended = {}
+    for m in cfg.append_budgets:
+        t = time.perf_counter()
+        appended[str(m)] = run_append(model, tok, task, plan, cfg, seed, m, traces, exact)
+        appended[str(m)]["acc_rebuilt"] = acc["memory"].get(str(m))
+        appended[str(m)]["fidelity_rebuilt"] = fid.get(str(m))
+        timings[f"append_{m}_s"] = time.perf_counter() - t
 
     timings["seed_s"] = time.perf_counter() - t_seed
     record_out = {
@@ -565,7 +604,61 @@ def run_seed(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int) -> 
         "build_s": build_s,
         "timings": timings,
     }
+    if appended:
+        record_out["append"] = appended
     return record_out, exact
+
+
+def run_append(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int, m: int,
+               traces: Sequence[Sequence[int]], exact) -> dict:  # fmt: skip
+    """Append vs rebuild at budget m: build from the first half of the demonstrations, append the
+    second half (`append_chunk`), score both against the seed's test examples and measure their
+    fidelity against exact attention over the whole prefix."""
+    from memdb_worker.append import append_chunk
+    from memdb_worker.builder import calibrate, cluster
+    from memdb_worker.memory import Memory
+
+    rows = [task.test[i] for i in plan.test]
+    gold = [task.label_index[r["label"]] for r in rows]
+    half = len(plan.demos) // 2
+    first, second = task.prefix_ids(plan.demos[:half]), task.prefix_ids(plan.demos[half:])
+    opts = build_options(cfg, seed=seed)
+    t0 = time.perf_counter()
+    calib = calibrate(model, tok, first, traces, opts, progress=False)
+    built = cluster(calib, m, opts, progress=False)
+    build_s = time.perf_counter() - t0
+    del calib
+    t0 = time.perf_counter()
+    app = append_chunk(model, tok, built.shards, second, progress=False)
+    append_s = time.perf_counter() - t0
+    dev, dopts = _device(model), decode_options(cfg)
+    fid_seqs = [task.trace_ids(r) for r in rows[: cfg.fidelity_examples]]
+    ref = exact_logp(model, *pad(fid_seqs, dev), exact)
+    out: dict = {
+        "half_tokens": len(first),
+        "appended_tokens": len(second),
+        "build_half_s": build_s,
+        "append_s": append_s,
+    }
+    for key, shards in (("half", built.shards), ("append", app.shards)):
+        mem = Memory.from_shards(shards, device=dev, options=dopts)
+        out[f"acc_{key}"] = accuracy(classify(model, task, rows, mem)[0], gold)
+        out[f"fidelity_{key}"] = fidelity(model, fid_seqs, mem, exact, ref_logp=ref)
+        del mem
+    logger.info(
+        "%s seed %d append@%d: half %.3f, appended %.3f (rel_err %.4f vs half %.4f), %.1f s",
+        task.name,
+        seed,
+        m,
+        out["acc_half"],
+        out["acc_append"],
+        out["fidelity_append"]["rel_err"],
+        out["fidelity_half"]["rel_err"],
+        append_s,
+    )
+    del built, app
+    gc.collect()
+    return out
 
 
 def chunk_demos(lengths: Sequence[int], chunk_tokens: int) -> list[list[int]]:
@@ -582,27 +675,41 @@ def chunk_demos(lengths: Sequence[int], chunk_tokens: int) -> list[list[int]]:
     return [c for c in chunks if c]
 
 
-def encode_long_prefix(model, task: Task, first, extra: Sequence[int], chunk_tokens: int):
+def encode_long_prefix(
+    model, task: Task, first, extra: Sequence[int], chunk_tokens: int, sink_tokens: int
+):
     """The 32K prefix: the already encoded full prefix as first chunk, then the extra
-    demonstrations in chunks (at demonstration boundaries), each encoded independently."""
-    from memdb_worker.prefix import ExactPrefix, encode_prefix
+    demonstrations in chunks (at demonstration boundaries), each encoded after the prefix's
+    first `sink_tokens` tokens (`prefix.encode_chunk`; 0 = alone, as in the paper)."""
+    from memdb_worker.prefix import ExactPrefix, encode_chunk
 
-    parts = [first]
-    for c in chunk_demos([len(task.demo_ids[extra[j]]) for j in range(len(extra))], chunk_tokens):
+    sink = list(first.sink_ids[:sink_tokens])
+    if len(sink) < sink_tokens:
+        raise ValueError(f"the first chunk keeps {len(sink)} sink ids, {sink_tokens} asked")
+    keys, values = [first.keys], [first.values]
+    lengths, ends = [first.token_count], [first.prefix_length]
+    budget = chunk_tokens - len(sink)
+    for c in chunk_demos([len(task.demo_ids[extra[j]]) for j in range(len(extra))], budget):
         ids = task.prefix_ids([extra[j] for j in c])
-        parts.append(encode_prefix(model, ids, chunk_tokens=len(ids)))
-    lengths = [p.token_count for p in parts]
+        k, v = encode_chunk(model, ids, sink)
+        keys.append(k)
+        values.append(v)
+        lengths.append(len(ids))
+        ends.append(len(sink) + len(ids))
     return ExactPrefix(
-        keys=[torch.cat([p.keys[i] for p in parts], dim=2) for i in range(first.num_layers)],
-        values=[torch.cat([p.values[i] for p in parts], dim=2) for i in range(first.num_layers)],
+        keys=[torch.cat([p[i] for p in keys], dim=2) for i in range(first.num_layers)],
+        values=[torch.cat([p[i] for p in values], dim=2) for i in range(first.num_layers)],
         scaling=first.scaling,
-        prefix_length=max(lengths),
+        prefix_length=max(ends),
         token_count=sum(lengths),
         chunk_lengths=tuple(lengths),
+        sink_ids=first.sink_ids,
     )
 
 
-def run_32k(model, tok, task: Task, plan: SeedPlan, exact, cfg: Config, seed: int) -> dict:
+def run_32k(
+    model, tok, task: Task, plan: SeedPlan, exact, cfg: Config, seed: int, sink_tokens: int
+) -> dict:
     """memory_32k of one seed: build from the ~32K prefix at cfg.budget_32k, score the seed's
     test examples. Returns the fields to merge into the seed's record."""
     from memdb_worker.builder import calibrate, cluster
@@ -611,25 +718,26 @@ def run_32k(model, tok, task: Task, plan: SeedPlan, exact, cfg: Config, seed: in
     gold = [task.label_index[r["label"]] for r in rows]
     t0 = time.perf_counter()
     long = encode_long_prefix(
-        model, task, exact, plan.demos32k[len(plan.demos) :], cfg.chunk_tokens
+        model, task, exact, plan.demos32k[len(plan.demos) :], cfg.chunk_tokens, sink_tokens
     )
     encode_s = time.perf_counter() - t0
     traces = [task.trace_ids(task.train[i]) for i in plan.traces]
     traces = traces[: traces_for(traces, cfg.budget_32k, cfg.records_factor_32k)]
-    opts = build_options(cfg, seed=seed)
+    opts = build_options(cfg, seed=seed, sink_tokens=sink_tokens)
     calib = calibrate(model, tok, long, traces, opts, progress=False)
     built = cluster(calib, cfg.budget_32k, opts, progress=False)
-    mem = built.to_memory(options=decode_options(cfg))
+    mem = built.to_memory(_device(model), options=decode_options(cfg))
     t = time.perf_counter()
     preds = classify(model, task, rows, mem)
     a, an = accuracy(preds[0], gold), accuracy(preds[1], gold)
     logger.info(
-        "%s seed %d memory_32k@%d (%d tokens, %d chunks): acc %.3f (norm %.3f)",
+        "%s seed %d memory_32k@%d (%d tokens, %d chunks, sink %d): acc %.3f (norm %.3f)",
         task.name,
         seed,
         cfg.budget_32k,
         long.token_count,
         len(long.chunk_lengths),
+        sink_tokens,
         a,
         an,
     )
@@ -712,8 +820,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="HH:MM UTC: start no unit of work (a seed of a data set, a 32K build) expected to end "
         "after it (expected: the last such unit's duration)",
     )
+    p.add_argument(
+        "--append-budgets", type=int, nargs="*", default=None, help="append vs rebuild budgets"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
+    p.add_argument("--model", default="default", help="a .gguf file (default: SmolLM2's)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds from now: no (data set, seed) unit is started that would end after it",
+    )
     p.add_argument("--table", action="store_true", help="print the markdown table of --out only")
     p.add_argument(
         "--merge", type=Path, nargs="*", default=None, help="merge these runs into --out"
@@ -755,6 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix32k_tokens=4096,
             chunk_tokens=2048,
             fidelity_examples=4,
+            append_budgets=(512,),
             datasets=("trec",),
         )
     over = {
@@ -769,6 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fidelity_examples": args.fidelity_examples,
         "records_factor": args.records_factor,
         "kmeans_iters": args.kmeans_iters,
+        "append_budgets": tuple(args.append_budgets) if args.append_budgets is not None else None,
         "datasets": tuple(args.datasets) if args.datasets else None,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
@@ -777,21 +898,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         now = time.gmtime()
         day = time.mktime(now[:3] + (0, 0, 0, 0, 0, 0)) - time.timezone
         cfg = replace(cfg, deadline=day + hh * 3600 + mm * 60)
+    if args.time_budget:
+        cfg = replace(cfg, deadline=time.time() + args.time_budget)
+    if not set(cfg.append_budgets) <= set(cfg.budgets):
+        p.error(f"--append-budgets {cfg.append_budgets} must be among --budgets {cfg.budgets}")
     names = list(cfg.datasets) or list_datasets()
 
     from memdb_worker.builder import BuildOptions
     from memdb_worker.memory import DecodeOptions
     from memdb_worker.model import load_model, model_fingerprint
 
-    model, tok = load_model("default", device="cpu", dtype=torch.float32)
+    model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     results = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized, float32, CPU)",
+        "model": f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized, float32, {args.device})",
         "model_fingerprint": model_fingerprint(model),
         "command": "python -m bench.quality "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads" + (f", {gpu}" if gpu else ""),
         "config": asdict(cfg),
         "build_options": asdict(build_options(cfg)),
         "decode_options": asdict(decode_options(cfg)),
@@ -860,12 +986,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 ids = run.task.prefix_ids(run.plans[seed].demos)
                 run.exact[seed] = encode_prefix(model, ids, chunk_tokens=len(ids))
-            r32 = run_32k(model, tok, run.task, run.plans[seed], run.exact[seed], cfg, seed)
-            est32 = time.perf_counter() - t
             rec = run.records[seed]
-            rec["acc"]["memory_32k"] = r32.pop("memory_32k")
-            rec["acc_norm"]["memory_32k"] = r32.pop("memory_32k_norm")
-            rec.update(r32)
+            for i, sink in enumerate(cfg.sinks_32k):
+                args32 = (model, tok, run.task, run.plans[seed], run.exact[seed], cfg, seed)
+                r32 = run_32k(*args32, sink)
+                key = "memory_32k" if i == 0 else f"memory_32k_sink{sink}"
+                rec["acc"][key] = r32.pop("memory_32k")
+                rec["acc_norm"][key] = r32.pop("memory_32k_norm")
+                rec.update(r32 if i == 0 else {f"{k}_sink{sink}": v for k, v in r32.items()})
+            est32 = time.perf_counter() - t
             run.wall_s += time.perf_counter() - t
             save()
     save()

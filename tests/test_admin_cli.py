@@ -547,7 +547,9 @@ def test_build_writes_a_portable_file_without_a_server(model_in_cli, tmp_path, s
 @pytest.mark.model
 def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     """Layer-0 queries do not depend on the prefix, and M = records keeps every query exact:
-    there, appending chunk B to a memory of A must equal building on the chunks [A; B]."""
+    there, appending B to a memory of A must equal building on the chunks [A; B] when B
+    restarts at position 0 without a sink (past the context). Within the context B is placed
+    at its true positions after A instead (the live queries move with it)."""
     from memdb_client import build
     from memdb_worker.append import entry_queries
     from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
@@ -563,13 +565,18 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     a, b = a[:n], b[:n]
     traces = [[t] for t in tok(" what opens the door", add_special_tokens=False).input_ids]
     m = len(traces)
-    ref = build_memory(model, tok, a + b, traces, m, BuildOptions(chunk_tokens=n), progress=False)
-    base = build_memory(model, tok, a, traces, m, progress=False)
-    got = build.append_chunk(model, tok, base.shards, b, progress=False)
+    opts = BuildOptions(chunk_tokens=n, sink_tokens=0)
+    ref = build_memory(model, tok, a + b, traces, m, opts, progress=False)
+    base = build_memory(model, tok, a, traces, m, opts, progress=False)
+    got = build.append_chunk(model, tok, base.shards, b, chunk_tokens=n, progress=False)
     assert got.token_count == 2 * n and got.metadata["chunk_lengths"] == f"[{n}, {n}]"
     np.testing.assert_array_equal(ref.shards[0].keys, got.shards[0].keys)
     np.testing.assert_allclose(got.shards[0].out, ref.shards[0].out, atol=1e-5)
     np.testing.assert_allclose(got.shards[0].lse, ref.shards[0].lse, atol=1e-5)
+    # within the context: B at its true positions, the queries after the whole prefix
+    base = build_memory(model, tok, a, traces, m, progress=False)
+    got = build.append_chunk(model, tok, base.shards, b, progress=False)
+    assert got.metadata["prefix_length"] == str(2 * n) and got.query_position == 2 * n
 
     # every key mode gives back the entries' exact queries (the inputs of the merge)
     calib = calibrate(model, tok, a, traces, BuildOptions(), progress=False)

@@ -10,7 +10,7 @@ from memdb.shards import decode_shard, encode_shard
 from memdb_worker.attention import bind, current_binding, install
 from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.memory import DecodeOptions, Memory
-from memdb_worker.prefix import encode_prefix
+from memdb_worker.prefix import encode_chunk, encode_prefix
 from memdb_worker.scoring import score_continuations
 
 VOCAB = 256
@@ -94,20 +94,38 @@ def test_exact_prefix_source_equals_prefix_in_prompt(tiny, data):
     assert max_rel(got, full) < 1e-5
 
 
-def test_chunked_prefix_calibration_matches_chunked_decoding(tiny, data):
+@pytest.mark.parametrize(
+    "sink, chunks, end",
+    [(0, [13, 14, 13], 14), (4, [10, 10, 10, 10], 14)],  # 40 tokens in chunks of <= 16
+)
+def test_chunked_prefix_calibration_matches_chunked_decoding(tiny, data, sink, chunks, end):
     prefix, trace = data
-    options = BuildOptions(chunk_tokens=16)  # 40 tokens -> 3 chunks merged
-    exact = encode_prefix(tiny, prefix, chunk_tokens=16)
-    assert exact.chunk_lengths == (13, 14, 13) and exact.prefix_length == 14
+    options = BuildOptions(chunk_tokens=16, sink_tokens=sink)
+    exact = encode_prefix(tiny, prefix, chunk_tokens=16, sink_tokens=sink)
+    assert list(exact.chunk_lengths) == chunks and exact.prefix_length == end
     with bind(tiny, exact):
         ref = logits(tiny, trace)
     built = build_memory(
         tiny, None, prefix, [trace], budget=len(trace), options=options, progress=False
     )
-    assert built.metadata["chunk_lengths"] == "[13, 14, 13]"
+    assert built.metadata["chunk_lengths"] == str(chunks)
     with bind(tiny, built.to_memory()):
         got = logits(tiny, trace)
     assert max_rel(got, ref) < 1e-4
+
+
+def test_a_later_chunk_after_the_whole_earlier_text_as_sink_equals_one_chunk(tiny, data):
+    """encode_chunk at true positions after a sink holding all the text before it gives the
+    keys/values of the one-chunk encoding; after a short sink they differ (deeper layers)."""
+    prefix, _ = data
+    one = encode_prefix(tiny, prefix)
+    k, v = encode_chunk(tiny, prefix[20:], prefix[:20], start=20)
+    for layer in range(one.num_layers):
+        torch.testing.assert_close(k[layer], one.keys[layer][:, :, 20:], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v[layer], one.values[layer][:, :, 20:], rtol=1e-4, atol=1e-5)
+    k4, _ = encode_chunk(tiny, prefix[20:], prefix[:4], start=20)
+    torch.testing.assert_close(k4[0], one.keys[0][:, :, 20:], rtol=1e-4, atol=1e-5)  # layer 0
+    assert not torch.allclose(k4[-1], one.keys[-1][:, :, 20:], rtol=1e-3, atol=1e-4)
 
 
 def test_installed_but_unbound_model_runs_plainly(tiny, data):

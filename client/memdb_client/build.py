@@ -129,12 +129,16 @@ def check_budget(tok: Tokenized, budget: int, options) -> int:
     return records
 
 
-def prefill_chunks(model, tokens: int, chunk_tokens: int | None) -> tuple[int, int]:
-    """(number of chunks, chunk size) the prefix will be encoded in."""
+def prefill_chunks(
+    model, tokens: int, chunk_tokens: int | None, sink_tokens: int = 0
+) -> tuple[int, int]:
+    """(number of chunks, chunk size) the prefix will be encoded in (as `encode_prefix`)."""
     from memdb_worker.prefix import default_chunk_tokens
 
     size = chunk_tokens or default_chunk_tokens(model)
-    return -(-tokens // size), size
+    if tokens <= size:
+        return 1, size
+    return -(-tokens // (size - min(sink_tokens, size // 2))), size
 
 
 def build(model, tokenizer, tok: Tokenized, budget: int, options, progress: bool):

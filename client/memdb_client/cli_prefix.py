@@ -106,6 +106,13 @@ model_options = _options(
         help="Encode the prefix in independent chunks of at most N tokens, merged "
         "exactly (default: the model's context minus 1024).",
     ),
+    click.option(
+        "--sink-tokens",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Encode each later chunk after the prefix's first N tokens, an attention sink "
+        "(default: 32; 0 encodes chunks alone, as the paper does).",
+    ),
 )
 
 build_options = _options(
@@ -203,6 +210,7 @@ _BUILDER_FIELDS = (
     "max_tokens_per_trace",
     "trace_batch_size",
     "chunk_tokens",
+    "sink_tokens",
 )
 
 
@@ -292,7 +300,9 @@ def _build(app: App, name: str, kw: dict, pre: Source | None = None) -> Built:
         f"({tok.trace_tokens} tokens) from {traces_from}; budget M={kw['budget']} "
         f"from {records} calibration records"
     )
-    chunks, size = build.prefill_chunks(loaded.model, len(tok.prefix), options.chunk_tokens)
+    chunks, size = build.prefill_chunks(
+        loaded.model, len(tok.prefix), options.chunk_tokens, options.sink_tokens
+    )
     app.note(f"prefill: {len(tok.prefix)} tokens in {chunks} chunk(s) of <= {size} tokens ...")
     built = build.build(loaded.model, loaded.tokenizer, tok, kw["budget"], options, app.progress)
     app.note(

@@ -1,15 +1,19 @@
 """Appending text to a built memory without rebuilding it.
 
-Appending (`append_chunk`) uses the composability of attention states (DESIGN.md section 1):
-a new chunk is encoded on its own (positions 0..n-1, like the builder's chunks) and, at every
-layer, each stored entry's query gets its exact state on the chunk, which is merged with the
-stored state by the online-softmax identity. The entry's query is recovered from the stored key
-in every key mode: the mean pre-RoPE query `q_mean` when the memory stores it, else the key
-with its whitening (stored per layer) inverted and, for `rope_common`, the common rotation
-undone. Keys do not change. What an append cannot know is each entry's members: the state on
-the new chunk is that of the entry's mean query (exact for `centroid` entries; for Eq. 5
-`average` entries the members' own states would be Z-averaged instead), and the traces' queries
-are not re-run with the new text in context (a rebuild would see it).
+Appending (`append_chunk`) uses the composability of attention states (DESIGN.md section 1): a
+new chunk is encoded after the prefix's sink tokens (its first tokens, stored in the metadata as
+`sink_ids`; see prefix.py) and, while the whole prefix still fits the model's context, at its
+true positions (right after the stored prefix, so the new text has the same distances to the
+live tokens as in a rebuilt prefix; past the context it restarts after the sink, like the
+builder's later chunks). Then, at every layer, each stored entry's query gets its exact state on
+the chunk, which is merged with the stored state by the online-softmax identity. The entry's
+query is recovered from the stored key in every key mode: the mean pre-RoPE query `q_mean` when
+the memory stores it, else the key with its whitening (stored per layer) inverted and, for
+`rope_common`, the common rotation undone. Keys do not change. What an append cannot know is
+each entry's members: the state on the new chunk is that of the entry's mean query (exact for
+`centroid` entries; for Eq. 5 `average` entries the members' own states would be Z-averaged
+instead), and the traces' queries are not re-run with the new text in context (a rebuild would
+see it).
 
 Knows nothing of servers or files: it maps stored shards and new text to new shards.
 """
@@ -27,7 +31,13 @@ from tqdm.auto import tqdm
 from memdb.shards import Shard
 from memdb_worker.keys import KeySpace, apply_rope, undo_rope
 from memdb_worker.memory import keyspace_from_metadata
-from memdb_worker.prefix import encode_prefix
+from memdb_worker.prefix import (
+    ExactPrefix,
+    attention_scaling,
+    default_chunk_tokens,
+    encode_chunk,
+    encode_prefix,
+)
 from memdb_worker.state import State, merge_states
 
 
@@ -78,10 +88,10 @@ def append_chunk(
     if not ids:
         raise ValueError("the text to append is empty")
 
-    with torch.inference_mode():
-        new = encode_prefix(model, ids, chunk_tokens, progress=progress)
     old_chunks = json.loads(meta.get("chunk_lengths", "[]"))
     old_len = int(meta.get("prefix_length", "0"))
+    new = _encode_new(model, ids, json.loads(meta.get("sink_ids", "[]")), old_len, chunk_tokens,
+                      progress)  # fmt: skip
     prefix_length = max(old_len, new.prefix_length)
     if query_position is None:
         query_position = prefix_length + _mean_trace_offset(meta)
@@ -145,6 +155,30 @@ def append_chunk(
     for i, s in enumerate(out_shards):
         s.metadata = {**meta, "layer": str(i)}
     return Appended(out_shards, meta, len(ids), token_count, int(query_position))
+
+
+def _encode_new(
+    model, ids: list[int], sink: list[int], start: int, chunk_tokens: int | None, progress: bool
+) -> ExactPrefix:
+    """The new text's keys/values: at its true positions after the stored prefix when it fits
+    `chunk_tokens` (default: the context minus the live reserve), else chunked after the sink."""
+    limit = chunk_tokens or default_chunk_tokens(model)
+    with torch.inference_mode():
+        if start + len(ids) <= limit and start >= len(sink):
+            k, v = encode_chunk(model, ids, sink, start)
+            scaling = attention_scaling(model)
+            return ExactPrefix(k, v, scaling, start + len(ids), len(ids), (len(ids),))
+        restart = encode_prefix(model, sink + ids, chunk_tokens, progress, sink_tokens=len(sink))
+    # drop the sink tokens, which lead the first chunk
+    s = len(sink)
+    return ExactPrefix(
+        keys=[k[:, :, s:] for k in restart.keys],
+        values=[v[:, :, s:] for v in restart.values],
+        scaling=restart.scaling,
+        prefix_length=restart.prefix_length,
+        token_count=len(ids),
+        chunk_lengths=(restart.chunk_lengths[0] - s, *restart.chunk_lengths[1:]),
+    )
 
 
 def entry_queries(s: Shard, ks: KeySpace, layer: int) -> torch.Tensor:

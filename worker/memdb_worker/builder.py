@@ -53,14 +53,20 @@ from memdb_worker.keys import (
 )
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.model import model_fingerprint
-from memdb_worker.prefix import ExactPrefix, encode_prefix
+from memdb_worker.prefix import DEFAULT_SINK_TOKENS, ExactPrefix, encode_prefix
 from memdb_worker.state import State, aggregate_states
 
 logger = logging.getLogger(__name__)
 
 EntryState = Literal["average", "centroid"]
 # BuildOptions fields spent by `calibrate` (the others are read by `cluster`; `seed` by both)
-CALIBRATION_FIELDS = ("chunk_tokens", "max_records", "max_tokens_per_trace", "trace_batch_size")
+CALIBRATION_FIELDS = (
+    "chunk_tokens",
+    "sink_tokens",
+    "max_records",
+    "max_tokens_per_trace",
+    "trace_batch_size",
+)
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -85,6 +91,7 @@ class BuildOptions:
     seed: int = 0
     # calibration
     chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
+    sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends
     max_records: int = 16384  # trace tokens kept (reservoir sample)
     max_tokens_per_trace: int | None = None  # None: every token of every trace
     trace_batch_size: int = 32
@@ -98,6 +105,8 @@ class BuildOptions:
             raise ValueError("entry_state must be 'average' or 'centroid'")
         if self.key_dtype not in _DTYPES or self.out_dtype not in _DTYPES:
             raise ValueError("key_dtype and out_dtype must be 'float32' or 'float16'")
+        if self.sink_tokens < 0:
+            raise ValueError("sink_tokens must be >= 0")
         if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
             raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
 
@@ -241,7 +250,13 @@ def calibrate(
     pre = (
         encoded
         if encoded is not None
-        else encode_prefix(model, prefix_ids, options.chunk_tokens, progress=progress)
+        else encode_prefix(
+            model,
+            prefix_ids,
+            options.chunk_tokens,
+            progress=progress,
+            sink_tokens=options.sink_tokens,
+        )  # fmt: skip
     )
     rec = _Recorder(pre, num_layers, cap, h, d, options.lse_correction)
 
@@ -564,6 +579,7 @@ def _metadata(
         "prefix_length": str(pre.prefix_length),
         "token_count": str(pre.token_count),
         "chunk_lengths": json.dumps(list(pre.chunk_lengths)),
+        "sink_ids": json.dumps(list(pre.sink_ids)),
         "calibration_positions": "after_prefix",  # trace tokens sat at prefix_length + t
         "model_fingerprint": calib.fingerprint,
         "rope": json.dumps(

@@ -2,9 +2,18 @@
 
 `encode_prefix` runs the model on the prefix and keeps, per layer, the post-RoPE keys and the
 values of every token. A prefix longer than `chunk_tokens` is split into chunks encoded
-independently (each at positions 0..len-1), and their keys/values are concatenated: attention
-over the concatenation is the exact merge of the chunks' states (DESIGN.md section 1), which is
-how the paper composes a prefix longer than the model's context.
+independently, and their keys/values are concatenated: attention over the concatenation is the
+exact merge of the chunks' states (DESIGN.md section 1), which is how the paper composes a
+prefix longer than the model's context.
+
+Attention sink: the paper encodes each chunk alone at positions 0..len-1, so every chunk's first
+token becomes an attention sink (it soaks up attention mass at every layer) and the chunk's
+later tokens see no context at all. Here a chunk after the first is encoded after a "sink": the
+prefix's first `sink_tokens` tokens at positions 0..s-1, the chunk at s..s+len-1, and the sink's
+own keys/values are dropped (`encode_chunk`). Measured on SmolLM2 (TREC, a 2K prefix as two
+1K chunks, 8 test sequences): next-token KL to the one-chunk prefix 0.051 without a sink, 0.031
+with 32 sink tokens; and 0.011 when the second chunk also keeps its true positions (which
+`append` does while the prefix fits the context).
 
 `ExactPrefix` is a state source for `attention.bind`: it gives each query its exact state on the
 prefix (what a memory approximates). Bound with live positions after the prefix it reproduces
@@ -28,6 +37,7 @@ from memdb_worker.state import State, attention_state, attention_state_and_key_m
 logger = logging.getLogger(__name__)
 
 DEFAULT_LIVE_RESERVE = 1024
+DEFAULT_SINK_TOKENS = 32
 
 
 @dataclass
@@ -40,6 +50,7 @@ class ExactPrefix:
     prefix_length: int  # position right after the (longest) chunk: where live tokens start
     token_count: int  # N, total prefix tokens over all chunks
     chunk_lengths: tuple[int, ...]
+    sink_ids: tuple[int, ...] = ()  # the prefix's first tokens, encoded before later chunks
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +83,7 @@ class ExactPrefix:
             prefix_length=n,
             token_count=n,
             chunk_lengths=(n,),
+            sink_ids=self.sink_ids[:n],
         )
 
     def nbytes(self) -> int:
@@ -94,56 +106,88 @@ def default_chunk_tokens(model: torch.nn.Module, live_reserve: int = DEFAULT_LIV
 
 
 @torch.inference_mode()
+def encode_chunk(
+    model: torch.nn.Module,
+    ids: Sequence[int] | torch.Tensor,
+    sink_ids: Sequence[int] = (),
+    start: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer post-RoPE keys and values [1, Hkv, len, d] of `ids` encoded after `sink_ids`.
+
+    The sink sits at positions 0..s-1 and the chunk at start..start+len-1 (default start = s,
+    right after the sink); the sink's own keys/values are dropped.
+    """
+    sink = torch.as_tensor(list(sink_ids), dtype=torch.long)
+    part = torch.as_tensor(ids, dtype=torch.long).flatten()
+    s, n = int(sink.numel()), int(part.numel())
+    start = s if start is None else start
+    if start < s:
+        raise ValueError(f"a chunk cannot start at {start}, inside its {s}-token sink")
+    device = next(model.parameters()).device
+    x = torch.cat([sink, part]).to(device).unsqueeze(0)
+    pos = torch.cat([torch.arange(s), torch.arange(n) + start]).to(device).unsqueeze(0)
+    out = model(x, position_ids=pos, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    keys = [layer.keys[:, :, s:] for layer in cache.layers]
+    values = [layer.values[:, :, s:] for layer in cache.layers]
+    return keys, values
+
+
+@torch.inference_mode()
 def encode_prefix(
     model: torch.nn.Module,
     prefix_ids: Sequence[int] | torch.Tensor,
     chunk_tokens: int | None = None,
     progress: bool = False,
+    sink_tokens: int = DEFAULT_SINK_TOKENS,
 ) -> ExactPrefix:
     """Run the model on the prefix (chunks of at most `chunk_tokens`) and keep its keys/values.
 
     chunk_tokens defaults to the model's context minus DEFAULT_LIVE_RESERVE positions. Chunks are
-    equal-sized up to one token (so no chunk is a short tail) and encoded independently.
+    equal-sized up to one token (so no chunk is a short tail); chunks after the first are encoded
+    after the prefix's first `sink_tokens` tokens (see the module doc), which count towards
+    `chunk_tokens`.
     """
     ids = torch.as_tensor(prefix_ids, dtype=torch.long).flatten()
     n = int(ids.numel())
     if n == 0:
         raise ValueError("the prefix is empty")
     chunk = chunk_tokens or default_chunk_tokens(model)
-    num_chunks = -(-n // chunk)
+    sink = ids[: max(0, min(sink_tokens, chunk // 2))].tolist()
+    num_chunks = 1 if n <= chunk else -(-n // (chunk - len(sink)))
     bounds = torch.linspace(0, n, num_chunks + 1).round().long().tolist()
-    device = next(model.parameters()).device
     keys: list[list[torch.Tensor]] = []
     values: list[list[torch.Tensor]] = []
-    lengths = []
+    lengths, ends = [], []
     it = range(num_chunks)
     if progress and num_chunks > 1:
         it = tqdm(it, desc="prefix chunks", unit="chunk")
     for c in it:
-        part = ids[bounds[c] : bounds[c + 1]].to(device)
+        part = ids[bounds[c] : bounds[c + 1]]
+        before = sink if c > 0 else []
+        k, v = encode_chunk(model, part, before)
         lengths.append(int(part.numel()))
-        out = model(part.unsqueeze(0), use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        layer_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        keys.append([k for k, _ in layer_kv])
-        values.append([v for _, v in layer_kv])
+        ends.append(len(before) + int(part.numel()))
+        keys.append(k)
+        values.append(v)
     num_layers = len(keys[0])
     cat_k = [torch.cat([keys[c][i] for c in range(num_chunks)], dim=2) for i in range(num_layers)]
     cat_v = [torch.cat([values[c][i] for c in range(num_chunks)], dim=2) for i in range(num_layers)]
-    attn = _first_attention(model)
     logger.info("encoded a %d-token prefix in %d chunk(s)", n, num_chunks)
     return ExactPrefix(
         keys=cat_k,
         values=cat_v,
-        scaling=float(attn.scaling),
-        prefix_length=max(lengths),
+        scaling=attention_scaling(model),
+        prefix_length=max(ends),
         token_count=n,
         chunk_lengths=tuple(lengths),
+        sink_ids=tuple(ids[: max(0, sink_tokens)].tolist()),
     )
 
 
-def _first_attention(model: torch.nn.Module) -> torch.nn.Module:
+def attention_scaling(model: torch.nn.Module) -> float:
+    """The softmax scaling of the model's attention (its first attention module's)."""
     for mod in model.modules():
         if hasattr(mod, "layer_idx") and hasattr(mod, "scaling") and hasattr(mod, "q_proj"):
-            return mod
+            return float(mod.scaling)
     raise ValueError("no attention module with layer_idx/scaling/q_proj found in the model")

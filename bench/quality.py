@@ -9,7 +9,8 @@ Protocol (also recorded in the JSON under "protocol"):
 - A demonstration is "{text}\\nLabel: {label}\\n\\n", the query "{text}\\nLabel:", a label is
   scored as the continuation " {label}" by the sum of its token log-probabilities
   (unnormalised; the length-normalised accuracy is recorded too as "*_norm"), all labels of an
-  example in one batched forward after the shared context (`scoring.score_continuations`).
+  example scored in packed batches of whole (query, label) sequences (`scoring.score_pairs`,
+  pinned equal to the shared-context `scoring.score_continuations` by the worker's tests).
 - Per seed: demonstrations are drawn from train, balanced over labels (round-robin over
   per-label shuffled pools), enough to fill `prefix_tokens` (the full-context ICL prefix, leaving
   room for the query in SmolLM2's 8K context); the order inside the prefix is shuffled. The 32K
@@ -56,7 +57,7 @@ import torch
 logger = logging.getLogger("bench.quality")
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("MEMDB_DATA", REPO.parent / "shared" / "data"))  # ../shared/data
 RESULTS = REPO / "bench" / "results"
 BUDGETS = (512, 1024, 2048, 4096)
 
@@ -373,17 +374,6 @@ class Task:
 SHORTLIST = 12  # labels scored in full per example when a data set has more labels
 
 
-@torch.inference_mode()
-def first_token_logprobs(model, context: Sequence[int], source) -> torch.Tensor:
-    """Log-probabilities [V] of the token after `context` (with `source` bound)."""
-    from memdb_worker.attention import bind
-
-    ids = torch.as_tensor(context, dtype=torch.long).view(1, -1).to(_device(model))
-    with bind(model, source):
-        logits = model(ids, logits_to_keep=1).logits[0, -1].float()
-    return torch.log_softmax(logits, -1)
-
-
 def shortlist(first_lp: torch.Tensor, label_ids: Sequence[Sequence[int]], k: int) -> list[int]:
     """Labels whose first-token log-prob is at least the k-th best (ties kept), in label order."""
     s = torch.tensor([float(first_lp[ids[0]]) for ids in label_ids])
@@ -394,7 +384,7 @@ def shortlist(first_lp: torch.Tensor, label_ids: Sequence[Sequence[int]], k: int
 
 
 def classify(
-    model, task: Task, rows: Sequence[dict], source, k: int = SHORTLIST
+    model, task: Task, rows: Sequence[dict], source, k: int = SHORTLIST, max_tokens: int = 4096
 ) -> tuple[list[int], list[int]]:
     """Predicted label index per row, by summed and by token-mean log-probability.
 
@@ -402,20 +392,24 @@ def classify(
     (one forward of the context) and only the best k (ties kept) are scored in full: the same
     rule for every method. A label outside the shortlist has a first-token log-prob below the
     k-th best, so it could only win on the sum if its later tokens beat the others' by that gap.
+    Every (example, label) sequence is scored in packed batches (`scoring.score_pairs`).
     """
-    from memdb_worker.scoring import score_continuations
+    from memdb_worker.scoring import next_token_logprobs, score_pairs
 
-    pred, pred_norm = [], []
-    for row in rows:
-        ctx = task.query_ids(row)
-        cand = list(range(len(task.labels)))
-        if len(cand) > k:
-            cand = shortlist(first_token_logprobs(model, ctx, source), task.label_ids, k)
-        conts = [task.label_ids[i] for i in cand]
-        lp = score_continuations(model, ctx, conts, source)
-        lens = torch.tensor([len(c) for c in conts], dtype=torch.float32)
-        pred.append(cand[int(lp.argmax())])
-        pred_norm.append(cand[int((lp / lens).argmax())])
+    ctxs = [task.query_ids(row) for row in rows]
+    cands = [list(range(len(task.labels)))] * len(rows)
+    if len(task.labels) > k:
+        first = next_token_logprobs(model, ctxs, source, max_tokens=max_tokens)
+        cands = [shortlist(first[i], task.label_ids, k) for i in range(len(rows))]
+    pairs = [(ctx, task.label_ids[j]) for ctx, cand in zip(ctxs, cands, strict=True) for j in cand]
+    lp = score_pairs(model, pairs, source, max_tokens=max_tokens)
+    pred, pred_norm, at = [], [], 0
+    for cand in cands:
+        s = lp[at : at + len(cand)]
+        at += len(cand)
+        lens = torch.tensor([len(task.label_ids[j]) for j in cand], dtype=torch.float32)
+        pred.append(cand[int(s.argmax())])
+        pred_norm.append(cand[int((s / lens).argmax())])
     return pred, pred_norm
 
 
@@ -823,6 +817,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--append-budgets", type=int, nargs="*", default=None, help="append vs rebuild budgets"
     )
+    p.add_argument(
+        "--sinks-32k", type=int, nargs="+", default=None, help="sink tokens of the 32K variants"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
@@ -890,6 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "records_factor": args.records_factor,
         "kmeans_iters": args.kmeans_iters,
         "append_budgets": tuple(args.append_budgets) if args.append_budgets is not None else None,
+        "sinks_32k": tuple(args.sinks_32k) if args.sinks_32k else None,
         "datasets": tuple(args.datasets) if args.datasets else None,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})

@@ -70,6 +70,19 @@ def test_builder_is_deterministic_for_a_seed(tiny):
     assert not _same(a, c)
 
 
+def test_layers_clustered_in_parallel_equal_one_at_a_time(tiny, monkeypatch):
+    from memdb_worker import builder
+
+    traces = _traces(12, 15, 1)
+    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5)
+    calib = calibrate(tiny, None, PREFIX, traces, opts, progress=False)
+    monkeypatch.setattr(builder, "_cluster_workers", lambda n: 1)
+    serial = cluster(calib, 16, opts, progress=False)
+    monkeypatch.setattr(builder, "_cluster_workers", lambda n: 3)
+    parallel = cluster(calib, 16, opts, progress=False)
+    assert _same(serial, parallel) and serial.metadata == parallel.metadata
+
+
 def test_reservoir_caps_records_and_shards_validate(tiny):
     traces = _traces(10, 20, 2)
     calib = calibrate(

@@ -11,7 +11,7 @@ from memdb_worker.attention import bind, current_binding, install
 from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.prefix import encode_chunk, encode_prefix
-from memdb_worker.scoring import score_continuations
+from memdb_worker.scoring import next_token_logprobs, score_continuations, score_pairs
 
 VOCAB = 256
 
@@ -262,3 +262,27 @@ def test_score_continuations_matches_full_forward(tiny, data):
         start = len(prefix) + len(ctx) - 1
         ref = sum(float(lp[start + j, t]) for j, t in enumerate(c))
         assert abs(s - ref) < 1e-4 * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 20])  # one packed forward; several small ones
+def test_score_pairs_equals_score_continuations_per_context(tiny, data, max_tokens):
+    prefix, trace = data
+    exact = encode_prefix(tiny, prefix)
+    built = build_memory(tiny, None, prefix, [trace], budget=len(trace), progress=False)
+    contexts = [trace[:6], trace[2:5], trace[:9]]
+    conts = [[7, 8], [9], [10, 11, 12]]
+    pairs = [(c, x) for c in contexts for x in conts]
+    for source in (None, exact, built.to_memory()):
+        got = score_pairs(tiny, pairs, source, max_tokens=max_tokens)
+        want = torch.cat([score_continuations(tiny, c, conts, source) for c in contexts])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_next_token_logprobs_equal_a_forward_of_each_context(tiny, data):
+    prefix, trace = data
+    exact = encode_prefix(tiny, prefix)
+    contexts = [trace[:6], trace[2:5], trace[:9]]
+    got = next_token_logprobs(tiny, contexts, exact, max_tokens=12)
+    for c, row in zip(contexts, got, strict=True):
+        want = torch.log_softmax(logits(tiny, prefix + c)[-1], -1)
+        torch.testing.assert_close(row, want, rtol=1e-4, atol=1e-4)

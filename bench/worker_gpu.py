@@ -322,8 +322,10 @@ def measure(model, tokenizer, way: str, conc: int, prompts_for, source, args, de
     sched = Scheduler(model, tokenizer, max_batch=conc, batch_wait_s=args.batch_wait_ms / 1000)
     sched.start()
     try:
-        warm = 1 if way == "full prefix" else conc  # a c-row full prefill costs seconds
-        run_round(sched, prompts_for(warm, -1), source, min(2, args.new_tokens))
+        # a whole round as warm-up (every kernel specialization compiled before timing); one
+        # row for the full prefix, whose c-row prefill costs seconds
+        warm = 1 if way == "full prefix" else conc
+        run_round(sched, prompts_for(warm, -1), source, args.new_tokens)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -13,7 +13,9 @@ prefix's first `sink_tokens` tokens at positions 0..s-1, the chunk at s..s+len-1
 own keys/values are dropped (`encode_chunk`). Measured on SmolLM2 (TREC, a 2K prefix as two
 1K chunks, 8 test sequences): next-token KL to the one-chunk prefix 0.051 without a sink, 0.031
 with 32 sink tokens; and 0.011 when the second chunk also keeps its true positions (which
-`append` does while the prefix fits the context).
+`append` does while the prefix fits the context). Accuracy of a memory built from a ~32K prefix
+(M = 2048, 70 examples, seed 0) did not settle it: trec 0.700 with the sink vs 0.771 without,
+clinc150 0.343 vs 0.286 (bench.quality `--sinks-32k 32 0` runs the comparison).
 
 `ExactPrefix` is a state source for `attention.bind`: it gives each query its exact state on the
 prefix (what a memory approximates). Bound with live positions after the prefix it reproduces

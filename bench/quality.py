@@ -680,25 +680,12 @@ def encode_long_prefix(
     sink = list(first.sink_ids[:sink_tokens])
     if len(sink) < sink_tokens:
         raise ValueError(f"the first chunk keeps {len(sink)} sink ids, {sink_tokens} asked")
-    keys, values = [first.keys], [first.values]
-    lengths, ends = [first.token_count], [first.prefix_length]
-    budget = chunk_tokens - len(sink)
-    for c in chunk_demos([len(task.demo_ids[extra[j]]) for j in range(len(extra))], budget):
-        ids = task.prefix_ids([extra[j] for j in c])
-        k, v = encode_chunk(model, ids, sink)
-        keys.append(k)
-        values.append(v)
-        lengths.append(len(ids))
-        ends.append(len(sink) + len(ids))
-    return ExactPrefix(
-        keys=[torch.cat([p[i] for p in keys], dim=2) for i in range(first.num_layers)],
-        values=[torch.cat([p[i] for p in values], dim=2) for i in range(first.num_layers)],
-        scaling=first.scaling,
-        prefix_length=max(ends),
-        token_count=sum(lengths),
-        chunk_lengths=tuple(lengths),
-        sink_ids=first.sink_ids,
-    )
+    lengths = [len(task.demo_ids[extra[j]]) for j in range(len(extra))]
+    parts = [first] + [
+        encode_chunk(model, task.prefix_ids([extra[j] for j in c]), sink)
+        for c in chunk_demos(lengths, chunk_tokens - len(sink))
+    ]
+    return ExactPrefix.join(parts, sink_ids=first.sink_ids)
 
 
 def run_32k(

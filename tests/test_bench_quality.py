@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import quality as q
+from tests.tiny import tiny_llama
 
 
 def _rows(n_per_label: dict[str, int]) -> list[dict]:
@@ -117,17 +117,9 @@ def test_calibrate_accepts_an_encoded_prefix():
     from memdb_worker.builder import calibrate
     from memdb_worker.prefix import encode_prefix
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    model = tiny_llama(64, **small, max_position_embeddings=128, initializer_range=0.02,
+                       pad_token_id=None)  # fmt: skip
     prefix = list(range(3, 40))
     traces = [[5, 6, 7, 8], [9, 10, 11]]
     a = calibrate(model, None, prefix, traces, progress=False)

@@ -44,6 +44,6 @@ def test_synthetic_memory_loads_like_a_built_one():
     mem.check_model(model)
     again = Memory.from_shards(mem.to_shards())
     assert again.budget == 8 and again.prefix_length == 100
-    assert again._correct  # q_mean / k_bar stored: the default decode applies the correction
-    assert not worker_gpu.without_kbar(mem)._correct
+    assert again.lse_corrected  # q_mean / k_bar stored: the default decode applies the correction
+    assert not worker_gpu.without_kbar(mem).lse_corrected
     assert again.model_fingerprint.startswith("sha256:")

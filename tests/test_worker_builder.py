@@ -9,30 +9,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from memdb.shards import check_consistent, decode_shard, encode_shard
 from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.model import model_fingerprint
 from memdb_worker.scoring import score_continuations
+from tests.tiny import tiny_llama
 
 VOCAB = 128
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.1,
-    )
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return tiny_llama(VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      max_position_embeddings=128, pad_token_id=None)  # fmt: skip
 
 
 def _traces(n, length, seed):

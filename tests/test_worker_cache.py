@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memdb.config import ServerConfig
 from memdb.errors import FailedPrecondition, NotFound, Unavailable
@@ -21,6 +20,7 @@ from memdb_worker.cache import MemoryCache, RemoteMemory
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.model import model_fingerprint
 from memdb_worker.scheduler import GenerationRequest, SamplingParams, Scheduler
+from tests.tiny import tiny_llama
 
 VOCAB = 256
 ROOT_KEY = "test-root-key"
@@ -28,15 +28,7 @@ ROOT_KEY = "test-root-key"
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return model
+    return tiny_llama(VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +186,7 @@ def test_remote_mode_applies_the_lse_correction_and_options_like_cache_mode(
         with make_cache(server, fp, mode=mode, decode_options=options) as cache:
             source = sources[mode] = cache.get("remote-lse")
             assert isinstance(source, RemoteMemory if mode == "remote" else Memory)
-            assert source._correct  # a default build: the lse correction applies
+            assert source.lse_corrected  # a default build: the lse correction applies
             with bind(tiny, source):
                 logits[mode] = tiny(prompt).logits
                 tokens[mode] = tiny.generate(prompt, **gen)

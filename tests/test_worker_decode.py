@@ -12,29 +12,14 @@ from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.prefix import encode_chunk, encode_prefix
 from memdb_worker.scoring import next_token_logprobs, score_continuations, score_pairs
+from tests.tiny import tiny_llama
 
 VOCAB = 256
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return model
+    return tiny_llama(VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +104,13 @@ def test_a_later_chunk_after_the_whole_earlier_text_as_sink_equals_one_chunk(tin
     keys/values of the one-chunk encoding; after a short sink they differ (deeper layers)."""
     prefix, _ = data
     one = encode_prefix(tiny, prefix)
-    k, v = encode_chunk(tiny, prefix[20:], prefix[:20], start=20)
+    chunk = encode_chunk(tiny, prefix[20:], prefix[:20], start=20)
+    k, v = chunk.keys, chunk.values
+    assert chunk.prefix_length == len(prefix) and chunk.token_count == len(prefix) - 20
     for layer in range(one.num_layers):
         torch.testing.assert_close(k[layer], one.keys[layer][:, :, 20:], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(v[layer], one.values[layer][:, :, 20:], rtol=1e-4, atol=1e-5)
-    k4, _ = encode_chunk(tiny, prefix[20:], prefix[:4], start=20)
+    k4 = encode_chunk(tiny, prefix[20:], prefix[:4], start=20).keys
     torch.testing.assert_close(k4[0], one.keys[0][:, :, 20:], rtol=1e-4, atol=1e-5)  # layer 0
     assert not torch.allclose(k4[-1], one.keys[-1][:, :, 20:], rtol=1e-3, atol=1e-4)
 

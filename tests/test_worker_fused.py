@@ -167,7 +167,7 @@ def test_torch_form_equals_reference_path(mode, granularity, whiten, center):
 def test_torch_form_with_lse_correction(mode, granularity, whiten, center, extras_dtype):
     memory = make_memory(mode, granularity, whiten, center, scaling=1.25, extras_dtype=extras_dtype,
                          options=DecodeOptions(lse_bias=(0.0, 0.7)))  # fmt: skip
-    assert fused.lse_correction(memory)
+    assert memory.lse_corrected
     scale = 32**-0.5
     for layer in (0, 1):
         q, k, v, mask, pos = make_inputs(memory, mask=layer == 1, seed=layer + 3)
@@ -196,10 +196,10 @@ def test_prepare_is_cached_and_shares_plain_keys():
 def test_supports():
     assert fused.supports(make_memory())
     corrected = make_memory(extras_dtype=torch.float16)
-    assert fused.supports(corrected) and fused.lse_correction(corrected)
+    assert fused.supports(corrected) and corrected.lse_corrected
     plain = corrected.with_options(DecodeOptions(lse_correction=False))
-    assert fused.supports(plain) and not fused.lse_correction(plain)
-    assert not fused.lse_correction(make_memory())
+    assert fused.supports(plain) and not plain.lse_corrected
+    assert not make_memory().lse_corrected
     fl = fused.prepare_layer(corrected, 0)
     assert fl.q_mean is not None and fl.k_bar is not None and fl.k_bar.dtype == torch.float16
     assert fused.prepare_layer(make_memory(), 0).k_bar is None
@@ -255,7 +255,7 @@ scale = 32 ** -0.5
 for i, kw in enumerate(cases):
     mem = make_memory(**kw, budget=40, layers=1, seed=i + 5, kbar_scale=1.5,
                       options=DecodeOptions(lse_bias=0.25))
-    assert fused.lse_correction(mem)
+    assert mem.lse_corrected
     for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16)):
         q, k, v, m, pos = make_inputs(mem, batch=batch, live=21, dtype=dtype, mask=mask)
         args = (q, k, v, m, pos, *fused_args(mem, 0), scale, 0.25)
@@ -409,7 +409,7 @@ def test_bind_decode_uses_fused_path_and_matches_reference(extras_dtype):
     mem = make_memory(heads=8, kv_heads=2, d=128, budget=1000, layers=2, device="cuda",
                       key_dtype=torch.float16, out_dtype=torch.float16,
                       extras_dtype=extras_dtype)  # fmt: skip
-    assert fused.lse_correction(mem) == (extras_dtype is not None)
+    assert mem.lse_corrected == (extras_dtype is not None)
     ids = torch.randint(3, 512, (2, 9), device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding

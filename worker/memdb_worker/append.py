@@ -33,7 +33,6 @@ from memdb_worker.keys import KeySpace, apply_rope, undo_rope
 from memdb_worker.memory import keyspace_from_metadata
 from memdb_worker.prefix import (
     ExactPrefix,
-    attention_scaling,
     default_chunk_tokens,
     encode_chunk,
     encode_prefix,
@@ -165,9 +164,7 @@ def _encode_new(
     limit = chunk_tokens or default_chunk_tokens(model)
     with torch.inference_mode():
         if start + len(ids) <= limit and start >= len(sink):
-            k, v = encode_chunk(model, ids, sink, start)
-            scaling = attention_scaling(model)
-            return ExactPrefix(k, v, scaling, start + len(ids), len(ids), (len(ids),))
+            return encode_chunk(model, ids, sink, start)
         restart = encode_prefix(model, sink + ids, chunk_tokens, progress, sink_tokens=len(sink))
     # drop the sink tokens, which lead the first chunk
     s = len(sink)

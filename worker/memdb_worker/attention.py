@@ -269,7 +269,7 @@ def _fused_attention(
         binding.rope.attention_scaling,
         scale,
         fused.lse_bias(source, layer),
-        lse_correction=fused.lse_correction(source),
+        lse_correction=source.lse_corrected,
     )
 
 

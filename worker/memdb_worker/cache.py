@@ -90,7 +90,7 @@ class RemoteMemory:
         self.metadata = dict(metadata)
         self.timeout = timeout
         self.options = options or DecodeOptions()
-        self._correct = check_options(
+        self.lse_corrected = check_options(
             self.options, budget=budget, num_layers=num_layers, extras=extras
         )
         self.lookups = 0
@@ -115,7 +115,7 @@ class RemoteMemory:
             k=self.options.top_k,
             version=self.version,
             timeout=self.timeout,
-            extras=LSE_CORRECTION_EXTRAS if self._correct else (),
+            extras=LSE_CORRECTION_EXTRAS if self.lse_corrected else (),
         )
         self.lookups += 1
         assert res.out is not None and res.lse is not None
@@ -125,7 +125,7 @@ class RemoteMemory:
             return torch.from_numpy(np.array(a, dtype=np.float32)).to(dev)
 
         correction = None
-        if self._correct:
+        if self.lse_corrected:
             correction = [tensor(res.extras[x]) for x in LSE_CORRECTION_EXTRAS]
         # scores [n, I, k], lse [n, I, k, h], out [n, I, k, h, d]; the ids are never -1 (k <= M)
         return hits_state(query, q_pre, tensor(res.scores), tensor(res.lse), tensor(res.out),

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memdb_worker.keys import apply_rope, undo_rope
+from memdb_worker.memory import correct_lse
 from memdb_worker.state import State, attention_state, merge_states
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def supports(memory: Memory) -> bool:
     lay = memory.layers[0]
     return (
         memory.options.top_k == 1
-        and (not memory._correct or _extras_fit(lay))
+        and (not memory.lse_corrected or _extras_fit(lay))
         and ks.key_dim <= MAX_KEY_DIM
         and ks.head_dim in (16, 32, 64, 128, 256)
         and lay.keys.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -133,11 +134,6 @@ def _extras_fit(lay) -> bool:
         and qm.is_floating_point()
         and kb.is_floating_point()
     )
-
-
-def lse_correction(memory: Memory) -> bool:
-    """Whether the memory's decode options apply the first-order lse correction."""
-    return bool(memory._correct)
 
 
 def lse_bias(memory: Memory, layer: int) -> float:
@@ -245,9 +241,9 @@ def decode_reference(
         if fl.q_mean is None or fl.k_bar is None:
             raise ValueError("lse_correction needs a memory layer with q_mean and k_bar")
         qg = q_pre.view(b, i_groups, hpg, d)
-        q_mean = fl.q_mean[groups, ids].float()  # [B, I, h, d]
-        k_bar = fl.k_bar[groups, ids].float()
-        mem_lse = mem_lse + scale * ((qg - q_mean) * k_bar).sum(-1)
+        q_mean = fl.q_mean[groups, ids].unsqueeze(2)  # [B, I, k=1, h, d]
+        k_bar = fl.k_bar[groups, ids].unsqueeze(2)
+        mem_lse = correct_lse(mem_lse.unsqueeze(2), qg, q_mean, k_bar, scale)[:, :, 0]
     mem_lse = (mem_lse + lse_bias).reshape(b, h, 1)
     live = attention_state(q, k, v, scale, mask)
     merged = merge_states(live, State(mem_out, mem_lse))
@@ -908,7 +904,6 @@ __all__ = [
     "enabled",
     "floor_bytes",
     "lse_bias",
-    "lse_correction",
     "memory_attention",
     "memory_ok",
     "prepare_layer",

@@ -82,9 +82,9 @@ class Memory:
         self.keyspace = keyspace
         self.metadata = dict(metadata)
         self.options = options or DecodeOptions()
-        self._correct = check_options(
+        self.lse_corrected = check_options(
             self.options, budget=self.budget, num_layers=len(layers), extras=layers[0].extras
-        )
+        )  # whether the first-order lse correction applies
 
     # -- construction -------------------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class Memory:
         lse = lay.lse[groups, ids]  # [n, I, k, h]
         out = lay.out[groups, ids].float()  # [n, I, k, h, d]
         correction = None
-        if self._correct:
+        if self.lse_corrected:
             correction = tuple(lay.extras[x][groups, ids] for x in LSE_CORRECTION_EXTRAS)
         return hits_state(query, q_pre, scores, lse, out, self.options, correction)
 

@@ -10,12 +10,13 @@ Attention sink: the paper encodes each chunk alone at positions 0..len-1, so eve
 token becomes an attention sink (it soaks up attention mass at every layer) and the chunk's
 later tokens see no context at all. Here a chunk after the first is encoded after a "sink": the
 prefix's first `sink_tokens` tokens at positions 0..s-1, the chunk at s..s+len-1, and the sink's
-own keys/values are dropped (`encode_chunk`). Measured on SmolLM2 (TREC, a 2K prefix as two
-1K chunks, 8 test sequences): next-token KL to the one-chunk prefix 0.051 without a sink, 0.031
-with 32 sink tokens; and 0.011 when the second chunk also keeps its true positions (which
-`append` does while the prefix fits the context). Accuracy of a memory built from a ~32K prefix
-(M = 2048, 70 examples, seed 0) did not settle it: trec 0.700 with the sink vs 0.771 without,
-clinc150 0.343 vs 0.286 (bench.quality `--sinks-32k 32 0` runs the comparison).
+own keys/values are dropped (`encode_chunk`). Measured on SmolLM2 (`python -m bench.chunking`:
+TREC, a 2K prefix as two 1K chunks, 8 test sequences): next-token KL to the one-chunk prefix
+0.051 without a sink, 0.031 with 32 sink tokens; and 0.011 when the second chunk also keeps its
+true positions (which `append` does while the prefix fits the context). Accuracy of a memory
+built from a ~32K prefix (M = 2048, 70 examples, seed 0) did not settle it: trec 0.700 with the
+sink vs 0.771 without, clinc150 0.343 vs 0.286 (bench.quality `--sinks-32k 32 0` runs the
+comparison).
 
 `ExactPrefix` is a state source for `attention.bind`: it gives each query its exact state on the
 prefix (what a memory approximates). Bound with live positions after the prefix it reproduces
@@ -88,6 +89,20 @@ class ExactPrefix:
             sink_ids=self.sink_ids[:n],
         )
 
+    @staticmethod
+    def join(parts: Sequence[ExactPrefix], sink_ids: Sequence[int] = ()) -> ExactPrefix:
+        """Chunks encoded apart as one prefix: attention over the concatenated keys/values is
+        the exact merge of the chunks' states; live tokens start after the furthest chunk."""
+        return ExactPrefix(
+            keys=[torch.cat(ks, dim=2) for ks in zip(*(p.keys for p in parts), strict=True)],
+            values=[torch.cat(vs, dim=2) for vs in zip(*(p.values for p in parts), strict=True)],
+            scaling=parts[0].scaling,
+            prefix_length=max(p.prefix_length for p in parts),
+            token_count=sum(p.token_count for p in parts),
+            chunk_lengths=tuple(n for p in parts for n in p.chunk_lengths),
+            sink_ids=tuple(sink_ids),
+        )
+
     def nbytes(self) -> int:
         """Bytes of the prefix's KV cache as held here."""
         return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
@@ -113,11 +128,13 @@ def encode_chunk(
     ids: Sequence[int] | torch.Tensor,
     sink_ids: Sequence[int] = (),
     start: int | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer post-RoPE keys and values [1, Hkv, len, d] of `ids` encoded after `sink_ids`.
+) -> ExactPrefix:
+    """`ids` encoded as one chunk after `sink_ids`: per-layer post-RoPE keys and values
+    [1, Hkv, len, d].
 
     The sink sits at positions 0..s-1 and the chunk at start..start+len-1 (default start = s,
-    right after the sink); the sink's own keys/values are dropped.
+    right after the sink); the sink's own keys/values are dropped. Live tokens would start at
+    start + len.
     """
     sink = torch.as_tensor(list(sink_ids), dtype=torch.long)
     part = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -130,9 +147,14 @@ def encode_chunk(
     pos = torch.cat([torch.arange(s), torch.arange(n) + start]).to(device).unsqueeze(0)
     out = model(x, position_ids=pos, use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    keys = [layer.keys[:, :, s:] for layer in cache.layers]
-    values = [layer.values[:, :, s:] for layer in cache.layers]
-    return keys, values
+    return ExactPrefix(
+        keys=[layer.keys[:, :, s:] for layer in cache.layers],
+        values=[layer.values[:, :, s:] for layer in cache.layers],
+        scaling=attention_scaling(model),
+        prefix_length=start + n,
+        token_count=n,
+        chunk_lengths=(n,),
+    )
 
 
 @torch.inference_mode()
@@ -158,33 +180,12 @@ def encode_prefix(
     sink = ids[: max(0, min(sink_tokens, chunk // 2))].tolist()
     num_chunks = 1 if n <= chunk else -(-n // (chunk - len(sink)))
     bounds = torch.linspace(0, n, num_chunks + 1).round().long().tolist()
-    keys: list[list[torch.Tensor]] = []
-    values: list[list[torch.Tensor]] = []
-    lengths, ends = [], []
     it = range(num_chunks)
     if progress and num_chunks > 1:
         it = tqdm(it, desc="prefix chunks", unit="chunk")
-    for c in it:
-        part = ids[bounds[c] : bounds[c + 1]]
-        before = sink if c > 0 else []
-        k, v = encode_chunk(model, part, before)
-        lengths.append(int(part.numel()))
-        ends.append(len(before) + int(part.numel()))
-        keys.append(k)
-        values.append(v)
-    num_layers = len(keys[0])
-    cat_k = [torch.cat([keys[c][i] for c in range(num_chunks)], dim=2) for i in range(num_layers)]
-    cat_v = [torch.cat([values[c][i] for c in range(num_chunks)], dim=2) for i in range(num_layers)]
+    parts = [encode_chunk(model, ids[bounds[c] : bounds[c + 1]], sink if c else []) for c in it]
     logger.info("encoded a %d-token prefix in %d chunk(s)", n, num_chunks)
-    return ExactPrefix(
-        keys=cat_k,
-        values=cat_v,
-        scaling=attention_scaling(model),
-        prefix_length=max(ends),
-        token_count=n,
-        chunk_lengths=tuple(lengths),
-        sink_ids=tuple(ids[: max(0, sink_tokens)].tolist()),
-    )
+    return ExactPrefix.join(parts, sink_ids=ids[: max(0, sink_tokens)].tolist())
 
 
 def attention_scaling(model: torch.nn.Module) -> float:

@@ -60,6 +60,15 @@ class ServerConfig(BaseSettings):
     index_cache_bytes: int = Field(2 * GiB, ge=0, description="RAM budget of loaded indices")
     faiss_threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = automatic")
     use_gpu: bool = Field(False, description="put flat indices on the GPU (needs faiss-gpu)")
+    # cluster backend (memdb.backends)
+    backend: Literal["local", "cluster"] = Field("local", description="local LMDB or cluster")
+    etcd: str = Field("", description="cluster: etcd client URLs, comma-separated")
+    redis: str = Field("", description="cluster: Redis Cluster host:port list, comma-separated")
+    etcd_root: str = Field("/memdb/", description="cluster: key prefix of memdb in etcd")
+    cache_bytes: int = Field(1 * GiB, ge=MiB, description="cluster: node's LMDB blob cache")
+    node_lease_s: int = Field(10, ge=2, description="cluster: TTL of the node's etcd lease")
+    gc_interval_s: float = Field(30.0, ge=0, description="cluster: blob GC period; 0 = off")
+    gc_grace_s: float = Field(60.0, ge=0, description="cluster: unreferenced blobs kept this long")
     # process
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -82,7 +91,15 @@ class ServerConfig(BaseSettings):
             raise ValueError("set both tls_cert and tls_key, or neither")
         if self.map_size > self.max_map_size:
             raise ValueError("map_size must not exceed max_map_size")
+        if self.backend == "cluster" and not (self.etcd_endpoints() and self.redis_endpoints()):
+            raise ValueError("backend cluster needs --etcd URLS and --redis HOST:PORT,...")
         return self
+
+    def etcd_endpoints(self) -> list[str]:
+        return [u.strip() for u in self.etcd.split(",") if u.strip()]
+
+    def redis_endpoints(self) -> list[str]:
+        return [u.strip() for u in self.redis.split(",") if u.strip()]
 
     @classmethod
     def settings_customise_sources(

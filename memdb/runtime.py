@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from memdb.config import ServerConfig
 from memdb.errors import FailedPrecondition, InvalidArgument
 from memdb.events import EventBus
 from memdb.index import IndexCache, IndexParams
 from memdb.metrics import ServerMetrics
-from memdb.storage import Store
+
+if TYPE_CHECKING:
+    from memdb.backends import Backend
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -23,7 +26,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 @dataclass
 class Runtime:
     config: ServerConfig
-    store: Store
+    store: Backend  # memdb.storage.Store (local) or memdb.backends.cluster.ClusterStore
     cache: IndexCache
     bus: EventBus
     metrics: ServerMetrics

@@ -30,14 +30,13 @@ from pydantic import ValidationError
 import memdb
 from memdb.admin_service import AdminServicer
 from memdb.auth import Authenticator, AuthInterceptor
+from memdb.backends import open_backend
 from memdb.config import ServerConfig, load_config
-from memdb.events import EventBus
 from memdb.index import IndexCache, IndexParams, set_threads
 from memdb.interceptors import ErrorInterceptor
 from memdb.memory_service import MemoryServicer
 from memdb.metrics import MetricsInterceptor, ServerMetrics
 from memdb.runtime import Runtime
-from memdb.storage import Store
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 
@@ -59,18 +58,12 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
     """Serve until the block exits, then shut down gracefully."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     set_threads(config.faiss_threads)
-    store = Store(
-        config.data_dir,
-        map_size=config.map_size,
-        max_map_size=config.max_map_size,
-        sync=config.sync,
-        retain_versions=config.retain_versions,
-    )
+    store, bus = open_backend(config)
     rt = Runtime(
         config=config,
         store=store,
         cache=IndexCache(config.index_cache_bytes),
-        bus=EventBus(),
+        bus=bus,
         metrics=ServerMetrics(),
         index_params=_index_params(config),
     )

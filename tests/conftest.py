@@ -20,3 +20,13 @@ def smollm2():
     torch.manual_seed(0)
     # no skip: scripts/setup.sh installs the model package, so a missing model is a failure
     return load_model("default", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def cluster_planes(tmp_path_factory):
+    """A real 3-member etcd cluster and a 3-master + 3-replica Redis Cluster on 127.0.0.1,
+    started once per session (tests isolate themselves under their own etcd root)."""
+    from memdb.cluster_process import control_and_data_planes
+
+    with control_and_data_planes(tmp_path_factory.mktemp("cluster")) as planes:
+        yield planes

@@ -1,0 +1,258 @@
+"""A small synchronous client of etcd's v3 JSON gRPC gateway (etcd >= 3.4), over httpx.
+
+etcd serves its v3 API as JSON over HTTP on the client port (`POST /v3/kv/range`, `/v3/kv/txn`,
+`/v3/watch`, `/v3/lease/grant`, ...; keys and values base64). This module owns that encoding,
+failover across the cluster's endpoints, and the watch stream. It knows nothing of what memdb
+keeps in etcd.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from memdb.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def range_end(prefix: bytes) -> bytes:
+    """The end of the key range of every key that starts with `prefix`."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"  # every key
+
+
+WATCH_IDLE_S = 2.0  # a watch stream with no event for this long is re-opened (and `stop` read)
+
+
+@dataclass(frozen=True)
+class KV:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # "put" | "delete"
+    kv: KV
+    prev: KV | None
+
+
+def _kv(raw: dict | None) -> KV | None:
+    if not raw:
+        return None
+    return KV(
+        unb64(raw["key"]),
+        unb64(raw.get("value", "")),
+        int(raw.get("mod_revision", 0)),
+        int(raw.get("create_revision", 0)),
+    )
+
+
+# ---------------------------------------------------------------- transaction parts
+
+
+def cmp_mod(key: bytes, revision: int, *, result: str = "EQUAL", end: bytes | None = None) -> dict:
+    """Compare the mod revision of `key` (or of every key in [key, end)); absent keys have 0."""
+    c = {"key": b64(key), "target": "MOD", "result": result, "mod_revision": str(revision)}
+    if end is not None:
+        c["range_end"] = b64(end)
+    return c
+
+
+def cmp_exists(key: bytes) -> dict:
+    return {"key": b64(key), "target": "VERSION", "result": "GREATER", "version": "0"}
+
+
+def op_put(key: bytes, value: bytes, lease: int = 0) -> dict:
+    req = {"key": b64(key), "value": b64(value)}
+    if lease:
+        req["lease"] = str(lease)
+    return {"request_put": req}
+
+
+def op_delete(key: bytes, end: bytes | None = None) -> dict:
+    req = {"key": b64(key)}
+    if end is not None:
+        req["range_end"] = b64(end)
+    return {"request_delete_range": req}
+
+
+# ---------------------------------------------------------------- the client
+
+
+class EtcdClient:
+    """Thread-safe; fails over to the next endpoint when one cannot be reached."""
+
+    def __init__(self, endpoints: list[str], *, timeout: float = 5.0) -> None:
+        if not endpoints:
+            raise ValueError("etcd needs at least one endpoint URL")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._timeout = timeout
+        self._http = httpx.Client(timeout=timeout)
+        self._first = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict) -> dict:
+        with self._lock:
+            first = self._first
+        n = len(self.endpoints)
+        errors = []
+        for i in range(n):
+            at = (first + i) % n
+            try:
+                resp = self._http.post(self.endpoints[at] + path, json=body)
+            except httpx.TransportError as exc:
+                errors.append(f"{self.endpoints[at]}: {exc}")
+                continue
+            if resp.status_code >= 500 and i + 1 < n:
+                errors.append(f"{self.endpoints[at]}: HTTP {resp.status_code} {resp.text[:200]}")
+                continue
+            if resp.status_code != 200:
+                raise Unavailable(f"etcd {path} failed: HTTP {resp.status_code} {resp.text[:300]}")
+            if at != first:
+                with self._lock:
+                    self._first = at
+            return resp.json()
+        raise Unavailable(f"etcd is unreachable: {'; '.join(errors)}")
+
+    # ------------------------------------------------------------ kv
+
+    def get(self, key: bytes) -> KV | None:
+        kvs, _ = self.range(key)
+        return kvs[0] if kvs else None
+
+    def range(
+        self, key: bytes, end: bytes | None = None, *, limit: int = 0, revision: int = 0
+    ) -> tuple[list[KV], int]:
+        """The keys in [key, end) (just `key` without end), sorted; and the store revision."""
+        body: dict = {"key": b64(key)}
+        if end is not None:
+            body["range_end"] = b64(end)
+        if limit:
+            body["limit"] = str(limit)
+        if revision:
+            body["revision"] = str(revision)
+        resp = self._post("/v3/kv/range", body)
+        return [_kv(raw) for raw in resp.get("kvs", [])], int(resp["header"]["revision"])
+
+    def scan(self, prefix: bytes, *, start_after: bytes = b"", page: int = 1000) -> Iterator[KV]:
+        """Every key that starts with `prefix` (after `start_after`), in pages, in key order;
+        each page is one consistent read."""
+        end = range_end(prefix)
+        start = start_after + b"\0" if start_after else prefix
+        while True:
+            kvs, _ = self.range(start, end, limit=page)
+            yield from kvs
+            if len(kvs) < page:
+                return
+            start = kvs[-1].key + b"\0"
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        body = {"key": b64(key), "value": b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self._post("/v3/kv/put", body)["header"]["revision"])
+
+    def delete(self, key: bytes, end: bytes | None = None) -> int:
+        body = {"key": b64(key)}
+        if end is not None:
+            body["range_end"] = b64(end)
+        return int(self._post("/v3/kv/deleterange", body).get("deleted", 0))
+
+    def txn(self, compare: list[dict], success: list[dict], failure: list[dict] = ()) -> bool:
+        """Run `success` if every compare holds, else `failure`; True if it succeeded."""
+        body = {"compare": compare, "success": success, "failure": list(failure)}
+        return bool(self._post("/v3/kv/txn", body).get("succeeded", False))
+
+    # ------------------------------------------------------------ leases
+
+    def grant(self, ttl: int) -> int:
+        return int(self._post("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """Refresh a lease once; returns its remaining TTL (0 or less: it has expired)."""
+        resp = self._post("/v3/lease/keepalive", {"ID": str(lease)})
+        return int(resp.get("result", {}).get("TTL", 0))
+
+    def revoke(self, lease: int) -> None:
+        self._post("/v3/lease/revoke", {"ID": str(lease)})
+
+    def status(self) -> dict:
+        return self._post("/v3/maintenance/status", {})
+
+    # ------------------------------------------------------------ watch
+
+    def watch(
+        self,
+        prefix: bytes,
+        on_event: Callable[[WatchEvent], None],
+        stop: threading.Event,
+        *,
+        start_revision: int = 0,
+    ) -> None:
+        """Call `on_event` for every change under `prefix` from `start_revision` (0: from now)
+        until `stop` is set; reconnects (to the next endpoint) and resumes after the last
+        revision seen, so no event is missed or repeated."""
+        pos = {"next": start_revision}
+        attempt = 0
+        while not stop.is_set():
+            url = self.endpoints[attempt % len(self.endpoints)] + "/v3/watch"
+            try:
+                self._watch_once(url, prefix, on_event, stop, pos)
+            except httpx.ReadTimeout:
+                continue  # idle: re-open on the same endpoint, resuming at pos["next"]
+            except (httpx.TransportError, httpx.StreamError, ValueError, KeyError) as exc:
+                log.warning("etcd watch on %s broke (%s); reconnecting", url, exc)
+                attempt += 1
+                stop.wait(0.2)
+
+    def _watch_once(
+        self, url: str, prefix: bytes, on_event: Callable, stop: threading.Event, pos: dict
+    ) -> None:
+        req = {"key": b64(prefix), "range_end": b64(range_end(prefix)), "prev_kv": True}
+        if pos["next"]:
+            req["start_revision"] = str(pos["next"])
+        timeout = httpx.Timeout(self._timeout, read=WATCH_IDLE_S)
+        with httpx.Client(timeout=timeout) as http:
+            with http.stream("POST", url, json={"create_request": req}) as resp:
+                for line in resp.iter_lines():
+                    if stop.is_set():
+                        return
+                    result = json.loads(line).get("result", {}) if line.strip() else {}
+                    if result.get("created") and not pos["next"]:  # "now" is this revision
+                        pos["next"] = int(result["header"]["revision"]) + 1
+                    if result.get("compact_revision"):
+                        log.error("etcd compacted past revision %d: events were lost", pos["next"])
+                        pos["next"] = int(result["compact_revision"])
+                        return
+                    for raw in result.get("events", []):
+                        kv = _kv(raw["kv"])
+                        kind = raw.get("type", "PUT").lower()
+                        on_event(WatchEvent(kind, kv, _kv(raw.get("prev_kv"))))
+                        pos["next"] = kv.mod_revision + 1
+                raise httpx.StreamError("the watch stream ended")

@@ -1,0 +1,164 @@
+"""Shard and index bytes of the cluster backend in a Redis Cluster, under content-addressed keys.
+
+Every upload gets an id; each of its blobs is stored as parts of at most `part_bytes` under
+
+    memdb:blob:<upload>:<sha256 of the whole blob>:<part>
+
+so a blob's key names its content (checked on every read) and the upload that staged it (the
+garbage collector drops whole uploads that no retained version or live staging record names).
+Keys carry no hash tag: the parts of a memory spread over every master. This module knows
+nothing of etcd, versions or tenants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from memdb.errors import NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "memdb:blob:"
+PART_BYTES = 8 << 20  # Redis strings may hold 512 MiB; smaller parts spread load over masters
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    digest: str  # sha256 hex of the whole blob
+    size: int
+
+    def to_json(self) -> list:
+        return [self.digest, self.size]
+
+    @classmethod
+    def from_json(cls, raw: list) -> BlobRef:
+        return cls(str(raw[0]), int(raw[1]))
+
+
+def parse_nodes(urls: Iterable[str]) -> list[ClusterNode]:
+    """`redis://host:port` or `host:port` startup nodes."""
+    nodes = []
+    for url in urls:
+        u = urlparse(url if "://" in url else f"redis://{url}")
+        if not u.hostname or not u.port:
+            raise ValueError(f"a Redis address must be host:port or redis://host:port, got {url!r}")
+        nodes.append(ClusterNode(u.hostname, u.port))
+    if not nodes:
+        raise ValueError("the Redis Cluster needs at least one startup address")
+    return nodes
+
+
+class BlobStore:
+    """Thread-safe (redis-py's cluster client is)."""
+
+    def __init__(self, urls: list[str], *, part_bytes: int = PART_BYTES, timeout: float = 5.0):
+        self.part_bytes = part_bytes
+        self._rc = RedisCluster(
+            startup_nodes=parse_nodes(urls),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._rc.close()
+
+    def key(self, upload: str, ref: BlobRef, part: int) -> str:
+        return f"{KEY_PREFIX}{upload}:{ref.digest}:{part}"
+
+    def _parts(self, ref: BlobRef) -> range:
+        return range(max(1, -(-ref.size // self.part_bytes)))
+
+    # ------------------------------------------------------------ write
+
+    def stage(self, upload: str, blobs: list[bytes]) -> list[BlobRef]:
+        """Store every blob under the upload's keys; returns their refs, in order."""
+        refs = [BlobRef(hashlib.sha256(b).hexdigest(), len(b)) for b in blobs]
+        try:
+            pipe = self._rc.pipeline(transaction=False)
+            for ref, blob in zip(refs, blobs, strict=True):
+                view = memoryview(blob)
+                for part in self._parts(ref):
+                    chunk = view[part * self.part_bytes : (part + 1) * self.part_bytes]
+                    pipe.set(self.key(upload, ref, part), bytes(chunk))
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise Unavailable(f"the Redis Cluster refused the upload's blobs: {exc}") from exc
+        return refs
+
+    def delete_upload(self, upload: str) -> int:
+        """Delete every key of an upload; returns how many."""
+        return self.delete_keys(list(self.scan(f"{KEY_PREFIX}{upload}:*")))
+
+    def delete_keys(self, keys: list[str]) -> int:
+        deleted = 0
+        try:
+            for start in range(0, len(keys), 500):
+                deleted += int(self._rc.delete(*keys[start : start + 500]))
+        except redis.RedisError as exc:
+            raise Unavailable(f"the Redis Cluster refused a delete: {exc}") from exc
+        return deleted
+
+    # ------------------------------------------------------------ read
+
+    def read(self, upload: str, refs: list[BlobRef]) -> list[bytes]:
+        """The blobs of `refs`, each checked against its digest."""
+        keys = [self.key(upload, ref, p) for ref in refs for p in self._parts(ref)]
+        try:
+            parts = self._rc.mget_nonatomic(keys) if keys else []
+        except redis.RedisError as exc:
+            raise Unavailable(f"the Redis Cluster could not be read: {exc}") from exc
+        out, at = [], 0
+        for ref in refs:
+            n = len(self._parts(ref))
+            chunk = parts[at : at + n]
+            at += n
+            if any(p is None for p in chunk):
+                raise NotFound(
+                    f"blob {ref.digest[:12]} of upload {upload} is gone from the Redis Cluster "
+                    "(the version was replaced or deleted while it was read); read it again"
+                )
+            blob = b"".join(chunk)
+            if len(blob) != ref.size or hashlib.sha256(blob).hexdigest() != ref.digest:
+                raise Unavailable(f"blob {ref.digest[:12]} of upload {upload} is corrupt")
+            out.append(blob)
+        return out
+
+    # ------------------------------------------------------------ inventory
+
+    def scan(self, match: str = KEY_PREFIX + "*") -> Iterable[str]:
+        """Every key matching `match` on every master."""
+        try:
+            for key in self._rc.scan_iter(match=match, count=1000):
+                yield key.decode() if isinstance(key, bytes) else key
+        except redis.RedisError as exc:
+            raise Unavailable(f"the Redis Cluster could not be scanned: {exc}") from exc
+
+    def keys_by_upload(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = defaultdict(list)
+        for key in self.scan():
+            found[key[len(KEY_PREFIX) :].split(":", 1)[0]].append(key)
+        return dict(found)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._rc.ping())
+        except redis.RedisError:
+            return False
+
+    def used_bytes(self) -> int:
+        """Memory used by the masters (Redis INFO used_memory, summed)."""
+        try:
+            info = self._rc.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        except redis.RedisError as exc:
+            raise Unavailable(f"the Redis Cluster could not be asked for INFO: {exc}") from exc
+        if "used_memory" in info:
+            return int(info["used_memory"])
+        return sum(int(v.get("used_memory", 0)) for v in info.values())

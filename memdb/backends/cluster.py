@@ -99,11 +99,12 @@ class ClusterStore:
         self._retain = retain_versions
         self.keys = Keys(root)
         self.etcd = EtcdClient(etcd)
-        self.blobs = BlobStore(redis)
+        self.blobs = BlobStore(redis, namespace=root.strip("/").replace("/", ":") or "memdb")
         self.cache = BlobCache(cache_dir, cache_bytes)
         self.path = Path(cache_dir)
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._node_address = node_address
+        self._closed = False
         _, revision = self.etcd.range(self.keys.tenants, limit=1)
         self._ensure_default_tenant()
         self.lease = NodeLease(self.etcd, lease_ttl_s)
@@ -143,6 +144,9 @@ class ClusterStore:
 
     def close(self, *, crash: bool = False) -> None:
         """Stop the node's threads, withdraw its registration (unless simulating a crash)."""
+        if self._closed:
+            return
+        self._closed = True
         self.gc.close()
         self.event_bus.close()
         self.lease.close(revoke=not crash)

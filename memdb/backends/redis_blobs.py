@@ -2,7 +2,7 @@
 
 Every upload gets an id; each of its blobs is stored as parts of at most `part_bytes` under
 
-    memdb:blob:<upload>:<sha256 of the whole blob>:<part>
+    <namespace>:blob:<upload>:<sha256 of the whole blob>:<part>      (namespace: "memdb")
 
 so a blob's key names its content (checked on every read) and the upload that staged it (the
 garbage collector drops whole uploads that no retained version or live staging record names).
@@ -26,7 +26,7 @@ from memdb.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "memdb:blob:"
+DEFAULT_NAMESPACE = "memdb"
 PART_BYTES = 8 << 20  # Redis strings may hold 512 MiB; smaller parts spread load over masters
 
 
@@ -59,7 +59,17 @@ def parse_nodes(urls: Iterable[str]) -> list[ClusterNode]:
 class BlobStore:
     """Thread-safe (redis-py's cluster client is)."""
 
-    def __init__(self, urls: list[str], *, part_bytes: int = PART_BYTES, timeout: float = 5.0):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        part_bytes: int = PART_BYTES,
+        timeout: float = 5.0,
+    ) -> None:
+        if not namespace or any(c in namespace for c in "{}*?[] "):
+            raise ValueError(f"a Redis key namespace must be plain text, got {namespace!r}")
+        self.prefix = f"{namespace}:blob:"
         self.part_bytes = part_bytes
         self._rc = RedisCluster(
             startup_nodes=parse_nodes(urls),
@@ -71,7 +81,7 @@ class BlobStore:
         self._rc.close()
 
     def key(self, upload: str, ref: BlobRef, part: int) -> str:
-        return f"{KEY_PREFIX}{upload}:{ref.digest}:{part}"
+        return f"{self.prefix}{upload}:{ref.digest}:{part}"
 
     def _parts(self, ref: BlobRef) -> range:
         return range(max(1, -(-ref.size // self.part_bytes)))
@@ -95,7 +105,7 @@ class BlobStore:
 
     def delete_upload(self, upload: str) -> int:
         """Delete every key of an upload; returns how many."""
-        return self.delete_keys(list(self.scan(f"{KEY_PREFIX}{upload}:*")))
+        return self.delete_keys(list(self.scan(upload)))
 
     def delete_keys(self, keys: list[str]) -> int:
         deleted = 0
@@ -133,8 +143,9 @@ class BlobStore:
 
     # ------------------------------------------------------------ inventory
 
-    def scan(self, match: str = KEY_PREFIX + "*") -> Iterable[str]:
-        """Every key matching `match` on every master."""
+    def scan(self, upload: str = "") -> Iterable[str]:
+        """Every key of this namespace (of one upload, if given), on every master."""
+        match = f"{self.prefix}{upload}:*" if upload else f"{self.prefix}*"
         try:
             for key in self._rc.scan_iter(match=match, count=1000):
                 yield key.decode() if isinstance(key, bytes) else key
@@ -144,7 +155,7 @@ class BlobStore:
     def keys_by_upload(self) -> dict[str, list[str]]:
         found: dict[str, list[str]] = defaultdict(list)
         for key in self.scan():
-            found[key[len(KEY_PREFIX) :].split(":", 1)[0]].append(key)
+            found[key[len(self.prefix) :].split(":", 1)[0]].append(key)
         return dict(found)
 
     def ping(self) -> bool:

@@ -1,0 +1,310 @@
+"""The cluster backend's own behaviours, with several nodes (ClusterStores) on one real 3-member
+etcd cluster and one real 3-master + 3-replica Redis Cluster: compare-and-swap between nodes,
+quotas across nodes, Watch across nodes, crash safety of staging vs publishing and the blob
+garbage collector, the node's LMDB read cache, node registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+from memdb.backends.blob_cache import BlobCache
+from memdb.backends.cluster import ClusterStore
+from memdb.errors import FailedPrecondition, NotFound, ResourceExhausted
+from memdb.records import TenantRecord
+from memdb.shards import decode_shard
+from tests.test_storage import T, shard_bytes, write
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def root() -> str:
+    return f"/memdb-test-{uuid.uuid4().hex}/"
+
+
+@pytest.fixture
+def nodes(cluster_planes, tmp_path, root):
+    """Open `n` nodes sharing one etcd root (one memdb cluster); all closed at the end."""
+    opened: list[ClusterStore] = []
+
+    def open_nodes(n: int = 2, **kw) -> list[ClusterStore]:
+        etcd, redis = cluster_planes
+        kw.setdefault("gc_interval_s", 0)
+        kw.setdefault("lease_ttl_s", 3)
+        kw.setdefault("cache_bytes", 64 * MiB)
+        for _ in range(n):
+            node = ClusterStore(etcd.client_urls, redis.urls, root=root,
+                                cache_dir=tmp_path / f"cache-{len(opened)}", **kw)  # fmt: skip
+            opened.append(node)
+        return opened[-n:]
+
+    yield open_nodes
+    for node in opened:
+        node.close()
+
+
+def upload_keys(node: ClusterStore, upload: str) -> list[str]:
+    return list(node.blobs.scan(upload))
+
+
+def upload_of(node: ClusterStore, name: str, version: int = 0) -> str:
+    return node._version_entry(T, name, version)[1]["upload"]
+
+
+# ---------------------------------------------------------------- writes across nodes
+
+
+def test_two_nodes_writing_the_same_expected_version_cannot_both_win(nodes):
+    a, b = nodes(2)
+    write(a, "p")
+    staged = threading.Barrier(2)
+    for node in (a, b):  # both have staged their blobs before either publishes
+        node.stage_hook = lambda upload: staged.wait(10)
+    results: list = []
+
+    def update(node, fill):
+        try:
+            results.append(write(node, "p", mode="update", expected_version=1, token_count=fill))
+        except FailedPrecondition as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=update, args=(n, i)) for i, n in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    won = [r for r in results if not isinstance(r, Exception)]
+    lost = [r for r in results if isinstance(r, FailedPrecondition)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert "at version 2, not the expected 1" in str(lost[0])
+    assert b.get_prefix(T, "p").version == 2
+    assert a.get_prefix(T, "p").token_count == won[0].token_count
+
+
+def test_a_quota_holds_across_nodes_writing_at_once(nodes):
+    a, b = nodes(2)
+    a.put_tenant(TenantRecord("small", max_prefixes=1))
+    staged = threading.Barrier(2)
+    for node in (a, b):
+        node.stage_hook = lambda upload: staged.wait(10)
+    results: list = []
+
+    def create(node, name):
+        try:
+            results.append(write(node, name, tenant="small", mode="create"))
+        except ResourceExhausted as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=create, args=(n, f"x{i}")) for i, n in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(type(r).__name__ for r in results) == ["PrefixRecord", "ResourceExhausted"]
+    assert a.usage("small")[0] == b.usage("small")[0] == 1
+
+
+def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
+    a, b = nodes(2)
+    shards = [shard_bytes(seed=layer, m=64) for layer in range(3)]
+    rec = write(a, "p", shards=shards, tag="x")
+    snap = b.read_version(T, "p")
+    assert snap.record == rec and [snap.shards[i] for i in range(3)] == shards
+    assert snap.indices[2] == [b"index x 2 0", b"index x 2 1"]
+
+
+# ---------------------------------------------------------------- watch across nodes
+
+
+def test_watch_on_one_node_sees_puts_and_deletes_made_through_another(nodes):
+    a, b = nodes(2)
+    sub = b.event_bus.subscribe(T, ["w"])
+    a.event_bus.publish(object())  # local publishes are ignored: events come from etcd
+    write(a, "w")
+    write(a, "other")
+    write(a, "w", mode="update")
+    a.delete_prefix(T, "w")
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        try:
+            got.append(sub.queue.get(timeout=0.5))
+        except Exception:
+            pass
+    assert [(e.kind, e.name, e.version) for e in got] == [
+        ("put", "w", 1), ("put", "w", 2), ("delete", "w", 2)]  # fmt: skip
+    assert got[0].model_fingerprint == "model-a"
+
+
+# ---------------------------------------------------------------- crash safety and GC
+
+
+CRASH = """
+import os, signal, sys
+sys.path[:0] = {path!r}
+from memdb.backends.cluster import ClusterStore
+from tests.test_storage import write
+store = ClusterStore({etcd!r}, {redis!r}, root={root!r}, cache_dir={cache!r},
+                     gc_interval_s=0, lease_ttl_s=2)
+def crash(upload):
+    print(upload, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # a node dies between staging and publishing
+store.stage_hook = crash
+write(store, "torn")
+"""
+
+
+def test_a_node_killed_between_staging_and_publishing_leaves_no_version_and_gc_cleans_up(
+    nodes, cluster_planes, root, tmp_path
+):
+    (survivor,) = nodes(1, gc_grace_s=0)
+    write(survivor, "kept")
+    kept_keys = upload_keys(survivor, upload_of(survivor, "kept"))
+    etcd, redis = cluster_planes
+    code = CRASH.format(path=sys.path, etcd=etcd.client_urls, redis=redis.urls, root=root,
+                        cache=str(tmp_path / "crash-cache"))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    upload = proc.stdout.strip()
+    assert len(upload_keys(survivor, upload)) == 3 + 6  # staged: 3 shards, 3 x 2 indices
+    with pytest.raises(NotFound):
+        survivor.get_prefix(T, "torn")
+    assert [r.name for r in survivor.list_prefixes(T)] == ["kept"]
+    survivor.gc.collect()  # the staging record lives until the dead node's lease expires
+    assert len(upload_keys(survivor, upload)) == 9
+    deadline = time.monotonic() + 15
+    while upload in survivor.gc.live_uploads() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert survivor.gc.collect() == 9
+    assert upload_keys(survivor, upload) == []
+    assert sorted(upload_keys(survivor, upload_of(survivor, "kept"))) == sorted(kept_keys)
+    assert survivor.read_version(T, "kept").record.version == 1
+
+
+def test_gc_removes_replaced_and_deleted_versions_after_the_grace_period(nodes):
+    (node,) = nodes(1, gc_grace_s=0.5, retain_versions=2)
+    uploads = [upload_of(node, "p", write(node, "p").version) for _ in range(3)]
+    write(node, "gone")
+    gone = upload_of(node, "gone")
+    node.delete_prefix(T, "gone")
+    assert node.gc.collect() == 0  # first seen unreferenced: kept for the grace period
+    time.sleep(0.6)
+    assert node.gc.collect() == 9 + 9  # version 1 of p (no longer retained) and all of "gone"
+    assert upload_keys(node, uploads[0]) == [] and upload_keys(node, gone) == []
+    for upload in uploads[1:]:
+        assert len(upload_keys(node, upload)) == 9
+    assert node.read_version(T, "p", 2).record.version == 2
+
+
+def test_one_node_holds_the_collectors_lease(nodes):
+    a, b = nodes(2)
+    assert [a.gc.is_leader(), b.gc.is_leader()] == [True, False]
+    a.close(crash=True)  # its lease expires; then b may collect
+    deadline = time.monotonic() + 15
+    while not b.gc.is_leader() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b.gc.is_leader()
+
+
+# ---------------------------------------------------------------- the node's read cache
+
+
+def test_a_hot_memory_is_served_from_the_nodes_cache_without_redis(nodes):
+    a, b = nodes(2)
+    shards = [shard_bytes(seed=layer) for layer in range(3)]
+    write(a, "hot", shards=shards)
+    first = a.read_version(T, "hot")
+    hits = a.cache.hits
+    node_upload = upload_of(a, "hot")
+    a.blobs.delete_upload(node_upload)  # Redis no longer has the blobs
+    again = a.read_version(T, "hot")
+    assert again.shards == first.shards and again.indices == first.indices
+    assert a.cache.hits == hits + 9
+    with pytest.raises(NotFound, match="gone from the Redis Cluster"):
+        b.read_version(T, "hot")  # a node with a cold cache must go to Redis
+
+
+def test_blob_cache_is_bounded_and_evicts_the_least_recently_used(tmp_path):
+    cache = BlobCache(tmp_path / "c", max_bytes=3000)
+    for i in range(3):
+        cache.put(f"k{i}", bytes([i]) * 1000)
+    assert cache.get("k0") == b"\0" * 1000  # k0 is now the most recent
+    cache.put("k3", b"\3" * 1000)
+    assert cache.get("k1") is None and cache.get("k0") is not None and len(cache) == 3
+    assert cache.nbytes == 3000
+    cache.put("big", b"x" * 5000)  # larger than the whole cache: not cached
+    assert cache.get("big") is None
+    cache.close()
+    reopened = BlobCache(tmp_path / "c", max_bytes=3000)
+    assert reopened.get("k3") == b"\3" * 1000 and reopened.nbytes == 3000
+    reopened.close()
+
+
+def test_concurrent_readers_on_one_node_see_whole_versions_written_by_another(nodes):
+    reader_node, writer_node = nodes(2)
+    write(writer_node, shards=[shard_bytes(value=1.0, seed=i) for i in range(3)], tag="1",
+          token_count=1)  # fmt: skip
+    errors: list[str] = []
+    reads = [0]
+    done = threading.Event()
+
+    def reader():
+        while not done.is_set():
+            snap = reader_node.read_version(T, "p")
+            v = snap.record.version
+            for layer, blob in snap.shards.items():
+                if not (decode_shard(blob).lse == v).all():
+                    errors.append(f"version {v} layer {layer} has another version's shard")
+                if snap.indices[layer][0] != f"index {v} {layer} 0".encode():
+                    errors.append(f"version {v} layer {layer} has another version's index")
+            reads[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for v in range(2, 7):
+            shards = [shard_bytes(m=64, value=float(v), seed=i) for i in range(3)]
+            write(writer_node, shards=shards, tag=str(v), token_count=v)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert reads[0] > 0 and reader_node.get_prefix(T, "p").version == 6
+
+
+# ---------------------------------------------------------------- nodes and accounting
+
+
+def test_nodes_register_with_a_lease_and_leave(nodes):
+    a, b, c = nodes(3)
+    assert {n["node"] for n in a.list_nodes()} == {a.node_id, b.node_id, c.node_id}
+    b.close()  # a graceful stop withdraws at once
+    assert {n["node"] for n in a.list_nodes()} == {a.node_id, c.node_id}
+    c.close(crash=True)  # a crash: gone once its lease expires
+    deadline = time.monotonic() + 15
+    while len(a.list_nodes()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [n["node"] for n in a.list_nodes()] == [a.node_id]
+    assert a.healthy()
+
+
+def test_usage_count_records_and_info_of_the_cluster(nodes):
+    (node,) = nodes(1)
+    first = write(node, "a")
+    second = write(node, "b")
+    assert node.usage(T) == (2, first.bytes + second.bytes)
+    info = node.info()
+    assert (info["num_tenants"], info["num_prefixes"], info["nodes"]) == (1, 2, 1)
+    assert info["used_bytes"] > first.bytes + second.bytes
+    counts = node.count_records()
+    assert (counts["versions"], counts["shards"], counts["indices"]) == (2, 6, 12)

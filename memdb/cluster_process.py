@@ -4,7 +4,8 @@
 etcd-server) on free loopback ports; `redis_cluster(dir, masters=3, replicas=1)` starts real
 `redis-server` processes in cluster mode and joins them with `redis-cli --cluster create`. Both
 wait until the cluster serves and stop every process on exit (`kill()` on a member simulates a
-crash). Knows nothing of memdb's data.
+crash). `memdb_cluster(dir, etcd, redis, nodes=3)` starts memdb-server processes with the cluster
+backend on them. Knows nothing of memdb's data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from memdb.process import ChildProcess, spawn
+from memdb.process import ChildProcess, ServerProcess, spawn, start_server
 
 
 def free_ports(n: int) -> list[int]:
@@ -239,3 +240,23 @@ def control_and_data_planes(root: Path) -> Iterator[tuple[EtcdCluster, RedisClus
         etcd = stack.enter_context(etcd_cluster(Path(root) / "etcd"))
         redis = stack.enter_context(redis_cluster(Path(root) / "redis"))
         yield etcd, redis
+
+
+# ---------------------------------------------------------------- memdb nodes
+
+
+@contextmanager
+def memdb_cluster(
+    root: Path, etcd: EtcdCluster, redis: RedisCluster, nodes: int = 3, **flags
+) -> Iterator[list[ServerProcess]]:
+    """`nodes` memdb-server processes with the cluster backend on one etcd + Redis Cluster
+    (their own etcd root, so several memdb clusters can share the planes)."""
+    flags = {"backend": "cluster", "etcd": ",".join(etcd.client_urls),
+             "redis": ",".join(redis.urls), "etcd_root": f"/memdb-{time.monotonic_ns()}/",
+             **flags}  # fmt: skip
+    with ExitStack() as stack:
+        servers = []
+        for i in range(nodes):
+            servers.append(start_server(Path(root) / f"node{i}", **flags))
+            stack.callback(servers[-1].stop)
+        yield servers

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from memdb.cluster_process import memdb_cluster
 from memdb.config import ServerConfig
 from memdb.errors import (
     AlreadyExists,
@@ -52,11 +53,17 @@ def make_shards(layers=3, groups=2, m=64, dk=16, h=2, d=8, seed=0, fill=None) ->
     return shards
 
 
-@pytest.fixture(scope="module", params=["inprocess", "process"])
+@pytest.fixture(scope="module", params=["inprocess", "process", "cluster"])
 def server(request, tmp_path_factory):
-    """(address, root key, how): the same tests run against both."""
+    """(address, metrics address, how): the same tests run against one node in-process, one
+    node as a process, and three cluster-backend nodes (address `a,b,c`: round robin)."""
     data = tmp_path_factory.mktemp(f"data-{request.param}")
-    if request.param == "inprocess":
+    if request.param == "cluster":
+        etcd, redis = request.getfixturevalue("cluster_planes")
+        with memdb_cluster(data, etcd, redis, nodes=3, admin_key=ROOT_KEY,
+                           max_upload_bytes=8 << 20) as nodes:  # fmt: skip
+            yield ",".join(n.address for n in nodes), nodes[0].metrics_address, request.param
+    elif request.param == "inprocess":
         cfg = ServerConfig(data_dir=data, listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
                            admin_key=ROOT_KEY, max_upload_bytes=8 << 20)  # fmt: skip
         with run_server(cfg) as s:
@@ -431,6 +438,7 @@ def test_quota_is_resource_exhausted(root):
 
 def test_health_reflection_and_metrics_are_served(server, root):
     address, metrics, _ = server
+    address = address.split(",")[0]  # a cluster: the node whose metrics are read
     with grpc.insecure_channel(address) as ch:
         resp = health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(service="memdb.v1.MemoryService"), timeout=5
@@ -442,7 +450,8 @@ def test_health_reflection_and_metrics_are_served(server, root):
                                             metadata=(("x-api-key", ROOT_KEY),))  # fmt: skip
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"memdb.v1.MemoryService", "memdb.v1.AdminService"} <= names
-    root.stats()
+    with MemdbClient(address, ROOT_KEY) as node:
+        node.stats()
     text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
     assert 'memdb_requests_total{code="OK",method="Stats"}' in text
     assert "memdb_request_seconds_bucket" in text and "memdb_store_bytes" in text

@@ -262,7 +262,7 @@ class Size(click.ParamType):
     envvar="MEMDB_SERVER",
     default=DEFAULT_ADDRESS,
     show_default=True,
-    help="Server address HOST:PORT (env MEMDB_SERVER).",
+    help="Server address HOST:PORT, or several: a:1,b:2 (env MEMDB_SERVER).",
 )
 @click.option(
     "--api-key",

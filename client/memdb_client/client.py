@@ -20,6 +20,7 @@ from memdb.shards import Shard, decode_shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 from memdb.wire import decode_tensor, encode_tensor
+from memdb_client.targets import channel_options, channel_target
 from memdb_client.types import (
     ROLES,
     ApiKeyInfo,
@@ -37,7 +38,8 @@ _MODES = {"create": pb.PUT_MODE_CREATE, "update": pb.PUT_MODE_UPDATE, "upsert": 
 
 
 class MemdbClient:
-    """A connection to one memdb server, as one API key (hence one tenant)."""
+    """A connection to one memdb server or several (`a:1,b:2`: round_robin, idempotent calls
+    retried on UNAVAILABLE), as one API key (hence one tenant)."""
 
     def __init__(
         self,
@@ -59,12 +61,14 @@ class MemdbClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *channel_options(self.address),  # several addresses: round_robin + retries
         ]
+        target = channel_target(self.address)
         if tls:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(self.address, creds, options=options)
+            self._channel = grpc.secure_channel(target, creds, options=options)
         else:
-            self._channel = grpc.insecure_channel(self.address, options=options)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._memory = pb_grpc.MemoryServiceStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -29,7 +29,7 @@ class WorkerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMDB_", extra="forbid")
 
     config: Path | None = Field(None, description="TOML file with any of these settings")
-    server: str = Field("127.0.0.1:50051", description="memdb server address HOST:PORT")
+    server: str = Field("127.0.0.1:50051", description="memdb server HOST:PORT[,HOST:PORT...]")
     api_key: SecretStr = Field(SecretStr(""), description="API key of the tenant (reader or up)")
     tls: bool = Field(False, description="connect to the server with TLS")
     model: str = Field("default", description="'default' (SmolLM2 GGUF), a .gguf file or folder")

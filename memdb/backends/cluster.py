@@ -136,8 +136,9 @@ class ClusterStore:
         return [json.loads(kv.value) for kv in self.etcd.scan(self.keys.nodes)]
 
     def healthy(self) -> bool:
+        """etcd answers a linearizable read (a quorum is up) and Redis answers a ping."""
         try:
-            self.etcd.status()
+            self.etcd.range(self.keys.tenants, limit=1)
         except Unavailable:
             return False
         return self.blobs.ping()

@@ -159,10 +159,12 @@ class BlobStore:
         return dict(found)
 
     def ping(self) -> bool:
+        """The cluster answers and every slot is served (cluster_state:ok)."""
         try:
-            return bool(self._rc.ping())
+            info = self._rc.cluster_info(target_nodes=RedisCluster.RANDOM)
         except redis.RedisError:
             return False
+        return info.get("cluster_state") == "ok"
 
     def used_bytes(self) -> int:
         """Memory used by the masters (Redis INFO used_memory, summed)."""

@@ -1,0 +1,164 @@
+"""Failures of a cluster, with real processes on 127.0.0.1 and their own etcd + Redis Cluster
+(this module kills members of them): a memdb node killed under client load, a node restarted
+with an empty cache, a Redis master killed (failover to its replica), an etcd member killed,
+and a node's health while etcd has no quorum."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from memdb.backends.cluster import ClusterStore
+from memdb.backends.health import HealthMonitor
+from memdb.cluster_process import control_and_data_planes, memdb_cluster
+from memdb.errors import MemdbError, Unavailable
+from memdb.process import start_server
+from memdb_client import MemdbClient
+from tests.test_server import FP, ROOT_KEY, make_shards
+from tests.test_storage import T, shard_bytes, write
+
+
+@pytest.fixture(scope="module")
+def planes(tmp_path_factory):
+    with control_and_data_planes(tmp_path_factory.mktemp("failures")) as planes:
+        yield planes
+
+
+def eventually(check, timeout: float = 20.0, every: float = 0.2):
+    """Call `check` until it returns without raising; return its value (or raise its error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except (MemdbError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(every)
+
+
+def test_a_node_killed_under_load_loses_no_acknowledged_write_and_clients_go_on(planes, tmp_path):
+    etcd, redis = planes
+    with memdb_cluster(tmp_path, etcd, redis, nodes=3, admin_key=ROOT_KEY,
+                       gc_interval_s=1, gc_grace_s=1) as nodes:  # fmt: skip
+        address = ",".join(n.address for n in nodes)
+        client = MemdbClient(address, ROOT_KEY, timeout=20)
+        client.put_prefix("load", make_shards(fill=0.0), model_fingerprint=FP)
+        acked: dict[int, float] = {}  # version -> fill of every acknowledged write
+        attempted: set[float] = set()
+        lookup_errors: list[str] = []
+        lookups = [0]
+        stop = threading.Event()
+
+        def writer():
+            fill = 0.0
+            while not stop.is_set():
+                fill += 1.0
+                attempted.add(fill)
+                try:
+                    info = client.put_prefix("load", make_shards(fill=fill),
+                                             model_fingerprint=FP, mode="update")  # fmt: skip
+                    acked[info.version] = fill
+                except Unavailable:
+                    pass  # not acknowledged: the node died under it
+
+        def reader():
+            q = np.ones((2, 16), np.float32)
+            while not stop.is_set():
+                try:
+                    res = client.lookup("load", 1, q, model_fingerprint=FP, k=2)
+                    if not np.all(res.out == res.out.flat[0]):
+                        lookup_errors.append(f"version {res.version} mixes states")
+                    lookups[0] += 1
+                except MemdbError as exc:
+                    lookup_errors.append(repr(exc))
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        before = (len(acked), lookups[0])
+        nodes[1].kill()  # kill -9 under load
+        time.sleep(3.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert len(acked) > before[0] and lookups[0] > before[1]  # both went on after the kill
+        assert not lookup_errors, lookup_errors[:3]
+        last = max(acked)
+        current = client.get_prefix("load")
+        assert current.version >= last  # no acknowledged write lost
+        for version in (current.version - 1, current.version):  # the retained: as written
+            fetched = client.fetch_memory("load", model_fingerprint=FP, version=version)
+            fill = float(fetched.shards[0].out.flat[0])
+            assert fill == acked.get(version, fill) and fill in attempted
+
+        # a node restarted with an empty cache serves everything from the cluster
+        shutil.rmtree(nodes[1].data_dir)
+        flags = {"backend": "cluster", "etcd": ",".join(etcd.client_urls),
+                 "redis": ",".join(redis.urls), "etcd_root": _root_of(nodes[0])}  # fmt: skip
+        fresh = start_server(nodes[1].data_dir, admin_key=ROOT_KEY, **flags)
+        try:
+            with MemdbClient(fresh.address, ROOT_KEY) as c:
+                got = c.fetch_memory("load", model_fingerprint=FP)
+                assert got.info.version == current.version
+                np.testing.assert_array_equal(got.shards[2].keys, make_shards()[2].keys)
+        finally:
+            fresh.stop()
+        client.close()
+
+
+def _root_of(server) -> str:
+    """The etcd root a memdb_cluster node was started with (from its command line)."""
+    args = server.proc.args
+    return args[args.index("--etcd-root") + 1]
+
+
+def test_a_killed_redis_master_fails_over_and_reads_and_writes_go_on(planes, tmp_path):
+    etcd, redis = planes
+    node = ClusterStore(etcd.client_urls, redis.urls, cache_dir=tmp_path / "c", cache_bytes=1 << 20,
+                        root="/memdb-redis-failover/", gc_interval_s=0)  # fmt: skip
+    try:
+        shards = [shard_bytes(seed=i, m=16 * 1024) for i in range(3)]  # each > 1 MiB: no cache
+        write(node, "p", shards=shards)
+        masters = [p for p in redis.ports if redis.role(p) == "master"]
+        victim = masters[0]
+        redis.nodes[redis.ports.index(victim)].kill()
+        snap = eventually(lambda: node.read_version(T, "p"), timeout=30)
+        assert [snap.shards[i] for i in range(3)] == shards
+        assert eventually(lambda: write(node, "p").version, timeout=30) == 2
+        promoted = [p for p in redis.ports if p != victim and redis.role(p) == "master"]
+        assert len(promoted) == 3  # a replica took the dead master's slots
+        assert eventually(node.healthy, timeout=30)
+    finally:
+        node.close()
+
+
+def test_writes_go_on_with_one_of_three_etcd_members_killed_and_stop_without_quorum(
+    planes, tmp_path
+):
+    etcd, redis = planes
+    node = ClusterStore(etcd.client_urls, redis.urls, cache_dir=tmp_path / "c",
+                        root="/memdb-etcd-failover/", gc_interval_s=0)  # fmt: skip
+    states: list[bool] = []
+    monitor = HealthMonitor(node.healthy, states.append, period_s=0.2)
+    try:
+        write(node, "p")
+        etcd.members[0].kill()  # the first endpoint: the client fails over to the others
+        assert eventually(lambda: write(node, "p").version) == 2
+        assert node.read_version(T, "p").record.version == 2
+        eventually(lambda: _assert(states == [True]))
+        etcd.members[1].kill()  # no quorum: NOT_SERVING, writes fail cleanly
+        eventually(lambda: _assert(states[-1] is False), timeout=30)
+        with pytest.raises(Unavailable):
+            write(node, "p")
+    finally:
+        monitor.close()
+        node.close(crash=True)  # no quorum to revoke the lease with
+
+
+def _assert(condition: bool) -> None:
+    assert condition

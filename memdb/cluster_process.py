@@ -103,14 +103,14 @@ def start_etcd_cluster(root: Path, members: int = 3, timeout: float = 60.0) -> E
         procs.append(ChildProcess(spawn(args, d / "etcd.log"), d / "etcd.log"))
     cluster = EtcdCluster(procs, clients, names)
     try:
-        _wait_etcd(cluster, timeout)
+        wait_etcd(cluster, timeout)
     except BaseException:
         cluster.stop()
         raise
     return cluster
 
 
-def _wait_etcd(cluster: EtcdCluster, timeout: float) -> None:
+def wait_etcd(cluster: EtcdCluster, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(cluster.client_urls)
     while pending:
@@ -187,20 +187,25 @@ def start_redis_cluster(
         nodes.append(ChildProcess(spawn(args, d / "redis.log"), d / "redis.log"))
     cluster = RedisCluster(nodes, ports)
     try:
-        _wait_redis(cluster, ports, timeout)
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-             "--cluster-replicas", str(replicas), "--cluster-yes"],
-            capture_output=True, text=True, timeout=timeout, check=True,
-        )  # fmt: skip
-        _wait_redis(cluster, ports, timeout, state="cluster_state:ok")
+        wait_redis(cluster, ports, timeout)
+        create_redis_cluster(cluster, replicas, timeout)
     except BaseException:
         cluster.stop()
         raise
     return cluster
 
 
-def _wait_redis(
+def create_redis_cluster(cluster: RedisCluster, replicas: int, timeout: float = 60.0) -> None:
+    """Join started cluster-mode nodes into one cluster and wait until it serves every slot."""
+    subprocess.run(
+        ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in cluster.ports],
+         "--cluster-replicas", str(replicas), "--cluster-yes"],
+        capture_output=True, text=True, timeout=timeout, check=True,
+    )  # fmt: skip
+    wait_redis(cluster, cluster.ports, timeout, state="cluster_state:ok")
+
+
+def wait_redis(
     cluster: RedisCluster, ports: list[int], timeout: float, state: str | None = None
 ) -> None:
     deadline = time.monotonic() + timeout

@@ -203,6 +203,17 @@ def create_redis_cluster(cluster: RedisCluster, replicas: int, timeout: float = 
         capture_output=True, text=True, timeout=timeout, check=True,
     )  # fmt: skip
     wait_redis(cluster, cluster.ports, timeout, state="cluster_state:ok")
+    masters = [p for p in cluster.ports if cluster.role(p) == "master"]
+    wanted = f"connected_slaves:{replicas}"
+    deadline = time.monotonic() + timeout
+    for port in masters:  # every replica has synced (else WAIT for replicas cannot succeed)
+        while True:
+            info = _redis_cli(port, "INFO", "replication")
+            if wanted in info and info.count("state=online") == replicas:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replicas of redis {port} not in sync after {timeout}s")
+            time.sleep(0.1)
 
 
 def wait_redis(

@@ -64,6 +64,9 @@ class ServerConfig(BaseSettings):
     backend: Literal["local", "cluster"] = Field("local", description="local LMDB or cluster")
     etcd: str = Field("", description="cluster: etcd client URLs, comma-separated")
     redis: str = Field("", description="cluster: Redis Cluster host:port list, comma-separated")
+    redis_min_replicas: int = Field(
+        1, ge=0, description="cluster: replicas that must hold new blobs before publishing"
+    )
     etcd_root: str = Field("/memdb/", description="cluster: key prefix of memdb in etcd")
     cache_bytes: int = Field(1 * GiB, ge=MiB, description="cluster: node's LMDB blob cache")
     node_lease_s: int = Field(10, ge=2, description="cluster: TTL of the node's etcd lease")

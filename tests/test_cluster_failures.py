@@ -5,7 +5,9 @@ and a node's health while etcd has no quorum."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import time
 
@@ -16,7 +18,7 @@ from memdb.backends.cluster import ClusterStore
 from memdb.backends.health import HealthMonitor
 from memdb.cluster_process import control_and_data_planes, memdb_cluster
 from memdb.errors import MemdbError, Unavailable
-from memdb.process import start_server
+from memdb.process import ChildProcess, spawn, start_server
 from memdb_client import MemdbClient
 from tests.test_server import FP, ROOT_KEY, make_shards
 from tests.test_storage import T, shard_bytes, write
@@ -117,6 +119,29 @@ def _root_of(server) -> str:
     return args[args.index("--etcd-root") + 1]
 
 
+def test_blobs_not_on_a_replica_are_never_published(planes, tmp_path):
+    """Redis replicates asynchronously: a version is published only once every master's
+    replica holds its blobs (WAIT), so a master's death cannot lose an acknowledged write."""
+    etcd, redis = planes
+    node = ClusterStore(etcd.client_urls, redis.urls, cache_dir=tmp_path / "c",
+                        root="/memdb-wait/", gc_interval_s=0)  # fmt: skip
+    replicas = [redis.nodes[i].proc for i, p in enumerate(redis.ports) if redis.role(p) == "slave"]
+    try:
+        write(node, "p")
+        for proc in replicas:
+            os.kill(proc.pid, signal.SIGSTOP)  # replicas stop acknowledging
+        try:
+            with pytest.raises(Unavailable, match="replicas required"):
+                write(node, "p", mode="update")
+        finally:
+            for proc in replicas:
+                os.kill(proc.pid, signal.SIGCONT)
+        assert node.get_prefix(T, "p").version == 1  # nothing was published
+        assert write(node, "p", mode="update").version == 2
+    finally:
+        node.close()
+
+
 def test_a_killed_redis_master_fails_over_and_reads_and_writes_go_on(planes, tmp_path):
     etcd, redis = planes
     node = ClusterStore(etcd.client_urls, redis.urls, cache_dir=tmp_path / "c", cache_bytes=1 << 20,
@@ -125,13 +150,20 @@ def test_a_killed_redis_master_fails_over_and_reads_and_writes_go_on(planes, tmp
         shards = [shard_bytes(seed=i, m=16 * 1024) for i in range(3)]  # each > 1 MiB: no cache
         write(node, "p", shards=shards)
         masters = [p for p in redis.ports if redis.role(p) == "master"]
-        victim = masters[0]
-        redis.nodes[redis.ports.index(victim)].kill()
+        victim = redis.ports.index(masters[0])
+        dead = redis.nodes[victim]
+        dead.kill()
         snap = eventually(lambda: node.read_version(T, "p"), timeout=30)
-        assert [snap.shards[i] for i in range(3)] == shards
-        assert eventually(lambda: write(node, "p").version, timeout=30) == 2
-        promoted = [p for p in redis.ports if p != victim and redis.role(p) == "master"]
-        assert len(promoted) == 3  # a replica took the dead master's slots
+        assert [snap.shards[i] for i in range(3)] == shards  # reads go on (from the replica)
+        alive = [p for p in redis.ports if p != masters[0]]
+        assert sum(redis.role(p) == "master" for p in alive) == 3  # a replica took over
+        with pytest.raises(Unavailable):  # its slots have no replica now: writes fail cleanly
+            write(node, "p")
+        assert node.get_prefix(T, "p").version == 1
+        # the dead master comes back and rejoins as the replica of the one that took over
+        redis.nodes[victim] = ChildProcess(spawn(dead.proc.args, dead.log_path), dead.log_path)
+        assert eventually(lambda: write(node, "p").version, timeout=60) == 2
+        assert redis.role(masters[0]) == "slave"
         assert eventually(node.healthy, timeout=30)
     finally:
         node.close()
@@ -141,8 +173,14 @@ def test_writes_go_on_with_one_of_three_etcd_members_killed_and_stop_without_quo
     planes, tmp_path
 ):
     etcd, redis = planes
-    node = ClusterStore(etcd.client_urls, redis.urls, cache_dir=tmp_path / "c",
-                        root="/memdb-etcd-failover/", gc_interval_s=0)  # fmt: skip
+    node = ClusterStore(
+        etcd.client_urls,
+        redis.urls,
+        cache_dir=tmp_path / "c",
+        root="/memdb-etcd-failover/",
+        gc_interval_s=0,
+        redis_min_replicas=0,
+    )  # fmt: skip (a master lost its replica above)
     states: list[bool] = []
     monitor = HealthMonitor(node.healthy, states.append, period_s=0.2)
     try:

@@ -93,5 +93,6 @@ def open_backend(config: ServerConfig) -> tuple[Backend, EventBus]:
         lease_ttl_s=config.node_lease_s,
         gc_interval_s=config.gc_interval_s,
         gc_grace_s=config.gc_grace_s,
+        redis_min_replicas=config.redis_min_replicas,
     )
     return store, store.event_bus

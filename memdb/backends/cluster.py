@@ -93,13 +93,15 @@ class ClusterStore:
         gc_interval_s: float = 30.0,
         gc_grace_s: float = 60.0,
         node_address: str = "",
+        redis_min_replicas: int = 1,
     ) -> None:
         if retain_versions < 1:
             raise InvalidArgument(f"retain_versions must be at least 1, got {retain_versions}")
         self._retain = retain_versions
         self.keys = Keys(root)
         self.etcd = EtcdClient(etcd)
-        self.blobs = BlobStore(redis, namespace=root.strip("/").replace("/", ":") or "memdb")
+        namespace = root.strip("/").replace("/", ":") or "memdb"
+        self.blobs = BlobStore(redis, namespace=namespace, min_replicas=redis_min_replicas)
         self.cache = BlobCache(cache_dir, cache_bytes)
         self.path = Path(cache_dir)
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -66,11 +66,14 @@ class BlobStore:
         namespace: str = DEFAULT_NAMESPACE,
         part_bytes: int = PART_BYTES,
         timeout: float = 5.0,
+        min_replicas: int = 0,
     ) -> None:
         if not namespace or any(c in namespace for c in "{}*?[] "):
             raise ValueError(f"a Redis key namespace must be plain text, got {namespace!r}")
         self.prefix = f"{namespace}:blob:"
         self.part_bytes = part_bytes
+        self.min_replicas = min_replicas
+        self._wait_ms = int(timeout * 1000 / 2)  # WAIT answers before the socket times out
         self._rc = RedisCluster(
             startup_nodes=parse_nodes(urls),
             socket_timeout=timeout,
@@ -89,19 +92,52 @@ class BlobStore:
     # ------------------------------------------------------------ write
 
     def stage(self, upload: str, blobs: list[bytes]) -> list[BlobRef]:
-        """Store every blob under the upload's keys; returns their refs, in order."""
+        """Store every blob under the upload's keys; returns their refs, in order.
+
+        With `min_replicas`, each master's writes are followed by WAIT on the same connection:
+        the blobs are on that many replicas too before this returns (else Unavailable), so a
+        master that dies after the version is published cannot take them with it.
+        """
         refs = [BlobRef(hashlib.sha256(b).hexdigest(), len(b)) for b in blobs]
-        try:
-            pipe = self._rc.pipeline(transaction=False)
-            for ref, blob in zip(refs, blobs, strict=True):
-                view = memoryview(blob)
-                for part in self._parts(ref):
-                    chunk = view[part * self.part_bytes : (part + 1) * self.part_bytes]
-                    pipe.set(self.key(upload, ref, part), bytes(chunk))
-            pipe.execute()
-        except redis.RedisError as exc:
-            raise Unavailable(f"the Redis Cluster refused the upload's blobs: {exc}") from exc
+        parts: dict[str, bytes] = {}
+        for ref, blob in zip(refs, blobs, strict=True):
+            view = memoryview(blob)
+            for part in self._parts(ref):
+                parts[self.key(upload, ref, part)] = view[
+                    part * self.part_bytes : (part + 1) * self.part_bytes
+                ]
+        for attempt in range(2):
+            try:
+                self._put_per_master(parts)
+                return refs
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                if attempt:  # MOVED / a failover under way: re-read the slots once, then fail
+                    raise Unavailable(
+                        f"the Redis Cluster refused the upload's blobs: {exc}"
+                    ) from exc
+                self._rc.nodes_manager.initialize()
         return refs
+
+    def _put_per_master(self, parts: dict[str, bytes]) -> None:
+        by_node: dict[str, list[str]] = defaultdict(list)
+        nodes = {}
+        for key in parts:
+            node = self._rc.get_node_from_key(key)
+            by_node[node.name].append(key)
+            nodes[node.name] = node
+        for name, keys in by_node.items():
+            pipe = self._rc.get_redis_connection(nodes[name]).pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, bytes(parts[key]))
+            if self.min_replicas:
+                pipe.execute_command("WAIT", self.min_replicas, self._wait_ms)
+            acked = pipe.execute()[-1]
+            if self.min_replicas and int(acked) < self.min_replicas:
+                raise Unavailable(
+                    f"only {acked} of the {self.min_replicas} Redis replicas required "
+                    f"(--redis-min-replicas) acknowledged the upload's blobs on {name}; "
+                    "nothing was published"
+                )
 
     def delete_upload(self, upload: str) -> int:
         """Delete every key of an upload; returns how many."""

@@ -474,7 +474,7 @@ class ClusterStore:
         """Records in etcd by kind; shards and indices: the blobs that stored versions name."""
         counts = {"tenants": 0, "keys": 0, "prefixes": 0, "versions": 0, "shards": 0, "indices": 0}
         for kind in ("tenants", "keys", "prefixes"):
-            counts[kind] = sum(1 for _ in self.etcd.scan(getattr(self.keys, kind)))
+            counts[kind] = self.etcd.count(getattr(self.keys, kind))
         for kv in self.etcd.scan(self.keys.versions):
             blobs = json.loads(kv.value)["blobs"]
             counts["versions"] += 1
@@ -483,15 +483,16 @@ class ClusterStore:
         return counts
 
     def info(self) -> dict:
-        counts = self.count_records()
+        """As `Store.info` (map_size: the node's cache budget; used_bytes: etcd's database plus
+        Redis's memory), and the number of live nodes; counts only, no scans."""
         etcd_bytes = int(self.etcd.status().get("dbSize", 0))
         return {
             "map_size": self.cache.max_bytes,
             "used_bytes": etcd_bytes + self.blobs.used_bytes(),
-            "num_tenants": counts["tenants"],
-            "num_prefixes": counts["prefixes"],
+            "num_tenants": self.etcd.count(self.keys.tenants),
+            "num_prefixes": self.etcd.count(self.keys.prefixes),
             "path": str(self.path),
-            "nodes": len(self.list_nodes()),
+            "nodes": self.etcd.count(self.keys.nodes),
         }
 
 

@@ -160,6 +160,11 @@ class EtcdClient:
         resp = self._post("/v3/kv/range", body)
         return [_kv(raw) for raw in resp.get("kvs", [])], int(resp["header"]["revision"])
 
+    def count(self, prefix: bytes) -> int:
+        """How many keys start with `prefix` (etcd counts; no values travel)."""
+        body = {"key": b64(prefix), "range_end": b64(range_end(prefix)), "count_only": True}
+        return int(self._post("/v3/kv/range", body).get("count", 0))
+
     def scan(self, prefix: bytes, *, start_after: bytes = b"", page: int = 1000) -> Iterator[KV]:
         """Every key that starts with `prefix` (after `start_after`), in pages, in key order;
         each page is one consistent read."""

@@ -306,6 +306,12 @@ class ClusterStore:
                 self.cache.put(names[i], blob)
         return found
 
+    def read_current_layer(
+        self, tenant: str, name: str, layer: int, version: int = 0
+    ) -> VersionSnapshot:
+        """The version (0 = current) resolved and one layer of it read, from one record."""
+        return self.read_version(tenant, name, version, layers=[layer])
+
     def get_shard(self, tenant: str, name: str, version: int, layer: int) -> bytes:
         return self.read_version(tenant, name, version, layers=[layer]).shard(layer)
 

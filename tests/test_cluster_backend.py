@@ -118,6 +118,8 @@ def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
     snap = b.read_version(T, "p")
     assert snap.record == rec and [snap.shards[i] for i in range(3)] == shards
     assert snap.indices[2] == [b"index x 2 0", b"index x 2 1"]
+    layer = b.read_current_layer(T, "p", 1)
+    assert layer.version == 1 and layer.shard(1) == shards[1] and list(layer.shards) == [1]
 
 
 # ---------------------------------------------------------------- watch across nodes

@@ -8,6 +8,7 @@ Knows nothing of how memories are built.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
 from memdb.events import Event
 from memdb.index import build_layer_indices, resolve_kind
 from memdb.runtime import Runtime, check_name
-from memdb.shards import check_consistent, decode_shard
+from memdb.shards import Shard, check_consistent, decode_shard
 from memdb.storage import KeyRecord, TenantRecord
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -51,7 +52,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         metric = header.metric or "cosine"
         kind = header.index_kind or self.rt.config.index_kind
         kind = resolve_kind(self.rt.index_params, shape.budget) if kind == "auto" else kind
-        indices = [build_layer_indices(s, kind, metric, self.rt.index_params) for s in shards]
+        indices = [build_layer_indices(_float_keys(s), kind, metric, self.rt.index_params)
+                   for s in shards]  # fmt: skip
         self.rt.metrics.index_builds.inc(sum(len(i) for i in indices))
         rec = self.rt.store.write_version(
             tenant,
@@ -242,6 +244,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             index_cache_misses=cache.misses,
             uptime_s=time.time() - self.rt.started_at,
         )
+
+
+def _float_keys(shard: Shard) -> Shard:
+    """The shard with float32 keys (fp8 keys dequantized): what indices are built over."""
+    return dataclasses.replace(shard, keys=shard.float_keys(), key_scale=None)
 
 
 def _key_info(rec: KeyRecord) -> pb.ApiKeyInfo:

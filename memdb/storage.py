@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -378,16 +378,46 @@ class Store:
         index bytes of its layers (all, or those in `layers`)."""
         with self._read() as txn:
             rec = self._version_record(txn, tenant, name, version)
-            wanted = range(rec.num_layers) if layers is None else layers
-            shards: dict[int, bytes] = {}
-            indices: dict[int, list[bytes]] = {}
-            for layer in wanted:
-                check_layer(rec, layer)
-                shards[layer] = self._get(txn, "shards", item_key(tenant, name, rec.version, layer))
-                indices[layer] = [
-                    self._get(txn, "indices", item_key(tenant, name, rec.version, layer, g))
-                    for g in range(rec.shape.num_groups)
-                ]
+            return self._snapshot(txn, rec, range(rec.num_layers) if layers is None else layers)
+
+    def read_current_layer(
+        self,
+        tenant: str,
+        name: str,
+        layer: int,
+        version: int = 0,
+        *,
+        open_layer: Callable[[PrefixRecord, Callable[[], VersionSnapshot]], T],
+    ) -> tuple[PrefixRecord, T]:
+        """Resolve a version (0 = current) and open one of its layers in ONE read transaction.
+
+        `open_layer(record, read)` runs inside the transaction; `read()` returns the snapshot of
+        that layer (shard and index bytes) of exactly `record`'s version, so a caller with a
+        cache keyed by version reads the bytes only on a miss. An update committed meanwhile
+        cannot remove the version under it. Returns (record, what open_layer returned).
+        """
+        with self._read() as txn:
+            rec = self._version_record(txn, tenant, name, version)
+            check_layer(rec, layer)
+
+            def read() -> VersionSnapshot:
+                return self._snapshot(txn, rec, [layer])
+
+            return rec, open_layer(rec, read)
+
+    def _snapshot(
+        self, txn: lmdb.Transaction, rec: PrefixRecord, layers: Iterable[int]
+    ) -> VersionSnapshot:
+        shards: dict[int, bytes] = {}
+        indices: dict[int, list[bytes]] = {}
+        for layer in layers:
+            check_layer(rec, layer)
+            key = item_key(rec.tenant, rec.name, rec.version, layer)
+            shards[layer] = self._get(txn, "shards", key)
+            indices[layer] = [
+                self._get(txn, "indices", item_key(rec.tenant, rec.name, rec.version, layer, g))
+                for g in range(rec.shape.num_groups)
+            ]
         return VersionSnapshot(rec, shards, indices)
 
     def _get(self, txn: lmdb.Transaction, db: str, key: bytes) -> bytes:

@@ -34,6 +34,7 @@ from typing import TypeVar
 
 import lmdb
 
+from memdb.durable import fsync_dir, make_dirs_durably
 from memdb.errors import (
     AlreadyExists,
     Cancelled,
@@ -137,7 +138,8 @@ class Store:
         if retain_versions < 1:
             raise InvalidArgument(f"retain_versions must be at least 1, got {retain_versions}")
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path)
+        created = not (self.path / "data.mdb").exists()
         self._sync = sync
         self._retain = retain_versions
         self._rw = _RWLock()
@@ -156,6 +158,9 @@ class Store:
             max_spare_txns=max_readers,
         )
         self._db = {name: self._env.open_db(name.encode()) for name in DBS}
+        if created and sync:  # the names of the new data.mdb and lock.mdb, and of the folder
+            fsync_dir(self.path)
+            fsync_dir(self.path.absolute().parent)
         self._page = self._env.stat()["psize"]
         self.reclaim_readers()
         self._write(self._init_meta)

@@ -68,6 +68,12 @@ class ServerConfig(BaseSettings):
         None, description="write {address, metrics} as JSON here once serving"
     )
 
+    # storage limits (issue 11): the map's reserve for deletes, API keys per tenant
+    map_reserve_bytes: int = Field(
+        64 * MiB, ge=0, description="last bytes of max_map_size kept for deletes (capped at 1/8)"
+    )
+    max_api_keys_per_tenant: int = Field(1000, ge=1, description="API keys one tenant may hold")
+
     @field_validator("listen")
     @classmethod
     def _has_port(cls, v: str) -> str:

@@ -1,8 +1,8 @@
 """Records of the store (tenants, API keys, prefix versions) and their LMDB keys.
 
 Owns the dataclasses the store keeps as JSON, their JSON round trip, the snapshot of one
-version, and how record keys are laid out so that a prefix or a tenant is one range scan.
-Knows nothing of LMDB transactions.
+version, how record keys are laid out so that a prefix or a tenant is one range scan, and the
+size limits of the metadata a record may carry. Knows nothing of LMDB transactions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ from memdb.shards import ShardShape
 
 T = TypeVar("T")
 
+# Size limits of what a caller may store as metadata (InvalidArgument past them). A record is
+# copied into every version and every listing: these keep each one small.
+MAX_FINGERPRINT_BYTES = 256  # a sha256 hex digest is 64
+MAX_BUILD_PARAMS = 64  # entries
+MAX_BUILD_PARAM_KEY_BYTES = 256
+MAX_BUILD_PARAM_VALUE_BYTES = 4096
+MAX_BUILD_PARAMS_BYTES = 16 * 1024  # keys + values of all entries
+MAX_DESCRIPTION_BYTES = 1024  # of an API key
+
 
 # ---------------------------------------------------------------- records
 
@@ -24,9 +33,23 @@ T = TypeVar("T")
 @dataclass
 class TenantRecord:
     name: str
-    max_bytes: int = 0  # 0 = unlimited; counts the shard bytes of current versions
+    max_bytes: int = 0  # 0 = unlimited; counts every record of the tenant (see Usage)
     max_prefixes: int = 0  # 0 = unlimited
     created_at: float = 0.0
+
+
+@dataclass
+class Usage:
+    """What a tenant makes the server store, kept up to date in every write transaction.
+
+    `bytes` counts key + value bytes of every record of the tenant: its API keys, and of
+    every retained version of every prefix its shards, indices and records (not the tenant
+    record itself, which the admin creates). The quota `TenantRecord.max_bytes` bounds it.
+    """
+
+    bytes: int = 0
+    prefixes: int = 0
+    keys: int = 0
 
 
 @dataclass
@@ -57,6 +80,7 @@ class PrefixRecord:
     created_at: float
     updated_at: float
     retained_versions: list[int] = field(default_factory=list)  # ascending, current last
+    stored_bytes: int = 0  # key + value bytes of this version's shard and index records
 
 
 @dataclass
@@ -122,6 +146,40 @@ def item_key(tenant: str, name: str, *numbers: int) -> bytes:
     """
     head = f"{tenant}\0{name}\0".encode()
     return head + b"".join(n.to_bytes(w, "big") for n, w in zip(numbers, (8, 4, 4), strict=False))
+
+
+def check_metadata(model_fingerprint: str, build_params: dict[str, str]) -> None:
+    """InvalidArgument (a short message) if the fingerprint or build parameters are too big."""
+    if len(model_fingerprint.encode()) > MAX_FINGERPRINT_BYTES:
+        raise InvalidArgument(
+            f"model_fingerprint is {len(model_fingerprint.encode())} bytes; "
+            f"at most {MAX_FINGERPRINT_BYTES} are allowed"
+        )
+    if len(build_params) > MAX_BUILD_PARAMS:
+        raise InvalidArgument(
+            f"build_params has {len(build_params)} entries; at most {MAX_BUILD_PARAMS} are allowed"
+        )
+    total = 0
+    for k, v in build_params.items():
+        kb, vb = len(k.encode()), len(v.encode())
+        if kb > MAX_BUILD_PARAM_KEY_BYTES or vb > MAX_BUILD_PARAM_VALUE_BYTES:
+            raise InvalidArgument(
+                f"build_params entry '{k[:40]}' is too big: keys may have "
+                f"{MAX_BUILD_PARAM_KEY_BYTES} bytes, values {MAX_BUILD_PARAM_VALUE_BYTES}"
+            )
+        total += kb + vb
+    if total > MAX_BUILD_PARAMS_BYTES:
+        raise InvalidArgument(
+            f"build_params hold {total} bytes; at most {MAX_BUILD_PARAMS_BYTES} are allowed"
+        )
+
+
+def check_description(description: str) -> None:
+    if len(description.encode()) > MAX_DESCRIPTION_BYTES:
+        raise InvalidArgument(
+            f"the description is {len(description.encode())} bytes; "
+            f"at most {MAX_DESCRIPTION_BYTES} are allowed"
+        )
 
 
 def check_layer(rec: PrefixRecord, layer: int) -> None:

@@ -66,6 +66,8 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
         max_map_size=config.max_map_size,
         sync=config.sync,
         retain_versions=config.retain_versions,
+        reserve_bytes=min(config.map_reserve_bytes, config.max_map_size // 8),
+        max_keys_per_tenant=config.max_api_keys_per_tenant,
     )
     rt = Runtime(
         config=config,

@@ -9,13 +9,16 @@ This module owns the one LMDB environment of a server and its named sub-database
     versions  tenant \\0 name \\0 version -> PrefixRecord of that version (JSON)
     shards    tenant \\0 name \\0 version layer -> safetensors bytes of one layer
     indices   tenant \\0 name \\0 version layer group -> serialized FAISS index bytes
+    usage     tenant -> Usage (JSON): bytes, prefixes and keys the tenant stores
 
 (version: 8 bytes, layer and group: 4 bytes, all big-endian, so keys sort numerically and every
 record of a prefix, or of a tenant, is one range scan.) A version is written completely and made
 current in one write transaction, so readers see the old version or the new one, never a mix;
 versions older than the last `retain_versions` are deleted in the same transaction.
 
-It validates shards (through memdb.shards) and quotas, grows the LMDB map when it fills, and
+It validates shards (through memdb.shards), metadata sizes and quotas (counting every record
+a tenant stores, updated in the write transaction that changes it), grows the LMDB map when
+it fills but keeps its last `reserve_bytes` for deletes (so space can always be freed), and
 reclaims reader slots of crashed processes. It does not know FAISS (index bytes are opaque
 here), gRPC, or how API keys are hashed and checked.
 """
@@ -23,7 +26,6 @@ here), gRPC, or how API keys are hashed and checked.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -47,8 +49,11 @@ from memdb.records import (
     KeyRecord,
     PrefixRecord,
     TenantRecord,
+    Usage,
     VersionSnapshot,
+    check_description,
     check_layer,
+    check_metadata,
     item_key,
     prefix_key,
     record_from_json,
@@ -59,7 +64,7 @@ from memdb.shards import Shard, check_consistent, decode_shard
 log = logging.getLogger(__name__)
 
 SCHEMA = b"1"
-DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices")
+DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices", "usage")
 DEFAULT_TENANT = "default"
 ROLES = ("admin", "writer", "reader")
 MODES = ("create", "update", "upsert")
@@ -68,6 +73,12 @@ METRICS = ("cosine", "ip")
 MAX_TENANT_BYTES = 128
 MAX_NAME_BYTES = 255  # with the tenant and 16 bytes of numbers, well under LMDB's 511-byte keys
 PAGE = 4096
+# The last bytes of the largest map are kept for deletes: a delete copies the B-tree pages it
+# touches, so in a map filled to the brim even a delete fails. 64 MiB frees gigabytes (a
+# delete needs about a page per leaf it empties plus 8 bytes per freed page); small maps keep
+# an eighth.
+DEFAULT_RESERVE = 64 << 20
+DEFAULT_MAX_KEYS = 1000  # API keys per tenant
 
 T = TypeVar("T")
 
@@ -134,6 +145,8 @@ class Store:
         sync: bool = True,
         max_readers: int = 126,
         retain_versions: int = 2,
+        reserve_bytes: int | None = None,
+        max_keys_per_tenant: int = DEFAULT_MAX_KEYS,
     ) -> None:
         if retain_versions < 1:
             raise InvalidArgument(f"retain_versions must be at least 1, got {retain_versions}")
@@ -142,10 +155,20 @@ class Store:
         created = not (self.path / "data.mdb").exists()
         self._sync = sync
         self._retain = retain_versions
+        self._max_keys = max_keys_per_tenant
         self._rw = _RWLock()
         self._write_lock = threading.Lock()
-        initial = _round_up(max(map_size, _file_size(self.path / "data.mdb"), PAGE))
-        self._max_map_size = max(_round_up(max_map_size), initial)
+        on_disk = _file_size(self.path / "data.mdb")
+        self._max_map_size = max(_round_up(max_map_size), _round_up(on_disk))
+        if reserve_bytes is None:
+            reserve_bytes = min(DEFAULT_RESERVE, self._max_map_size // 8)
+        self._reserve = _round_up(reserve_bytes)
+        if not 0 <= self._reserve < self._max_map_size:
+            raise InvalidArgument(
+                f"reserve_bytes ({reserve_bytes}) must be below max_map_size ({max_map_size})"
+            )
+        self._cap = self._max_map_size - self._reserve  # writes other than deletes stop here
+        initial = _round_up(max(min(map_size, self._cap), on_disk, PAGE))
         self._env = lmdb.open(
             str(self.path),
             map_size=initial,
@@ -178,6 +201,9 @@ class Store:
         if txn.get(DEFAULT_TENANT.encode(), db=self._db["tenants"]) is None:
             rec = TenantRecord(DEFAULT_TENANT, created_at=time.time())
             txn.put(DEFAULT_TENANT.encode(), record_to_json(rec), db=self._db["tenants"])
+        for name, _ in txn.cursor(db=self._db["tenants"]):  # stores written before `usage`
+            if txn.get(name, db=self._db["usage"]) is None:
+                self._save_usage(txn, name.decode(), self._recount(txn, name.decode()))
 
     def close(self) -> None:
         """Flush (when opened with sync=False) and close; idempotent."""
@@ -209,36 +235,56 @@ class Store:
         with self._rw.shared(), self._env.begin(buffers=False) as txn:
             yield txn
 
-    def _write(self, fn: Callable[[lmdb.Transaction], T], payload: int = 0) -> T:
-        """Run `fn` in one write transaction; on a full map, abort, grow the map and retry."""
-        with self._write_lock:
-            while True:
-                try:
-                    with self._rw.shared(), self._env.begin(write=True) as txn:
-                        return fn(txn)
-                except lmdb.MapFullError:
-                    self._grow(payload)
-                except lmdb.TxnFullError:
-                    raise ResourceExhausted(
-                        f"one write of {payload} bytes touches more pages than an LMDB "
-                        "transaction can hold; upload a smaller memory (fewer layers or entries)"
-                    ) from None
+    def _write(
+        self, fn: Callable[[lmdb.Transaction], T], payload: int = 0, *, delete: bool = False
+    ) -> T:
+        """Run `fn` in one write transaction; on a full map, abort, grow the map and retry.
 
-    def _grow(self, payload: int) -> None:
+        Only a `delete` may grow the map into its reserve (the last `reserve_bytes` of
+        max_map_size); afterwards the map shrinks back to the cap (or to what is used), so the
+        pages a delete frees, not the reserve, are what later writes fill.
+        """
+        with self._write_lock:
+            try:
+                while True:
+                    try:
+                        with self._rw.shared(), self._env.begin(write=True) as txn:
+                            return fn(txn)
+                    except lmdb.MapFullError:
+                        self._grow(payload, self._max_map_size if delete else self._cap)
+                    except lmdb.TxnFullError:
+                        raise ResourceExhausted(
+                            f"one write of {payload} bytes touches more pages than an LMDB "
+                            "transaction can hold; upload a smaller memory (fewer layers or "
+                            "entries)"
+                        ) from None
+            finally:
+                if delete:
+                    self._shrink_to_cap()
+
+    def _grow(self, payload: int, limit: int) -> None:
         with self._rw.exclusive():
             info = self._env.info()
             current = info["map_size"]
             used = (info["last_pgno"] + 1) * self._page
-            if current >= self._max_map_size:
+            if current >= limit:
                 raise ResourceExhausted(
-                    f"the store is full: a write of {payload} bytes does not fit in the "
-                    f"{self._max_map_size}-byte LMDB map ({used} bytes used); delete prefixes "
-                    "or raise the server's max map size"
+                    f"the store is full: a write of {payload} bytes does not fit in the LMDB map "
+                    f"({used} of {self._max_map_size} bytes used, the last {self._reserve} kept "
+                    "for deletes); delete prefixes, API keys or tenants, or raise the server's "
+                    "max map size (--max-map-size)"
                 )
-            target = _round_up(max(current * 2, used + 2 * payload))
-            target = min(target, self._max_map_size)
+            target = min(_round_up(max(current * 2, used + 2 * payload)), limit)
             self._env.set_mapsize(target)
             log.info("grew the LMDB map from %d to %d bytes", current, target)
+
+    def _shrink_to_cap(self) -> None:
+        """Give back the part of the reserve a delete grew into but left unused."""
+        with self._rw.exclusive():
+            current = self._env.info()["map_size"]
+            if current > self._cap:
+                self._env.set_mapsize(self._cap)  # LMDB keeps at least what is used
+                log.info("LMDB map back from %d to %d bytes", current, self._env.info()["map_size"])
 
     # ------------------------------------------------------------ tenants
 
@@ -254,6 +300,7 @@ class Store:
                 rec.name.encode(), record_to_json(rec), overwrite=False, db=self._db["tenants"]
             ):
                 raise AlreadyExists(f"tenant '{rec.name}' already exists")
+            self._save_usage(txn, rec.name, Usage())
 
         self._write(put)
 
@@ -291,8 +338,9 @@ class Store:
                 if record_from_json(KeyRecord, blob).tenant == name:
                     txn.delete(key_id, db=self._db["keys"])
             txn.delete(name.encode(), db=self._db["tenants"])
+            txn.delete(name.encode(), db=self._db["usage"])
 
-        self._write(delete)
+        self._write(delete, delete=True)
         log.info("deleted tenant %s (force=%s)", name, force)
 
     # ------------------------------------------------------------ API keys
@@ -304,14 +352,24 @@ class Store:
             raise InvalidArgument(f"role '{rec.role}' is unknown; use {', '.join(ROLES)}")
         if not rec.secret_hash:
             raise InvalidArgument(f"API key '{rec.key_id}' has no secret hash")
+        check_description(rec.description)
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
+        key, blob = rec.key_id.encode(), record_to_json(rec)
 
         def put(txn: lmdb.Transaction) -> None:
-            self._tenant(txn, rec.tenant)
-            if not txn.put(
-                rec.key_id.encode(), record_to_json(rec), overwrite=False, db=self._db["keys"]
-            ):
+            tenant = self._tenant(txn, rec.tenant)
+            usage = self._load_usage(txn, rec.tenant)
+            if usage.keys >= self._max_keys:
+                raise ResourceExhausted(
+                    f"tenant '{rec.tenant}' has {usage.keys} API keys, the most a tenant may "
+                    "have; revoke unused keys first"
+                )
+            usage.keys += 1
+            usage.bytes += len(key) + len(blob)
+            _check_bytes(tenant, usage, f"API key '{rec.key_id}'")
+            if not txn.put(key, blob, overwrite=False, db=self._db["keys"]):
                 raise AlreadyExists(f"API key '{rec.key_id}' already exists")
+            self._save_usage(txn, rec.tenant, usage)
 
         self._write(put)
 
@@ -328,10 +386,18 @@ class Store:
 
     def delete_key(self, key_id: str) -> None:
         def delete(txn: lmdb.Transaction) -> None:
-            if not key_id or not txn.delete(key_id.encode(), db=self._db["keys"]):
+            key = key_id.encode()
+            blob = txn.get(key, db=self._db["keys"]) if key_id else None
+            if blob is None:
                 raise NotFound(f"API key '{key_id}' not found")
+            txn.delete(key, db=self._db["keys"])
+            tenant = record_from_json(KeyRecord, blob).tenant
+            usage = self._load_usage(txn, tenant)
+            usage.keys -= 1
+            usage.bytes -= len(key) + len(blob)
+            self._save_usage(txn, tenant, usage)
 
-        self._write(delete)
+        self._write(delete, delete=True)
 
     # ------------------------------------------------------------ prefixes: read
 
@@ -469,6 +535,7 @@ class Store:
         _check_name(tenant, "tenant name", MAX_TENANT_BYTES)
         _check_name(name, "prefix name", MAX_NAME_BYTES)
         _check_write_args(mode, model_fingerprint, token_count, build_params, index_kind, metric)
+        check_metadata(model_fingerprint, build_params)
         if decoded is None:
             decoded = [decode_shard(blob, where=f"layer {i}") for i, blob in enumerate(shards)]
         elif len(decoded) != len(shards):
@@ -491,8 +558,9 @@ class Store:
             metric=metric,
             created_at=0.0,
             updated_at=0.0,
+            stored_bytes=_stored_bytes(tenant, name, shards, indices),
         )
-        payload = draft.bytes + sum(len(b) for layer in indices for b in layer)
+        payload = draft.stored_bytes
 
         def commit(txn: lmdb.Transaction) -> PrefixRecord:
             rec = self._commit_version(txn, draft, mode, expected_version, shards, indices)
@@ -516,7 +584,7 @@ class Store:
         tenant, name = draft.tenant, draft.name
         current = self._current(txn, tenant, name)
         _check_mode(mode, name, current, expected_version)
-        self._check_quota(txn, self._tenant(txn, tenant), current, draft)
+        tenant_rec, usage = self._tenant(txn, tenant), self._load_usage(txn, tenant)
         version = current.version + 1 if current else 1
         now = time.time()
         retained = (current.retained_versions if current else []) + [version]
@@ -527,38 +595,42 @@ class Store:
             updated_at=now,
             retained_versions=retained[-self._retain :],
         )
-        for layer, blob in enumerate(shards):
-            txn.put(item_key(tenant, name, version, layer), blob, db=self._db["shards"])
+        blob, pkey = record_to_json(rec), prefix_key(tenant, name)
+        if current is None:
+            usage.prefixes += 1
+            _check_prefix_count(tenant_rec, usage)
+        else:
+            usage.bytes -= len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
+        dropped = retained[: -self._retain]
+        usage.bytes -= sum(self._version_bytes(txn, tenant, name, old) for old in dropped)
+        usage.bytes += rec.stored_bytes + 2 * len(blob) + len(pkey) + len(item_key(tenant, name, 0))
+        _check_bytes(tenant_rec, usage, f"prefix '{name}' version {version}")
+        for layer, shard in enumerate(shards):
+            txn.put(item_key(tenant, name, version, layer), shard, db=self._db["shards"])
             for group, index in enumerate(indices[layer]):
                 key = item_key(tenant, name, version, layer, group)
                 txn.put(key, index, db=self._db["indices"])
-        for old in retained[: -self._retain]:
+        for old in dropped:
             self._delete_version(txn, tenant, name, old)
-        blob = record_to_json(rec)
         txn.put(item_key(tenant, name, version), blob, db=self._db["versions"])
-        txn.put(prefix_key(tenant, name), blob, db=self._db["prefixes"])
+        txn.put(pkey, blob, db=self._db["prefixes"])
+        self._save_usage(txn, tenant, usage)
         return rec
 
-    def _check_quota(
-        self,
-        txn: lmdb.Transaction,
-        tenant: TenantRecord,
-        current: PrefixRecord | None,
-        draft: PrefixRecord,
-    ) -> None:
-        count, used = self._usage(txn, tenant.name)
-        if current is None and tenant.max_prefixes and count + 1 > tenant.max_prefixes:
-            raise ResourceExhausted(
-                f"tenant '{tenant.name}' has {count} prefixes, its quota is "
-                f"{tenant.max_prefixes}; delete a prefix or raise the tenant's max_prefixes"
+    def _version_bytes(self, txn: lmdb.Transaction, tenant: str, name: str, version: int) -> int:
+        """Key + value bytes of every record of one stored version (0 if it is not stored)."""
+        key = item_key(tenant, name, version)
+        blob = txn.get(key, db=self._db["versions"])
+        if blob is None:
+            return 0
+        stored = record_from_json(PrefixRecord, blob).stored_bytes
+        if not stored:  # a version written before records kept their size: count it
+            stored = sum(
+                len(k) + len(v)
+                for db in ("shards", "indices")
+                for k, v in _scan(txn, self._db[db], key)
             )
-        after = used - (current.bytes if current else 0) + draft.bytes
-        if tenant.max_bytes and after > tenant.max_bytes:
-            raise ResourceExhausted(
-                f"prefix '{draft.name}' needs {draft.bytes} bytes, which would bring tenant "
-                f"'{tenant.name}' to {after} of its {tenant.max_bytes}-byte quota; delete "
-                "prefixes, upload a smaller memory or raise the tenant's max_bytes"
-            )
+        return len(key) + len(blob) + stored
 
     def _delete_version(self, txn: lmdb.Transaction, tenant: str, name: str, version: int) -> None:
         start = item_key(tenant, name, version)
@@ -579,28 +651,85 @@ class Store:
                     f"prefix '{name}' is at version {current.version}, not the expected "
                     f"{expected_version}; re-read it and retry"
                 )
-            txn.delete(prefix_key(tenant, name), db=self._db["prefixes"])
+            usage = self._load_usage(txn, tenant)
+            pkey = prefix_key(tenant, name)
+            usage.bytes -= len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
+            for version in self._stored_versions(txn, tenant, name):
+                usage.bytes -= self._version_bytes(txn, tenant, name, version)
+            usage.prefixes -= 1
+            txn.delete(pkey, db=self._db["prefixes"])
             for db in ("versions", "shards", "indices"):
                 _delete_range(txn, self._db[db], item_key(tenant, name))
+            self._save_usage(txn, tenant, usage)
             return current.version
 
-        version = self._write(delete)
+        version = self._write(delete, delete=True)
         log.info("deleted %s/%s (was at version %d)", tenant, name, version)
         return version
 
     # ------------------------------------------------------------ accounting
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(number of prefixes, shard bytes of their current versions) of a tenant."""
+        """(number of prefixes, bytes counted against the quota) of a tenant (see Usage)."""
         with self._read() as txn:
-            return self._usage(txn, tenant)
+            u = self._load_usage(txn, tenant)
+        return u.prefixes, u.bytes
 
-    def _usage(self, txn: lmdb.Transaction, tenant: str) -> tuple[int, int]:
-        sizes = [
-            json.loads(v)["bytes"]
-            for _, v in _scan(txn, self._db["prefixes"], f"{tenant}\0".encode())
+    def tenant_usage(self, tenant: str) -> Usage:
+        with self._read() as txn:
+            return self._load_usage(txn, tenant)
+
+    def recount_usage(self, tenant: str) -> Usage:
+        """The usage of a tenant counted from its records (what the kept counters must equal)."""
+        with self._read() as txn:
+            return self._recount(txn, tenant)
+
+    def upload_allowance(self, tenant: str, name: str) -> int | None:
+        """Bytes a new version of `name` may add before the tenant's byte quota refuses it
+        (None: no quota): the quota, less the usage, plus what the write would drop (the
+        version that falls out of retention). A new version needs at least its shard bytes,
+        so an upload past this is refused whatever its indices."""
+        with self._read() as txn:
+            tenant_rec = self._tenant(txn, tenant)
+            if not tenant_rec.max_bytes:
+                return None
+            left = tenant_rec.max_bytes - self._load_usage(txn, tenant).bytes
+            current = self._current(txn, tenant, name)
+            if current is not None:
+                kept = current.retained_versions
+                for old in kept[: max(0, len(kept) + 1 - self._retain)]:
+                    left += self._version_bytes(txn, tenant, name, old)
+                pkey = prefix_key(tenant, name)
+                left += len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
+        return max(left, 0)
+
+    def _stored_versions(self, txn: lmdb.Transaction, tenant: str, name: str) -> list[int]:
+        start = item_key(tenant, name)
+        return [
+            int.from_bytes(k[len(start) :], "big")
+            for k, _ in _scan(txn, self._db["versions"], start)
         ]
-        return len(sizes), sum(sizes)
+
+    def _load_usage(self, txn: lmdb.Transaction, tenant: str) -> Usage:
+        blob = txn.get(tenant.encode(), db=self._db["usage"])
+        return Usage() if blob is None else record_from_json(Usage, blob)
+
+    def _save_usage(self, txn: lmdb.Transaction, tenant: str, usage: Usage) -> None:
+        txn.put(tenant.encode(), record_to_json(usage), db=self._db["usage"])
+
+    def _recount(self, txn: lmdb.Transaction, tenant: str) -> Usage:
+        usage = Usage()
+        for pkey, blob in _scan(txn, self._db["prefixes"], f"{tenant}\0".encode()):
+            usage.prefixes += 1
+            usage.bytes += len(pkey) + len(blob)
+            name = record_from_json(PrefixRecord, blob).name
+            for version in self._stored_versions(txn, tenant, name):
+                usage.bytes += self._version_bytes(txn, tenant, name, version)
+        for key_id, blob in txn.cursor(db=self._db["keys"]):
+            if record_from_json(KeyRecord, blob).tenant == tenant:
+                usage.keys += 1
+                usage.bytes += len(key_id) + len(blob)
+        return usage
 
     def count_records(self) -> dict[str, int]:
         """Entries in each sub-database (for stats and tests)."""
@@ -624,11 +753,37 @@ class Store:
 # ---------------------------------------------------------------- helpers
 
 
+def _stored_bytes(tenant: str, name: str, shards: list[bytes], indices: list[list[bytes]]) -> int:
+    """Key + value bytes of a version's shard and index records."""
+    shard_key, index_key = len(item_key(tenant, name, 0, 0)), len(item_key(tenant, name, 0, 0, 0))
+    return sum(shard_key + len(b) for b in shards) + sum(
+        index_key + len(b) for layer in indices for b in layer
+    )
+
+
+def _check_prefix_count(tenant: TenantRecord, usage: Usage) -> None:
+    if tenant.max_prefixes and usage.prefixes > tenant.max_prefixes:
+        raise ResourceExhausted(
+            f"tenant '{tenant.name}' has {usage.prefixes - 1} prefixes, its quota is "
+            f"{tenant.max_prefixes}; delete a prefix or raise the tenant's max_prefixes"
+        )
+
+
+def _check_bytes(tenant: TenantRecord, usage: Usage, what: str) -> None:
+    if tenant.max_bytes and usage.bytes > tenant.max_bytes:
+        raise ResourceExhausted(
+            f"{what} would bring tenant '{tenant.name}' to {usage.bytes} stored bytes (every "
+            f"retained version's shards and indices, records and API keys), over its "
+            f"{tenant.max_bytes}-byte quota; delete prefixes, upload a smaller memory, keep "
+            "fewer versions or raise the tenant's max_bytes"
+        )
+
+
 def _check_name(value: str, what: str, max_bytes: int) -> None:
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{what} must be a non-empty string")
     if any(ord(c) < 32 for c in value):
-        raise InvalidArgument(f"{what} {value!r} contains control characters")
+        raise InvalidArgument(f"{what} {value[:40]!r} contains control characters")
     if len(value.encode()) > max_bytes:
         raise InvalidArgument(f"{what} '{value[:40]}...' is longer than {max_bytes} bytes")
 

@@ -42,7 +42,7 @@ class ServerConfig(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key (with tls_cert)")
     max_workers: int = Field(64, ge=2, description="gRPC handler threads (Watch holds one)")
     max_message_bytes: int = Field(64 * MiB, ge=MiB, description="max size of one gRPC message")
-    max_upload_bytes: int = Field(8 * GiB, ge=MiB, description="max bytes of one memory upload")
+    max_upload_bytes: int = Field(2 * GiB, ge=MiB, description="max bytes of one memory upload")
     fetch_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024, description="FetchMemory chunk size")
     max_lookup_queries: int = Field(8192, ge=1, description="max query rows in one Lookup")
     max_k: int = Field(256, ge=1, description="max top-k in one Lookup")

@@ -20,6 +20,7 @@ from memdb import auth
 from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
 from memdb.events import Event
 from memdb.index import build_layer_indices, resolve_kind
+from memdb.records import check_metadata
 from memdb.runtime import Runtime, check_name
 from memdb.shards import Shard, check_consistent, decode_shard
 from memdb.storage import KeyRecord, TenantRecord
@@ -94,8 +95,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidArgument(f"metric {h.metric!r} is unknown; use 'cosine' or 'ip'")
         if h.index_kind not in ("", "auto", "flat", "ivf", "hnsw"):
             raise InvalidArgument(f"index_kind {h.index_kind!r} is unknown; use flat, ivf, hnsw")
-        if any(len(k) > 256 or len(v) > 4096 for k, v in h.build_params.items()):
-            raise InvalidArgument("build_params keys must be <= 256 and values <= 4096 chars")
+        check_metadata(h.model_fingerprint, dict(h.build_params))  # before any chunk arrives
         return h
 
     def _upload_budget(self, tenant: str, header: pb.PutPrefixHeader) -> _Budget:

@@ -2,7 +2,8 @@
 
 Owns the dataclasses the store keeps as JSON, their JSON round trip, the snapshot of one
 version, how record keys are laid out so that a prefix or a tenant is one range scan, and the
-size limits of the metadata a record may carry. Knows nothing of LMDB transactions.
+checks of what a write may carry (names, modes, metadata sizes, indices). Knows nothing of
+LMDB transactions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from memdb.errors import InvalidArgument
+from memdb.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from memdb.shards import ShardShape
 
 T = TypeVar("T")
@@ -25,6 +26,10 @@ MAX_BUILD_PARAM_KEY_BYTES = 256
 MAX_BUILD_PARAM_VALUE_BYTES = 4096
 MAX_BUILD_PARAMS_BYTES = 16 * 1024  # keys + values of all entries
 MAX_DESCRIPTION_BYTES = 1024  # of an API key
+ROLES = ("admin", "writer", "reader")
+MODES = ("create", "update", "upsert")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+METRICS = ("cosine", "ip")
 
 
 # ---------------------------------------------------------------- records
@@ -187,4 +192,60 @@ def check_layer(rec: PrefixRecord, layer: int) -> None:
         raise InvalidArgument(
             f"layer {layer} out of range: prefix '{rec.name}' has {rec.num_layers} layers "
             f"(0..{rec.num_layers - 1})"
+        )
+
+
+def check_stored_name(value: str, what: str, max_bytes: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument(f"{what} {value[:40]!r} contains control characters")
+    if len(value.encode()) > max_bytes:
+        raise InvalidArgument(f"{what} '{value[:40]}...' is longer than {max_bytes} bytes")
+
+
+def check_write_args(
+    mode: str,
+    model_fingerprint: str,
+    token_count: int,
+    build_params: dict[str, str],
+    index_kind: str,
+    metric: str,
+) -> None:
+    if mode not in MODES:
+        raise InvalidArgument(f"mode '{mode}' is unknown; use {', '.join(MODES)}")
+    if not model_fingerprint:
+        raise InvalidArgument("model_fingerprint is empty; send the fingerprint of the model")
+    if token_count < 0:
+        raise InvalidArgument(f"token_count must be >= 0, got {token_count}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in build_params.items()):
+        raise InvalidArgument("build_params must map strings to strings")
+    if index_kind not in INDEX_KINDS:
+        raise InvalidArgument(f"index kind '{index_kind}' is unknown; use {', '.join(INDEX_KINDS)}")
+    if metric not in METRICS:
+        raise InvalidArgument(f"metric '{metric}' is unknown; use {' or '.join(METRICS)}")
+
+
+def check_indices(indices: list[list[bytes]], num_layers: int, num_groups: int) -> None:
+    if len(indices) != num_layers:
+        raise InvalidArgument(f"got indices for {len(indices)} layers, expected {num_layers}")
+    for layer, groups in enumerate(indices):
+        if len(groups) != num_groups or not all(groups):
+            raise InvalidArgument(
+                f"layer {layer}: got {len(groups)} indices, expected one non-empty index per "
+                f"group ({num_groups})"
+            )
+
+
+def check_mode(mode: str, name: str, current: PrefixRecord | None, expected: int) -> None:
+    if mode == "create" and current is not None:
+        raise AlreadyExists(
+            f"prefix '{name}' already exists (version {current.version}); use update or upsert"
+        )
+    if mode == "update" and current is None:
+        raise NotFound(f"prefix '{name}' not found; use create or upsert")
+    at = current.version if current else 0
+    if expected and expected != at:
+        raise FailedPrecondition(
+            f"prefix '{name}' is at version {at}, not the expected {expected}; re-read it and retry"
         )

@@ -45,34 +45,45 @@ from memdb.errors import (
     NotFound,
     ResourceExhausted,
 )
+from memdb.lmdbio import PAGE, RWLock, delete_range, file_size, round_up, scan
 from memdb.records import (
+    ROLES,
     KeyRecord,
     PrefixRecord,
     TenantRecord,
     Usage,
     VersionSnapshot,
     check_description,
+    check_indices,
     check_layer,
     check_metadata,
+    check_mode,
+    check_stored_name,
+    check_write_args,
     item_key,
     prefix_key,
     record_from_json,
     record_to_json,
 )
 from memdb.shards import Shard, check_consistent, decode_shard
+from memdb.usage import (
+    check_bytes,
+    check_prefix_count,
+    load_usage,
+    recount,
+    save_usage,
+    stored_bytes,
+    stored_versions,
+    version_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA = b"1"
 DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices", "usage")
 DEFAULT_TENANT = "default"
-ROLES = ("admin", "writer", "reader")
-MODES = ("create", "update", "upsert")
-INDEX_KINDS = ("flat", "ivf", "hnsw")
-METRICS = ("cosine", "ip")
 MAX_TENANT_BYTES = 128
 MAX_NAME_BYTES = 255  # with the tenant and 16 bytes of numbers, well under LMDB's 511-byte keys
-PAGE = 4096
 # The last bytes of the largest map are kept for deletes: a delete copies the B-tree pages it
 # touches, so in a map filled to the brim even a delete fails. 64 MiB frees gigabytes (a
 # delete needs about a page per leaf it empties plus 8 bytes per freed page); small maps keep
@@ -81,53 +92,6 @@ DEFAULT_RESERVE = 64 << 20
 DEFAULT_MAX_KEYS = 1000  # API keys per tenant
 
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- locking
-
-
-class _RWLock:
-    """Many holders of `shared`, or one of `exclusive` (waiting exclusives go first).
-
-    Every LMDB transaction of this process runs under `shared`; growing the map runs under
-    `exclusive`, because the map must not be replaced while a transaction of this process is
-    open. Not re-entrant: never take `shared` twice in one thread.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 # ---------------------------------------------------------------- the store
@@ -156,19 +120,19 @@ class Store:
         self._sync = sync
         self._retain = retain_versions
         self._max_keys = max_keys_per_tenant
-        self._rw = _RWLock()
+        self._rw = RWLock()
         self._write_lock = threading.Lock()
-        on_disk = _file_size(self.path / "data.mdb")
-        self._max_map_size = max(_round_up(max_map_size), _round_up(on_disk))
+        on_disk = file_size(self.path / "data.mdb")
+        self._max_map_size = max(round_up(max_map_size), round_up(on_disk))
         if reserve_bytes is None:
             reserve_bytes = min(DEFAULT_RESERVE, self._max_map_size // 8)
-        self._reserve = _round_up(reserve_bytes)
+        self._reserve = round_up(reserve_bytes)
         if not 0 <= self._reserve < self._max_map_size:
             raise InvalidArgument(
                 f"reserve_bytes ({reserve_bytes}) must be below max_map_size ({max_map_size})"
             )
         self._cap = self._max_map_size - self._reserve  # writes other than deletes stop here
-        initial = _round_up(max(min(map_size, self._cap), on_disk, PAGE))
+        initial = round_up(max(min(map_size, self._cap), on_disk, PAGE))
         self._env = lmdb.open(
             str(self.path),
             map_size=initial,
@@ -203,7 +167,7 @@ class Store:
             txn.put(DEFAULT_TENANT.encode(), record_to_json(rec), db=self._db["tenants"])
         for name, _ in txn.cursor(db=self._db["tenants"]):  # stores written before `usage`
             if txn.get(name, db=self._db["usage"]) is None:
-                self._save_usage(txn, name.decode(), self._recount(txn, name.decode()))
+                save_usage(txn, self._db, name.decode(), recount(txn, self._db, name.decode()))
 
     def close(self) -> None:
         """Flush (when opened with sync=False) and close; idempotent."""
@@ -274,7 +238,7 @@ class Store:
                     "for deletes); delete prefixes, API keys or tenants, or raise the server's "
                     "max map size (--max-map-size)"
                 )
-            target = min(_round_up(max(current * 2, used + 2 * payload)), limit)
+            target = min(round_up(max(current * 2, used + 2 * payload)), limit)
             self._env.set_mapsize(target)
             log.info("grew the LMDB map from %d to %d bytes", current, target)
 
@@ -290,7 +254,7 @@ class Store:
 
     def put_tenant(self, rec: TenantRecord) -> None:
         """Create a tenant; AlreadyExists if the name is taken."""
-        _check_name(rec.name, "tenant name", MAX_TENANT_BYTES)
+        check_stored_name(rec.name, "tenant name", MAX_TENANT_BYTES)
         if rec.max_bytes < 0 or rec.max_prefixes < 0:
             raise InvalidArgument("tenant quotas must be 0 (unlimited) or positive")
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
@@ -300,7 +264,7 @@ class Store:
                 rec.name.encode(), record_to_json(rec), overwrite=False, db=self._db["tenants"]
             ):
                 raise AlreadyExists(f"tenant '{rec.name}' already exists")
-            self._save_usage(txn, rec.name, Usage())
+            save_usage(txn, self._db, rec.name, Usage())
 
         self._write(put)
 
@@ -326,14 +290,14 @@ class Store:
         def delete(txn: lmdb.Transaction) -> None:
             self._tenant(txn, name)
             start = f"{name}\0".encode()
-            count = sum(1 for _ in _scan(txn, self._db["prefixes"], start))
+            count = sum(1 for _ in scan(txn, self._db["prefixes"], start))
             if count and not force:
                 raise FailedPrecondition(
                     f"tenant '{name}' still has {count} prefix(es); delete them first "
                     "or delete the tenant with force"
                 )
             for db in ("prefixes", "versions", "shards", "indices"):
-                _delete_range(txn, self._db[db], start)
+                delete_range(txn, self._db[db], start)
             for key_id, blob in list(txn.cursor(db=self._db["keys"])):
                 if record_from_json(KeyRecord, blob).tenant == name:
                     txn.delete(key_id, db=self._db["keys"])
@@ -347,7 +311,7 @@ class Store:
 
     def put_key(self, rec: KeyRecord) -> None:
         """Store an API key record; NotFound for an unknown tenant, AlreadyExists for the id."""
-        _check_name(rec.key_id, "API key id", MAX_NAME_BYTES)
+        check_stored_name(rec.key_id, "API key id", MAX_NAME_BYTES)
         if rec.role not in ROLES:
             raise InvalidArgument(f"role '{rec.role}' is unknown; use {', '.join(ROLES)}")
         if not rec.secret_hash:
@@ -358,7 +322,7 @@ class Store:
 
         def put(txn: lmdb.Transaction) -> None:
             tenant = self._tenant(txn, rec.tenant)
-            usage = self._load_usage(txn, rec.tenant)
+            usage = load_usage(txn, self._db, rec.tenant)
             if usage.keys >= self._max_keys:
                 raise ResourceExhausted(
                     f"tenant '{rec.tenant}' has {usage.keys} API keys, the most a tenant may "
@@ -366,10 +330,10 @@ class Store:
                 )
             usage.keys += 1
             usage.bytes += len(key) + len(blob)
-            _check_bytes(tenant, usage, f"API key '{rec.key_id}'")
+            check_bytes(tenant, usage, f"API key '{rec.key_id}'")
             if not txn.put(key, blob, overwrite=False, db=self._db["keys"]):
                 raise AlreadyExists(f"API key '{rec.key_id}' already exists")
-            self._save_usage(txn, rec.tenant, usage)
+            save_usage(txn, self._db, rec.tenant, usage)
 
         self._write(put)
 
@@ -392,10 +356,10 @@ class Store:
                 raise NotFound(f"API key '{key_id}' not found")
             txn.delete(key, db=self._db["keys"])
             tenant = record_from_json(KeyRecord, blob).tenant
-            usage = self._load_usage(txn, tenant)
+            usage = load_usage(txn, self._db, tenant)
             usage.keys -= 1
             usage.bytes -= len(key) + len(blob)
-            self._save_usage(txn, tenant, usage)
+            save_usage(txn, self._db, tenant, usage)
 
         self._write(delete, delete=True)
 
@@ -435,7 +399,7 @@ class Store:
         scope, after = prefix_key(tenant, name_prefix), prefix_key(tenant, start_after)
         out: list[PrefixRecord] = []
         with self._read() as txn:
-            for key, blob in _scan(txn, self._db["prefixes"], scope):
+            for key, blob in scan(txn, self._db["prefixes"], scope):
                 if len(out) >= limit:
                     break
                 if not start_after or key > after:
@@ -532,16 +496,16 @@ class Store:
         decoding and validating them a second time). `still_wanted`: asked inside the write
         transaction just before it commits; False aborts it (Cancelled, nothing written).
         """
-        _check_name(tenant, "tenant name", MAX_TENANT_BYTES)
-        _check_name(name, "prefix name", MAX_NAME_BYTES)
-        _check_write_args(mode, model_fingerprint, token_count, build_params, index_kind, metric)
+        check_stored_name(tenant, "tenant name", MAX_TENANT_BYTES)
+        check_stored_name(name, "prefix name", MAX_NAME_BYTES)
+        check_write_args(mode, model_fingerprint, token_count, build_params, index_kind, metric)
         check_metadata(model_fingerprint, build_params)
         if decoded is None:
             decoded = [decode_shard(blob, where=f"layer {i}") for i, blob in enumerate(shards)]
         elif len(decoded) != len(shards):
             raise InvalidArgument(f"{len(decoded)} decoded shards for {len(shards)} blobs")
         shape = check_consistent(decoded)
-        _check_indices(indices, len(shards), shape.num_groups)
+        check_indices(indices, len(shards), shape.num_groups)
         draft = PrefixRecord(
             tenant=tenant,
             name=name,
@@ -558,7 +522,7 @@ class Store:
             metric=metric,
             created_at=0.0,
             updated_at=0.0,
-            stored_bytes=_stored_bytes(tenant, name, shards, indices),
+            stored_bytes=stored_bytes(tenant, name, shards, indices),
         )
         payload = draft.stored_bytes
 
@@ -583,8 +547,8 @@ class Store:
     ) -> PrefixRecord:
         tenant, name = draft.tenant, draft.name
         current = self._current(txn, tenant, name)
-        _check_mode(mode, name, current, expected_version)
-        tenant_rec, usage = self._tenant(txn, tenant), self._load_usage(txn, tenant)
+        check_mode(mode, name, current, expected_version)
+        tenant_rec, usage = self._tenant(txn, tenant), load_usage(txn, self._db, tenant)
         version = current.version + 1 if current else 1
         now = time.time()
         retained = (current.retained_versions if current else []) + [version]
@@ -598,13 +562,13 @@ class Store:
         blob, pkey = record_to_json(rec), prefix_key(tenant, name)
         if current is None:
             usage.prefixes += 1
-            _check_prefix_count(tenant_rec, usage)
+            check_prefix_count(tenant_rec, usage)
         else:
             usage.bytes -= len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
         dropped = retained[: -self._retain]
-        usage.bytes -= sum(self._version_bytes(txn, tenant, name, old) for old in dropped)
+        usage.bytes -= sum(version_bytes(txn, self._db, tenant, name, old) for old in dropped)
         usage.bytes += rec.stored_bytes + 2 * len(blob) + len(pkey) + len(item_key(tenant, name, 0))
-        _check_bytes(tenant_rec, usage, f"prefix '{name}' version {version}")
+        check_bytes(tenant_rec, usage, f"prefix '{name}' version {version}")
         for layer, shard in enumerate(shards):
             txn.put(item_key(tenant, name, version, layer), shard, db=self._db["shards"])
             for group, index in enumerate(indices[layer]):
@@ -614,29 +578,14 @@ class Store:
             self._delete_version(txn, tenant, name, old)
         txn.put(item_key(tenant, name, version), blob, db=self._db["versions"])
         txn.put(pkey, blob, db=self._db["prefixes"])
-        self._save_usage(txn, tenant, usage)
+        save_usage(txn, self._db, tenant, usage)
         return rec
-
-    def _version_bytes(self, txn: lmdb.Transaction, tenant: str, name: str, version: int) -> int:
-        """Key + value bytes of every record of one stored version (0 if it is not stored)."""
-        key = item_key(tenant, name, version)
-        blob = txn.get(key, db=self._db["versions"])
-        if blob is None:
-            return 0
-        stored = record_from_json(PrefixRecord, blob).stored_bytes
-        if not stored:  # a version written before records kept their size: count it
-            stored = sum(
-                len(k) + len(v)
-                for db in ("shards", "indices")
-                for k, v in _scan(txn, self._db[db], key)
-            )
-        return len(key) + len(blob) + stored
 
     def _delete_version(self, txn: lmdb.Transaction, tenant: str, name: str, version: int) -> None:
         start = item_key(tenant, name, version)
         txn.delete(start, db=self._db["versions"])
-        _delete_range(txn, self._db["shards"], start)
-        _delete_range(txn, self._db["indices"], start)
+        delete_range(txn, self._db["shards"], start)
+        delete_range(txn, self._db["indices"], start)
         log.debug("reclaimed %s/%s version %d", tenant, name, version)
 
     def delete_prefix(self, tenant: str, name: str, *, expected_version: int = 0) -> int:
@@ -651,16 +600,16 @@ class Store:
                     f"prefix '{name}' is at version {current.version}, not the expected "
                     f"{expected_version}; re-read it and retry"
                 )
-            usage = self._load_usage(txn, tenant)
+            usage = load_usage(txn, self._db, tenant)
             pkey = prefix_key(tenant, name)
             usage.bytes -= len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
-            for version in self._stored_versions(txn, tenant, name):
-                usage.bytes -= self._version_bytes(txn, tenant, name, version)
+            for version in stored_versions(txn, self._db, tenant, name):
+                usage.bytes -= version_bytes(txn, self._db, tenant, name, version)
             usage.prefixes -= 1
             txn.delete(pkey, db=self._db["prefixes"])
             for db in ("versions", "shards", "indices"):
-                _delete_range(txn, self._db[db], item_key(tenant, name))
-            self._save_usage(txn, tenant, usage)
+                delete_range(txn, self._db[db], item_key(tenant, name))
+            save_usage(txn, self._db, tenant, usage)
             return current.version
 
         version = self._write(delete, delete=True)
@@ -672,17 +621,17 @@ class Store:
     def usage(self, tenant: str) -> tuple[int, int]:
         """(number of prefixes, bytes counted against the quota) of a tenant (see Usage)."""
         with self._read() as txn:
-            u = self._load_usage(txn, tenant)
+            u = load_usage(txn, self._db, tenant)
         return u.prefixes, u.bytes
 
     def tenant_usage(self, tenant: str) -> Usage:
         with self._read() as txn:
-            return self._load_usage(txn, tenant)
+            return load_usage(txn, self._db, tenant)
 
     def recount_usage(self, tenant: str) -> Usage:
         """The usage of a tenant counted from its records (what the kept counters must equal)."""
         with self._read() as txn:
-            return self._recount(txn, tenant)
+            return recount(txn, self._db, tenant)
 
     def upload_allowance(self, tenant: str, name: str) -> int | None:
         """Bytes a new version of `name` may add before the tenant's byte quota refuses it
@@ -693,43 +642,15 @@ class Store:
             tenant_rec = self._tenant(txn, tenant)
             if not tenant_rec.max_bytes:
                 return None
-            left = tenant_rec.max_bytes - self._load_usage(txn, tenant).bytes
+            left = tenant_rec.max_bytes - load_usage(txn, self._db, tenant).bytes
             current = self._current(txn, tenant, name)
             if current is not None:
                 kept = current.retained_versions
                 for old in kept[: max(0, len(kept) + 1 - self._retain)]:
-                    left += self._version_bytes(txn, tenant, name, old)
+                    left += version_bytes(txn, self._db, tenant, name, old)
                 pkey = prefix_key(tenant, name)
                 left += len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
         return max(left, 0)
-
-    def _stored_versions(self, txn: lmdb.Transaction, tenant: str, name: str) -> list[int]:
-        start = item_key(tenant, name)
-        return [
-            int.from_bytes(k[len(start) :], "big")
-            for k, _ in _scan(txn, self._db["versions"], start)
-        ]
-
-    def _load_usage(self, txn: lmdb.Transaction, tenant: str) -> Usage:
-        blob = txn.get(tenant.encode(), db=self._db["usage"])
-        return Usage() if blob is None else record_from_json(Usage, blob)
-
-    def _save_usage(self, txn: lmdb.Transaction, tenant: str, usage: Usage) -> None:
-        txn.put(tenant.encode(), record_to_json(usage), db=self._db["usage"])
-
-    def _recount(self, txn: lmdb.Transaction, tenant: str) -> Usage:
-        usage = Usage()
-        for pkey, blob in _scan(txn, self._db["prefixes"], f"{tenant}\0".encode()):
-            usage.prefixes += 1
-            usage.bytes += len(pkey) + len(blob)
-            name = record_from_json(PrefixRecord, blob).name
-            for version in self._stored_versions(txn, tenant, name):
-                usage.bytes += self._version_bytes(txn, tenant, name, version)
-        for key_id, blob in txn.cursor(db=self._db["keys"]):
-            if record_from_json(KeyRecord, blob).tenant == tenant:
-                usage.keys += 1
-                usage.bytes += len(key_id) + len(blob)
-        return usage
 
     def count_records(self) -> dict[str, int]:
         """Entries in each sub-database (for stats and tests)."""
@@ -748,120 +669,3 @@ class Store:
             "num_prefixes": prefixes,
             "path": str(self.path),
         }
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _stored_bytes(tenant: str, name: str, shards: list[bytes], indices: list[list[bytes]]) -> int:
-    """Key + value bytes of a version's shard and index records."""
-    shard_key, index_key = len(item_key(tenant, name, 0, 0)), len(item_key(tenant, name, 0, 0, 0))
-    return sum(shard_key + len(b) for b in shards) + sum(
-        index_key + len(b) for layer in indices for b in layer
-    )
-
-
-def _check_prefix_count(tenant: TenantRecord, usage: Usage) -> None:
-    if tenant.max_prefixes and usage.prefixes > tenant.max_prefixes:
-        raise ResourceExhausted(
-            f"tenant '{tenant.name}' has {usage.prefixes - 1} prefixes, its quota is "
-            f"{tenant.max_prefixes}; delete a prefix or raise the tenant's max_prefixes"
-        )
-
-
-def _check_bytes(tenant: TenantRecord, usage: Usage, what: str) -> None:
-    if tenant.max_bytes and usage.bytes > tenant.max_bytes:
-        raise ResourceExhausted(
-            f"{what} would bring tenant '{tenant.name}' to {usage.bytes} stored bytes (every "
-            f"retained version's shards and indices, records and API keys), over its "
-            f"{tenant.max_bytes}-byte quota; delete prefixes, upload a smaller memory, keep "
-            "fewer versions or raise the tenant's max_bytes"
-        )
-
-
-def _check_name(value: str, what: str, max_bytes: int) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{what} must be a non-empty string")
-    if any(ord(c) < 32 for c in value):
-        raise InvalidArgument(f"{what} {value[:40]!r} contains control characters")
-    if len(value.encode()) > max_bytes:
-        raise InvalidArgument(f"{what} '{value[:40]}...' is longer than {max_bytes} bytes")
-
-
-def _check_write_args(
-    mode: str,
-    model_fingerprint: str,
-    token_count: int,
-    build_params: dict[str, str],
-    index_kind: str,
-    metric: str,
-) -> None:
-    if mode not in MODES:
-        raise InvalidArgument(f"mode '{mode}' is unknown; use {', '.join(MODES)}")
-    if not model_fingerprint:
-        raise InvalidArgument("model_fingerprint is empty; send the fingerprint of the model")
-    if token_count < 0:
-        raise InvalidArgument(f"token_count must be >= 0, got {token_count}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in build_params.items()):
-        raise InvalidArgument("build_params must map strings to strings")
-    if index_kind not in INDEX_KINDS:
-        raise InvalidArgument(f"index kind '{index_kind}' is unknown; use {', '.join(INDEX_KINDS)}")
-    if metric not in METRICS:
-        raise InvalidArgument(f"metric '{metric}' is unknown; use {' or '.join(METRICS)}")
-
-
-def _check_indices(indices: list[list[bytes]], num_layers: int, num_groups: int) -> None:
-    if len(indices) != num_layers:
-        raise InvalidArgument(f"got indices for {len(indices)} layers, expected {num_layers}")
-    for layer, groups in enumerate(indices):
-        if len(groups) != num_groups or not all(groups):
-            raise InvalidArgument(
-                f"layer {layer}: got {len(groups)} indices, expected one non-empty index per "
-                f"group ({num_groups})"
-            )
-
-
-def _check_mode(mode: str, name: str, current: PrefixRecord | None, expected: int) -> None:
-    if mode == "create" and current is not None:
-        raise AlreadyExists(
-            f"prefix '{name}' already exists (version {current.version}); use update or upsert"
-        )
-    if mode == "update" and current is None:
-        raise NotFound(f"prefix '{name}' not found; use create or upsert")
-    at = current.version if current else 0
-    if expected and expected != at:
-        raise FailedPrecondition(
-            f"prefix '{name}' is at version {at}, not the expected {expected}; re-read it and retry"
-        )
-
-
-def _scan(txn: lmdb.Transaction, db: object, start: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """The (key, value) pairs of `db` whose key starts with `start`, in key order."""
-    cursor = txn.cursor(db=db)
-    if cursor.set_range(start):
-        for key, value in cursor:
-            if not key.startswith(start):
-                return
-            yield key, value
-
-
-def _delete_range(txn: lmdb.Transaction, db: object, start: bytes) -> int:
-    """Delete every key of `db` that starts with `start`; returns how many."""
-    cursor = txn.cursor(db=db)
-    deleted = 0
-    if cursor.set_range(start):
-        while cursor.key().startswith(start):  # delete() moves on; past the end key() is b""
-            cursor.delete()
-            deleted += 1
-    return deleted
-
-
-def _round_up(n: int, to: int = PAGE) -> int:
-    return -(-n // to) * to
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0

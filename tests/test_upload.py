@@ -122,3 +122,22 @@ def test_a_commit_before_the_last_layer_or_a_message_after_it_is_invalid(root):
         root._call(root._admin.PutPrefix, iter([*msgs[:2], commit, msgs[2]]))
     with pytest.raises(NotFound):
         root.get_prefix("early")
+
+
+def test_the_quota_counts_real_indices_and_retained_versions(root):
+    shards = make_shards(layers=2, m=64)
+    blobs = [encode_shard(s) for s in shards]
+    shard_bytes = sum(map(len, blobs))
+    root.create_tenant("q", max_bytes=int(shard_bytes * 1.6))
+    key, _ = root.create_api_key("writer", tenant="q")
+    with MemdbClient(root.address, key) as c:
+        # an HNSW index holds its vectors and links: more bytes than the shards themselves
+        with pytest.raises(ResourceExhausted, match="over its .*-byte quota"):
+            c.put_prefix("h", blobs, model_fingerprint=FP, index_kind="hnsw")
+        info = c.put_prefix("f", blobs, model_fingerprint=FP, index_kind="flat")
+        tenant = next(t for t in root.list_tenants() if t.name == "q")
+        assert shard_bytes < tenant.bytes <= tenant.max_bytes  # indices and records count
+        with pytest.raises(ResourceExhausted, match="quota"):  # a second retained version
+            c.put_prefix("f", blobs, model_fingerprint=FP, index_kind="flat", mode="update")
+        assert c.get_prefix("f").version == info.version
+    root.delete_tenant("q", force=True)

@@ -10,6 +10,8 @@ A shard holds, for one layer, I index groups of M entries each:
     lse        [I, M, h]     natural-log log-sum-exp of each entry on the prefix (float32)
     ...                      extra tensors [I, M, ...] (e.g. `q_mean`, `k_bar`), kept as they
                              are (float32, float16 or bfloat16)
+    whiten, whiten_mean      per-layer tensors of any shape (the worker's key whitening), not
+                             one row per entry (so Lookup cannot return their rows)
 
 and string metadata in the safetensors header (`memdb.format`, `layer`, build parameters).
 bfloat16 and float8_e4m3fn are numpy dtypes through `ml_dtypes`; safetensors' own numpy
@@ -44,6 +46,7 @@ ALLOWED_DTYPES = {
     "lse": (F32,),
 }
 EXTRA_DTYPES = (F32, F16, BF16)
+LAYER_TENSORS = ("whiten", "whiten_mean")  # extras that belong to the layer, not to entries
 # safetensors dtype names <-> numpy dtypes (what a shard may hold, and what validation names)
 _ST_DTYPES = {
     "F64": np.dtype(np.float64),
@@ -89,6 +92,11 @@ class Shard:
         i, m, dk = self.keys.shape
         _, _, h, d = self.out.shape
         return ShardShape(i, m, dk, h, d)
+
+    @property
+    def entry_extras(self) -> list[str]:
+        """Names of the extras with one row per entry ([I, M, ...]), sorted."""
+        return sorted(name for name in self.extras if name not in LAYER_TENSORS)
 
     def float_keys(self) -> np.ndarray:
         """The keys as float32 [I, M, Dk] (fp8 keys dequantized with `key_scale`)."""
@@ -233,7 +241,9 @@ def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
         )
     _check_key_scale(tensors, where)
     for name, t in tensors.items():
-        if name not in (*REQUIRED, KEY_SCALE) and (t.ndim < 2 or t.shape[:2] != (i, m)):
+        if name in (*REQUIRED, KEY_SCALE, *LAYER_TENSORS):
+            continue
+        if t.ndim < 2 or t.shape[:2] != (i, m):
             raise InvalidArgument(
                 f"{where}: extra tensor '{name[:64]}' has shape {list(t.shape)[:8]}, "
                 f"expected [{i}, {m}, ...] (one row per entry)"

@@ -244,6 +244,8 @@ class Store:
 
     def _shrink_to_cap(self) -> None:
         """Give back the part of the reserve a delete grew into but left unused."""
+        if self._env.info()["map_size"] <= self._cap:
+            return  # the usual case: no need to stop this process's readers
         with self._rw.exclusive():
             current = self._env.info()["map_size"]
             if current > self._cap:
@@ -516,7 +518,7 @@ class Store:
             dtype=str(decoded[0].out.dtype),
             token_count=token_count,
             build_params=dict(build_params),
-            extra_tensors=sorted(decoded[0].extras),
+            extra_tensors=decoded[0].entry_extras,
             bytes=sum(len(b) for b in shards),
             index_kind=index_kind,
             metric=metric,

@@ -15,7 +15,7 @@ from memdb.server import run_server
 from memdb.shards import decode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
-from tests.test_shards import torch_tensors
+from tests.test_shards import DK, torch_tensors
 
 FP = "fp-compact"
 ROOT_KEY = "test-root-key"
@@ -70,3 +70,16 @@ def test_query_shapes_that_overflow_or_have_too_many_dims_are_invalid_argument(c
                            queries=pb.Tensor(dtype="float32", shape=shape, data=data))  # fmt: skip
     with pytest.raises(InvalidArgument, match="queries"):
         client._call(client._memory.Lookup, req)
+
+
+def test_per_layer_tensors_are_stored_but_not_lookup_extras(client):
+    t = torch_tensors(keys=torch.float16, out=torch.float16)
+    t["whiten"] = torch.eye(8).expand(3, 8, 8).contiguous()
+    blob = safetensors.torch.save(t)
+    info = client.put_prefix("whitened", [blob], model_fingerprint=FP)
+    assert info.extra_tensors == ["q_mean"]
+    q = np.zeros((1, DK), np.float32)
+    assert client.lookup("whitened", 0, q, model_fingerprint=FP).ids.shape == (1, 2, 1)
+    with pytest.raises(InvalidArgument, match="no extra tensor 'whiten'"):
+        client.lookup("whitened", 0, q, model_fingerprint=FP, extras=["whiten"])
+    assert client.fetch_memory_raw("whitened", model_fingerprint=FP)[1] == [blob]

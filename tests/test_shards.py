@@ -126,3 +126,15 @@ def test_wire_tensors_round_trip_in_their_dtype(dtype):
 def test_wire_shapes_that_overflow_or_have_too_many_dims_are_invalid(shape, data, message):
     with pytest.raises(InvalidArgument, match=message):
         decode_tensor(pb.Tensor(dtype="float32", shape=shape, data=data), name="queries")
+
+
+def test_per_layer_whitening_tensors_have_any_shape_and_are_not_entry_extras():
+    t = torch_tensors()
+    t["whiten"] = torch.eye(DK).expand(3, DK, DK).contiguous()  # [H, d, d]: H != G
+    t["whiten_mean"] = torch.zeros(3, DK)
+    shard = decode_shard(safetensors.torch.save(t))
+    assert sorted(shard.extras) == ["q_mean", "whiten", "whiten_mean"]
+    assert shard.entry_extras == ["q_mean"]
+    other = decode_shard(safetensors.torch.save({**t, "whiten": torch.zeros(2, DK, DK)}))
+    with pytest.raises(InvalidArgument, match="layer 1: extra tensor 'whiten'"):
+        check_consistent([shard, other])

@@ -43,6 +43,9 @@ class ServerConfig(BaseSettings):
     max_workers: int = Field(
         64, ge=2, description="threads for blocking work (LMDB, FAISS); waiting streams hold none"
     )
+    max_tenant_jobs: int = Field(
+        16, ge=1, description="blocking jobs of one tenant at once; more wait, holding no thread"
+    )
     max_concurrent_rpcs: int = Field(
         2048, ge=16, description="calls served at once; past it RESOURCE_EXHAUSTED (health too)"
     )

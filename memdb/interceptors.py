@@ -7,6 +7,8 @@ manager around the whole call, streams included), then runs the servicer:
 - a sync handler (LMDB / FAISS work) runs in the bounded executor, one step at a time: a unary
   call is one job, a streamed response one job per message, so a slow reader of a stream holds
   no thread between messages; a streamed request is read on the event loop and handed over;
+  each job first takes one of its key's `Slots` (per tenant): one tenant cannot queue the
+  executor full;
 - an async handler (Watch, health, reflection) runs on the event loop and holds no thread.
 
 Requests that cannot be deserialized become INVALID_ARGUMENT (one rate-limited log line, no
@@ -24,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import grpc
@@ -144,12 +146,40 @@ def _check(message: Any, method: str) -> Any:
     return message
 
 
-class Dispatcher(grpc.aio.ServerInterceptor):
-    """Runs every handler under the hooks; sync handlers in `executor` (see the module doc)."""
+class Slots:
+    """At most `limit` jobs at once per key (e.g. per tenant, from `key()`, called in the
+    call's context); more wait on the event loop, holding no thread."""
 
-    def __init__(self, hooks: list[Hook], executor: concurrent.futures.Executor) -> None:
+    def __init__(self, limit: int, key: Callable[[], Any]) -> None:
+        self.limit = limit
+        self._key = key
+        self._sems: dict[Any, asyncio.Semaphore] = {}
+        self._users: dict[Any, int] = {}
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        key = self._key()
+        sem = self._sems.setdefault(key, asyncio.Semaphore(self.limit))
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with sem:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:  # forget idle keys
+                del self._users[key], self._sems[key]
+
+
+class Dispatcher(grpc.aio.ServerInterceptor):
+    """Runs every handler under the hooks; sync handlers in `executor`, each job holding one of
+    `slots` (see the module doc)."""
+
+    def __init__(
+        self, hooks: list[Hook], executor: concurrent.futures.Executor, slots: Slots
+    ) -> None:
         self._hooks = hooks
         self._executor = executor
+        self._slots = slots
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -157,7 +187,7 @@ class Dispatcher(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         hooks = [h for h in self._hooks if h.applies(method)]
-        run = _Run(method, hooks, self._executor, handler)
+        run = _Run(method, hooks, self._executor, self._slots, handler)
         kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
         return kind(
             run.unary if not handler.response_streaming else run.stream,
@@ -177,10 +207,11 @@ _KINDS = {
 class _Run:
     """One method's wrapped behaviour (a coroutine for every kind of handler)."""
 
-    def __init__(self, method: str, hooks: list[Hook], executor, handler) -> None:
+    def __init__(self, method: str, hooks: list[Hook], executor, slots: Slots, handler) -> None:
         self.method = method
         self.hooks = hooks
         self.executor = executor
+        self.slots = slots
         self.request_streaming = handler.request_streaming
         self.behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary
@@ -234,9 +265,10 @@ class _Run:
                 call.fail(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
                 raise
         ctx = contextvars.copy_context()  # holds what the hooks set (the caller's identity)
-        future = self.executor.submit(ctx.run, self.behavior, request, call)
         try:
-            return await asyncio.wrap_future(future)
+            async with self.slots.hold():
+                future = self.executor.submit(ctx.run, self.behavior, request, call)
+                return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             call.end()  # the handler sees is_active() False; its result is dropped
             if isinstance(request, _SyncRequests):
@@ -261,8 +293,9 @@ class _Run:
         future = None
         try:
             while True:
-                future = self.executor.submit(ctx.run, next, gen, _END)
-                message = await asyncio.wrap_future(future)
+                async with self.slots.hold():
+                    future = self.executor.submit(ctx.run, next, gen, _END)
+                    message = await asyncio.wrap_future(future)
                 if message is _END:
                     return
                 await context.write(message)
@@ -310,11 +343,17 @@ class _SyncRequests:
     def __next__(self) -> Any:
         if not self._call.is_active():
             raise Cancelled(f"{self._method} was cancelled")
-        self._pending = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
-        try:
-            message = self._pending.result()
-        except concurrent.futures.CancelledError:
-            raise Cancelled(f"{self._method} was cancelled") from None
+        self._pending = pending = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        while True:
+            try:
+                message = pending.result(timeout=1.0)
+                break
+            except concurrent.futures.TimeoutError:
+                if not self._call.is_active():  # e.g. the loop stopped before reading
+                    pending.cancel()
+                    raise Cancelled(f"{self._method} was cancelled") from None
+            except concurrent.futures.CancelledError:
+                raise Cancelled(f"{self._method} was cancelled") from None
         if message is _END:
             raise StopIteration
         return _check(message, self._method)

@@ -30,12 +30,13 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 import memdb
+from memdb import auth
 from memdb.admin_service import AdminServicer
 from memdb.auth import Authenticator, AuthHook
 from memdb.config import ServerConfig, load_config
 from memdb.events import EventBus, WatchLimits
 from memdb.index import IndexCache, IndexParams, set_threads
-from memdb.interceptors import Dispatcher, ErrorHook
+from memdb.interceptors import Dispatcher, ErrorHook, Slots
 from memdb.memory_service import MemoryServicer, end_revoked_watches
 from memdb.metrics import MetricsHook, ServerMetrics
 from memdb.runtime import Runtime
@@ -162,7 +163,7 @@ class _GrpcThread:
             AuthHook(Authenticator(rt.store, self.admin_key)),
         ]
         self.server = server = grpc.aio.server(
-            interceptors=[Dispatcher(hooks, rt.executor)],
+            interceptors=[Dispatcher(hooks, rt.executor, Slots(c.max_tenant_jobs, _tenant))],
             options=[
                 ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -192,6 +193,10 @@ class _GrpcThread:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+
+
+def _tenant() -> str:
+    return auth.current().tenant
 
 
 def _bind(server: grpc.aio.Server, c: ServerConfig) -> int:

@@ -388,3 +388,44 @@ def test_malformed_requests_are_invalid_argument_leak_nothing_and_log_one_line(t
     assert grown < 15, f"3000 malformed requests grew the server by {grown:.1f} MB"
     assert "Traceback" not in log
     assert 1 <= log.count("could not parse") <= 2, log[-2000:]
+
+
+# ---------------------------------------------------------------- fairness
+
+
+def test_one_tenant_cannot_take_every_thread(tmp_path, monkeypatch):
+    """max_tenant_jobs=1 on 2 threads: a tenant's second blocked call waits for its slot (on the
+    event loop), so another tenant still gets a thread."""
+    with serving(tmp_path, max_workers=2, max_tenant_jobs=1) as (srv, root), ExitStack() as stack:
+        root.create_tenant("tb")
+        key_b, _ = root.create_api_key("reader", tenant="tb")
+        a = stack.enter_context(_reader(root, "ta"))
+        b = stack.enter_context(MemdbClient(root.address, key_b, timeout=5))
+        store, release, entered = srv.runtime.store, threading.Event(), []
+        get_prefix = store.get_prefix
+
+        def blocked_for_ta(tenant, name, version=0):
+            if tenant == "ta":
+                entered.append(name)
+                assert release.wait(20)
+            return get_prefix(tenant, name, version)
+
+        monkeypatch.setattr(store, "get_prefix", blocked_for_ta)
+        errors: list = []
+
+        def call_a(name: str) -> None:
+            try:
+                a.get_prefix(name)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call_a, args=(n,)) for n in ("p1", "p2")]
+        for t in threads:
+            t.start()
+        assert _wait(lambda: len(entered) == 1)
+        assert b.list_prefixes() == []  # tenant tb is served while ta waits
+        assert len(entered) == 1  # ta's second call did not get a thread
+        release.set()
+        for t in threads:
+            t.join(20)
+        assert len(entered) == 2 and len(errors) == 2  # both ran (NotFound: no such prefix)

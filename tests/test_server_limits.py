@@ -20,6 +20,7 @@ from memdb.config import ServerConfig
 from memdb.errors import (
     MAX_DETAIL_BYTES,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unauthenticated,
     short_message,
@@ -160,6 +161,35 @@ def test_deleting_a_tenant_ends_its_watch_streams(tmp_path):
         root.delete_tenant("gone", force=True)
         assert s.ended.wait(5), "the deleted tenant's stream is still open"
         assert isinstance(s.error, Unauthenticated)
+
+
+def test_max_concurrent_rpcs_is_enforced(tmp_path, monkeypatch):
+    """15 Watch streams + 1 blocked call fill max_concurrent_rpcs=16: one more call is refused
+    with RESOURCE_EXHAUSTED at once (not queued), and served again once a stream closes."""
+    with serving(tmp_path, max_concurrent_rpcs=16, max_watch_streams=15) as (srv, root), \
+            ExitStack() as stack:  # fmt: skip
+        reader = stack.enter_context(_reader(root, "t"))
+        streams = [_Stream(reader) for _ in range(15)]
+        stack.callback(lambda: [s.close() for s in streams])
+        assert _wait(lambda: len(srv.runtime.bus) == 15)
+        assert root.health(timeout=5) == "SERVING"  # the 16th call
+        store, release, entered = srv.runtime.store, threading.Event(), threading.Event()
+        get_prefix = store.get_prefix
+
+        def blocked(*args):
+            entered.set()
+            assert release.wait(20)
+            return get_prefix(*args)
+
+        monkeypatch.setattr(store, "get_prefix", blocked)
+        held = threading.Thread(target=lambda: pytest.raises(NotFound, root.get_prefix, "p"))
+        held.start()
+        assert entered.wait(10)
+        with pytest.raises(ResourceExhausted, match="Concurrent RPC limit"):
+            root.health(timeout=5)
+        release.set()
+        held.join(20)
+        assert root.health(timeout=5) == "SERVING"
 
 
 def test_watch_limit_settings_follow_flags_env_and_file(tmp_path, monkeypatch):

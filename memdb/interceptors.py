@@ -278,15 +278,11 @@ class _Run:
     async def _stream(self, request: Any, context, call: Call) -> None:
         request = self._request(request, call)
         if self.is_async:
-            responses = self.behavior(request, context)
             try:
-                async for message in responses:
-                    await context.write(message)
+                await self._async_stream(request, context)
             except grpc.aio.AbortError:
                 call.fail(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
                 raise
-            finally:
-                await responses.aclose()
             return
         ctx = contextvars.copy_context()
         gen = ctx.run(self.behavior, request, call)
@@ -304,6 +300,17 @@ class _Run:
             if isinstance(request, _SyncRequests):
                 request.cancel()
             self._close_later(gen, ctx, future)
+
+    async def _async_stream(self, request: Any, context) -> None:
+        if inspect.iscoroutinefunction(self.behavior):  # writes with context.write itself
+            await self.behavior(request, context)
+            return
+        responses = self.behavior(request, context)  # an async generator
+        try:
+            async for message in responses:
+                await context.write(message)
+        finally:
+            await responses.aclose()
 
     def _close_later(self, gen, ctx: contextvars.Context, running) -> None:
         """Close the generator (its finally blocks release what it holds) once no step of it

@@ -459,3 +459,14 @@ def test_one_tenant_cannot_take_every_thread(tmp_path, monkeypatch):
         for t in threads:
             t.join(20)
         assert len(entered) == 2 and len(errors) == 2  # both ran (NotFound: no such prefix)
+
+
+def test_health_watch_streams_the_status(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with serving(tmp_path) as (srv, root), grpc.insecure_channel(srv.address) as ch:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(service="memdb.v1.MemoryService"), timeout=10
+        )
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()

@@ -46,6 +46,15 @@ class ServerConfig(BaseSettings):
     max_tenant_jobs: int = Field(
         16, ge=1, description="blocking jobs of one tenant at once; more wait, holding no thread"
     )
+    max_uploads: int = Field(
+        16,
+        ge=1,
+        description="PutPrefix streams at once, at most max_workers - 1 (each holds a thread)",
+    )
+    stream_idle_timeout_s: float = Field(
+        120.0, gt=0, description="PutPrefix: seconds the client may send nothing"
+    )
+    max_health_watches: int = Field(64, ge=1, description="open health Watch streams")
     max_concurrent_rpcs: int = Field(
         2048, ge=16, description="calls served at once; past it RESOURCE_EXHAUSTED (health too)"
     )
@@ -101,10 +110,10 @@ class ServerConfig(BaseSettings):
             raise ValueError("set both tls_cert and tls_key, or neither")
         if self.map_size > self.max_map_size:
             raise ValueError("map_size must not exceed max_map_size")
-        if self.max_watch_streams >= self.max_concurrent_rpcs:
+        if self.max_watch_streams + self.max_health_watches >= self.max_concurrent_rpcs:
             raise ValueError(
-                "max_watch_streams must be below max_concurrent_rpcs, so that other calls "
-                "(health included) are served while every Watch stream is open"
+                "max_watch_streams + max_health_watches must be below max_concurrent_rpcs, so "
+                "that other calls (health included) are served while every stream is open"
             )
         return self
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -31,7 +32,14 @@ from typing import Any
 
 import grpc
 
-from memdb.errors import Cancelled, InvalidArgument, MemdbError, to_status
+from memdb.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    MemdbError,
+    ResourceExhausted,
+    to_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,34 @@ class Hook:
 
     def around(self, call: Call) -> AbstractContextManager:
         raise NotImplementedError
+
+
+class CallCap(Hook):
+    """At most `limit` calls of `method` at once; more are RESOURCE_EXHAUSTED (`setting` names
+    the limit in the message). For long calls that hold nothing else, e.g. health Watch."""
+
+    def __init__(self, method: str, limit: int, setting: str) -> None:
+        self.method, self.limit, self.setting = method, limit, setting
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def applies(self, method: str) -> bool:
+        return method == self.method
+
+    @contextmanager
+    def around(self, call: Call) -> Iterator[None]:
+        with self._lock:
+            if self._open >= self.limit:
+                raise ResourceExhausted(
+                    f"{self.method}: {self._open} calls are open, the server's {self.setting} "
+                    f"({self.limit}); retry later"
+                )
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
 
 
 class ErrorHook(Hook):
@@ -175,11 +211,18 @@ class Dispatcher(grpc.aio.ServerInterceptor):
     `slots` (see the module doc)."""
 
     def __init__(
-        self, hooks: list[Hook], executor: concurrent.futures.Executor, slots: Slots
+        self,
+        hooks: list[Hook],
+        executor: concurrent.futures.Executor,
+        slots: Slots,
+        uploads: Slots,
+        idle_timeout: float,
     ) -> None:
         self._hooks = hooks
         self._executor = executor
         self._slots = slots
+        self._uploads = uploads
+        self._idle_timeout = idle_timeout
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -187,7 +230,8 @@ class Dispatcher(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         hooks = [h for h in self._hooks if h.applies(method)]
-        run = _Run(method, hooks, self._executor, self._slots, handler)
+        run = _Run(method, hooks, self._executor, handler)
+        run.slots, run.uploads, run.idle_timeout = self._slots, self._uploads, self._idle_timeout
         kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
         return kind(
             run.unary if not handler.response_streaming else run.stream,
@@ -207,11 +251,14 @@ _KINDS = {
 class _Run:
     """One method's wrapped behaviour (a coroutine for every kind of handler)."""
 
-    def __init__(self, method: str, hooks: list[Hook], executor, slots: Slots, handler) -> None:
+    slots: Slots  # per tenant, every job
+    uploads: Slots  # in all, jobs that read a streamed request (they hold a thread throughout)
+    idle_timeout: float  # seconds a streamed request may send nothing
+
+    def __init__(self, method: str, hooks: list[Hook], executor, handler) -> None:
         self.method = method
         self.hooks = hooks
         self.executor = executor
-        self.slots = slots
         self.request_streaming = handler.request_streaming
         self.behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary
@@ -254,7 +301,8 @@ class _Run:
             return _check(request, self.method)
         if self.is_async:
             return _checked(request, self.method)
-        return _SyncRequests(request, asyncio.get_running_loop(), call, self.method)
+        return _SyncRequests(request, asyncio.get_running_loop(), call, self.method,
+                             self.idle_timeout)  # fmt: skip
 
     async def _unary(self, request: Any, context, call: Call) -> Any:
         request = self._request(request, call)
@@ -265,8 +313,9 @@ class _Run:
                 call.fail(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
                 raise
         ctx = contextvars.copy_context()  # holds what the hooks set (the caller's identity)
+        uploads = self.uploads.hold() if self.request_streaming else contextlib.nullcontext()
         try:
-            async with self.slots.hold():
+            async with uploads, self.slots.hold():
                 future = self.executor.submit(ctx.run, self.behavior, request, call)
                 return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -337,11 +386,12 @@ class _SyncRequests:
     """A streamed request as a blocking iterator for a handler in the executor: each message
     is read on the event loop (the thread waits for it)."""
 
-    def __init__(self, requests, loop: asyncio.AbstractEventLoop, call: Call, method: str):
+    def __init__(self, requests, loop, call: Call, method: str, idle_timeout: float) -> None:
         self._requests = requests.__aiter__()
         self._loop = loop
         self._call = call
         self._method = method
+        self._idle_timeout = idle_timeout
         self._pending: concurrent.futures.Future | None = None
 
     def __iter__(self) -> _SyncRequests:
@@ -351,14 +401,22 @@ class _SyncRequests:
         if not self._call.is_active():
             raise Cancelled(f"{self._method} was cancelled")
         self._pending = pending = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        waited = 0.0
         while True:
             try:
                 message = pending.result(timeout=1.0)
                 break
             except concurrent.futures.TimeoutError:
+                waited += 1.0
                 if not self._call.is_active():  # e.g. the loop stopped before reading
                     pending.cancel()
                     raise Cancelled(f"{self._method} was cancelled") from None
+                if waited >= self._idle_timeout:
+                    pending.cancel()
+                    raise DeadlineExceeded(
+                        f"{self._method}: no request message for {waited:.0f} s (the server's "
+                        "stream_idle_timeout_s); send without pauses"
+                    ) from None
             except concurrent.futures.CancelledError:
                 raise Cancelled(f"{self._method} was cancelled") from None
         if message is _END:

@@ -36,7 +36,7 @@ from memdb.auth import Authenticator, AuthHook
 from memdb.config import ServerConfig, load_config
 from memdb.events import EventBus, WatchLimits
 from memdb.index import IndexCache, IndexParams, set_threads
-from memdb.interceptors import Dispatcher, ErrorHook, Slots
+from memdb.interceptors import CallCap, Dispatcher, ErrorHook, Slots
 from memdb.memory_service import MemoryServicer, end_revoked_watches
 from memdb.metrics import MetricsHook, ServerMetrics
 from memdb.runtime import Runtime
@@ -160,10 +160,18 @@ class _GrpcThread:
         hooks = [
             MetricsHook(rt.metrics),
             ErrorHook(),
+            CallCap("/grpc.health.v1.Health/Watch", c.max_health_watches, "max_health_watches"),
             AuthHook(Authenticator(rt.store, self.admin_key)),
         ]
+        dispatcher = Dispatcher(
+            hooks,
+            rt.executor,
+            slots=Slots(c.max_tenant_jobs, _tenant),
+            uploads=Slots(min(c.max_uploads, c.max_workers - 1), lambda: None),
+            idle_timeout=c.stream_idle_timeout_s,
+        )
         self.server = server = grpc.aio.server(
-            interceptors=[Dispatcher(hooks, rt.executor, Slots(c.max_tenant_jobs, _tenant))],
+            interceptors=[dispatcher],
             options=[
                 ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.max_receive_message_length", c.max_message_bytes),

@@ -102,7 +102,7 @@ def test_watch_streams_hold_no_thread_so_health_and_lookups_still_answer(tmp_pat
 
 def test_watch_stream_limits_per_key_tenant_and_server(tmp_path):
     limits = dict(max_watch_streams_per_key=2, max_watch_streams_per_tenant=3,
-                  max_watch_streams=5, max_concurrent_rpcs=16)  # fmt: skip
+                  max_watch_streams=5, max_health_watches=4, max_concurrent_rpcs=16)  # fmt: skip
     with serving(tmp_path, **limits) as (srv, root), ExitStack() as stack:
         a1, a2, b = (stack.enter_context(_reader(root, t)) for t in ("ta", "ta", "tb"))
         opened: list[_Stream] = []
@@ -163,15 +163,28 @@ def test_deleting_a_tenant_ends_its_watch_streams(tmp_path):
         assert isinstance(s.error, Unauthenticated)
 
 
-def test_max_concurrent_rpcs_is_enforced(tmp_path, monkeypatch):
-    """15 Watch streams + 1 blocked call fill max_concurrent_rpcs=16: one more call is refused
-    with RESOURCE_EXHAUSTED at once (not queued), and served again once a stream closes."""
-    with serving(tmp_path, max_concurrent_rpcs=16, max_watch_streams=15) as (srv, root), \
-            ExitStack() as stack:  # fmt: skip
+def test_max_concurrent_rpcs_and_health_watches_are_enforced(tmp_path, monkeypatch):
+    """11 Watch streams + 4 health Watch streams (their cap) + 1 blocked call fill
+    max_concurrent_rpcs=16: one more call is refused at once (not queued), and served again
+    once the blocked call ends."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    limits = dict(max_concurrent_rpcs=16, max_watch_streams=11, max_health_watches=4)
+    with serving(tmp_path, **limits) as (srv, root), ExitStack() as stack:
         reader = stack.enter_context(_reader(root, "t"))
-        streams = [_Stream(reader) for _ in range(15)]
+        streams = [_Stream(reader) for _ in range(11)]
         stack.callback(lambda: [s.close() for s in streams])
-        assert _wait(lambda: len(srv.runtime.bus) == 15)
+        ch = stack.enter_context(grpc.insecure_channel(srv.address))
+        req = health_pb2.HealthCheckRequest(service="")
+        health_watches = [health_pb2_grpc.HealthStub(ch).Watch(req, timeout=30) for _ in range(5)]
+        stack.callback(lambda: [w.cancel() for w in health_watches])
+        for w in health_watches[:4]:
+            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            next(health_watches[4])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_health_watches (4)" in err.value.details()
+        assert _wait(lambda: len(srv.runtime.bus) == 11)
         assert root.health(timeout=5) == "SERVING"  # the 16th call
         store, release, entered = srv.runtime.store, threading.Event(), threading.Event()
         get_prefix = store.get_prefix
@@ -199,11 +212,11 @@ def test_watch_limit_settings_follow_flags_env_and_file(tmp_path, monkeypatch):
     f.write_text("max_watch_streams_per_key = 3\nmax_watch_streams_per_tenant = 5\n")
     monkeypatch.setenv("MEMDB_CONFIG", str(f))
     monkeypatch.setenv("MEMDB_MAX_WATCH_STREAMS_PER_TENANT", "7")
-    c = load_config(max_concurrent_rpcs=100, max_watch_streams=50)
+    c = load_config(max_concurrent_rpcs=200, max_watch_streams=50)
     assert (c.max_watch_streams_per_key, c.max_watch_streams_per_tenant) == (3, 7)
-    assert (c.max_concurrent_rpcs, c.max_watch_streams) == (100, 50)
+    assert (c.max_concurrent_rpcs, c.max_watch_streams, c.max_health_watches) == (200, 50, 64)
     with pytest.raises(ValueError, match="below max_concurrent_rpcs"):
-        load_config(max_concurrent_rpcs=100, max_watch_streams=100)
+        load_config(max_concurrent_rpcs=200, max_watch_streams=150)
 
 
 # ---------------------------------------------------------------- Lookup
@@ -459,6 +472,45 @@ def test_one_tenant_cannot_take_every_thread(tmp_path, monkeypatch):
         for t in threads:
             t.join(20)
         assert len(entered) == 2 and len(errors) == 2  # both ran (NotFound: no such prefix)
+
+
+def test_a_stalled_upload_holds_one_of_max_uploads_threads_until_its_idle_timeout(tmp_path):
+    """max_uploads=1 on 2 threads: a client that sends a header and then nothing holds one
+    thread; a second upload waits without a thread, Lookups are served, and the stalled upload
+    ends with DEADLINE_EXCEEDED after stream_idle_timeout_s."""
+    settings = dict(max_workers=2, max_uploads=1, stream_idle_timeout_s=3)
+    with serving(tmp_path, **settings) as (srv, root):
+        root.put_prefix("m", make_shards(), model_fingerprint=FP)
+        stall, stalled = threading.Event(), []
+        header = pb.PutPrefixHeader(name="slow", model_fingerprint=FP, num_layers=1)
+
+        def stalling():
+            yield pb.PutPrefixRequest(header=header)
+            stall.wait(30)
+
+        def upload():
+            try:
+                root._admin.PutPrefix(stalling(), metadata=root._metadata, timeout=30)
+            except grpc.RpcError as err:
+                stalled.append(err)
+
+        t = threading.Thread(target=upload)
+        t.start()
+        time.sleep(0.5)
+        second = threading.Thread(
+            target=lambda: root.put_prefix("second", make_shards(), model_fingerprint=FP)
+        )
+        second.start()
+        q = np.ones((1, 16), np.float32)
+        for _ in range(3):  # the second thread serves Lookups meanwhile
+            assert root.lookup("m", 0, q, model_fingerprint=FP, timeout=5).version == 1
+        assert second.is_alive()  # waiting for the one upload slot
+        t.join(15)
+        stall.set()
+        assert stalled and stalled[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "stream_idle_timeout_s" in stalled[0].details()
+        second.join(20)
+        assert root.get_prefix("second").version == 1  # it ran once the first ended
 
 
 def test_health_watch_streams_the_status(tmp_path):

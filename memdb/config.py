@@ -55,6 +55,9 @@ class ServerConfig(BaseSettings):
         120.0, gt=0, description="PutPrefix: seconds the client may send nothing"
     )
     max_health_watches: int = Field(64, ge=1, description="open health Watch streams")
+    max_calls_per_tenant: int = Field(
+        512, ge=1, description="open calls of one tenant (streams and waiting calls included)"
+    )
     max_concurrent_rpcs: int = Field(
         2048, ge=16, description="calls served at once; past it RESOURCE_EXHAUSTED (health too)"
     )

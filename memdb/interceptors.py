@@ -26,7 +26,8 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
@@ -85,31 +86,42 @@ class Hook:
 
 
 class CallCap(Hook):
-    """At most `limit` calls of `method` at once; more are RESOURCE_EXHAUSTED (`setting` names
-    the limit in the message). For long calls that hold nothing else, e.g. health Watch."""
+    """At most `limit` open calls per `key()` (called in the call's context, inside the hooks
+    before this one) of the methods `applies` accepts; more are RESOURCE_EXHAUSTED, naming
+    `setting` and what `key()` returned."""
 
-    def __init__(self, method: str, limit: int, setting: str) -> None:
-        self.method, self.limit, self.setting = method, limit, setting
-        self._open = 0
+    def __init__(
+        self,
+        applies: Callable[[str], bool],
+        limit: int,
+        setting: str,
+        key: Callable[[], Hashable] = lambda: None,
+    ) -> None:
+        self._applies, self.limit, self.setting, self._key = applies, limit, setting, key
+        self._open: Counter[Hashable] = Counter()
         self._lock = threading.Lock()
 
     def applies(self, method: str) -> bool:
-        return method == self.method
+        return self._applies(method)
 
     @contextmanager
     def around(self, call: Call) -> Iterator[None]:
+        key = self._key()
         with self._lock:
-            if self._open >= self.limit:
+            if self._open[key] >= self.limit:
+                whose = f" of {key}" if key is not None else ""
                 raise ResourceExhausted(
-                    f"{self.method}: {self._open} calls are open, the server's {self.setting} "
-                    f"({self.limit}); retry later"
+                    f"{self._open[key]} calls{whose} are open, the server's {self.setting} "
+                    f"({self.limit}); close some (e.g. streams) or retry later"
                 )
-            self._open += 1
+            self._open[key] += 1
         try:
             yield
         finally:
             with self._lock:
-                self._open -= 1
+                self._open[key] -= 1
+                if not self._open[key]:
+                    del self._open[key]
 
 
 class ErrorHook(Hook):

@@ -46,6 +46,7 @@ from memdb.v1 import memdb_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICES = ("memdb.v1.MemoryService", "memdb.v1.AdminService")
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 @dataclass
@@ -157,11 +158,18 @@ class _GrpcThread:
 
     async def _start(self) -> str:
         rt, c = self.rt, self.rt.config
+        auth_hook = AuthHook(Authenticator(rt.store, self.admin_key))
         hooks = [
             MetricsHook(rt.metrics),
             ErrorHook(),
-            CallCap("/grpc.health.v1.Health/Watch", c.max_health_watches, "max_health_watches"),
-            AuthHook(Authenticator(rt.store, self.admin_key)),
+            CallCap(HEALTH_WATCH.__eq__, c.max_health_watches, "max_health_watches"),
+            auth_hook,
+            CallCap(
+                auth_hook.applies,
+                c.max_calls_per_tenant,
+                "max_calls_per_tenant",
+                key=lambda: f"tenant '{_tenant()}'",
+            ),  # fmt: skip
         ]
         dispatcher = Dispatcher(
             hooks,

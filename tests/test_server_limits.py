@@ -205,6 +205,26 @@ def test_max_concurrent_rpcs_and_health_watches_are_enforced(tmp_path, monkeypat
         assert root.health(timeout=5) == "SERVING"
 
 
+def test_calls_per_tenant_are_capped(tmp_path):
+    with serving(tmp_path, max_calls_per_tenant=3) as (srv, root), ExitStack() as stack:
+        a, b = (stack.enter_context(_reader(root, t)) for t in ("ta", "tb"))
+        streams = [_Stream(a) for _ in range(3)]
+        stack.callback(lambda: [s.close() for s in streams])
+        assert _wait(lambda: len(srv.runtime.bus) == 3)
+        with pytest.raises(ResourceExhausted, match=r"tenant 'ta'.*max_calls_per_tenant \(3\)"):
+            a.list_prefixes()
+        assert b.list_prefixes() == [] and root.health() == "SERVING"
+        streams[0].close()
+
+        def served() -> bool:
+            try:
+                return a.list_prefixes() == []
+            except ResourceExhausted:  # the closed stream's call is ending
+                return False
+
+        assert _wait(served)
+
+
 def test_watch_limit_settings_follow_flags_env_and_file(tmp_path, monkeypatch):
     from memdb.config import load_config
 

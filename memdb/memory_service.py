@@ -101,7 +101,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 f"{per_query} bytes each: {len(layer.indices)} groups x k={k}"
                 f"{' with states' if states else ''}{' and extras' if extras else ''}), over the "
                 f"server's {limit}-byte limit (max_lookup_answer_bytes, kept under "
-                f"max_message_bytes); {split}"
+                f"max_message_bytes); {split.strip()}"
             )
         work = q * layer.work_per_query()
         if work > c.max_lookup_work:

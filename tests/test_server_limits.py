@@ -176,10 +176,12 @@ def test_max_concurrent_rpcs_and_health_watches_are_enforced(tmp_path, monkeypat
         stack.callback(lambda: [s.close() for s in streams])
         ch = stack.enter_context(grpc.insecure_channel(srv.address))
         req = health_pb2.HealthCheckRequest(service="")
-        health_watches = [health_pb2_grpc.HealthStub(ch).Watch(req, timeout=30) for _ in range(5)]
+        health_watches: list = []
         stack.callback(lambda: [w.cancel() for w in health_watches])
-        for w in health_watches[:4]:
-            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(5):  # one after the other: the 5th is over the cap
+            health_watches.append(health_pb2_grpc.HealthStub(ch).Watch(req, timeout=30))
+            if len(health_watches) <= 4:
+                assert next(health_watches[-1]).status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as err:
             next(health_watches[4])
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -494,7 +496,9 @@ def test_one_tenant_cannot_take_every_thread(tmp_path, monkeypatch):
         assert len(entered) == 2 and len(errors) == 2  # both ran (NotFound: no such prefix)
 
 
-def test_a_stalled_upload_holds_one_of_max_uploads_threads_until_its_idle_timeout(tmp_path):
+def test_a_stalled_upload_holds_one_of_max_uploads_threads_until_its_idle_timeout(
+    tmp_path, monkeypatch
+):
     """max_uploads=1 on 2 threads: a client that sends a header and then nothing holds one
     thread; a second upload waits without a thread, Lookups are served, and the stalled upload
     ends with DEADLINE_EXCEEDED after stream_idle_timeout_s."""
@@ -514,9 +518,18 @@ def test_a_stalled_upload_holds_one_of_max_uploads_threads_until_its_idle_timeou
             except grpc.RpcError as err:
                 stalled.append(err)
 
+        from memdb.admin_service import AdminServicer
+
+        started, read_header = threading.Event(), AdminServicer._header
+
+        def header_seen(self, first):
+            started.set()  # the upload's handler runs: it holds the one upload slot
+            return read_header(self, first)
+
+        monkeypatch.setattr(AdminServicer, "_header", header_seen)
         t = threading.Thread(target=upload)
         t.start()
-        time.sleep(0.5)
+        assert started.wait(10)
         second = threading.Thread(
             target=lambda: root.put_prefix("second", make_shards(), model_fingerprint=FP)
         )

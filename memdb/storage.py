@@ -671,3 +671,20 @@ class Store:
             "num_prefixes": prefixes,
             "path": str(self.path),
         }
+
+    # ------------------------------------------------------------ streaming reads
+
+    def read_shard_chunk(
+        self, tenant: str, name: str, version: int, layer: int, start: int, size: int
+    ) -> tuple[bytes, int]:
+        """Bytes [start, start + size) of one layer's stored shard, and the shard's length, in
+        one short read transaction that copies only those bytes (FetchMemory streams with it).
+        NotFound once that version is no longer stored."""
+        with self._rw.shared(), self._env.begin(buffers=True) as txn:
+            view = txn.get(item_key(tenant, name, version, layer), db=self._db["shards"])
+            if view is None:
+                raise NotFound(
+                    f"version {version} of prefix '{name}' is no longer stored (deleted, or "
+                    "replaced beyond the retained versions); fetch it again"
+                )
+            return bytes(view[start : start + size]), len(view)

@@ -5,11 +5,13 @@ and a real 3-master + 3-replica Redis Cluster (the tests are imported, not copie
 from __future__ import annotations
 
 import inspect
+import json
 import uuid
 
 import pytest
 
 from memdb.backends.cluster import ClusterStore
+from memdb.records import KeyRecord, record_from_json
 from tests import test_storage
 
 # LMDB-only checks (map size, meta sub-database); tests/test_cluster_backend.py checks the
@@ -41,6 +43,32 @@ def open_cluster_store(planes, tmp_path, **kw) -> ClusterStore:
         root=f"/memdb-test-{uuid.uuid4().hex}/",
         **kw,
     )
+
+
+def raw_cluster_bytes(store: ClusterStore, tenant: str) -> int:
+    """What `tenant` makes the cluster store, read straight from etcd and Redis (an exact count
+    independent of the usage counters and of the sizes records keep): the key + value bytes of
+    its current pointers, version records and API keys in etcd, and of every Redis key of the
+    uploads its retained versions name."""
+    scope, total, uploads = f"{tenant}\0".encode(), 0, set()
+    for kind in ("prefixes", "versions"):
+        for kv in store.etcd.scan(getattr(store.keys, kind) + scope):
+            total += len(kv.key) + len(kv.value)
+            uploads.add(json.loads(kv.value)["blobs"]["upload"])
+    for kv in store.etcd.scan(store.keys.keys):
+        if record_from_json(KeyRecord, kv.value).tenant == tenant:
+            total += len(kv.key) + len(kv.value)
+    rc = store.blobs._rc
+    for upload in uploads:
+        for key in store.blobs.scan(upload):
+            total += len(key.encode()) + rc.strlen(key)
+    return total
+
+
+@pytest.fixture(autouse=True)
+def cluster_raw_bytes(monkeypatch):
+    """The contract's exact byte count reads the cluster, not an LMDB file."""
+    monkeypatch.setattr(test_storage, "raw_tenant_bytes", raw_cluster_bytes)
 
 
 @pytest.fixture

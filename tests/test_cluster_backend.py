@@ -5,6 +5,7 @@ garbage collector, the node's LMDB read cache, node registration."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -17,8 +18,9 @@ import pytest
 from memdb.backends.blob_cache import BlobCache
 from memdb.backends.cluster import ClusterStore
 from memdb.errors import FailedPrecondition, NotFound, ResourceExhausted
-from memdb.records import TenantRecord
+from memdb.records import KeyRecord, TenantRecord
 from memdb.shards import decode_shard
+from tests.test_backend_contract import raw_cluster_bytes
 from tests.test_storage import T, shard_bytes, write
 
 MiB = 1 << 20
@@ -55,7 +57,11 @@ def upload_keys(node: ClusterStore, upload: str) -> list[str]:
 
 
 def upload_of(node: ClusterStore, name: str, version: int = 0) -> str:
-    return node._version_entry(T, name, version)[1]["upload"]
+    return upload_of_t(node, T, name, version)
+
+
+def upload_of_t(node: ClusterStore, tenant: str, name: str, version: int = 0) -> str:
+    return node._version_entry(tenant, name, version)[1]["upload"]
 
 
 # ---------------------------------------------------------------- writes across nodes
@@ -118,8 +124,73 @@ def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
     snap = b.read_version(T, "p")
     assert snap.record == rec and [snap.shards[i] for i in range(3)] == shards
     assert snap.indices[2] == [b"index x 2 0", b"index x 2 1"]
-    layer = b.read_current_layer(T, "p", 1)
-    assert layer.version == 1 and layer.shard(1) == shards[1] and list(layer.shards) == [1]
+    rec_b, layer = b.read_current_layer(T, "p", 1, open_layer=lambda r, read: read())
+    assert rec_b == rec and layer.version == 1 and layer.shard(1) == shards[1]
+    assert list(layer.shards) == [1]
+    chunk, size = b.read_shard_chunk(T, "p", 1, 2, 10, 100)
+    assert (chunk, size) == (shards[2][10:110], len(shards[2]))
+    write(a, "p")
+    write(a, "p")  # version 1 is no longer retained
+    with pytest.raises(NotFound, match="version 1 of prefix 'p' is no longer stored"):
+        b.read_shard_chunk(T, "p", 1, 2, 0, 100)
+
+
+def test_usage_counters_stay_exact_with_two_nodes_writing_one_tenant_at_once(nodes):
+    a, b = nodes(2)
+    a.put_tenant(TenantRecord("acme", max_bytes=1 << 30))
+
+    def writes(node, tag):
+        for i in range(4):
+            write(node, f"{tag}{i % 2}", tenant="acme", tag=tag * (i + 1))
+            node.put_key(KeyRecord(f"{tag}-k{i}", "acme", "reader", "h" * 64))
+        node.delete_prefix("acme", f"{tag}0")
+
+    threads = [threading.Thread(target=writes, args=(n, t)) for n, t in ((a, "x"), (b, "y"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    usage = b.tenant_usage("acme")
+    assert usage == a.recount_usage("acme") and (usage.prefixes, usage.keys) == (2, 8)
+    assert usage.bytes == raw_cluster_bytes(a, "acme")
+
+
+def test_api_keys_count_against_a_per_tenant_limit_and_the_byte_quota_on_the_cluster(nodes):
+    a, b = nodes(2, max_keys_per_tenant=3)
+    a.put_tenant(TenantRecord("acme"))
+    for i, node in enumerate((a, b, a)):
+        node.put_key(KeyRecord(f"k{i}", "acme", "reader", "h"))
+    with pytest.raises(ResourceExhausted, match="has 3 API keys.*revoke"):
+        b.put_key(KeyRecord("k3", "acme", "reader", "h"))
+    b.delete_key("k0")
+    a.put_key(KeyRecord("k3", "acme", "reader", "h"))
+    assert b.tenant_usage("acme").keys == 3
+    a.put_tenant(TenantRecord("tiny", max_bytes=400))
+    a.put_key(KeyRecord("t0", "tiny", "reader", "h", "x" * 100))
+    with pytest.raises(ResourceExhausted, match="API key 't1' would bring tenant 'tiny'"):
+        b.put_key(KeyRecord("t1", "tiny", "reader", "h", "x" * 100))
+    assert b.tenant_usage("tiny").bytes == raw_cluster_bytes(b, "tiny")
+
+
+def test_upload_allowance_is_the_quota_left_plus_what_the_write_drops(nodes):
+    (node,) = nodes(1)
+    node.put_tenant(TenantRecord("q", max_bytes=1 << 20))
+    assert node.upload_allowance(T, "p") is None  # no quota
+    assert node.upload_allowance("q", "p") == (1 << 20)
+    write(node, "p", tenant="q")
+    left = (1 << 20) - node.tenant_usage("q").bytes
+    pointer = node.etcd.get(node._pointer("q", "p"))
+    assert node.upload_allowance("q", "p") == left + len(pointer.key) + len(pointer.value)
+    write(node, "p", tenant="q")  # retain 2: the next write also drops version 1
+    left = (1 << 20) - node.tenant_usage("q").bytes
+    pointer = node.etcd.get(node._pointer("q", "p"))
+    v1 = node.etcd.get(node._version_key("q", "p", 1))
+    v1_blobs = [
+        (k, node.blobs._rc.strlen(k)) for k in upload_keys(node, upload_of_t(node, "q", "p", 1))
+    ]
+    freed = len(pointer.key) + len(pointer.value) + len(v1.key) + len(v1.value)
+    expected = left + freed + sum(len(k) + n for k, n in v1_blobs)
+    assert node.upload_allowance("q", "p") == expected
 
 
 # ---------------------------------------------------------------- watch across nodes
@@ -127,19 +198,21 @@ def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
 
 def test_watch_on_one_node_sees_puts_and_deletes_made_through_another(nodes):
     a, b = nodes(2)
-    sub = b.event_bus.subscribe(T, ["w"])
-    a.event_bus.publish(object())  # local publishes are ignored: events come from etcd
-    write(a, "w")
-    write(a, "other")
-    write(a, "w", mode="update")
-    a.delete_prefix(T, "w")
-    got = []
-    deadline = time.monotonic() + 10
-    while len(got) < 3 and time.monotonic() < deadline:
-        try:
-            got.append(sub.queue.get(timeout=0.5))
-        except Exception:
-            pass
+
+    def changes() -> None:
+        a.event_bus.publish(object())  # local publishes are ignored: events come from etcd
+        write(a, "w")
+        write(a, "other")
+        write(a, "w", mode="update")
+        a.delete_prefix(T, "w")
+
+    async def watch() -> list:  # as the Watch RPC: an asyncio subscription on b's loop
+        sub = b.event_bus.subscribe(T, "key", ["w"])
+        await asyncio.to_thread(changes)
+        async with asyncio.timeout(10):
+            return [await sub.next() for _ in range(3)]
+
+    got = asyncio.run(watch())
     assert [(e.kind, e.name, e.version) for e in got] == [
         ("put", "w", 1), ("put", "w", 2), ("delete", "w", 2)]  # fmt: skip
     assert got[0].model_fingerprint == "model-a"
@@ -304,7 +377,8 @@ def test_usage_count_records_and_info_of_the_cluster(nodes):
     (node,) = nodes(1)
     first = write(node, "a")
     second = write(node, "b")
-    assert node.usage(T) == (2, first.bytes + second.bytes)
+    assert node.usage(T) == (2, raw_cluster_bytes(node, T))
+    assert node.usage(T)[1] > first.bytes + second.bytes  # indices and records count too
     info = node.info()
     assert (info["num_tenants"], info["num_prefixes"], info["nodes"]) == (1, 2, 1)
     assert info["used_bytes"] > first.bytes + second.bytes

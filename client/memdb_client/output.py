@@ -200,7 +200,10 @@ def status_text(address: str, health: str, stats: Stats | None) -> str:
         ),
     ]
     rows = [[t, n, human_bytes(b)] for t, (n, b) in sorted(stats.tenants.items())]
-    return fields(pairs) + "\n\n" + table(["TENANT", "PREFIXES", "SIZE"], rows)
+    text = fields(pairs) + "\n\n" + table(["TENANT", "PREFIXES", "SIZE"], rows)
+    if stats.nodes:  # a cluster: its live nodes
+        text += "\n\n" + table(["NODE", "ADDRESS"], [list(n) for n in stats.nodes])
+    return text
 
 
 # -- progress ------------------------------------------------------------------------------------

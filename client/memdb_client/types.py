@@ -142,6 +142,7 @@ class Stats:
     index_cache_hits: int
     index_cache_misses: int
     uptime_s: float
+    nodes: tuple[tuple[str, str], ...] = ()  # cluster: (node id, address) of each live node
 
     @classmethod
     def from_pb(cls, m: pb.StatsResponse) -> Stats:
@@ -156,4 +157,5 @@ class Stats:
             index_cache_hits=m.index_cache_hits,
             index_cache_misses=m.index_cache_misses,
             uptime_s=m.uptime_s,
+            nodes=tuple((n.node_id, n.address) for n in m.nodes),
         )

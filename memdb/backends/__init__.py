@@ -14,12 +14,14 @@ Knows nothing of gRPC.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from memdb.config import ServerConfig
-from memdb.events import EventBus
-from memdb.records import KeyRecord, PrefixRecord, TenantRecord, VersionSnapshot
+from memdb.events import EventBus, WatchLimits
+from memdb.records import KeyRecord, PrefixRecord, TenantRecord, Usage, VersionSnapshot
 from memdb.shards import Shard
+
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -61,15 +63,31 @@ class Backend(Protocol):
         still_wanted: Callable[[], bool] | None = None,
     ) -> PrefixRecord: ...
     def delete_prefix(self, tenant: str, name: str, *, expected_version: int = 0) -> int: ...
+    def read_current_layer(
+        self,
+        tenant: str,
+        name: str,
+        layer: int,
+        version: int = 0,
+        *,
+        open_layer: Callable[[PrefixRecord, Callable[[], VersionSnapshot]], T],
+    ) -> tuple[PrefixRecord, T]: ...
+    def read_shard_chunk(
+        self, tenant: str, name: str, version: int, layer: int, start: int, size: int
+    ) -> tuple[bytes, int]: ...
 
     # accounting
     def usage(self, tenant: str) -> tuple[int, int]: ...
+    def tenant_usage(self, tenant: str) -> Usage: ...
+    def recount_usage(self, tenant: str) -> Usage: ...
+    def upload_allowance(self, tenant: str, name: str) -> int | None: ...
     def info(self) -> dict: ...
+    def list_nodes(self) -> list[dict]: ...
     def close(self) -> None: ...
 
 
-def open_backend(config: ServerConfig) -> tuple[Backend, EventBus]:
-    """The configured backend and the event bus of its Watch streams."""
+def open_backend(config: ServerConfig, limits: WatchLimits) -> tuple[Backend, EventBus]:
+    """The configured backend and the event bus of its Watch streams (with `limits`)."""
     if config.backend == "local":
         from memdb.storage import Store
 
@@ -79,8 +97,10 @@ def open_backend(config: ServerConfig) -> tuple[Backend, EventBus]:
             max_map_size=config.max_map_size,
             sync=config.sync,
             retain_versions=config.retain_versions,
+            reserve_bytes=min(config.map_reserve_bytes, config.max_map_size // 8),
+            max_keys_per_tenant=config.max_api_keys_per_tenant,
         )
-        return store, EventBus()
+        return store, EventBus(limits)
     from memdb.backends.cluster import ClusterStore
 
     store = ClusterStore(
@@ -94,5 +114,7 @@ def open_backend(config: ServerConfig) -> tuple[Backend, EventBus]:
         gc_interval_s=config.gc_interval_s,
         gc_grace_s=config.gc_grace_s,
         redis_min_replicas=config.redis_min_replicas,
+        max_keys_per_tenant=config.max_api_keys_per_tenant,
+        watch_limits=limits,
     )
     return store, store.event_bus

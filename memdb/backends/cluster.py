@@ -1,13 +1,19 @@
 """The cluster backend: the store's records in etcd, its blobs in a Redis Cluster.
 
 `ClusterStore` has the public methods of `memdb.storage.Store` with the same semantics and
-errors, so the services cannot tell them apart:
+errors, so the services cannot tell them apart; the checks of what a write may carry, the
+draft of a new version and the quota arithmetic are the store's own (memdb.records,
+memdb.usage):
 
-- etcd holds tenants, hashed API keys, the current-version pointer of each prefix and the record
-  of each retained version (see `Keys`). Every change is one etcd transaction guarded by
-  compare-and-swap on what it read (the tenant, the current pointer; for quotas, every prefix
-  of the tenant), retried from a fresh read when another node changed them first: two writers
-  of one version cannot both win, and a quota holds across nodes.
+- etcd holds tenants, hashed API keys, the current-version pointer of each prefix, the record
+  of each retained version and each tenant's `Usage` (see `Keys`). Every change is one etcd
+  transaction guarded by compare-and-swap on what it read (the tenant, the current pointer,
+  the tenant's usage key), retried from a fresh read when another node changed them first: two
+  writers of one version cannot both win, and a quota holds across nodes.
+- A tenant's bytes are what it makes the cluster store: the etcd key + value bytes of its API
+  keys, current pointers and retained version records, and the Redis key + value bytes of every
+  retained version's shards and indices (`PrefixRecord.stored_bytes`). The usage key changes in
+  the transaction that changes them.
 - A new version's shards and indices are staged in Redis under a fresh upload id first, with a
   staging record on the node's lease; the transaction that makes the version current deletes
   that record. A crash in between leaves blobs that the garbage collector removes.
@@ -27,13 +33,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from memdb.backends.blob_cache import BlobCache
 from memdb.backends.cluster_node import ClusterEventBus, GarbageCollector, Keys, NodeLease
 from memdb.backends.etcd_gateway import (
     KV,
     EtcdClient,
-    cmp_exists,
     cmp_mod,
     op_delete,
     op_put,
@@ -46,35 +52,36 @@ from memdb.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
 )
+from memdb.events import WatchLimits
 from memdb.records import (
     KeyRecord,
     PrefixRecord,
     TenantRecord,
+    Usage,
     VersionSnapshot,
+    check_expected,
+    check_key,
     check_layer,
+    check_mode,
+    check_tenant,
+    draft_version,
+    dropped_by_next,
     item_key,
+    next_version,
     prefix_key,
     record_from_json,
     record_to_json,
 )
-from memdb.shards import Shard, check_consistent, decode_shard
-from memdb.storage import (
-    DEFAULT_TENANT,
-    MAX_NAME_BYTES,
-    MAX_TENANT_BYTES,
-    ROLES,
-    _check_indices,
-    _check_mode,
-    _check_name,
-    _check_write_args,
-)
+from memdb.shards import Shard
+from memdb.storage import DEFAULT_MAX_KEYS, DEFAULT_TENANT
+from memdb.usage import charge_key, charge_version, check_key_count
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 64  # compare-and-swap retries of one change before giving up (Unavailable)
+T = TypeVar("T")
 
 
 class ClusterStore:
@@ -94,10 +101,13 @@ class ClusterStore:
         gc_grace_s: float = 60.0,
         node_address: str = "",
         redis_min_replicas: int = 1,
+        max_keys_per_tenant: int = DEFAULT_MAX_KEYS,
+        watch_limits: WatchLimits | None = None,
     ) -> None:
         if retain_versions < 1:
             raise InvalidArgument(f"retain_versions must be at least 1, got {retain_versions}")
         self._retain = retain_versions
+        self._max_keys = max_keys_per_tenant
         self.keys = Keys(root)
         self.etcd = EtcdClient(etcd)
         namespace = root.strip("/").replace("/", ":") or "memdb"
@@ -108,21 +118,16 @@ class ClusterStore:
         self._node_address = node_address
         self._closed = False
         _, revision = self.etcd.range(self.keys.tenants, limit=1)
-        self._ensure_default_tenant()
+        self._create_tenant(TenantRecord(DEFAULT_TENANT, created_at=time.time()))
         self.lease = NodeLease(self.etcd, lease_ttl_s)
         self.lease.on_regrant(self._register)
         self._register()
-        self.event_bus = ClusterEventBus(self.etcd, self.keys, start_revision=revision + 1)
+        self.event_bus = ClusterEventBus(self.etcd, self.keys, revision + 1, watch_limits)
         self.gc = GarbageCollector(self.etcd, self.blobs, self.keys, node_id=self.node_id,
                                    lease=self.lease, grace_s=gc_grace_s)  # fmt: skip
         if gc_interval_s > 0:
             self.gc.start(gc_interval_s)
         log.info("cluster node %s: etcd %s, redis %s", self.node_id, etcd, redis)
-
-    def _ensure_default_tenant(self) -> None:
-        rec = TenantRecord(DEFAULT_TENANT, created_at=time.time())
-        key = self.keys.tenants + DEFAULT_TENANT.encode()
-        self.etcd.txn([cmp_mod(key, 0)], [op_put(key, record_to_json(rec))])
 
     def _register(self) -> None:
         info = {"node": self.node_id, "address": self._node_address, "started_at": time.time()}
@@ -135,6 +140,7 @@ class ClusterStore:
         self._register()
 
     def list_nodes(self) -> list[dict]:
+        """The live nodes' registrations ({node, address, started_at}), by node id."""
         return [json.loads(kv.value) for kv in self.etcd.scan(self.keys.nodes)]
 
     def healthy(self) -> bool:
@@ -166,13 +172,15 @@ class ClusterStore:
     # ------------------------------------------------------------ tenants
 
     def put_tenant(self, rec: TenantRecord) -> None:
-        _check_name(rec.name, "tenant name", MAX_TENANT_BYTES)
-        if rec.max_bytes < 0 or rec.max_prefixes < 0:
-            raise InvalidArgument("tenant quotas must be 0 (unlimited) or positive")
+        check_tenant(rec)
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
-        key = self.keys.tenants + rec.name.encode()
-        if not self.etcd.txn([cmp_mod(key, 0)], [op_put(key, record_to_json(rec))]):
+        if not self._create_tenant(rec):
             raise AlreadyExists(f"tenant '{rec.name}' already exists")
+
+    def _create_tenant(self, rec: TenantRecord) -> bool:
+        key = self.keys.tenants + rec.name.encode()
+        ops = [op_put(key, record_to_json(rec)), op_put(self._usage_key(rec.name), _usage_json())]
+        return self.etcd.txn([cmp_mod(key, 0)], ops)
 
     def get_tenant(self, name: str) -> TenantRecord:
         return record_from_json(TenantRecord, self._tenant_kv(name).value)
@@ -205,7 +213,8 @@ class ClusterStore:
                        _unchanged_since(scope, revision),
                        _unchanged_since(self.keys.keys, revision)]  # fmt: skip
             ops = [op_delete(scope, range_end(scope)), op_delete(versions, range_end(versions)),
-                   *[op_delete(kv.key) for kv in keys], op_delete(tenant.key)]  # fmt: skip
+                   *[op_delete(kv.key) for kv in keys], op_delete(tenant.key),
+                   op_delete(self._usage_key(name))]  # fmt: skip
             if self.etcd.txn(compare, ops):
                 log.info("deleted tenant %s (force=%s)", name, force)
                 return
@@ -214,18 +223,23 @@ class ClusterStore:
     # ------------------------------------------------------------ API keys
 
     def put_key(self, rec: KeyRecord) -> None:
-        _check_name(rec.key_id, "API key id", MAX_NAME_BYTES)
-        if rec.role not in ROLES:
-            raise InvalidArgument(f"role '{rec.role}' is unknown; use {', '.join(ROLES)}")
-        if not rec.secret_hash:
-            raise InvalidArgument(f"API key '{rec.key_id}' has no secret hash")
+        check_key(rec)
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
-        key = self.keys.keys + rec.key_id.encode()
-        tenant = self.keys.tenants + rec.tenant.encode()
-        if not self.etcd.txn([cmp_exists(tenant), cmp_mod(key, 0)],
-                             [op_put(key, record_to_json(rec))]):  # fmt: skip
-            self._tenant_kv(rec.tenant)  # NotFound for an unknown tenant
-            raise AlreadyExists(f"API key '{rec.key_id}' already exists")
+        key, blob = self.keys.keys + rec.key_id.encode(), record_to_json(rec)
+        for _ in range(MAX_ATTEMPTS):
+            tenant_kv = self._tenant_kv(rec.tenant)
+            if self.etcd.get(key) is not None:
+                raise AlreadyExists(f"API key '{rec.key_id}' already exists")
+            usage, usage_rev = self._usage(rec.tenant)
+            check_key_count(rec.tenant, usage, self._max_keys)
+            tenant = record_from_json(TenantRecord, tenant_kv.value)
+            charge_key(tenant, usage, len(key) + len(blob), f"API key '{rec.key_id}'")
+            compare = [cmp_mod(tenant_kv.key, tenant_kv.mod_revision), cmp_mod(key, 0),
+                       cmp_mod(self._usage_key(rec.tenant), usage_rev)]  # fmt: skip
+            ops = [op_put(key, blob), op_put(self._usage_key(rec.tenant), _usage_json(usage))]
+            if self.etcd.txn(compare, ops):
+                return
+        raise _contended(f"tenant '{rec.tenant}'")
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         kv = self.etcd.get(self.keys.keys + key_id.encode()) if key_id else None
@@ -236,8 +250,20 @@ class ClusterStore:
         return [r for r in recs if tenant is None or r.tenant == tenant]
 
     def delete_key(self, key_id: str) -> None:
-        if not key_id or not self.etcd.delete(self.keys.keys + key_id.encode()):
-            raise NotFound(f"API key '{key_id}' not found")
+        for _ in range(MAX_ATTEMPTS):
+            kv = self.etcd.get(self.keys.keys + key_id.encode()) if key_id else None
+            if kv is None:
+                raise NotFound(f"API key '{key_id}' not found")
+            tenant = record_from_json(KeyRecord, kv.value).tenant
+            usage, usage_rev = self._usage(tenant)
+            usage.keys -= 1
+            usage.bytes -= len(kv.key) + len(kv.value)
+            compare = [cmp_mod(kv.key, kv.mod_revision),
+                       cmp_mod(self._usage_key(tenant), usage_rev)]  # fmt: skip
+            ops = [op_delete(kv.key), op_put(self._usage_key(tenant), _usage_json(usage))]
+            if self.etcd.txn(compare, ops):
+                return
+        raise _contended(f"API key '{key_id}'")
 
     # ------------------------------------------------------------ prefixes: read
 
@@ -281,14 +307,33 @@ class ClusterStore:
     def read_version(
         self, tenant: str, name: str, version: int = 0, *, layers: list[int] | None = None
     ) -> VersionSnapshot:
+        """The record of a version (0 = current), read once, and its layers' blobs."""
         rec, blobs = self._version_entry(tenant, name, version)
-        wanted = range(rec.num_layers) if layers is None else layers
+        return self._snapshot(rec, blobs, range(rec.num_layers) if layers is None else layers)
+
+    def read_current_layer(
+        self,
+        tenant: str,
+        name: str,
+        layer: int,
+        version: int = 0,
+        *,
+        open_layer: Callable[[PrefixRecord, Callable[[], VersionSnapshot]], T],
+    ) -> tuple[PrefixRecord, T]:
+        """As `Store.read_current_layer`: the version resolved from one record, and `read()`
+        the blobs that record names (content-addressed, so they are exactly that version's;
+        the collector keeps a replaced version's blobs for its grace period)."""
+        rec, blobs = self._version_entry(tenant, name, version)
+        check_layer(rec, layer)
+        return rec, open_layer(rec, lambda: self._snapshot(rec, blobs, [layer]))
+
+    def _snapshot(self, rec: PrefixRecord, blobs: dict, layers) -> VersionSnapshot:
+        wanted = list(layers)
         for layer in wanted:
             check_layer(rec, layer)
-        upload = blobs["upload"]
         refs = [BlobRef.from_json(blobs["shards"][layer]) for layer in wanted]
         refs += [BlobRef.from_json(r) for layer in wanted for r in blobs["indices"][layer]]
-        data = iter(self._read_blobs(upload, refs))
+        data = iter(self._read_blobs(blobs["upload"], refs))
         shards = {layer: next(data) for layer in wanted}
         groups = rec.shape.num_groups
         indices = {layer: [next(data) for _ in range(groups)] for layer in wanted}
@@ -306,11 +351,27 @@ class ClusterStore:
                 self.cache.put(names[i], blob)
         return found
 
-    def read_current_layer(
-        self, tenant: str, name: str, layer: int, version: int = 0
-    ) -> VersionSnapshot:
-        """The version (0 = current) resolved and one layer of it read, from one record."""
-        return self.read_version(tenant, name, version, layers=[layer])
+    def read_shard_chunk(
+        self, tenant: str, name: str, version: int, layer: int, start: int, size: int
+    ) -> tuple[bytes, int]:
+        """As `Store.read_shard_chunk`: bytes [start, start + size) of one layer's shard and
+        its length (from the node's cache once the shard is in it); NotFound once that
+        version is no longer stored."""
+        try:
+            rec, blobs = self._version_entry(tenant, name, version)
+            check_layer(rec, layer)
+            ref = BlobRef.from_json(blobs["shards"][layer])
+            cache_name = f"{blobs['upload']}:{ref.digest}"
+            hit = self.cache.get_range(cache_name, start, size)
+            if hit is not None:
+                return hit
+            shard = self._read_blobs(blobs["upload"], [ref])[0]
+        except NotFound:
+            raise NotFound(
+                f"version {version} of prefix '{name}' is no longer stored (deleted, or "
+                "replaced beyond the retained versions); fetch it again"
+            ) from None
+        return shard[start : start + size], len(shard)
 
     def get_shard(self, tenant: str, name: str, version: int, layer: int) -> bytes:
         return self.read_version(tenant, name, version, layers=[layer]).shard(layer)
@@ -338,42 +399,33 @@ class ClusterStore:
         still_wanted: Callable[[], bool] | None = None,
     ) -> PrefixRecord:
         """As `Store.write_version`: stage the blobs in Redis, then publish in one etcd txn."""
-        _check_name(tenant, "tenant name", MAX_TENANT_BYTES)
-        _check_name(name, "prefix name", MAX_NAME_BYTES)
-        _check_write_args(mode, model_fingerprint, token_count, build_params, index_kind, metric)
-        if decoded is None:
-            decoded = [decode_shard(blob, where=f"layer {i}") for i, blob in enumerate(shards)]
-        elif len(decoded) != len(shards):
-            raise InvalidArgument(f"{len(decoded)} decoded shards for {len(shards)} blobs")
-        shape = check_consistent(decoded)
-        _check_indices(indices, len(shards), shape.num_groups)
-        draft = PrefixRecord(
-            tenant=tenant,
-            name=name,
-            version=0,
+        draft = draft_version(
+            tenant,
+            name,
+            mode=mode,
             model_fingerprint=model_fingerprint,
-            num_layers=len(shards),
-            shape=shape,
-            dtype=str(decoded[0].out.dtype),
             token_count=token_count,
-            build_params=dict(build_params),
-            extra_tensors=sorted(decoded[0].extras),
-            bytes=sum(len(b) for b in shards),
+            build_params=build_params,
             index_kind=index_kind,
             metric=metric,
-            created_at=0.0,
-            updated_at=0.0,
+            shards=shards,
+            indices=indices,
+            decoded=decoded,
         )
-        self._check_write(draft, mode, expected_version)  # fail fast, before staging
         upload = uuid.uuid4().hex
+        refs = self.blobs.refs(shards)
+        index_refs = [self.blobs.refs(groups) for groups in indices]
+        draft.stored_bytes = self.blobs.stored_bytes(upload, refs + sum(index_refs, []))
+        blobs = {"upload": upload, "shards": [r.to_json() for r in refs],
+                 "indices": [[r.to_json() for r in g] for g in index_refs]}  # fmt: skip
+        self._prepare(draft, mode, expected_version, blobs)  # fail fast, before staging
         staging = self.keys.staging + upload.encode()
         note = {"tenant": tenant, "name": name, "node": self.node_id, "at": time.time()}
         self.etcd.put(staging, json.dumps(note).encode(), lease=self.lease.id)
         try:
-            refs = self.blobs.stage(upload, shards)
-            index_refs = [self.blobs.stage(upload, groups) for groups in indices]
-            blobs = {"upload": upload, "shards": [r.to_json() for r in refs],
-                     "indices": [[r.to_json() for r in g] for g in index_refs]}  # fmt: skip
+            self.blobs.stage(upload, shards, refs)
+            for groups, group_refs in zip(indices, index_refs, strict=True):
+                self.blobs.stage(upload, groups, group_refs)
             self.stage_hook(upload)
             rec = self._publish(draft, mode, expected_version, blobs, staging, still_wanted)
         except BaseException:
@@ -392,13 +444,35 @@ class ClusterStore:
         except Unavailable as exc:  # the collector removes them later
             log.warning("could not remove abandoned upload %s: %s", upload, exc)
 
-    def _check_write(self, draft: PrefixRecord, mode: str, expected: int) -> None:
-        tenant = record_from_json(TenantRecord, self._tenant_kv(draft.tenant).value)
-        kv = self.etcd.get(self._pointer(draft.tenant, draft.name))
+    def _prepare(
+        self, draft: PrefixRecord, mode: str, expected: int, blobs: dict
+    ) -> tuple[PrefixRecord, list, list]:
+        """Read what the write depends on, check the mode and the quota (the store's checks
+        and messages) and return the new record, the compares and the ops of its txn."""
+        tenant_name, name = draft.tenant, draft.name
+        pointer = self._pointer(tenant_name, name)
+        tenant_kv = self._tenant_kv(tenant_name)
+        usage, usage_rev = self._usage(tenant_name)
+        kv = self.etcd.get(pointer)
         current = _decode_entry(kv.value)[0] if kv else None
-        _check_mode(mode, draft.name, current, expected)
-        if tenant.max_bytes or tenant.max_prefixes:
-            _check_quota(tenant, current, draft, self.usage(draft.tenant))
+        check_mode(mode, name, current, expected)
+        rec, dropped = next_version(draft, current, self._retain, time.time())
+        entry = _encode_entry(rec, blobs)
+        version_key = self._version_key(tenant_name, name, rec.version)
+        freed = sum(self._version_bytes(tenant_name, name, v) for v in dropped)
+        if kv is not None:
+            freed += len(kv.key) + len(kv.value)
+        added = len(version_key) + len(pointer) + 2 * len(entry) + rec.stored_bytes
+        tenant = record_from_json(TenantRecord, tenant_kv.value)
+        charge_version(tenant, usage, added=added, freed=freed, new_prefix=current is None,
+                       what=f"prefix '{name}' version {rec.version}")  # fmt: skip
+        compare = [cmp_mod(tenant_kv.key, tenant_kv.mod_revision),
+                   cmp_mod(pointer, kv.mod_revision if kv else 0),
+                   cmp_mod(self._usage_key(tenant_name), usage_rev)]  # fmt: skip
+        ops = [op_put(version_key, entry), op_put(pointer, entry),
+               op_put(self._usage_key(tenant_name), _usage_json(usage))]  # fmt: skip
+        ops += [op_delete(self._version_key(tenant_name, name, v)) for v in dropped]
+        return rec, compare, ops
 
     def _publish(
         self,
@@ -409,41 +483,13 @@ class ClusterStore:
         staging: bytes,
         still_wanted: Callable[[], bool] | None,
     ) -> PrefixRecord:
-        tenant_name, name = draft.tenant, draft.name
-        pointer = self._pointer(tenant_name, name)
-        scope = self.keys.prefixes + f"{tenant_name}\0".encode()
         for _ in range(MAX_ATTEMPTS):
-            tenant_kv = self._tenant_kv(tenant_name)
-            tenant = record_from_json(TenantRecord, tenant_kv.value)
-            kvs, revision = self.etcd.range(pointer)
-            current = _decode_entry(kvs[0].value)[0] if kvs else None
-            _check_mode(mode, name, current, expected)
-            compare = [cmp_mod(tenant_kv.key, tenant_kv.mod_revision),
-                       cmp_mod(pointer, kvs[0].mod_revision if kvs else 0)]  # fmt: skip
-            if tenant.max_bytes or tenant.max_prefixes:
-                usage, revision = self._usage_at(tenant_name)
-                _check_quota(tenant, current, draft, usage)
-                compare.append(_unchanged_since(scope, revision))
-            version = current.version + 1 if current else 1
-            now = time.time()
-            retained = (current.retained_versions if current else []) + [version]
-            rec = dataclasses.replace(
-                draft,
-                version=version,
-                created_at=current.created_at if current else now,
-                updated_at=now,
-                retained_versions=retained[-self._retain :],
-            )
-            entry = _encode_entry(rec, blobs)
-            ops = [op_put(self._version_key(tenant_name, name, version), entry),
-                   op_put(pointer, entry), op_delete(staging)]  # fmt: skip
-            ops += [op_delete(self._version_key(tenant_name, name, v))
-                    for v in retained[: -self._retain]]  # fmt: skip
+            rec, compare, ops = self._prepare(draft, mode, expected, blobs)
             if still_wanted is not None and not still_wanted():
-                raise Cancelled(f"upload of '{name}' was cancelled; nothing was written")
-            if self.etcd.txn(compare, ops):
+                raise Cancelled(f"upload of '{draft.name}' was cancelled; nothing was written")
+            if self.etcd.txn(compare, [*ops, op_delete(staging)]):
                 return rec
-        raise _contended(f"prefix '{name}'")
+        raise _contended(f"prefix '{draft.name}'")
 
     def delete_prefix(self, tenant: str, name: str, *, expected_version: int = 0) -> int:
         pointer = self._pointer(tenant, name)
@@ -453,28 +499,73 @@ class ClusterStore:
             if kv is None:
                 raise NotFound(f"prefix '{name}' not found")
             current = _decode_entry(kv.value)[0]
-            if expected_version and expected_version != current.version:
-                raise FailedPrecondition(
-                    f"prefix '{name}' is at version {current.version}, not the expected "
-                    f"{expected_version}; re-read it and retry"
-                )
-            ops = [op_delete(pointer), op_delete(versions, range_end(versions))]
-            if self.etcd.txn([cmp_mod(pointer, kv.mod_revision)], ops):
+            check_expected(name, current.version, expected_version)
+            usage, usage_rev = self._usage(tenant)
+            stored, _ = self.etcd.range(versions, range_end(versions))
+            usage.bytes -= len(kv.key) + len(kv.value) + sum(map(_entry_bytes, stored))
+            usage.prefixes -= 1
+            compare = [cmp_mod(pointer, kv.mod_revision),
+                       cmp_mod(self._usage_key(tenant), usage_rev)]  # fmt: skip
+            ops = [op_delete(pointer), op_delete(versions, range_end(versions)),
+                   op_put(self._usage_key(tenant), _usage_json(usage))]  # fmt: skip
+            if self.etcd.txn(compare, ops):
                 log.info("deleted %s/%s (was at version %d)", tenant, name, current.version)
                 return current.version
         raise _contended(f"prefix '{name}'")
 
     # ------------------------------------------------------------ accounting
 
-    def usage(self, tenant: str) -> tuple[int, int]:
-        return self._usage_at(tenant)[0]
+    def _usage_key(self, tenant: str) -> bytes:
+        return self.keys.usage + tenant.encode()
 
-    def _usage_at(self, tenant: str) -> tuple[tuple[int, int], int]:
-        """((prefixes, shard bytes of current versions), the etcd revision of that read)."""
-        scope = self.keys.prefixes + f"{tenant}\0".encode()
-        kvs, revision = self.etcd.range(scope, range_end(scope))
-        sizes = [json.loads(kv.value)["bytes"] for kv in kvs]
-        return (len(sizes), sum(sizes)), revision
+    def _usage(self, tenant: str) -> tuple[Usage, int]:
+        """The tenant's usage counters and the mod revision of their key (0: not stored yet,
+        then counted from the records)."""
+        kv = self.etcd.get(self._usage_key(tenant))
+        if kv is None:
+            return self.recount_usage(tenant), 0
+        return record_from_json(Usage, kv.value), kv.mod_revision
+
+    def _version_bytes(self, tenant: str, name: str, version: int) -> int:
+        kv = self.etcd.get(self._version_key(tenant, name, version))
+        return 0 if kv is None else _entry_bytes(kv)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(number of prefixes, bytes counted against the quota) of a tenant (see Usage)."""
+        u = self.tenant_usage(tenant)
+        return u.prefixes, u.bytes
+
+    def tenant_usage(self, tenant: str) -> Usage:
+        return self._usage(tenant)[0]
+
+    def recount_usage(self, tenant: str) -> Usage:
+        """The usage of a tenant counted from its records (what the kept counters must equal)."""
+        usage = Usage()
+        scope = f"{tenant}\0".encode()
+        for kv in self.etcd.scan(self.keys.prefixes + scope):
+            usage.prefixes += 1
+            usage.bytes += len(kv.key) + len(kv.value)
+        usage.bytes += sum(map(_entry_bytes, self.etcd.scan(self.keys.versions + scope)))
+        for kv in self.etcd.scan(self.keys.keys):
+            if record_from_json(KeyRecord, kv.value).tenant == tenant:
+                usage.keys += 1
+                usage.bytes += len(kv.key) + len(kv.value)
+        return usage
+
+    def upload_allowance(self, tenant: str, name: str) -> int | None:
+        """As `Store.upload_allowance`: bytes a new version of `name` may add before the
+        tenant's byte quota refuses it (None: no quota)."""
+        tenant_rec = self.get_tenant(tenant)
+        if not tenant_rec.max_bytes:
+            return None
+        left = tenant_rec.max_bytes - self.tenant_usage(tenant).bytes
+        kv = self.etcd.get(self._pointer(tenant, name))
+        if kv is not None:
+            current = _decode_entry(kv.value)[0]
+            left += sum(self._version_bytes(tenant, name, v)
+                        for v in dropped_by_next(current, self._retain))  # fmt: skip
+            left += len(kv.key) + len(kv.value)
+        return max(left, 0)
 
     def count_records(self) -> dict[str, int]:
         """Records in etcd by kind; shards and indices: the blobs that stored versions name."""
@@ -515,23 +606,13 @@ def _decode_entry(value: bytes) -> tuple[PrefixRecord, dict]:
     return record_from_json(PrefixRecord, value), json.loads(value)["blobs"]
 
 
-def _check_quota(
-    tenant: TenantRecord, current: PrefixRecord | None, draft: PrefixRecord, usage: tuple[int, int]
-) -> None:
-    """The quota check of `Store` (same limits, same messages), on usage read from etcd."""
-    count, used = usage
-    if current is None and tenant.max_prefixes and count + 1 > tenant.max_prefixes:
-        raise ResourceExhausted(
-            f"tenant '{tenant.name}' has {count} prefixes, its quota is "
-            f"{tenant.max_prefixes}; delete a prefix or raise the tenant's max_prefixes"
-        )
-    after = used - (current.bytes if current else 0) + draft.bytes
-    if tenant.max_bytes and after > tenant.max_bytes:
-        raise ResourceExhausted(
-            f"prefix '{draft.name}' needs {draft.bytes} bytes, which would bring tenant "
-            f"'{tenant.name}' to {after} of its {tenant.max_bytes}-byte quota; delete "
-            "prefixes, upload a smaller memory or raise the tenant's max_bytes"
-        )
+def _entry_bytes(kv: KV) -> int:
+    """What a stored version record costs: its etcd key + value and its blobs in Redis."""
+    return len(kv.key) + len(kv.value) + record_from_json(PrefixRecord, kv.value).stored_bytes
+
+
+def _usage_json(usage: Usage | None = None) -> bytes:
+    return record_to_json(usage or Usage())
 
 
 def _unchanged_since(prefix: bytes, revision: int) -> dict:

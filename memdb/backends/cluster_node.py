@@ -22,7 +22,7 @@ import time
 from memdb.backends.etcd_gateway import EtcdClient, WatchEvent, cmp_mod, op_put
 from memdb.backends.redis_blobs import BlobStore
 from memdb.errors import MemdbError
-from memdb.events import Event, EventBus
+from memdb.events import Event, EventBus, WatchLimits
 from memdb.records import PrefixRecord, record_from_json
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Keys:
         self.versions = r + b"versions/"  # + tenant \0 name \0 version(8) -> PrefixRecord + blobs
         self.staging = r + b"staging/"  # + upload id -> {tenant, name, node}, on the node lease
         self.nodes = r + b"nodes/"  # + node id -> {address, started_at}, on the node lease
+        self.usage = r + b"usage/"  # + tenant -> Usage (JSON), changed in every txn it counts
         self.gc_leader = r + b"gc-leader"
 
 
@@ -96,8 +97,10 @@ def event_of(watch: WatchEvent, keys: Keys) -> Event | None:
 
 
 class ClusterEventBus(EventBus):
-    def __init__(self, etcd: EtcdClient, keys: Keys, start_revision: int) -> None:
-        super().__init__()
+    def __init__(
+        self, etcd: EtcdClient, keys: Keys, start_revision: int, limits: WatchLimits | None = None
+    ) -> None:
+        super().__init__(limits or WatchLimits())
         self._keys = keys
         self._stop = threading.Event()
         self._thread = threading.Thread(

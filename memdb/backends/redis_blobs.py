@@ -91,14 +91,28 @@ class BlobStore:
 
     # ------------------------------------------------------------ write
 
-    def stage(self, upload: str, blobs: list[bytes]) -> list[BlobRef]:
+    @staticmethod
+    def refs(blobs: list[bytes]) -> list[BlobRef]:
+        return [BlobRef(hashlib.sha256(b).hexdigest(), len(b)) for b in blobs]
+
+    def stored_bytes(self, upload: str, refs: Iterable[BlobRef]) -> int:
+        """Key + value bytes the blobs of `refs` take in Redis (a blob staged twice in one
+        upload is stored once)."""
+        return sum(
+            ref.size + sum(len(self.key(upload, ref, p)) for p in self._parts(ref))
+            for ref in set(refs)
+        )
+
+    def stage(
+        self, upload: str, blobs: list[bytes], refs: list[BlobRef] | None = None
+    ) -> list[BlobRef]:
         """Store every blob under the upload's keys; returns their refs, in order.
 
         With `min_replicas`, each master's writes are followed by WAIT on the same connection:
         the blobs are on that many replicas too before this returns (else Unavailable), so a
         master that dies after the version is published cannot take them with it.
         """
-        refs = [BlobRef(hashlib.sha256(b).hexdigest(), len(b)) for b in blobs]
+        refs = self.refs(blobs) if refs is None else refs
         parts: dict[str, bytes] = {}
         for ref, blob in zip(refs, blobs, strict=True):
             view = memoryview(blob)

@@ -101,15 +101,21 @@ class PrefixInfo(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_groups: _Optional[int] = ..., budget: _Optional[int] = ..., key_dim: _Optional[int] = ..., heads_per_group: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., extra_tensors: _Optional[_Iterable[str]] = ..., bytes: _Optional[int] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class PutPrefixRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "commit")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     header: PutPrefixHeader
     chunk: ShardChunk
-    def __init__(self, header: _Optional[_Union[PutPrefixHeader, _Mapping]] = ..., chunk: _Optional[_Union[ShardChunk, _Mapping]] = ...) -> None: ...
+    commit: PutPrefixCommit
+    def __init__(self, header: _Optional[_Union[PutPrefixHeader, _Mapping]] = ..., chunk: _Optional[_Union[ShardChunk, _Mapping]] = ..., commit: _Optional[_Union[PutPrefixCommit, _Mapping]] = ...) -> None: ...
+
+class PutPrefixCommit(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PutPrefixHeader(_message.Message):
-    __slots__ = ("name", "mode", "expected_version", "model_fingerprint", "num_layers", "token_count", "build_params", "index_kind", "metric")
+    __slots__ = ("name", "mode", "expected_version", "model_fingerprint", "num_layers", "token_count", "build_params", "index_kind", "metric", "total_bytes")
     class BuildParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +132,7 @@ class PutPrefixHeader(_message.Message):
     BUILD_PARAMS_FIELD_NUMBER: _ClassVar[int]
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     mode: PutMode
     expected_version: int
@@ -135,7 +142,8 @@ class PutPrefixHeader(_message.Message):
     build_params: _containers.ScalarMap[str, str]
     index_kind: str
     metric: str
-    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., expected_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ...) -> None: ...
+    total_bytes: int
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., expected_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("layer", "data", "last")
@@ -390,8 +398,18 @@ class TenantStats(_message.Message):
     bytes: int
     def __init__(self, tenant: _Optional[str] = ..., num_prefixes: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "address", "started_at")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    started_at: float
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., started_at: _Optional[float] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
-    __slots__ = ("server_version", "store_bytes", "map_size", "num_tenants", "num_prefixes", "tenants", "index_cache_bytes", "index_cache_hits", "index_cache_misses", "uptime_s")
+    __slots__ = ("server_version", "store_bytes", "map_size", "num_tenants", "num_prefixes", "tenants", "index_cache_bytes", "index_cache_hits", "index_cache_misses", "uptime_s", "nodes")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +420,7 @@ class StatsResponse(_message.Message):
     INDEX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     INDEX_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     store_bytes: int
     map_size: int
@@ -412,4 +431,5 @@ class StatsResponse(_message.Message):
     index_cache_hits: int
     index_cache_misses: int
     uptime_s: float
-    def __init__(self, server_version: _Optional[str] = ..., store_bytes: _Optional[int] = ..., map_size: _Optional[int] = ..., num_tenants: _Optional[int] = ..., num_prefixes: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., index_cache_bytes: _Optional[int] = ..., index_cache_hits: _Optional[int] = ..., index_cache_misses: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, server_version: _Optional[str] = ..., store_bytes: _Optional[int] = ..., map_size: _Optional[int] = ..., num_tenants: _Optional[int] = ..., num_prefixes: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., index_cache_bytes: _Optional[int] = ..., index_cache_hits: _Optional[int] = ..., index_cache_misses: _Optional[int] = ..., uptime_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...

@@ -11,14 +11,18 @@ import signal
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memdb.backends.cluster import ClusterStore
 from memdb.backends.health import HealthMonitor
 from memdb.cluster_process import control_and_data_planes, memdb_cluster
+from memdb.config import ServerConfig
 from memdb.errors import MemdbError, Unavailable
 from memdb.process import ChildProcess, spawn, start_server
+from memdb.server import run_server
 from memdb_client import MemdbClient
 from tests.test_server import FP, ROOT_KEY, make_shards
 from tests.test_storage import T, shard_bytes, write
@@ -172,30 +176,51 @@ def test_a_killed_redis_master_fails_over_and_reads_and_writes_go_on(planes, tmp
 def test_writes_go_on_with_one_of_three_etcd_members_killed_and_stop_without_quorum(
     planes, tmp_path
 ):
+    """A served node (run_server, backend cluster): writes go on with two of three etcd
+    members; without quorum its gRPC health is NOT_SERVING and writes fail cleanly."""
     etcd, redis = planes
-    node = ClusterStore(
-        etcd.client_urls,
-        redis.urls,
-        cache_dir=tmp_path / "c",
-        root="/memdb-etcd-failover/",
+    config = ServerConfig(
+        data_dir=tmp_path / "node",
+        listen="127.0.0.1:0",
+        metrics_listen="",
+        admin_key=ROOT_KEY,
+        backend="cluster",
+        etcd=",".join(etcd.client_urls),
+        redis=",".join(redis.urls),
+        etcd_root="/memdb-etcd-failover/",
         gc_interval_s=0,
-        redis_min_replicas=0,
-    )  # fmt: skip (a master lost its replica above)
-    states: list[bool] = []
-    monitor = HealthMonitor(node.healthy, states.append, period_s=0.2)
-    try:
+        redis_min_replicas=0,  # a master lost its replica above
+    )
+    with run_server(config) as running, grpc.insecure_channel(running.address) as channel:
+        node = running.runtime.store
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service: str = "memdb.v1.MemoryService") -> int:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return health.Check(request, timeout=5).status
+
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        assert [n["address"] for n in node.list_nodes()] == [running.address]
         write(node, "p")
         etcd.members[0].kill()  # the first endpoint: the client fails over to the others
         assert eventually(lambda: write(node, "p").version) == 2
         assert node.read_version(T, "p").record.version == 2
-        eventually(lambda: _assert(states == [True]))
+        assert status() == health_pb2.HealthCheckResponse.SERVING
         etcd.members[1].kill()  # no quorum: NOT_SERVING, writes fail cleanly
-        eventually(lambda: _assert(states[-1] is False), timeout=30)
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        eventually(lambda: _assert(status() == status("") == not_serving), timeout=30)
         with pytest.raises(Unavailable):
             write(node, "p")
+
+
+def test_health_monitor_reports_every_change_of_the_backend(planes):
+    answers = iter([True, True, False, False, True])
+    states: list[bool] = []
+    monitor = HealthMonitor(lambda: next(answers, True), states.append, period_s=0.05)
+    try:
+        eventually(lambda: _assert(states == [True, False, True]), timeout=5, every=0.05)
     finally:
         monitor.close()
-        node.close(crash=True)  # no quorum to revoke the lease with
 
 
 def _assert(condition: bool) -> None:

@@ -29,7 +29,7 @@ from memdb.process import server_process
 from memdb.server import run_server
 from memdb.shards import Shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
-from memdb_client import MemdbClient
+from memdb_client import MemdbClient, output
 
 FP = "fp-test-model"
 ROOT_KEY = "test-root-key"
@@ -462,3 +462,15 @@ def test_stats_counts_tenants_and_prefixes(root):
     s = root.stats()
     assert s.num_prefixes >= 1 and s.store_bytes > 0 and "default" in s.tenants
     root.delete_prefix("st")
+
+
+def test_stats_list_the_cluster_nodes_by_address_and_a_single_node_none(server, root):
+    address, _, how = server
+    stats = root.stats()
+    if how == "cluster":
+        assert sorted(a for _, a in stats.nodes) == sorted(address.split(","))
+        assert len({n for n, _ in stats.nodes}) == 3
+        text = output.status_text(address, "SERVING", stats)
+        assert all(a in text.split("NODE")[1] for a in address.split(","))
+    else:
+        assert stats.nodes == ()

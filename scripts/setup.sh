@@ -3,13 +3,31 @@
 # package. Re-runs only when pyproject.toml changed. Sourced by test.sh and demo.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# etcd and Redis for the cluster backend's tests (they start their own on free loopback ports;
-# Debian's services are stopped where an init system started them)
-if ! command -v etcd >/dev/null || ! command -v redis-server >/dev/null; then
-  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q etcd-server redis-server >/dev/null
-  for svc in etcd redis-server; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+# etcd and Redis for the cluster backend's tests: the fixtures start their own on free loopback
+# ports, so the packages' own services must not run. A policy-rc.d (exit 101) keeps them from
+# starting during the install; on systemd machines they are also disabled.
+install_cluster_daemons() (  # a subshell: its EXIT trap removes only what it added
+  sudo="" policy=/usr/sbin/policy-rc.d added=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+    added=1
+  fi
+  # shellcheck disable=SC2064
+  trap "[ -z '$added' ] || $sudo rm -f $policy" EXIT
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
+    etcd-server redis-server redis-tools >/dev/null
+  for svc in etcd redis-server; do
+    if [ -d /run/systemd/system ]; then
+      $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+  done
+)
+if ! command -v etcd >/dev/null || ! command -v redis-server >/dev/null \
+  || ! command -v redis-cli >/dev/null; then
+  install_cluster_daemons
 fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3

@@ -61,28 +61,29 @@ class BlobCache:
                 self._env = None
 
     def get(self, key: str) -> bytes | None:
-        k = key.encode()
         with self._lock:
-            if k not in self._lru:
-                self.misses += 1
+            if not self._touch(key.encode()):
                 return None
-            self._lru.move_to_end(k)
-            self.hits += 1
             with self._env.begin() as txn:
-                return txn.get(k, db=self._blobs)
+                return txn.get(key.encode(), db=self._blobs)
 
     def get_range(self, key: str, start: int, size: int) -> tuple[bytes, int] | None:
         """Bytes [start, start + size) of a cached blob and its length, copying only those."""
-        k = key.encode()
         with self._lock:
-            if k not in self._lru:
-                self.misses += 1
+            if not self._touch(key.encode()):
                 return None
-            self._lru.move_to_end(k)
-            self.hits += 1
             with self._env.begin(buffers=True) as txn:
-                view = txn.get(k, db=self._blobs)
+                view = txn.get(key.encode(), db=self._blobs)
                 return bytes(view[start : start + size]), len(view)
+
+    def _touch(self, k: bytes) -> bool:
+        """Count a hit (the blob becomes the most recently used) or a miss."""
+        if k not in self._lru:
+            self.misses += 1
+            return False
+        self._lru.move_to_end(k)
+        self.hits += 1
+        return True
 
     def put(self, key: str, blob: bytes) -> None:
         if len(blob) > self.max_bytes:

@@ -6,6 +6,7 @@ garbage collector, the node's LMDB read cache, node registration."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import pytest
 
 from memdb.backends.blob_cache import BlobCache
 from memdb.backends.cluster import ClusterStore
+from memdb.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
 from memdb.errors import FailedPrecondition, NotFound, ResourceExhausted
 from memdb.records import KeyRecord, TenantRecord
 from memdb.shards import decode_shard
@@ -225,6 +227,7 @@ CRASH = """
 import os, signal, sys
 sys.path[:0] = {path!r}
 from memdb.backends.cluster import ClusterStore
+from memdb.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
 from tests.test_storage import write
 store = ClusterStore({etcd!r}, {redis!r}, root={root!r}, cache_dir={cache!r},
                      gc_interval_s=0, lease_ttl_s=2)
@@ -384,3 +387,30 @@ def test_usage_count_records_and_info_of_the_cluster(nodes):
     assert info["used_bytes"] > first.bytes + second.bytes
     counts = node.count_records()
     assert (counts["versions"], counts["shards"], counts["indices"]) == (2, 6, 12)
+
+
+def test_setting_a_watch_stop_ends_a_watch_blocked_on_an_idle_stream():
+    """`WatchStop.set` shuts the socket the watch reads, so a node closes without waiting for
+    the idle timeout (WATCH_IDLE_S) of its etcd watch (with a plain Event it would wait)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = threading.Event()
+
+    def stalled_gateway() -> None:  # answers a watch, then sends nothing, like an idle etcd
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        accepted.set()
+        time.sleep(3 * WATCH_IDLE_S)
+        conn.close()
+
+    threading.Thread(target=stalled_gateway, daemon=True).start()
+    etcd = EtcdClient([f"http://127.0.0.1:{listener.getsockname()[1]}"])
+    stop = WatchStop()
+    watcher = threading.Thread(target=etcd.watch, args=(b"/x/", lambda e: None, stop))
+    watcher.start()
+    assert accepted.wait(10)
+    stop.set()
+    watcher.join(WATCH_IDLE_S / 4)
+    assert not watcher.is_alive()
+    etcd.close()
+    listener.close()

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from memdb.backends.etcd_gateway import EtcdClient, WatchEvent, cmp_mod, op_put
+from memdb.backends.etcd_gateway import EtcdClient, WatchEvent, WatchStop, cmp_mod, op_put
 from memdb.backends.redis_blobs import BlobStore
 from memdb.errors import MemdbError
 from memdb.events import Event, EventBus, WatchLimits
@@ -102,7 +102,7 @@ class ClusterEventBus(EventBus):
     ) -> None:
         super().__init__(limits or WatchLimits())
         self._keys = keys
-        self._stop = threading.Event()
+        self._stop = WatchStop()
         self._thread = threading.Thread(
             target=etcd.watch,
             args=(keys.prefixes, self._deliver, self._stop),

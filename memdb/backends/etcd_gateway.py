@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,6 +101,37 @@ def op_delete(key: bytes, end: bytes | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- the client
+
+
+class WatchStop(threading.Event):
+    """Ends a `watch` when set, at once: it also shuts the socket the watch is blocked reading
+    (closing a socket does not wake a thread blocked in recv on it; shutting it down does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def attach(self, resp: httpx.Response) -> None:
+        """The stream the watch reads now."""
+        stream = resp.extensions.get("network_stream")
+        with self._lock:
+            self._sock = stream.get_extra_info("socket") if stream is not None else None
+        if self.is_set():
+            self._wake()
+
+    def set(self) -> None:
+        super().set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
 
 
 class EtcdClient:
@@ -245,6 +277,8 @@ class EtcdClient:
         timeout = httpx.Timeout(self._timeout, read=WATCH_IDLE_S)
         with httpx.Client(timeout=timeout) as http:
             with http.stream("POST", url, json={"create_request": req}) as resp:
+                if isinstance(stop, WatchStop):
+                    stop.attach(resp)
                 for line in resp.iter_lines():
                     if stop.is_set():
                         return

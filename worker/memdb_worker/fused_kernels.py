@@ -458,3 +458,140 @@ if HAVE_TRITON:
             mask=gm[:, None],
         )
         tl.store(ids_ptr + b64 * H + hq, ids, mask=gm)
+
+    # -- shared-prefix (cascade) attention: see memdb_worker.shared_prefix ----------------------
+
+    @triton.jit
+    def shared_phase1(
+        n_prefix,
+        qf_ptr,
+        sqf_b,
+        pk_ptr,
+        spk_h,
+        spk_n,
+        pv_ptr,
+        spv_h,
+        spv_n,
+        NP,
+        C,
+        HF,
+        SLP,
+        p_split,
+        plo_ptr,
+        pll_ptr,
+        q_ptr,
+        sq_b,
+        sq_h,
+        k_ptr,
+        sk_b,
+        sk_h,
+        sk_n,
+        v_ptr,
+        sv_b,
+        sv_h,
+        sv_n,
+        mask_ptr,
+        sm_b,
+        sm_n,
+        N,
+        B,
+        H,
+        HKV,
+        SL,
+        live_split,
+        scale,
+        lo_ptr,
+        ll_ptr,
+        HAS_MASK: tl.constexpr,
+        IEEE: tl.constexpr,
+        D: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        GF: tl.constexpr,
+        GFP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Prefix programs (folded queries: GF = rows x G per KV head, keys shared by every row,
+        split over the prefix) and live programs (per row) in one launch; partial states out."""
+        pid = tl.program_id(0)
+        if pid < n_prefix:
+            live_partial(
+                pid, qf_ptr, sqf_b, D, pk_ptr, 0, spk_h, spk_n, pv_ptr, 0, spv_h, spv_n,
+                pk_ptr, 0, 0, NP, C, HF, HKV, SLP, p_split, scale, plo_ptr, pll_ptr,
+                False, IEEE, False, D, GF, GFP, BLOCK_N,
+            )  # fmt: skip
+        else:
+            live_partial(
+                pid - n_prefix, q_ptr, sq_b, sq_h, k_ptr, sk_b, sk_h, sk_n, v_ptr, sv_b, sv_h,
+                sv_n, mask_ptr, sm_b, sm_n, N, B, H, HKV, SL, live_split, scale, lo_ptr, ll_ptr,
+                HAS_MASK, IEEE, False, D, G, GP, BLOCK_N,
+            )  # fmt: skip
+
+    @triton.jit
+    def _merge_block(m_i, l_i, acc, lse, out):
+        """Online-softmax merge of partial states lse [S, GP] / out [S, GP, D] into the running
+        (max, sum, weighted sum)."""
+        m_new = tl.maximum(m_i, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(lse - m_safe[None, :])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * out, axis=0)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def shared_combine(
+        plo_ptr,
+        pll_ptr,
+        SLP,
+        C,
+        HF,
+        BC,
+        lo_ptr,
+        ll_ptr,
+        SL,
+        B,
+        H,
+        HKV,
+        out_ptr,
+        sout_b,
+        sout_h,
+        D: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        GF: tl.constexpr,
+        SB: tl.constexpr,
+    ):
+        """Per (row, KV head): merge the prefix slices' and the live slices' partial states."""
+        pid = tl.program_id(0)
+        kh = pid % HKV
+        b = pid // HKV
+        offs_g = tl.arange(0, GP)
+        gm = offs_g < G
+        hq = kh * G + offs_g
+        offs_d = tl.arange(0, D)
+        offs_s = tl.arange(0, SB)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        frow = kh * GF + (b % BC) * G + offs_g  # the row's queries among the folded ones
+        for s0 in range(0, SLP, SB):
+            sm = ((s0 + offs_s) < SLP)[:, None] & gm[None, :]
+            row = ((s0 + offs_s)[:, None] * C + b // BC) * HF + frow[None, :]
+            lse = tl.load(pll_ptr + row, mask=sm, other=float("-inf"))
+            out = tl.load(plo_ptr + row[:, :, None] * D + offs_d[None, None, :],
+                          mask=sm[:, :, None], other=0.0)  # fmt: skip
+            m_i, l_i, acc = _merge_block(m_i, l_i, acc, lse, out)
+        for s0 in range(0, SL, SB):
+            sm = ((s0 + offs_s) < SL)[:, None] & gm[None, :]
+            row = ((s0 + offs_s)[:, None] * B + b) * H + hq[None, :]
+            lse = tl.load(ll_ptr + row, mask=sm, other=float("-inf"))
+            out = tl.load(lo_ptr + row[:, :, None] * D + offs_d[None, None, :],
+                          mask=sm[:, :, None], other=0.0)  # fmt: skip
+            m_i, l_i, acc = _merge_block(m_i, l_i, acc, lse, out)
+        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + b.to(tl.int64) * sout_b + hq[:, None] * sout_h + offs_d[None, :],
+            res.to(out_ptr.dtype.element_ty),
+            mask=gm[:, None],
+        )

@@ -14,9 +14,6 @@ The CUDA tests are skipped without a GPU; on one:
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,8 +22,8 @@ from memdb_worker import fused
 from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec, apply_rope, fit_whitening
 from memdb_worker.memory import KEY_SCALE, DecodeOptions, Memory, layer_from_tensors, lookup_keys
 from memdb_worker.state import attention_state, merge_states
+from tests.interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -286,17 +283,13 @@ def test_supports():
     assert not fused.memory_ok(make_memory(), torch.zeros(1, 8, 1, 32))  # CPU query
 
 
-_INTERPRETER_CASE = r"""
-import torch, sys
-sys.path.insert(0, {root!r} + "/tests")
+_IMPORTS = """
+import torch
 from test_worker_fused import make_memory, make_inputs, fused_args, _rel
-import triton.runtime.interpreter as ti
-_orig = ti._patch_lang_tensor
-def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-ti._patch_lang_tensor = _patched
 from memdb_worker import fused
+"""
+
+_INTERPRETER_CASE = r"""
 cases = [
     dict(mode="pre_rope", granularity="head", key_dtype=torch.float16, out_dtype=torch.float16),
     dict(mode="rope_common", granularity="kv_group", whiten=True, key_dtype=torch.float32),
@@ -384,22 +377,17 @@ print("OK")
 
 
 def _run_under_interpreter(code: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.join(ROOT, "worker"), ROOT, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_interpreted(_IMPORTS + code)
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
 def test_kernels_under_triton_interpreter():
-    _run_under_interpreter(_INTERPRETER_CASE.format(root=ROOT))
+    _run_under_interpreter(_INTERPRETER_CASE)
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
 def test_kernels_with_lse_correction_under_triton_interpreter():
-    head, _ = _INTERPRETER_CASE.split("cases = [", 1)  # its imports and interpreter patch
-    code = head.format(root=ROOT) + (
+    code = (
         "from test_worker_fused import reference_path\n"
         "from memdb_worker.memory import DecodeOptions\n"
     )
@@ -569,5 +557,4 @@ def test_bind_decode_uses_fused_path_and_matches_reference(extras_dtype):
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
 def test_kernels_with_compact_formats_under_triton_interpreter():
-    head, _ = _INTERPRETER_CASE.split("cases = [", 1)
-    _run_under_interpreter(head.format(root=ROOT) + _INTERPRETER_COMPACT_CASE)
+    _run_under_interpreter(_INTERPRETER_COMPACT_CASE)

@@ -8,18 +8,13 @@ SDPA over the prefix concatenated with each row's live KV, at the 8B attention s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from memdb_worker import fused_kernels
 from memdb_worker.shared_prefix import shared_reference
 from memdb_worker.state import reference_state
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.interpreter import run_interpreted
 
 
 def make_case(batch=3, heads=8, kv_heads=2, d=32, prefix=100, live=37, mask=True, seed=0,
@@ -58,14 +53,7 @@ def test_torch_form_is_attention_over_prefix_then_live(mask):
 
 
 _INTERPRETER = r"""
-import torch, sys
-sys.path.insert(0, {root!r} + "/tests")
-import triton.runtime.interpreter as ti
-_orig = ti._patch_lang_tensor
-def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-ti._patch_lang_tensor = _patched
+import torch
 from test_worker_shared_prefix import make_case, _rel
 from memdb_worker.shared_prefix import SharedConfig, shared_attention, shared_reference
 cfg = SharedConfig(block_n=16, prefix_programs_per_sm=1)
@@ -83,11 +71,7 @@ print("OK")
 
 @pytest.mark.skipif(not fused_kernels.HAVE_TRITON, reason="needs triton")
 def test_kernels_under_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.join(ROOT, "worker"), ROOT, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", _INTERPRETER.format(root=ROOT)], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_interpreted(_INTERPRETER)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fused_kernels.HAVE_TRITON),

@@ -1,14 +1,15 @@
 """The fused decode path of a memory (CUDA, Triton): lookup, gather, live attention and merge.
 
-One decode step (T = 1 query per sequence) of one layer, `memory_attention`, runs two kernels:
+One decode step (T = 1 query per sequence) of one layer, `memory_attention`, runs two kernels
+(in `fused_kernels`):
 
-1. `_phase1`: two kinds of programs in one launch.
+1. `phase1`: two kinds of programs in one launch.
    - scan programs, per (index group, slice of the M entries, block of batch rows): undo RoPE of
      the live queries (position per row), form the lookup keys and scan the slice's keys in tiles
      (cosine = (q . k + bias) / |k|), keeping the best score and entry id per row;
    - live programs, per (batch row, KV head, slice of the live context): flash-style attention of
      the KV head's query heads over the slice (online softmax), a partial state (out, lse).
-2. `_combine`, per (batch row, KV head): reduce the scan slices to the top-1 entry of each query
+2. `combine`, per (batch row, KV head): reduce the scan slices to the top-1 entry of each query
    head's group, gather its stored state (out, lse + bias), reduce the live slices, and merge all
    of them with the online-softmax identity; write the output in the query dtype, [B, 1, H, d].
    With the first-order lse correction (`lse_correction=True`) it also gathers the entry's
@@ -26,6 +27,13 @@ two half-precision products (the query split into high and low halves, ~16 manti
 float32 keys as tf32x3 products (~float32): argmax ties within that rounding may pick another
 entry than the float32 reference.
 
+Compact memories (`memory` module doc): float8 e4m3 keys are widened to float16 tiles in the scan
+(exact) and their per-entry `key_scale` is folded into the inverse norms (the cosine of the
+scaled key from the stored one); with a key-mode transform the folded keys are stored in
+float16. bf16 states and extras are read as they are. With group_key "mean" (one key of the
+head dim per KV group) the scan forms each group's lookup key as the mean of its heads'
+pre-RoPE queries (no whitening: one transform per group), and each head gathers its own state.
+
 Speed (H100, bench/GPU_NOTES.md): batch 1, M = 4K, 512 live tokens: 30 µs per layer (its
 bytes take 12 µs at copy bandwidth): the scan streams the keys at ~2 TB/s (one program per SM,
 cp.async stages; ncu: shared-memory waits) and ~13 µs are dependent latencies (two launches,
@@ -34,9 +42,10 @@ the gap to SDPA over a cached prefix grows with batch.
 
 The fused path covers hard top-1 (with or without the first-order lse correction, any
 lse_bias), groups of at most 512 key dimensions (head and kv_group granularity for head_dim
-128), T = 1 and a boolean key mask; everything else goes through the reference path
-(`Memory.prefix_state` + `state.merge_states`). `decode_reference` computes the same function
-with torch ops (CPU-testable; it is also what the tests compare the kernels with).
+128), keys in float32 / float16 / bfloat16 / float8 e4m3, T = 1 and a boolean key mask;
+everything else goes through the reference path (`Memory.prefix_state` +
+`state.merge_states`). `decode_reference` computes the same function with torch ops
+(CPU-testable; it is also what the tests compare the kernels with).
 `MEMDB_FUSED=0` in the environment or `set_enabled(False)` forces the reference path in
 `attention.memdb_attention`.
 """

@@ -15,6 +15,14 @@ incremental text (held back while it could be an incomplete character or the sta
 string), then a final event with the finish reason ("stop" or "length") or an error. The model
 is touched only by this thread (a binding is per model and not thread-safe).
 
+Prefix caching (`prefix_cache.PrefixCache`, optional): a request without a memory whose prompt
+starts with a cached prefix prefills only the rest of its prompt, bound to the cached KV (an
+`ExactPrefix`, shared by every row that names the same prefix); a long prompt not yet cached
+has its leading blocks encoded and cached first.
+
+Decode steps here run transformers' forward eagerly (a DynamicCache per batch); the static-cache,
+CUDA-graphed step of `decode_step` is not used by this scheduler yet (bench.worker_gpu drives it).
+
 This module knows nothing of HTTP, memories' origin or the server.
 """
 
@@ -31,6 +39,7 @@ import torch
 from transformers import DynamicCache
 
 from memdb_worker.attention import LivePositions, StateSource, bind
+from memdb_worker.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +118,8 @@ class _Row:
         tokenizer_lock: threading.Lock | None = None,
     ) -> None:
         self.req = req
+        self.source = req.source  # or a cached prompt prefix (prefix_cache)
+        self.prompt = req.prompt_ids  # the tokens this row prefills
         self.tok = tokenizer
         self.tok_lock = tokenizer_lock or threading.Lock()
         self.ids: list[int] = []
@@ -224,8 +235,11 @@ class Scheduler:
         max_batch: int = 8,
         batch_wait_s: float = 0.005,
         live_positions: LivePositions = "after_prefix",
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
+        # automatic prefix caching of requests without a memory (needs positions after it)
+        self.prefix_cache = prefix_cache if live_positions == "after_prefix" else None
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
@@ -358,12 +372,16 @@ class Scheduler:
     def _prefill(self, reqs: list[GenerationRequest]) -> _Batch:
         dev = self.device
         rows = [_Row(r, self.tokenizer, dev, self.tokenizer_lock) for r in reqs]
-        lengths = [len(r.prompt_ids) for r in reqs]
+        if self.prefix_cache is not None:
+            for row in rows:
+                if row.source is None:
+                    row.source, row.prompt = self.prefix_cache.split(row.prompt)
+        lengths = [len(r.prompt) for r in rows]
         width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids)
+        for i, r in enumerate(rows):
+            ids[i, width - lengths[i] :] = torch.tensor(r.prompt)
             mask[i, width - lengths[i] :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -372,7 +390,7 @@ class Scheduler:
         st = self.stats
         st.batches += 1
         st.requests += len(rows)
-        st.prompt_tokens += sum(lengths)
+        st.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
         st.batch_sizes = (st.batch_sizes + [len(rows)])[-1000:]
         return _Batch(rows, cache, mask, pos[:, -1:], logits)
 
@@ -412,7 +430,7 @@ class Scheduler:
         return b
 
     def _forward(self, rows: list[_Row], ids, mask, pos, cache) -> torch.Tensor:
-        sources = [r.req.source for r in rows]
+        sources = [r.source for r in rows]
         binding: StateSource | list[StateSource | None] | None = sources
         if all(s is None for s in sources):
             binding = None

@@ -254,7 +254,8 @@ def shared_flash_fn(inp: SharedInputs):
         qf = q.transpose(0, 1).reshape(1, HKV, b * g, D)
         po, plse = op(qf, inp.pk, inp.pv, 0.0, False, False, scale=D**-0.5)[:2]
         lo, llse = op(q, inp.k, inp.v, 0.0, False, False, scale=D**-0.5)[:2]
-        pre = State(po.view(HKV, b, g, D).transpose(0, 1), plse.view(HKV, b, g).transpose(0, 1))
+        pre = State(po.reshape(HKV, b, g, D).transpose(0, 1),
+                    plse.reshape(HKV, b, g).transpose(0, 1))  # fmt: skip
         merged = merge_states(pre, State(lo, llse))  # [B, Hkv, G, (d)]
         return merged.out.to(inp.q.dtype).reshape(b, 1, H, D)
 

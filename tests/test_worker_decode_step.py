@@ -118,12 +118,13 @@ def test_graphed_step_generates_the_eager_tokens_on_cuda(way):
     model = model.to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(4)
     prefix = torch.randint(3, VOCAB, (200,), generator=g).tolist()
-    trace = torch.randint(3, VOCAB, (64,), generator=g).tolist()
     source = None
-    if way == "memory":  # one entry per trace token: no k-means (no faiss on the device)
-        built = build_memory(model, None, prefix, [trace], budget=len(trace),
-                             options=BuildOptions(lse_correction=True), progress=False)  # fmt: skip
-        source = built.to_memory("cuda")
+    if way == "memory":  # random entries of the model's shape (no faiss needed on the device)
+        from tests.test_worker_fused import make_memory
+
+        source = make_memory(heads=4, kv_heads=2, d=64, budget=64, layers=3, device="cuda",
+                             key_dtype=torch.float16, out_dtype=torch.float16,
+                             extras_dtype=torch.float16)  # fmt: skip
     elif way == "prefix":
         source = encode_prefix(model, prefix)
     for n in (1, 3, 8):

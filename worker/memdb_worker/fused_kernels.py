@@ -83,11 +83,11 @@ if HAVE_TRITON:
         if KEY_F32 or GEMV:
             q_hi = qpre
             q_lo = qpre
+        elif KEY_FP8:
+            q_hi = qpre.to(tl.float16)
+            q_lo = (qpre - q_hi.to(tl.float32)).to(tl.float16)
         else:
-            if KEY_FP8:
-                kdt = tl.float16
-            else:
-                kdt = keys_ptr.dtype.element_ty
+            kdt = keys_ptr.dtype.element_ty
             q_hi = qpre.to(kdt)
             q_lo = (qpre - q_hi.to(tl.float32)).to(kdt)
         q_hi_t = tl.trans(q_hi)  # [DK, BLOCK_B]

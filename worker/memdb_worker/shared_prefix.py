@@ -44,7 +44,7 @@ class SharedConfig:
     block_n: int = 64  # keys per tile
     prefix_programs_per_sm: int = 2  # prefix slices: about this many programs per SM in all
     live_programs_per_sm: int = 1
-    num_warps: int = 4
+    num_warps: int = 0  # 0: 8 when a KV head has more than 64 folded query rows, else 4
     num_stages: int = 2
     combine_warps: int = 4
 
@@ -153,7 +153,7 @@ def shared_attention(
         live_split, float(scale), lo, ll,
         HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, D=d, G=g,
         GP=max(16, _pow2(g)), GF=gf, GFP=max(16, _pow2(gf)), BLOCK_N=bn,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps or (8 if gf > 64 else 4), num_stages=cfg.num_stages,
     )  # fmt: skip
     fk.shared_combine[(b * hkv,)](
         plo, pll, slp, c, hkv * gf, bc, lo, ll, sl if n_live else 0, b, h, hkv,

@@ -6,8 +6,9 @@
 #
 #     OUT=/some/dir bash bench/gpu_session.sh
 #
-# Wheels carried in build/wheels/*.whl (e.g. grpcio: memdb_worker.memory imports memdb.errors,
-# which imports grpc; transformers 5.24.0 if the device's differs) are installed into
+# Wheels carried in build/wheels/*.whl (grpcio: memdb_worker.memory imports memdb.errors, which
+# imports grpc; faiss-cpu: builder.build_memory imports it on hosts of >= 4 cores, as in
+# tests/test_worker_cuda.py; transformers 5.24.0 if the device's differs) are installed into
 # /tmp/memdb_site first (--no-deps, no index) and put on PYTHONPATH.
 set -u
 OUT=${OUT:-$(pwd)/gpu_out}
@@ -34,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run time-boxed, log to $OUT/NAME.log, 
     tail -n 25 "$OUT/$name.log"
 }
 
-step env 20 bash -c 'nvidia-smi; python -c "
+step env 15 bash -c 'nvidia-smi; python -c "
 import sys, torch, triton, transformers
 print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__,
       transformers.__version__, torch.cuda.get_device_name())
@@ -44,12 +45,13 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "no CUDA device: nothing more to run (see $OUT/env.txt)"
     exit 2
 fi
-step cuda_tests 190 python -m pytest -q -p no:cacheprovider -rfEs -k "not interpreter" \
+# the new tests first: if the time box cuts the run, it cuts the suites earlier runs verified
+step cuda_tests 230 python -m pytest -q -p no:cacheprovider -rfEs -k "not interpreter" \
     --junitxml="$OUT/cuda_tests.xml" \
-    tests/test_worker_fused.py tests/test_worker_cuda.py tests/test_worker_shared_prefix.py \
-    tests/test_worker_decode_step.py
-step attention 200 python -m bench.attention --quick --out "$OUT"
-step worker_gpu 130 python -m bench.worker_gpu --N 8192,32768,131072 --time-budget 75 \
+    tests/test_worker_shared_prefix.py tests/test_worker_decode_step.py \
+    tests/test_worker_fused.py tests/test_worker_cuda.py
+step attention 170 python -m bench.attention --quick --out "$OUT"
+step worker_gpu 120 python -m bench.worker_gpu --N 8192,32768,131072 --time-budget 60 \
     --out "$OUT/worker_$(python -c 'import torch; from bench.attention import gpu_tag; print(gpu_tag(torch.cuda.get_device_name()))' 2>/dev/null || echo gpu).json"
 echo "=== session done in $SECONDS s; files in $OUT:"
 ls -la "$OUT"

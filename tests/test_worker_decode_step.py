@@ -136,3 +136,57 @@ def test_graphed_step_generates_the_eager_tokens_on_cuda(way):
         assert graphed == eager, (way, n)
         if way == "memory":
             assert dec.fls is not None and dec.fused  # the fused kernels ran in the graph
+
+
+def run_scheduler(model, prompts, maxes, source, static_live):
+    """Tokens of each request through the scheduler: the last request is submitted when the
+    first one has its first token (it joins the running batch); rows finish at their own
+    max_tokens (a static batch compacts its slots)."""
+    sched = Scheduler(model, None, max_batch=4, batch_wait_s=0.3, static_live=static_live)
+    sched.start()
+    got = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def request(i):
+        def sink(ev):
+            assert ev.error is None, ev.error
+            got[i].extend(ev.token_ids)
+            if i == 0 and len(got[0]) == 1 and ev.token_ids:
+                sched.submit(request(len(prompts) - 1))
+            if ev.final:
+                done[i].set()
+
+        params = SamplingParams(max_tokens=maxes[i], temperature=0.0, ignore_eos=True)
+        return GenerationRequest(prompts[i], params, sink, source)
+
+    try:
+        for i in range(len(prompts) - 1):
+            sched.submit(request(i))
+        for e in done:
+            assert e.wait(60)
+    finally:
+        sched.stop()
+    return got, sched
+
+
+@pytest.mark.parametrize("way", ["neither", "memory", "prefix"])
+def test_scheduler_static_batches_generate_the_eager_tokens(setup, way, monkeypatch):
+    from memdb_worker.static_batch import StaticBatch
+
+    model, prompts, sources = setup
+    maxes = [7, 2, 4]  # the second row leaves first, the third joins late
+    want, eager = run_scheduler(model, prompts, maxes, sources[way], static_live=0)
+    running = []  # rows of the static batch when rows were admitted
+    admit = StaticBatch.admit
+
+    def spy(self, rows, sample):
+        running.append(len(self.rows))
+        return admit(self, rows, sample)
+
+    monkeypatch.setattr(StaticBatch, "admit", spy)
+    got, static = run_scheduler(model, prompts, maxes, sources[way], static_live=32)
+    assert running[0] == 0 and running[1] >= 1  # the late request joined the running batch
+    assert [len(t) for t in got] == maxes
+    assert got == want
+    assert len(static.static._decoders) == 1  # the static path ran
+    assert static.stats.batches == eager.stats.batches == 2  # a prefill, then one join

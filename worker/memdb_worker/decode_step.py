@@ -153,6 +153,19 @@ class StaticDecoder:
         idx = torch.tensor(list(slots), device=self.device)
         self.tokens[idx] = torch.tensor(list(tokens), device=self.device)
 
+    @torch.inference_mode()
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep the slots at these increasing indices, moved down to slots [0, len(keep))."""
+        for i, j in enumerate(keep):
+            if j < i or (i and j <= keep[i - 1]):
+                raise ValueError(f"slots to keep must increase: {list(keep)}")
+            if i != j:
+                self.k[:, i] = self.k[:, j]
+                self.v[:, i] = self.v[:, j]
+                for x in (self.lengths, self.tokens, self.next, self.temps):
+                    x[i] = x[j]
+                self.host_lengths[i] = self.host_lengths[j]
+
     # -- the step -----------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -84,7 +84,8 @@ class WorkerRuntime:
             live_positions=config.live_positions,
             prefix_cache=PrefixCache(
                 model, config.prefix_cache_bytes, min_tokens=config.prefix_cache_min_tokens
-            ),  # fmt: skip
+            ),
+            static_live=config.static_live_tokens,
         ).start()
         metrics = WorkerMetrics(cache.stats, lambda: scheduler.stats)
         return cls(config, model, tokenizer, fingerprint, _model_id(config), cache, scheduler,

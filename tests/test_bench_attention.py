@@ -24,7 +24,8 @@ A.check(results, fmts, m=64, n=96, batches=(1, 3))
 assert all(c["ids_equal"] == 1.0 and c["rel_err_vs_torch_form"] < 1e-2 for c in results["checks"]
            if "ids_equal" in c and "bf16" not in c["memory_format"]), results
 assert all(c["shared_rel_err"] < 1e-2 for c in results["checks"] if "shared_rel_err" in c)
-shared = A.tune_shared(results, [1, 3], quick=True, n=96)
+from bench import attention_tune as T
+shared = T.tune_shared(results, [1, 3], quick=True, n=96)
 A.layer_rows(results, 1e12, {}, [96], [32], [1, 3], fmts, shared)
 S.step_rows(results, 1e12, {}, [96], [32], [1, 3], fmts[:2], shared)
 layer = [r for r in results["rows"] if r["scope"] == "layer"]

@@ -6,6 +6,14 @@ states on the prefix (out [I, M, h, d], lse [I, M, h]) and optional extras: `q_m
 whitened keys. Its common metadata (key mode, granularity, positions, RoPE, fingerprint, ...)
 comes from the builder and travels in every shard.
 
+Compact formats (the agreed tensor spec): `keys` float32 | float16 | bfloat16 | float8_e4m3fn,
+with `key_scale` [I, M] float32 iff float8 (the key is `keys.float() * key_scale[..., None]`;
+it travels as the extra tensor "key_scale" of a shard); `out` and the extras float32 | float16 |
+bfloat16; `lse` float32. Group keys (metadata "group_key"): "concat" (default) looks a group
+up with its heads' keys side by side (Dk = h * d); "mean" (granularity kv_group only) with the
+mean of its heads' keys (Dk = d: one key of the head dimension per KV group), each head then
+reading its own stored state out[I, m, j].
+
 As a state source (`prefix_state`, see `attention.bind`) it turns the live queries into lookup
 keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer and group
 (exact, torch ops on the memory's device) and returns their states:
@@ -39,6 +47,10 @@ from memdb_worker.state import State, combine_states
 logger = logging.getLogger(__name__)
 
 LSE_CORRECTION_EXTRAS = ("q_mean", "k_bar")  # the extra tensors of the first-order correction
+KEY_SCALE = "key_scale"  # the per-entry scale of float8 keys (an extra tensor in shards)
+KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUP_KEYS = ("concat", "mean")
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,70 @@ class DecodeOptions:
 class MemoryLayer:
     """One layer of a memory on the device."""
 
-    keys: torch.Tensor  # [I, M, Dk]
-    inv_norm: torch.Tensor  # [I, M] float32, 1 / |key|
+    keys: torch.Tensor  # [I, M, Dk] (float8 keys are scaled by key_scale)
+    inv_norm: torch.Tensor  # [I, M] float32, 1 / |key| (of the scaled key)
     out: torch.Tensor  # [I, M, h, d]
     lse: torch.Tensor  # [I, M, h] float32
     extras: dict[str, torch.Tensor]
+    key_scale: torch.Tensor | None = None  # [I, M] float32, iff keys are float8
+
+    def key_values(self) -> torch.Tensor:
+        """The keys as float32 [I, M, Dk] (float8 keys times their scale)."""
+        if self.key_scale is None:
+            return self.keys.float()
+        return self.keys.float() * self.key_scale.float().unsqueeze(-1)
+
+    def check(self) -> None:
+        """Raise ValueError unless the tensors follow the spec (module doc)."""
+        if self.keys.dtype not in KEY_DTYPES:
+            raise ValueError(f"keys are {self.keys.dtype}; use one of {KEY_DTYPES}")
+        fp8 = self.keys.dtype == torch.float8_e4m3fn
+        if fp8 != (self.key_scale is not None):
+            raise ValueError("key_scale [I, M] float32 is needed iff keys are float8_e4m3fn")
+        if self.key_scale is not None and (
+            self.key_scale.shape != self.keys.shape[:2] or self.key_scale.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"key_scale is {self.key_scale.dtype} {list(self.key_scale.shape)}; "
+                f"expected float32 {list(self.keys.shape[:2])}"
+            )
+        for name, t in (("out", self.out), *self.extras.items()):
+            if name in LSE_CORRECTION_EXTRAS + ("out",) and t.dtype not in STATE_DTYPES:
+                raise ValueError(f"{name} is {t.dtype}; use one of {STATE_DTYPES}")
+
+
+def layer_from_tensors(
+    keys: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, extras: dict[str, torch.Tensor]
+) -> MemoryLayer:
+    """A memory layer from a shard's tensors: `key_scale` moves out of the extras, the inverse
+    key norms are computed (of the scaled keys)."""
+    extras = dict(extras)
+    scale = extras.pop(KEY_SCALE, None)
+    lay = MemoryLayer(keys, keys.new_empty(0), out, lse.float(), extras, key_scale=scale)
+    lay.inv_norm = lay.key_values().norm(dim=-1).clamp_min(1e-30).reciprocal()
+    return lay
+
+
+def lookup_keys(
+    keyspace: KeySpace, group_key: str, q_pre: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """Lookup keys [n, I, Dk] of pre-RoPE queries [n, H, d]: the key space's keys, or with
+    group_key "mean" the mean of each group's heads' keys ([n, I, d])."""
+    keys = keyspace.keys(q_pre, layer)  # [n, I, h * d]
+    if group_key == "mean":
+        n, i, _ = keys.shape
+        keys = keys.view(n, i, keyspace.heads_per_group, -1).mean(dim=2)
+    return keys
+
+
+def group_key_of(metadata: Mapping[str, str], keyspace: KeySpace) -> str:
+    """The metadata's group key ("concat" by default), checked against the granularity."""
+    gk = metadata.get("group_key", "concat")
+    if gk not in GROUP_KEYS:
+        raise ValueError(f"unknown group_key {gk!r}; use one of {GROUP_KEYS}")
+    if gk == "mean" and keyspace.granularity != "kv_group":
+        raise ValueError("group_key 'mean' needs granularity 'kv_group'")
+    return gk
 
 
 class Memory:
@@ -82,6 +153,9 @@ class Memory:
         self.keyspace = keyspace
         self.metadata = dict(metadata)
         self.options = options or DecodeOptions()
+        self.group_key = group_key_of(self.metadata, keyspace)
+        for lay in layers:
+            lay.check()
         self.lse_corrected = check_options(
             self.options, budget=self.budget, num_layers=len(layers), extras=layers[0].extras
         )  # whether the first-order lse correction applies
@@ -107,25 +181,20 @@ class Memory:
         dev = torch.device(device)
         layers = []
         for s in shards:
-            keys = _tensor(s.keys, dev)
-            norm = keys.float().norm(dim=-1).clamp_min(1e-30)
+            extras = {k: _tensor(v, dev) for k, v in s.extras.items()}
             layers.append(
-                MemoryLayer(
-                    keys=keys,
-                    inv_norm=norm.reciprocal(),
-                    out=_tensor(s.out, dev),
-                    lse=_tensor(s.lse, dev).float(),
-                    extras={k: _tensor(v, dev) for k, v in s.extras.items()},
-                )
+                layer_from_tensors(
+                    _tensor(s.keys, dev), _tensor(s.out, dev), _tensor(s.lse, dev), extras
+                )  # fmt: skip
             )
         keyspace = keyspace_from_metadata(meta, [lay.extras for lay in layers])
-        if (
-            keyspace.num_groups != layers[0].keys.shape[0]
-            or keyspace.key_dim != layers[0].keys.shape[2]
-        ):
+        key_dim = keyspace.key_dim
+        if group_key_of(meta, keyspace) == "mean":
+            key_dim = keyspace.head_dim
+        if keyspace.num_groups != layers[0].keys.shape[0] or key_dim != layers[0].keys.shape[2]:
             raise ValueError(
                 f"metadata says granularity {keyspace.granularity!r} (I={keyspace.num_groups}, "
-                f"Dk={keyspace.key_dim}) but keys are {list(layers[0].keys.shape)}"
+                f"Dk={key_dim}) but keys are {list(layers[0].keys.shape)}"
             )
         return cls(layers, keyspace, meta, options)
 
@@ -137,12 +206,15 @@ class Memory:
         """The shards this memory was loaded from (same arrays, same metadata)."""
         shards = []
         for i, layer in enumerate(self.layers):
+            extras = dict(layer.extras)
+            if layer.key_scale is not None:
+                extras[KEY_SCALE] = layer.key_scale
             shards.append(
                 Shard(
                     keys=layer.keys.cpu().numpy(),
                     out=layer.out.cpu().numpy(),
                     lse=layer.lse.cpu().numpy(),
-                    extras={k: v.cpu().numpy() for k, v in layer.extras.items()},
+                    extras={k: v.cpu().numpy() for k, v in extras.items()},
                     metadata={**self.metadata, "layer": str(i)},
                 )
             )
@@ -179,9 +251,15 @@ class Memory:
         """Bytes of every tensor of the memory (keys, states, extras)."""
         total = 0
         for layer in self.layers:
-            for t in (layer.keys, layer.out, layer.lse, *layer.extras.values()):
+            scale = () if layer.key_scale is None else (layer.key_scale,)
+            for t in (layer.keys, *scale, layer.out, layer.lse, *layer.extras.values()):
                 total += t.numel() * t.element_size()
         return total
+
+    @property
+    def key_dim(self) -> int:
+        """Dk of the stored keys (the head dim with group_key "mean")."""
+        return int(self.layers[0].keys.shape[2])
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError unless the model has this memory's layers and heads."""
@@ -211,7 +289,7 @@ class Memory:
         """Top-k entries by cosine similarity: keys [n, I, Dk] -> (scores, ids) [n, I, k]."""
         lay = self.layers[layer]
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-        sims = torch.einsum("nik,imk->nim", unit, lay.keys.float()) * lay.inv_norm  # [n, I, M]
+        sims = torch.einsum("nik,imk->nim", unit, lay.key_values()) * lay.inv_norm  # [n, I, M]
         if k == 1:
             scores, ids = sims.max(dim=-1, keepdim=True)
             return scores, ids
@@ -223,7 +301,7 @@ class Memory:
         ks = self.keyspace
         lay = self.layers[query.layer]
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)  # [n, H, d]
-        keys = ks.keys(q_pre, query.layer)  # [n, I, Dk]
+        keys = lookup_keys(ks, self.group_key, q_pre, query.layer)  # [n, I, Dk]
         scores, ids = self.search(query.layer, keys, self.options.top_k)  # [n, I, k]
         groups = torch.arange(ks.num_groups, device=ids.device).view(1, -1, 1)
         lse = lay.lse[groups, ids]  # [n, I, k, h]

@@ -1,0 +1,31 @@
+"""Running code under Triton's CPU interpreter in a subprocess (TRITON_INTERPRET=1 must be set
+before Triton is imported), for the tests of the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PREAMBLE = f"""
+import sys
+sys.path.insert(0, {ROOT!r} + "/tests")
+import triton.runtime.interpreter as ti
+_orig = ti._patch_lang_tensor
+def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
+    _orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+ti._patch_lang_tensor = _patched
+"""
+
+
+def run_interpreted(code: str, timeout: int = 300) -> str:
+    """Run PREAMBLE + code with TRITON_INTERPRET=1; fail with its stderr unless it prints OK."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [os.path.join(ROOT, "worker"), ROOT, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", PREAMBLE + code], env=env, capture_output=True,
+                         text=True, timeout=timeout)  # fmt: skip
+    assert res.returncode == 0 and "OK" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
+    return res.stdout

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -17,6 +19,7 @@ from memdb.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Not
 from memdb.shards import Shard, ShardShape, check_consistent, decode_shard
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Size limits of what a caller may store as metadata (InvalidArgument past them). A record is
 # copied into every version and every listing: these keep each one small.
@@ -299,6 +302,66 @@ def draft_version(
         created_at=0.0,
         updated_at=0.0,
     )
+
+
+class VersionWriter:
+    """`write_version` of every backend: the checks and the draft are shared here, storing it
+    is the backend's `_store_version`."""
+
+    def write_version(
+        self,
+        tenant: str,
+        name: str,
+        *,
+        mode: str,
+        expected_version: int = 0,
+        model_fingerprint: str,
+        token_count: int,
+        build_params: dict[str, str],
+        index_kind: str,
+        metric: str,
+        shards: list[bytes],
+        indices: list[list[bytes]],
+        decoded: list[Shard] | None = None,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> PrefixRecord:
+        """Validate and store a new version (current + 1) and make it current, atomically.
+
+        `indices[layer][group]` are serialized indices over that layer's keys. Raises
+        InvalidArgument (bad shard: names layer and tensor), NotFound (tenant; prefix in update
+        mode), AlreadyExists (create mode), FailedPrecondition (`expected_version` nonzero and
+        not current), ResourceExhausted (quota, store full). On any error nothing is written.
+        `decoded`: the shards as the caller already decoded them with `decode_shard` (skips
+        decoding and validating them a second time). `still_wanted`: asked just before the
+        write commits; False aborts it (Cancelled, nothing written).
+        """
+        draft = draft_version(
+            tenant,
+            name,
+            mode=mode,
+            model_fingerprint=model_fingerprint,
+            token_count=token_count,
+            build_params=build_params,
+            index_kind=index_kind,
+            metric=metric,
+            shards=shards,
+            indices=indices,
+            decoded=decoded,
+        )
+        rec = self._store_version(draft, mode, expected_version, shards, indices, still_wanted)
+        log.info("stored %s/%s version %d (%d bytes)", tenant, name, rec.version, rec.bytes)
+        return rec
+
+    def _store_version(
+        self,
+        draft: PrefixRecord,
+        mode: str,
+        expected: int,
+        shards: list[bytes],
+        indices: list[list[bytes]],
+        still_wanted: Callable[[], bool] | None,
+    ) -> PrefixRecord:
+        raise NotImplementedError
 
 
 def next_version(

@@ -52,12 +52,12 @@ from memdb.records import (
     TenantRecord,
     Usage,
     VersionSnapshot,
+    VersionWriter,
     check_expected,
     check_key,
     check_layer,
     check_mode,
     check_tenant,
-    draft_version,
     dropped_by_next,
     item_key,
     next_version,
@@ -65,7 +65,6 @@ from memdb.records import (
     record_from_json,
     record_to_json,
 )
-from memdb.shards import Shard
 from memdb.usage import (
     charge_key,
     charge_version,
@@ -96,7 +95,7 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- the store
 
 
-class Store:
+class Store(VersionWriter):
     """The LMDB store of one server. Thread-safe; one instance per environment and process."""
 
     def __init__(
@@ -457,47 +456,19 @@ class Store:
 
     # ------------------------------------------------------------ prefixes: write
 
-    def write_version(
+    def _store_version(
         self,
-        tenant: str,
-        name: str,
-        *,
+        draft: PrefixRecord,
         mode: str,
-        expected_version: int = 0,
-        model_fingerprint: str,
-        token_count: int,
-        build_params: dict[str, str],
-        index_kind: str,
-        metric: str,
+        expected_version: int,
         shards: list[bytes],
         indices: list[list[bytes]],
-        decoded: list[Shard] | None = None,
-        still_wanted: Callable[[], bool] | None = None,
+        still_wanted: Callable[[], bool] | None,
     ) -> PrefixRecord:
-        """Validate and store a new version (current + 1) and make it current, atomically.
-
-        `indices[layer][group]` are serialized indices over that layer's keys. Raises
-        InvalidArgument (bad shard: names layer and tensor), NotFound (tenant; prefix in update
-        mode), AlreadyExists (create mode), FailedPrecondition (`expected_version` nonzero and
-        not current), ResourceExhausted (quota, store full). On any error nothing is written.
-        `decoded`: the shards as the caller already decoded them with `decode_shard` (skips
-        decoding and validating them a second time). `still_wanted`: asked inside the write
-        transaction just before it commits; False aborts it (Cancelled, nothing written).
-        """
-        draft = draft_version(
-            tenant,
-            name,
-            mode=mode,
-            model_fingerprint=model_fingerprint,
-            token_count=token_count,
-            build_params=build_params,
-            index_kind=index_kind,
-            metric=metric,
-            shards=shards,
-            indices=indices,
-            decoded=decoded,
-        )
-        draft.stored_bytes = stored_bytes(tenant, name, shards, indices)
+        """One write transaction (see `VersionWriter.write_version`); `still_wanted` is asked
+        inside it."""
+        name = draft.name
+        draft.stored_bytes = stored_bytes(draft.tenant, name, shards, indices)
         payload = draft.stored_bytes
 
         def commit(txn: lmdb.Transaction) -> PrefixRecord:
@@ -506,9 +477,7 @@ class Store:
                 raise Cancelled(f"upload of '{name}' was cancelled; nothing was written")
             return rec
 
-        rec = self._write(commit, payload)
-        log.info("stored %s/%s version %d (%d bytes)", tenant, name, rec.version, rec.bytes)
-        return rec
+        return self._write(commit, payload)
 
     def _commit_version(
         self,

@@ -61,12 +61,12 @@ from memdb.records import (
     TenantRecord,
     Usage,
     VersionSnapshot,
+    VersionWriter,
     check_expected,
     check_key,
     check_layer,
     check_mode,
     check_tenant,
-    draft_version,
     dropped_by_next,
     item_key,
     next_version,
@@ -74,7 +74,6 @@ from memdb.records import (
     record_from_json,
     record_to_json,
 )
-from memdb.shards import Shard
 from memdb.storage import DEFAULT_MAX_KEYS, DEFAULT_TENANT
 from memdb.usage import charge_key, charge_version, check_key_count
 
@@ -84,7 +83,7 @@ MAX_ATTEMPTS = 64  # compare-and-swap retries of one change before giving up (Un
 T = TypeVar("T")
 
 
-class ClusterStore:
+class ClusterStore(VersionWriter):
     """The store of one server node of a cluster. Thread-safe."""
 
     def __init__(
@@ -381,37 +380,18 @@ class ClusterStore:
 
     # ------------------------------------------------------------ prefixes: write
 
-    def write_version(
+    def _store_version(
         self,
-        tenant: str,
-        name: str,
-        *,
+        draft: PrefixRecord,
         mode: str,
-        expected_version: int = 0,
-        model_fingerprint: str,
-        token_count: int,
-        build_params: dict[str, str],
-        index_kind: str,
-        metric: str,
+        expected_version: int,
         shards: list[bytes],
         indices: list[list[bytes]],
-        decoded: list[Shard] | None = None,
-        still_wanted: Callable[[], bool] | None = None,
+        still_wanted: Callable[[], bool] | None,
     ) -> PrefixRecord:
-        """As `Store.write_version`: stage the blobs in Redis, then publish in one etcd txn."""
-        draft = draft_version(
-            tenant,
-            name,
-            mode=mode,
-            model_fingerprint=model_fingerprint,
-            token_count=token_count,
-            build_params=build_params,
-            index_kind=index_kind,
-            metric=metric,
-            shards=shards,
-            indices=indices,
-            decoded=decoded,
-        )
+        """Stage the blobs in Redis, then publish in one etcd txn (see
+        `VersionWriter.write_version`)."""
+        tenant, name = draft.tenant, draft.name
         upload = uuid.uuid4().hex
         refs = self.blobs.refs(shards)
         index_refs = [self.blobs.refs(groups) for groups in indices]
@@ -431,7 +411,6 @@ class ClusterStore:
         except BaseException:
             self._abandon(upload, staging)
             raise
-        log.info("stored %s/%s version %d (%d bytes)", tenant, name, rec.version, rec.bytes)
         return rec
 
     def stage_hook(self, upload: str) -> None:

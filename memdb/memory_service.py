@@ -42,10 +42,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         k = request.k or 1
         if k > self.rt.config.max_k:
             raise InvalidArgument(f"k={k} exceeds the server's max_k={self.rt.config.max_k}")
-        rec, layer = self.rt.store.read_current_layer(  # version and layer: one transaction
+        # version and layer: one transaction. The cache key holds the version's commit time
+        # too: a prefix deleted and created again (through any node of a cluster, which
+        # invalidates only its own cache) starts over at version 1 with another memory
+        rec, layer = self.rt.store.read_current_layer(
             tenant, name, request.layer, request.version,
             open_layer=lambda rec, read: self.rt.cache.get(
-                (tenant, name, rec.version, request.layer), lambda: self._load_layer(read())),
+                (tenant, name, rec.version, request.layer, rec.updated_at),
+                lambda: self._load_layer(read())),
         )  # fmt: skip
         version = rec.version
         check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)

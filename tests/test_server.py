@@ -474,3 +474,17 @@ def test_stats_list_the_cluster_nodes_by_address_and_a_single_node_none(server, 
         assert all(a in text.split("NODE")[1] for a in address.split(","))
     else:
         assert stats.nodes == ()
+
+
+def test_a_memory_deleted_and_created_again_is_not_answered_from_a_stale_index(server):
+    """Through another node too (cluster): version 1 of a re-created prefix is a new memory."""
+    addresses = server[0].split(",")
+    with MemdbClient(addresses[0], ROOT_KEY) as a, MemdbClient(addresses[-1], ROOT_KEY) as b:
+        for seed in (1, 2):
+            shards = make_shards(seed=seed)
+            a.put_prefix("again", shards, model_fingerprint=FP, mode="create")
+            q = shards[0].keys[:, [7], :].transpose(1, 0, 2)  # [Q=1, I, Dk]: a stored key
+            res = b.lookup("again", 0, q, model_fingerprint=FP, k=1)
+            assert res.version == 1
+            np.testing.assert_array_equal(res.out[0, :, 0], shards[0].out[:, 7])
+            a.delete_prefix("again")

@@ -488,3 +488,21 @@ def test_a_memory_deleted_and_created_again_is_not_answered_from_a_stale_index(s
             assert res.version == 1
             np.testing.assert_array_equal(res.out[0, :, 0], shards[0].out[:, 7])
             a.delete_prefix("again")
+
+
+def test_revoking_a_key_through_one_node_ends_its_watch_stream_on_another(server, root):
+    from tests.test_server_limits import _Stream
+
+    addresses = server[0].split(",")
+    if "revoke-w" not in {t.name for t in root.list_tenants()}:
+        root.create_tenant("revoke-w")
+    key, info = root.create_api_key("reader", tenant="revoke-w")
+    with MemdbClient(addresses[-1], key) as b, MemdbClient(addresses[0], ROOT_KEY) as a:
+        stream = _Stream(b)
+        try:
+            time.sleep(0.5)  # the stream is open on b
+            a.revoke_api_key(info.key_id)
+            assert stream.ended.wait(10), "the revoked key's stream is still open"
+            assert isinstance(stream.error, Unauthenticated) and "revoked" in str(stream.error)
+        finally:
+            stream.watch.cancel()

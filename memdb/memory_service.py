@@ -20,7 +20,7 @@ from memdb.config import ServerConfig
 from memdb.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from memdb.events import Event
 from memdb.index import LoadedLayer, load_layer
-from memdb.records import VersionSnapshot
+from memdb.records import PrefixRecord, VersionSnapshot
 from memdb.runtime import Runtime, check_fingerprint, check_name
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -42,14 +42,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         k = request.k or 1
         if k > self.rt.config.max_k:
             raise InvalidArgument(f"k={k} exceeds the server's max_k={self.rt.config.max_k}")
-        # version and layer: one transaction. The cache key holds the version's commit time
-        # too: a prefix deleted and created again (through any node of a cluster, which
-        # invalidates only its own cache) starts over at version 1 with another memory
-        rec, layer = self.rt.store.read_current_layer(
+        rec, layer = self.rt.store.read_current_layer(  # version and layer: one transaction
             tenant, name, request.layer, request.version,
             open_layer=lambda rec, read: self.rt.cache.get(
-                (tenant, name, rec.version, request.layer, rec.updated_at),
-                lambda: self._load_layer(read())),
+                layer_cache_key(rec, request.layer), lambda: self._load_layer(read())),
         )  # fmt: skip
         version = rec.version
         check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
@@ -214,6 +210,13 @@ async def end_revoked_watches(rt: Runtime, period: float = WATCH_KEY_CHECK_S) ->
                     "is closed"), key_id=key_id)  # fmt: skip
                 log.info("ended %d Watch stream(s) of revoked key %s (tenant %s)", n, key_id,
                          tenant)  # fmt: skip
+
+
+def layer_cache_key(rec: PrefixRecord, layer: int) -> tuple:
+    """The IndexCache key of a loaded layer. It holds the version's commit time too: a prefix
+    deleted and created again (through any node of a cluster, which invalidates only its own
+    cache) starts over at version 1 with another memory."""
+    return (rec.tenant, rec.name, rec.version, layer, rec.updated_at)
 
 
 def _key_gone(store, tenant: str, key_id: str) -> bool:

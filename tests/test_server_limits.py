@@ -25,6 +25,7 @@ from memdb.errors import (
     Unauthenticated,
     short_message,
 )
+from memdb.memory_service import layer_cache_key
 from memdb.process import server_process
 from memdb.server import run_server
 from memdb.v1 import memdb_pb2 as pb
@@ -253,8 +254,8 @@ def _lookup_vectors(metrics: str) -> float:
 def _loaded_layer(srv, root: MemdbClient, name: str):
     """The LoadedLayer of layer 0 of the current version (a Lookup puts it in the cache)."""
     root.lookup(name, 0, np.ones((1, 16), np.float32), model_fingerprint=FP)
-    version = root.get_prefix(name).version
-    return srv.runtime.cache.get(("default", name, version, 0), lambda: None)
+    rec = srv.runtime.store.get_prefix("default", name)
+    return srv.runtime.cache.get(layer_cache_key(rec, 0), lambda: None)
 
 
 def test_lookup_answer_bytes_are_computed_exactly(tmp_path):

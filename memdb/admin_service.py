@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import memdb
-from memdb import auth
+from memdb import auth, failpoints
 from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
 from memdb.events import Event
 from memdb.index import build_layer_indices, resolve_kind
@@ -46,6 +46,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         tenant = auth.current().tenant
         header = self._header(next(iter(request_iterator), None))
         blobs = self._receive_shards(request_iterator, header.num_layers)
+        failpoints.hit("put_received")
         shards = [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)]
         shape = check_consistent(shards)
         metric = header.metric or "cosine"
@@ -53,6 +54,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         kind = resolve_kind(self.rt.index_params, shape.budget) if kind == "auto" else kind
         indices = [build_layer_indices(s, kind, metric, self.rt.index_params) for s in shards]
         self.rt.metrics.index_builds.inc(sum(len(i) for i in indices))
+        failpoints.hit("put_indexed")
         rec = self.rt.store.write_version(
             tenant,
             header.name,

@@ -34,6 +34,7 @@ from typing import TypeVar
 
 import lmdb
 
+from memdb import failpoints
 from memdb.errors import (
     AlreadyExists,
     Cancelled,
@@ -463,9 +464,12 @@ class Store:
             rec = self._commit_version(txn, draft, mode, expected_version, shards, indices)
             if still_wanted is not None and not still_wanted():
                 raise Cancelled(f"upload of '{name}' was cancelled; nothing was written")
+            failpoints.hit("before_commit")
             return rec
 
+        failpoints.hit("before_write_txn")
         rec = self._write(commit, payload)
+        failpoints.hit("after_commit")
         log.info("stored %s/%s version %d (%d bytes)", tenant, name, rec.version, rec.bytes)
         return rec
 
@@ -497,6 +501,7 @@ class Store:
             for group, index in enumerate(indices[layer]):
                 key = item_key(tenant, name, version, layer, group)
                 txn.put(key, index, db=self._db["indices"])
+        failpoints.hit("after_shards_put")
         for old in retained[: -self._retain]:
             self._delete_version(txn, tenant, name, old)
         blob = record_to_json(rec)
@@ -547,9 +552,11 @@ class Store:
             txn.delete(prefix_key(tenant, name), db=self._db["prefixes"])
             for db in ("versions", "shards", "indices"):
                 _delete_range(txn, self._db[db], item_key(tenant, name))
+            failpoints.hit("delete_before_commit")
             return current.version
 
         version = self._write(delete)
+        failpoints.hit("delete_after_commit")
         log.info("deleted %s/%s (was at version %d)", tenant, name, version)
         return version
 

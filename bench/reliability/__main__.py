@@ -47,8 +47,8 @@ SIZES = {
         "streams": 200,
         "threads": 4,
         "heavy_q": 2048,
-        "soak_s": 180,
-        "window_s": 20,
+        "soak_s": 150,
+        "window_s": 15,
     },
 }
 

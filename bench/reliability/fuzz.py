@@ -2,8 +2,8 @@
 
 Each case is one call to a server process on 127.0.0.1, with one of several keys (root, a
 tenant's admin / writer / reader, none, garbage):
-- message: a request of any method of memdb.v1 drawn from its descriptor (half of them a valid
-  request with random fields merged in, so they get past the first checks);
+- message: a request of any method of memdb.v1 drawn from its descriptor (two thirds of them
+  a valid request with some or one of its fields replaced, so they get past the first checks);
 - put: a PutPrefix stream of a valid header and malformed / odd shards (strategies.shard_blob);
 - raw: random or bit-flipped bytes sent as any method's payload through a generic channel
   method with identity serializers.
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,11 @@ from pathlib import Path
 import grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisWarning
 
 from bench.reliability.measure import BAD_CODES, Report, rss_mb
 from bench.reliability.memories import FP, Shape, queries_of, tagged_memory
-from bench.reliability.strategies import Hints, message, shard_blob
+from bench.reliability.strategies import Hints, message, one_field, shard_blob
 from bench.reliability.tenants import make_tenant
 from memdb.errors import MemdbError
 from memdb.process import ServerProcess, start_server
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 SHAPE = Shape(layers=2, groups=2, m=16, dk=8, h=2, d=4)
 TARGET, DOOMED, TENANT = "fz-x", "fz-del", "fz-t"
 HEALTH = "/grpc.health.v1.Health/Check"
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$", re.M)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class FuzzReport(Report):
     rss_end_mb: float = 0.0
     rss_growth_mb: float = 0.0
     examples: list[str] = field(default_factory=list)
+    server_exceptions: dict[str, int] = field(default_factory=dict)  # from the server log
     seconds: float = 0.0
 
 
@@ -114,8 +119,11 @@ def _base_requests(hints: Hints) -> dict[str, object]:
 
 
 def _merged(base, extra):
+    """`base` with every field that `extra` sets replaced by extra's value."""
     msg = type(base)()
     msg.CopyFrom(base)
+    for f, _ in extra.ListFields():
+        msg.ClearField(f.name)
     msg.MergeFrom(extra)
     return msg
 
@@ -128,7 +136,11 @@ def cases(hints: Hints, keys: list[str]) -> st.SearchStrategy[Case]:
         msgs = message(m.request, hints)
         valid = base.get(m.path.rsplit("/", 1)[1])
         if valid is not None:
-            msgs = st.one_of(msgs, st.builds(_merged, st.just(valid), msgs))
+            msgs = st.one_of(
+                msgs,
+                st.builds(_merged, st.just(valid), msgs),
+                st.builds(_merged, st.just(valid), one_field(m.request, hints)),
+            )
         if m.client_streaming:
             msgs = st.lists(msgs, min_size=1, max_size=4)
         by_method.append(st.builds(Case, st.just("message"), st.just(m), msgs, key))
@@ -280,6 +292,8 @@ class Fuzzer:
     def close(self) -> None:
         self.channel.close()
         self.server.stop()
+        found = EXCEPTION_LINE.findall(self.server.log())
+        self.report.server_exceptions = dict(Counter(f"{t}: {m[:70]}" for t, m in found))
 
 
 def _show(payload: object) -> str:
@@ -314,7 +328,9 @@ def run(
         fuzzer.send(case)
 
     try:
-        one()
+        with warnings.catch_warnings():  # hypothesis warns of long reprs of large cases
+            warnings.simplefilter("ignore", HypothesisWarning)
+            one()
         report.rss_end_mb = rss_mb(fuzzer.server.proc.pid)
         report.rss_growth_mb = (
             report.rss_end_mb - report.rss_start_mb if report.crashes == 0 else float("nan")

@@ -108,8 +108,8 @@ def noisy(
             c.cancel()
     out.put(
         {
-            "streams_opened": streams,
-            "streams_open_at_end": open_streams,
+            "streams_requested": streams,
+            "streams_open_at_end": open_streams,  # the server may refuse some
             "heavy_lookups": dict(codes),
         }
     )

@@ -75,6 +75,14 @@ def message(desc: Descriptor, hints: Hints, depth: int = 0) -> st.SearchStrategy
     return st.fixed_dictionaries({}, optional=optional).map(lambda kw: _build(cls, kw))
 
 
+def one_field(desc: Descriptor, hints: Hints) -> st.SearchStrategy:
+    """Messages of type `desc` with exactly one field set (to merge into a valid request)."""
+    cls = message_factory.GetMessageClass(desc)
+    return st.sampled_from(list(desc.fields)).flatmap(
+        lambda f: _field(f, hints, 0).map(lambda v: _build(cls, {f.name: v}))
+    )
+
+
 def _build(cls, values: dict):
     msg = cls()
     for name, value in values.items():
@@ -174,12 +182,13 @@ def tensor(draw) -> object:
         )
     )
     size = int(np.prod([max(s, 0) for s in shape], dtype=np.float64)) if shape else 1
-    item = np.dtype(dtype).itemsize if dtype in WIRE_DTYPES[:4] else 4
+    numeric = np.dtype(dtype if dtype in WIRE_DTYPES[:4] else "float32")  # numpy has no bf16
+    item = numeric.itemsize
     if size * item <= 4096 and draw(st.booleans()):
         data = draw(
             st.one_of(
                 st.binary(min_size=size * item, max_size=size * item),
-                st.just(np.ones(size, dtype or "f4").tobytes()),
+                st.just(np.ones(size, numeric).tobytes()),
             )
         )
     else:
@@ -219,7 +228,8 @@ def wrong_contents(draw) -> bytes:
         )
         dtype = draw(st.sampled_from(["float32", "float16", "float64", "int64", "uint8"]))
         value = draw(st.sampled_from([0.5, np.nan, np.inf, -1.0]))
-        tensors[name] = np.full(shape, value).astype(dtype)
+        with np.errstate(invalid="ignore"):  # NaN cast to an integer dtype
+            tensors[name] = np.full(shape, value).astype(dtype)
     if draw(st.booleans()):
         return _typed_header(draw, tensors)
     import safetensors.numpy as stnp

@@ -42,7 +42,7 @@ class ServerConfig(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key (with tls_cert)")
     max_workers: int = Field(64, ge=2, description="gRPC handler threads (Watch holds one)")
     max_message_bytes: int = Field(64 * MiB, ge=MiB, description="max size of one gRPC message")
-    max_upload_bytes: int = Field(8 * GiB, ge=MiB, description="max bytes of one memory upload")
+    max_upload_bytes: int = Field(2 * GiB, ge=MiB, description="max bytes of one memory upload")
     fetch_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024, description="FetchMemory chunk size")
     max_lookup_queries: int = Field(8192, ge=1, description="max query rows in one Lookup")
     max_k: int = Field(256, ge=1, description="max top-k in one Lookup")
@@ -67,6 +67,12 @@ class ServerConfig(BaseSettings):
     ready_file: Path | None = Field(
         None, description="write {address, metrics} as JSON here once serving"
     )
+
+    # storage limits (issue 11): the map's reserve for deletes, API keys per tenant
+    map_reserve_bytes: int = Field(
+        64 * MiB, ge=0, description="last bytes of max_map_size kept for deletes (capped at 1/8)"
+    )
+    max_api_keys_per_tenant: int = Field(1000, ge=1, description="API keys one tenant may hold")
 
     @field_validator("listen")
     @classmethod

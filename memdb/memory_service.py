@@ -17,6 +17,7 @@ from memdb import auth
 from memdb.errors import InvalidArgument, ResourceExhausted
 from memdb.events import Event
 from memdb.index import LoadedLayer, load_layer
+from memdb.records import VersionSnapshot
 from memdb.runtime import Runtime, check_fingerprint, check_name
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -35,17 +36,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
         tenant = auth.current().tenant
         name = check_name(request.name)
-        rec = self.rt.store.get_prefix(tenant, name, request.version)
+        rec, layer = self.rt.store.read_current_layer(  # version and layer: one transaction
+            tenant, name, request.layer, request.version,
+            open_layer=lambda rec, read: self.rt.cache.get(
+                (tenant, name, rec.version, request.layer), lambda: self._load_layer(read())),
+        )  # fmt: skip
         version = rec.version
-        if request.layer >= rec.num_layers:
-            raise InvalidArgument(
-                f"layer {request.layer} is out of range: memory '{name}' has "
-                f"{rec.num_layers} layers (0..{rec.num_layers - 1})"
-            )
-        layer = self.rt.cache.get(
-            (tenant, name, version, request.layer),
-            lambda: self._load_layer(tenant, name, version, request.layer),
-        )
         check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
         extras = _extra_names(request, rec.extra_tensors, name)
         queries = self._queries(request)
@@ -79,8 +75,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise InvalidArgument("queries hold NaN or infinite values")
         return np.ascontiguousarray(q, dtype=np.float32)
 
-    def _load_layer(self, tenant: str, name: str, version: int, layer: int) -> LoadedLayer:
-        snap = self.rt.store.read_version(tenant, name, version, layers=[layer])
+    def _load_layer(self, snap: VersionSnapshot) -> LoadedLayer:
+        (layer,) = snap.shards
         self.rt.metrics.index_loads.inc()
         return load_layer(
             snap.record.version,

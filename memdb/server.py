@@ -31,6 +31,7 @@ import memdb
 from memdb.admin_service import AdminServicer
 from memdb.auth import Authenticator, AuthInterceptor
 from memdb.config import ServerConfig, load_config
+from memdb.durable import write_file_durably
 from memdb.events import EventBus
 from memdb.index import IndexCache, IndexParams, set_threads
 from memdb.interceptors import ErrorInterceptor
@@ -65,6 +66,8 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
         max_map_size=config.max_map_size,
         sync=config.sync,
         retain_versions=config.retain_versions,
+        reserve_bytes=min(config.map_reserve_bytes, config.max_map_size // 8),
+        max_keys_per_tenant=config.max_api_keys_per_tenant,
     )
     rt = Runtime(
         config=config,
@@ -171,9 +174,7 @@ def _admin_key(config: ServerConfig) -> str:
     if path.exists():
         return path.read_text().strip()
     key = "mdb_root_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    write_file_durably(path, (key + "\n").encode(), mode=0o600)
     log.warning("no admin key configured: generated one into %s", path)
     return key
 

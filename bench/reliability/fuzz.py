@@ -177,6 +177,8 @@ def _put_stream(draw, hints: Hints, base: dict) -> list:
                         chunk=pb.ShardChunk(layer=layer, data=part, last=i == 1 or cut == len(blob))
                     )
                 )
+    if hasattr(pb, "PutPrefixCommit") and draw(st.integers(0, 9)):  # mostly a committed upload
+        msgs.append(pb.PutPrefixRequest(commit=pb.PutPrefixCommit()))
     return msgs
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from memdb.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from memdb.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from memdb.shards import Shard, ShardShape, check_consistent, decode_shard
 
 T = TypeVar("T")
@@ -190,6 +190,14 @@ def check_description(description: str) -> None:
             f"the description is {len(description.encode())} bytes; "
             f"at most {MAX_DESCRIPTION_BYTES} are allowed"
         )
+
+
+def version_gone(name: str, version: int) -> Aborted:
+    """The error of a streamed read whose version is no longer stored."""
+    return Aborted(
+        f"version {version} of prefix '{name}' was replaced or deleted during this "
+        "read (it is no longer retained); fetch it again"
+    )
 
 
 def check_layer(rec: PrefixRecord, layer: int) -> None:

@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import lmdb
 
+from memdb import failpoints
 from memdb.durable import fsync_dir, make_dirs_durably
 from memdb.errors import (
     AlreadyExists,
@@ -64,6 +65,7 @@ from memdb.records import (
     prefix_key,
     record_from_json,
     record_to_json,
+    version_gone,
 )
 from memdb.usage import (
     charge_key,
@@ -475,9 +477,13 @@ class Store(VersionWriter):
             rec = self._commit_version(txn, draft, mode, expected_version, shards, indices)
             if still_wanted is not None and not still_wanted():
                 raise Cancelled(f"upload of '{name}' was cancelled; nothing was written")
+            failpoints.hit("before_commit")
             return rec
 
-        return self._write(commit, payload)
+        failpoints.hit("before_write_txn")
+        rec = self._write(commit, payload)
+        failpoints.hit("after_commit")
+        return rec
 
     def _commit_version(
         self,
@@ -506,6 +512,7 @@ class Store(VersionWriter):
             for group, index in enumerate(indices[layer]):
                 key = item_key(tenant, name, version, layer, group)
                 txn.put(key, index, db=self._db["indices"])
+        failpoints.hit("after_shards_put")
         for old in dropped:
             self._delete_version(txn, tenant, name, old)
         txn.put(item_key(tenant, name, version), blob, db=self._db["versions"])
@@ -538,9 +545,11 @@ class Store(VersionWriter):
             for db in ("versions", "shards", "indices"):
                 delete_range(txn, self._db[db], item_key(tenant, name))
             save_usage(txn, self._db, tenant, usage)
+            failpoints.hit("delete_before_commit")
             return current.version
 
         version = self._write(delete, delete=True)
+        failpoints.hit("delete_after_commit")
         log.info("deleted %s/%s (was at version %d)", tenant, name, version)
         return version
 
@@ -609,12 +618,9 @@ class Store(VersionWriter):
     ) -> tuple[bytes, int]:
         """Bytes [start, start + size) of one layer's stored shard, and the shard's length, in
         one short read transaction that copies only those bytes (FetchMemory streams with it).
-        NotFound once that version is no longer stored."""
+        Aborted once that version is no longer stored."""
         with self._rw.shared(), self._env.begin(buffers=True) as txn:
             view = txn.get(item_key(tenant, name, version, layer), db=self._db["shards"])
             if view is None:
-                raise NotFound(
-                    f"version {version} of prefix '{name}' is no longer stored (deleted, or "
-                    "replaced beyond the retained versions); fetch it again"
-                )
+                raise version_gone(name, version)
             return bytes(view[start : start + size]), len(view)

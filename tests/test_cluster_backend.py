@@ -19,7 +19,7 @@ import pytest
 from memdb.backends.blob_cache import BlobCache
 from memdb.backends.cluster import ClusterStore
 from memdb.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
-from memdb.errors import FailedPrecondition, NotFound, ResourceExhausted
+from memdb.errors import Aborted, FailedPrecondition, NotFound, ResourceExhausted
 from memdb.records import KeyRecord, TenantRecord
 from memdb.shards import decode_shard
 from tests.test_backend_contract import raw_cluster_bytes
@@ -133,7 +133,7 @@ def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
     assert (chunk, size) == (shards[2][10:110], len(shards[2]))
     write(a, "p")
     write(a, "p")  # version 1 is no longer retained
-    with pytest.raises(NotFound, match="version 1 of prefix 'p' is no longer stored"):
+    with pytest.raises(Aborted, match="version 1 of prefix 'p' was replaced or deleted"):
         b.read_shard_chunk(T, "p", 1, 2, 0, 100)
 
 

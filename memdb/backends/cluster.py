@@ -73,6 +73,7 @@ from memdb.records import (
     prefix_key,
     record_from_json,
     record_to_json,
+    version_gone,
 )
 from memdb.storage import DEFAULT_MAX_KEYS, DEFAULT_TENANT
 from memdb.usage import charge_key, charge_version, check_key_count
@@ -354,7 +355,7 @@ class ClusterStore(VersionWriter):
         self, tenant: str, name: str, version: int, layer: int, start: int, size: int
     ) -> tuple[bytes, int]:
         """As `Store.read_shard_chunk`: bytes [start, start + size) of one layer's shard and
-        its length (from the node's cache once the shard is in it); NotFound once that
+        its length (from the node's cache once the shard is in it); Aborted once that
         version is no longer stored."""
         try:
             rec, blobs = self._version_entry(tenant, name, version)
@@ -366,10 +367,7 @@ class ClusterStore(VersionWriter):
                 return hit
             shard = self._read_blobs(blobs["upload"], [ref])[0]
         except NotFound:
-            raise NotFound(
-                f"version {version} of prefix '{name}' is no longer stored (deleted, or "
-                "replaced beyond the retained versions); fetch it again"
-            ) from None
+            raise version_gone(name, version) from None
         return shard[start : start + size], len(shard)
 
     def get_shard(self, tenant: str, name: str, version: int, layer: int) -> bytes:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memdb.shards import Shard
-from memdb_worker.keys import KeySpace, apply_rope, undo_rope
+from memdb_worker.keys import KeySpace, apply_rope, rope_transpose, undo_rope
 from memdb_worker.memory import keyspace_from_metadata
 from memdb_worker.prefix import (
     ExactPrefix,
@@ -115,7 +115,7 @@ def append_chunk(
             has_kbar = "k_bar" in s.extras
             if has_kbar:
                 st, kb = new.state_and_key_mean(layer, q_post)
-                kb = undo_rope(kb.cpu(), cos_p, sin_p)  # the builder stores k_bar pre-RoPE
+                kb = rope_transpose(kb.cpu(), cos_p, sin_p)  # as the builder stores k_bar
             else:
                 st, kb = new.state(layer, q_post), None
             st = State(st.out.cpu(), st.lse.cpu())

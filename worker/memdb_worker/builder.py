@@ -52,7 +52,7 @@ from memdb_worker.keys import (
     RopeSpec,
     apply_rope,
     fit_whitening,
-    undo_rope,
+    rope_transpose,
 )
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.model import model_fingerprint
@@ -382,7 +382,10 @@ class _Recorder:
             self.out[layer][s] = state.out[r, :, c].cpu()
             self.lse[layer][s] = state.lse[r, :, c].cpu()
             if self.k_bar is not None and k_bar is not None:
-                self.k_bar[layer][s] = query.unrope(k_bar)[r, :, c].cpu()
+                # s * k_bar is the lse's gradient in q (post-RoPE); stored as its pull-back to
+                # q_pre so that lse(q_pre') ~ lse + s * k_bar . (q_pre' - q_pre) for any
+                # attention scaling (memory.correct_lse)
+                self.k_bar[layer][s] = query.pull_back(k_bar)[r, :, c].cpu()
             if layer == 0:
                 self.positions[s] = query.positions[r, c].cpu()
         return state
@@ -583,7 +586,7 @@ def _centroid_states(
     dev = prefix.keys[layer].device
     q_post = apply_rope(q, cos, sin).unsqueeze(0).to(dev)  # [1, H, M, d]
     state, kb = prefix.state_and_key_mean(layer, q_post)
-    kb = undo_rope(kb[0].cpu(), cos, sin)  # [H, M, d]
+    kb = rope_transpose(kb[0].cpu(), cos, sin)  # [H, M, d] the lse gradient in q_pre, / s
     out = state.out[0].cpu().view(ng, hg, m, d).permute(0, 2, 1, 3)
     lse = state.lse[0].cpu().view(ng, hg, m).permute(0, 2, 1)
     k_bar = kb.view(ng, hg, m, d).permute(0, 2, 1, 3)

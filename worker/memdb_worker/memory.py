@@ -259,7 +259,10 @@ def correct_lse(
     """The first-order lse correction of hits: lse + scaling * (q_pre - q_mean) . k_bar.
 
     lse [n, I, k, h] of the hits, q_pre [n, I, h, d] the live pre-RoPE queries by group,
-    q_mean and k_bar [n, I, k, h, d] the hits' stored rows.
+    q_mean and k_bar [n, I, k, h, d] the hits' stored rows. `scaling * k_bar` is the gradient
+    of the entry's lse with respect to q_pre: the builder stores the attention-weighted mean
+    key pulled back through RoPE (`keys.rope_transpose`, a * R^T k for RoPE's attention
+    scaling a), so no factor of a appears here (tests/test_worker_lse_correction.py).
     """
     return lse + scaling * ((q_pre.unsqueeze(2) - q_mean.float()) * k_bar.float()).sum(-1)
 

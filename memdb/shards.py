@@ -2,10 +2,13 @@
 
 A shard holds, for one layer, I index groups of M entries each:
 
-    keys  [I, M, Dk]    lookup keys (float32 or float16)
-    out   [I, M, h, d]  attention output of each entry on the prefix (float32 or float16)
-    lse   [I, M, h]     natural-log log-sum-exp of each entry on the prefix (float32)
-    ...                 extra tensors (e.g. `k_bar`), kept as they are (float32 or float16)
+    keys       [I, M, Dk]    lookup keys (float32, float16, bfloat16 or float8_e4m3fn)
+    key_scale  [I, M]        float32, present iff keys are float8: key = keys * key_scale
+    out        [I, M, h, d]  attention output of each entry on the prefix (float32, float16
+                             or bfloat16)
+    lse        [I, M, h]     natural-log log-sum-exp of each entry on the prefix (float32)
+    ...                      extra tensors (e.g. `k_bar`), kept as they are (float32, float16
+                             or bfloat16)
 
 and string metadata in the safetensors header (`memdb.format`, `layer`, build parameters).
 This module encodes, decodes and validates shards; it knows nothing of LMDB, FAISS or gRPC,
@@ -18,6 +21,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy as stnp
@@ -26,12 +30,21 @@ from memdb.errors import InvalidArgument
 
 FORMAT_VERSION = "1"
 REQUIRED = ("keys", "out", "lse")
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT8 = np.dtype(ml_dtypes.float8_e4m3fn)
 ALLOWED_DTYPES = {
-    "keys": (np.float32, np.float16),
-    "out": (np.float32, np.float16),
+    "keys": (np.float32, np.float16, BFLOAT16, FLOAT8),
+    "key_scale": (np.float32,),
+    "out": (np.float32, np.float16, BFLOAT16),
     "lse": (np.float32,),
 }
-EXTRA_DTYPES = (np.float32, np.float16)
+EXTRA_DTYPES = (np.float32, np.float16, BFLOAT16)
+# safetensors dtype codes read (safetensors.numpy knows no bfloat16 / float8); the validation
+# then names what a shard may hold
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": BFLOAT16, "F8_E4M3": FLOAT8,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -127,9 +140,16 @@ def check_consistent(shards: list[Shard]) -> ShardShape:
 
 def _load_tensors(blob: bytes, where: str) -> dict[str, np.ndarray]:
     try:
-        return stnp.load(bytes(blob))
+        flat = safetensors.deserialize(bytes(blob))
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise InvalidArgument(f"{where}: not a valid safetensors blob ({exc})") from None
+    tensors = {}
+    for name, view in flat:
+        dtype = _SAFETENSORS_DTYPES.get(view["dtype"])
+        if dtype is None:
+            raise InvalidArgument(f"{where}: tensor '{name}' has unsupported dtype {view['dtype']}")
+        tensors[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+    return tensors
 
 
 def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
@@ -162,4 +182,11 @@ def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
         raise InvalidArgument(
             f"{where}: tensor 'lse' has shape {list(lse.shape)}, "
             f"expected [{i}, {m}, {out.shape[2]}]"
+        )
+    scale = tensors.get("key_scale")
+    if (keys.dtype == FLOAT8) != (scale is not None):
+        raise InvalidArgument(f"{where}: float8 keys need a 'key_scale' [I, M], other keys none")
+    if scale is not None and scale.shape != (i, m):
+        raise InvalidArgument(
+            f"{where}: tensor 'key_scale' has shape {list(scale.shape)}, expected [{i}, {m}]"
         )

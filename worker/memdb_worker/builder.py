@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from memdb.shards import Shard
 from memdb_worker.attention import bind
+from memdb_worker.formats import KEY_DTYPES, KEY_SCALE, OUT_DTYPES, quantize_keys, to_numpy
 from memdb_worker.keys import (
     GRANULARITIES,
     KEY_MODES,
@@ -70,7 +71,6 @@ CALIBRATION_FIELDS = (
     "max_tokens_per_trace",
     "trace_batch_size",
 )
-_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,9 @@ class BuildOptions:
     # entries
     entry_state: EntryState = "average"  # Eq. 5 member averages, or recomputed at the centroid
     lse_correction: bool = True  # store q_mean and k_bar for the first-order lse correction
-    key_dtype: Literal["float32", "float16"] = "float32"
-    out_dtype: Literal["float32", "float16"] = "float32"
+    store_q_mean: bool = True  # False: leave q_mean out where it equals the entry key
+    key_dtype: Literal["float32", "float16", "bfloat16", "float8_e4m3fn"] = "float32"
+    out_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # out, q_mean, k_bar
     # clustering
     kmeans_iters: int = 20
     seed: int = 0
@@ -106,12 +107,31 @@ class BuildOptions:
             raise ValueError(f"granularity must be one of {GRANULARITIES}")
         if self.entry_state not in ("average", "centroid"):
             raise ValueError("entry_state must be 'average' or 'centroid'")
-        if self.key_dtype not in _DTYPES or self.out_dtype not in _DTYPES:
-            raise ValueError("key_dtype and out_dtype must be 'float32' or 'float16'")
+        if self.key_dtype not in KEY_DTYPES:
+            raise ValueError(f"key_dtype must be one of {KEY_DTYPES}, not {self.key_dtype!r}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, not {self.out_dtype!r}")
+        if not self.store_q_mean and not self.q_mean_from_keys:
+            raise ValueError(
+                "store_q_mean=False needs q_mean to equal the entry key: lse_correction with "
+                "average entries, pre_rope keys, no whitening, granularity head, kv_group or layer"
+            )
         if self.sink_tokens < 0:
             raise ValueError("sink_tokens must be >= 0")
         if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
             raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
+
+    @property
+    def q_mean_from_keys(self) -> bool:
+        """Whether an entry's q_mean is its key (member averages of unwhitened pre-RoPE
+        queries, concatenated per group), so that it need not be stored."""
+        return (
+            self.lse_correction
+            and self.entry_state == "average"
+            and self.key_mode == "pre_rope"
+            and not self.whiten
+            and self.granularity in ("head", "kv_group", "layer")
+        )
 
 
 @dataclass
@@ -516,16 +536,21 @@ def _cluster_layer(
                 k_bar[i] = e_val[..., d:]
     if options.entry_state == "centroid":
         out, lse, k_bar = _centroid_states(calib.prefix, calib.rope, layer, q_mean, pos_mean)
+    stored_keys, key_scale = quantize_keys(entry_keys, options.key_dtype)
+    state_dtype = getattr(torch, options.out_dtype)
     extras: dict[str, np.ndarray] = {}
+    if key_scale is not None:
+        extras[KEY_SCALE] = key_scale
     if options.lse_correction:
-        extras["q_mean"] = q_mean.numpy().astype(np.float32)
-        extras["k_bar"] = k_bar.numpy().astype(np.float32)
+        if options.store_q_mean:
+            extras["q_mean"] = to_numpy(q_mean.to(state_dtype))
+        extras["k_bar"] = to_numpy(k_bar.to(state_dtype))
     if ks.whiten is not None:
         extras["whiten"] = ks.whiten[layer].numpy().astype(np.float32)
         extras["whiten_mean"] = ks.whiten_mean[layer].numpy().astype(np.float32)
     return Shard(
-        keys=entry_keys.numpy().astype(_DTYPES[options.key_dtype]),
-        out=out.numpy().astype(_DTYPES[options.out_dtype]),
+        keys=stored_keys,
+        out=to_numpy(out.to(state_dtype)),
         lse=lse.numpy().astype(np.float32),
         extras=extras,
         metadata={**meta, "layer": str(layer)},
@@ -615,6 +640,8 @@ def _metadata(
         **ks.metadata(),
         "entry_state": options.entry_state,
         "lse_correction": "1" if options.lse_correction else "0",
+        # "keys": q_mean is the entry key (dequantized), not stored (memory.Memory derives it)
+        "q_mean": "keys" if options.lse_correction and not options.store_q_mean else "stored",
         "budget": str(budget),
         "num_layers": str(calib.num_layers),
         "prefix_length": str(pre.prefix_length),

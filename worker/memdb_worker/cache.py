@@ -373,7 +373,7 @@ class MemoryCache:
             name, model_fingerprint=self.model_fingerprint, on_bytes=guard
         )
         source = Memory.from_shards(fetched.shards, self.device, self.decode_options)
-        return source, fetched.info.version, source.nbytes()
+        return source, fetched.info.version, source.device_nbytes()
 
     def _load_remote(self, client: MemdbClient, name: str) -> tuple[Source, int, int]:
         """A RemoteMemory: only layer 0 is fetched, for the metadata (key space, positions)."""

@@ -2,9 +2,11 @@
 
 A `Memory` holds, per layer, I index groups of M entries: lookup keys [I, M, Dk], the entries'
 states on the prefix (out [I, M, h, d], lse [I, M, h]) and optional extras: `q_mean`/`k_bar`
-[I, M, h, d] for the first-order lse correction, `whiten`/`whiten_mean` [H, d, d]/[H, d] for
-whitened keys. Its common metadata (key mode, granularity, positions, RoPE, fingerprint, ...)
-comes from the builder and travels in every shard.
+[I, M, h, d] for the first-order lse correction (q_mean derived from the keys at load when the
+builder left it out), `key_scale` [I, M] of float8 keys, `whiten`/`whiten_mean` [H, d, d]/[H, d]
+for whitened keys. Tensors keep their stored dtypes (`formats`). Its common metadata (key mode,
+granularity, positions, RoPE, fingerprint, ...) comes from the builder and travels in every
+shard.
 
 As a state source (`prefix_state`, see `attention.bind`) it turns the live queries into lookup
 keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer and group
@@ -29,10 +31,10 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from memdb.shards import Shard, check_consistent
+from memdb_worker.formats import KEY_SCALE, dequantize_keys, to_numpy, to_torch
 from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
 
@@ -107,15 +109,20 @@ class Memory:
         dev = torch.device(device)
         layers = []
         for s in shards:
-            keys = _tensor(s.keys, dev)
-            norm = keys.float().norm(dim=-1).clamp_min(1e-30)
+            keys = to_torch(s.keys, dev)
+            extras = {k: to_torch(v, dev) for k, v in s.extras.items()}
+            norm = keys.float().norm(dim=-1).clamp_min(1e-30)  # cosine: blind to key_scale
+            out = to_torch(s.out, dev)
+            if meta.get("q_mean") == "keys" and "k_bar" in extras:  # not stored: the entry key
+                q_mean = dequantize_keys(keys, extras.get(KEY_SCALE)).view(out.shape)
+                extras["q_mean"] = q_mean.to(out.dtype)
             layers.append(
                 MemoryLayer(
                     keys=keys,
                     inv_norm=norm.reciprocal(),
-                    out=_tensor(s.out, dev),
-                    lse=_tensor(s.lse, dev).float(),
-                    extras={k: _tensor(v, dev) for k, v in s.extras.items()},
+                    out=out,
+                    lse=to_torch(s.lse, dev).float(),
+                    extras=extras,
                 )
             )
         keyspace = keyspace_from_metadata(meta, [lay.extras for lay in layers])
@@ -139,10 +146,10 @@ class Memory:
         for i, layer in enumerate(self.layers):
             shards.append(
                 Shard(
-                    keys=layer.keys.cpu().numpy(),
-                    out=layer.out.cpu().numpy(),
-                    lse=layer.lse.cpu().numpy(),
-                    extras={k: v.cpu().numpy() for k, v in layer.extras.items()},
+                    keys=to_numpy(layer.keys),
+                    out=to_numpy(layer.out),
+                    lse=to_numpy(layer.lse),
+                    extras={k: to_numpy(v) for k, v in self._stored_extras(layer).items()},
                     metadata={**self.metadata, "layer": str(i)},
                 )
             )
@@ -176,12 +183,22 @@ class Memory:
         return self.layers[0].keys.device
 
     def nbytes(self) -> int:
-        """Bytes of every tensor of the memory (keys, states, extras)."""
-        total = 0
-        for layer in self.layers:
-            for t in (layer.keys, layer.out, layer.lse, *layer.extras.values()):
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of the memory as stored (keys, states, stored extras; `formats.memory_bytes`)."""
+        return sum(
+            _bytes(layer.keys, layer.out, layer.lse, *self._stored_extras(layer).values())
+            for layer in self.layers
+        )
+
+    def device_nbytes(self) -> int:
+        """Bytes the memory takes on its device (with extras derived at load, e.g. q_mean)."""
+        return sum(
+            _bytes(layer.keys, layer.out, layer.lse, *layer.extras.values())
+            for layer in self.layers
+        )
+
+    def _stored_extras(self, layer: MemoryLayer) -> dict[str, torch.Tensor]:
+        derived = {"q_mean"} if self.metadata.get("q_mean") == "keys" else set()
+        return {k: v for k, v in layer.extras.items() if k not in derived}
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError unless the model has this memory's layers and heads."""
@@ -304,9 +321,8 @@ def hits_state(
     return State(out.contiguous(), lse.contiguous())
 
 
-def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    # a private, writable copy (decoded shards may be read-only views of a blob)
-    return torch.from_numpy(np.array(a, copy=True)).to(device)
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def keyspace_from_metadata(

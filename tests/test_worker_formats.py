@@ -1,0 +1,186 @@
+"""Compact memory formats: dtypes bit-exact through numpy and shards, fp8 keys with a scale,
+kv_group_mean keys, q_mean left out when it is the key, and the bytes as stored."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from memdb.errors import InvalidArgument
+from memdb.shards import decode_shard, encode_shard
+from memdb_worker.builder import BuildOptions, calibrate, cluster
+from memdb_worker.formats import (
+    FP8_MAX,
+    KEY_DTYPES,
+    dequantize_keys,
+    kv_bytes,
+    memory_bytes,
+    quantize_keys,
+    to_numpy,
+    to_torch,
+)
+from memdb_worker.keys import LayerQuery
+from memdb_worker.memory import Memory
+from tests.tiny import tiny_llama
+
+VOCAB = 128
+M = 12
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3fn"])
+def test_to_numpy_and_to_torch_round_trip_bit_exact(dtype):
+    t = (torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * 7).to(
+        getattr(torch, dtype)
+    )
+    a = to_numpy(t)
+    assert a.dtype.name == dtype and a.shape == (3, 5)
+    back = to_torch(a)
+    assert back.dtype == t.dtype
+    assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_fp8_keys_scale_each_entry_to_the_format_range():
+    keys = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1)) * torch.tensor(
+        [0.01, 1.0, 300.0]
+    ).repeat(2)[:6].view(1, 6, 1)
+    keys[1, 2] = 0.0  # an all-zero key keeps scale 1 (no division by zero)
+    q, scale = quantize_keys(keys, "float8_e4m3fn")
+    assert q.dtype.name == "float8_e4m3fn" and scale.shape == (2, 6) and scale.dtype == np.float32
+    amax = keys.abs().amax(-1)
+    want = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    torch.testing.assert_close(torch.from_numpy(scale), want)
+    back = dequantize_keys(to_torch(q), torch.from_numpy(scale))
+    # e4m3: 3 mantissa bits, relative rounding error <= 1/16 (values near the row's amax)
+    assert ((back - keys).abs() <= keys.abs() / 16 + amax[..., None] * 2**-9).all()
+    assert torch.equal(back[1, 2], torch.zeros(16))
+
+
+@pytest.fixture(scope="module")
+def calib():
+    model = tiny_llama(VOCAB)
+    g = torch.Generator().manual_seed(3)
+    traces = [torch.randint(3, VOCAB, (10,), generator=g).tolist() for _ in range(6)]
+    opts = BuildOptions(max_records=60, seed=0)
+    return calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
+
+
+def _query(calib, layer=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, calib.num_heads, 3, calib.head_dim, generator=g) * 2
+    return LayerQuery(layer, q, torch.tensor([[50, 51, 52]]), 0.25, calib.rope, calib.num_kv_heads)
+
+
+def _round_trip(built) -> Memory:
+    return Memory.from_shards([decode_shard(encode_shard(s)) for s in built.shards])
+
+
+FORMATS = [
+    dict(key_dtype=k, out_dtype=o, granularity=g)
+    for k, o, g in [
+        ("float32", "float32", "head"),
+        ("float16", "float16", "head"),
+        ("bfloat16", "bfloat16", "kv_group_mean"),
+        ("float8_e4m3fn", "bfloat16", "head"),
+        ("float8_e4m3fn", "float16", "kv_group_mean"),
+        ("bfloat16", "float32", "kv_group"),
+    ]
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "-".join(f.values()))
+@pytest.mark.parametrize("store_q_mean", [True, False])
+def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
+    calib, fmt, store_q_mean
+):
+    if not store_q_mean and fmt["granularity"] == "kv_group_mean":
+        with pytest.raises(ValueError, match="store_q_mean=False needs"):
+            BuildOptions(store_q_mean=False, **fmt)
+        return
+    opts = BuildOptions(store_q_mean=store_q_mean, **fmt)
+    built = cluster(calib, M, opts, progress=False)
+    h, hkv, d = calib.num_heads, calib.num_kv_heads, calib.head_dim
+    i, hg, dk = {"head": (h, 1, d), "kv_group_mean": (hkv, h // hkv, d),
+                 "kv_group": (hkv, h // hkv, h // hkv * d)}[fmt["granularity"]]  # fmt: skip
+    memory = _round_trip(built)
+    for layer in memory.layers:
+        assert tuple(layer.keys.shape) == (i, M, dk)
+        assert str(layer.keys.dtype) == f"torch.{fmt['key_dtype']}"
+        assert tuple(layer.out.shape) == (i, M, hg, d) and tuple(layer.lse.shape) == (i, M, hg)
+        assert str(layer.out.dtype) == f"torch.{fmt['out_dtype']}"
+        assert ("key_scale" in layer.extras) == (fmt["key_dtype"] == "float8_e4m3fn")
+        for x in ("q_mean", "k_bar"):
+            assert (
+                layer.extras[x].shape == layer.out.shape
+                and layer.extras[x].dtype == layer.out.dtype
+            )
+    assert sorted(built.shards[0].extras) == sorted(
+        ["k_bar"]
+        + ["q_mean"] * store_q_mean
+        + ["key_scale"] * (fmt["key_dtype"] == "float8_e4m3fn")
+    )
+    want = memory_bytes(num_layers=calib.num_layers, num_groups=i, heads_per_group=hg,
+                        key_dim=dk, head_dim=d, budget=M, key_dtype=fmt["key_dtype"],
+                        out_dtype=fmt["out_dtype"], q_mean=store_q_mean, k_bar=True)  # fmt: skip
+    assert built.nbytes() == memory.nbytes() == want
+    assert memory.device_nbytes() >= memory.nbytes()
+    # a compact memory holds the float32 memory's entries, up to its rounding
+    ref = _round_trip(cluster(calib, M, dataclasses.replace(opts, key_dtype="float32",
+                                                           out_dtype="float32", store_q_mean=True),
+                              progress=False))  # fmt: skip
+    tol = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "float8_e4m3fn": 2**-3}
+    for lay, want_lay in zip(memory.layers, ref.layers, strict=True):
+        keys = dequantize_keys(lay.keys, lay.extras.get("key_scale"))
+        err = (keys - want_lay.keys).abs().amax(-1) / want_lay.keys.abs().amax(-1)
+        assert (err <= tol[fmt["key_dtype"]]).all()
+        q_tol = tol[fmt["out_dtype"]] if store_q_mean else tol[fmt["key_dtype"]]  # from the key
+        for x, y, t in [(lay.out, want_lay.out, tol[fmt["out_dtype"]]),
+                        (lay.extras["k_bar"], want_lay.extras["k_bar"], tol[fmt["out_dtype"]]),
+                        (lay.extras["q_mean"], want_lay.extras["q_mean"], q_tol)]:  # fmt: skip
+            assert ((x.float() - y).abs() <= t * y.abs().amax(-1, keepdim=True) + 1e-6).all()
+        assert torch.equal(lay.lse, want_lay.lse)
+
+
+def test_q_mean_left_out_is_recovered_from_the_keys_exactly(calib):
+    with_q = _round_trip(cluster(calib, M, BuildOptions(), progress=False))
+    without = _round_trip(cluster(calib, M, BuildOptions(store_q_mean=False), progress=False))
+    for a, b in zip(with_q.layers, without.layers, strict=True):
+        assert torch.equal(a.extras["q_mean"], b.extras["q_mean"])
+    sa, sb = with_q.prefix_state(_query(calib)), without.prefix_state(_query(calib))
+    assert torch.equal(sa.lse, sb.lse) and torch.equal(sa.out, sb.out)
+    assert without.nbytes() < with_q.nbytes() == without.device_nbytes()
+    assert "q_mean" not in without.to_shards()[0].extras
+
+
+def test_kv_group_mean_key_is_the_mean_of_the_group_heads_keys(calib):
+    built = cluster(calib, M, BuildOptions(granularity="kv_group_mean"), progress=False)
+    for s in built.shards:
+        q_mean = torch.from_numpy(s.extras["q_mean"])  # [I, M, h, d]
+        torch.testing.assert_close(torch.from_numpy(s.keys), q_mean.mean(2))
+
+
+def test_shards_refuse_fp8_keys_without_a_scale_and_a_scale_without_fp8(calib):
+    built = cluster(calib, M, BuildOptions(key_dtype="float8_e4m3fn"), progress=False)
+    s = built.shards[0]
+    no_scale = dataclasses.replace(
+        s, extras={k: v for k, v in s.extras.items() if k != "key_scale"}
+    )
+    with pytest.raises(InvalidArgument, match="float8 keys need a 'key_scale'"):
+        encode_shard(no_scale)
+    stray = dataclasses.replace(s, keys=s.keys.astype(np.float32))
+    with pytest.raises(InvalidArgument, match="float8 keys need a 'key_scale'"):
+        encode_shard(stray)
+
+
+def test_kv_bytes_counts_bf16_keys_and_values_of_every_layer():
+    # SmolLM2: 30 layers x 3 KV heads x (k, v) x 64 x 2 bytes = 23,040 bytes per token
+    assert kv_bytes(num_layers=30, num_kv_heads=3, head_dim=64, tokens=1) == 23_040
+    assert kv_bytes(num_layers=30, num_kv_heads=3, head_dim=64, tokens=7150) == 23_040 * 7150
+
+
+def test_key_dtypes_are_the_shard_key_dtypes():
+    from memdb.shards import ALLOWED_DTYPES
+
+    assert [np.dtype(x).name for x in ALLOWED_DTYPES["keys"]] == list(KEY_DTYPES)

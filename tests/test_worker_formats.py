@@ -184,3 +184,19 @@ def test_key_dtypes_are_the_shard_key_dtypes():
     from memdb.shards import ALLOWED_DTYPES
 
     assert [np.dtype(x).name for x in ALLOWED_DTYPES["keys"]] == list(KEY_DTYPES)
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group", "kv_group_mean"])
+def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
+    from memdb_worker.keys import apply_rope
+
+    n = calib.num_records
+    opts = BuildOptions(granularity=granularity, lse_correction=False)
+    memory = _round_trip(cluster(calib, n, opts, progress=False))
+    layer, pos = 1, calib.positions[:5]
+    cos, sin = calib.rope.cos_sin(pos)
+    q = apply_rope(calib.q_pre[layer][:5], cos[:, None], sin[:, None]).transpose(0, 1)[None]
+    query = LayerQuery(layer, q, pos[None], calib.prefix.scaling, calib.rope, calib.num_kv_heads)
+    got, want = memory.prefix_state(query), calib.prefix.state(layer, q)
+    torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.out, want.out, rtol=0, atol=1e-5)

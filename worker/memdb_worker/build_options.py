@@ -1,0 +1,82 @@
+"""The options of a memory build (`BuildOptions`): one frozen, validated dataclass read by
+`calibration` (the calibration fields) and `builder` (the rest). Knows nothing of models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from memdb_worker.formats import KEY_DTYPES, OUT_DTYPES
+from memdb_worker.keys import GRANULARITIES, KEY_MODES, Granularity, KeyMode
+from memdb_worker.prefix import DEFAULT_SINK_TOKENS
+
+EntryState = Literal["average", "centroid"]
+# BuildOptions fields spent by `calibrate` (the others are read by `cluster`; `seed` by both)
+CALIBRATION_FIELDS = (
+    "chunk_tokens",
+    "sink_tokens",
+    "max_records",
+    "max_tokens_per_trace",
+    "trace_batch_size",
+)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Every choice of a build; the defaults are the paper's plain recipe except `lse_correction`
+    (on: bench.options measured it the one option that improved every fidelity figure)."""
+
+    # lookup keys (keys.py)
+    key_mode: KeyMode = "pre_rope"
+    whiten: bool = False
+    whiten_center: bool = False  # whiten with the covariance (keys centered) not the 2nd moment
+    common_position: int | None = None  # rope_common: None = the position right after the prefix
+    granularity: Granularity = "head"
+    # entries
+    entry_state: EntryState = "average"  # Eq. 5 member averages, or recomputed at the centroid
+    lse_correction: bool = True  # store q_mean and k_bar for the first-order lse correction
+    store_q_mean: bool = True  # False: leave q_mean out where it equals the entry key
+    key_dtype: Literal["float32", "float16", "bfloat16", "float8_e4m3fn"] = "float32"
+    out_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # out, q_mean, k_bar
+    # clustering
+    kmeans_iters: int = 20
+    seed: int = 0
+    # calibration
+    chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
+    sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends
+    max_records: int = 16384  # trace tokens kept (reservoir sample)
+    max_tokens_per_trace: int | None = None  # None: every token of every trace
+    trace_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {KEY_MODES}, not {self.key_mode!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}")
+        if self.entry_state not in ("average", "centroid"):
+            raise ValueError("entry_state must be 'average' or 'centroid'")
+        if self.key_dtype not in KEY_DTYPES:
+            raise ValueError(f"key_dtype must be one of {KEY_DTYPES}, not {self.key_dtype!r}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, not {self.out_dtype!r}")
+        if not self.store_q_mean and not self.q_mean_from_keys:
+            raise ValueError(
+                "store_q_mean=False needs q_mean to equal the entry key: lse_correction with "
+                "average entries, pre_rope keys, no whitening, granularity head, kv_group or layer"
+            )
+        if self.sink_tokens < 0:
+            raise ValueError("sink_tokens must be >= 0")
+        if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
+            raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
+
+    @property
+    def q_mean_from_keys(self) -> bool:
+        """Whether an entry's q_mean is its key (member averages of unwhitened pre-RoPE
+        queries, concatenated per group), so that it need not be stored."""
+        return (
+            self.lse_correction
+            and self.entry_state == "average"
+            and self.key_mode == "pre_rope"
+            and not self.whiten
+            and self.granularity in ("head", "kv_group", "layer")
+        )

@@ -200,3 +200,15 @@ def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
     got, want = memory.prefix_state(query), calib.prefix.state(layer, q)
     torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.out, want.out, rtol=0, atol=1e-5)
+
+
+def test_remote_lookups_refuse_the_correction_of_a_memory_without_q_mean(calib):
+    from memdb_worker.cache import RemoteMemory
+    from memdb_worker.memory import DecodeOptions
+
+    memory = _round_trip(cluster(calib, M, BuildOptions(store_q_mean=False), progress=False))
+    kw = dict(budget=M, num_layers=memory.num_layers, extras=["k_bar"])
+    args = (lambda: None, "m", 1, "fp", memory.keyspace, memory.metadata)
+    with pytest.raises(ValueError, match="Lookup does"):
+        RemoteMemory(*args, options=DecodeOptions(lse_correction=True), **kw)
+    assert not RemoteMemory(*args, **kw).lse_corrected  # default: answers without it

@@ -90,9 +90,17 @@ class RemoteMemory:
         self.metadata = dict(metadata)
         self.timeout = timeout
         self.options = options or DecodeOptions()
+        if metadata.get("q_mean") == "keys" and "k_bar" in extras and self.options.lse_correction:
+            raise ValueError(
+                f"memory '{name}' keeps q_mean as its keys (store_q_mean=False), which Lookup does "
+                "not return: remote lookups cannot apply its lse correction; use the cache mode"
+            )
         self.lse_corrected = check_options(
             self.options, budget=budget, num_layers=num_layers, extras=extras
         )
+        if metadata.get("q_mean") == "keys" and "k_bar" in extras and not self.lse_corrected:
+            logger.warning("memory '%s': remote lookups answer without its lse correction "
+                           "(q_mean is its keys; the cache mode applies it)", name)  # fmt: skip
         self.lookups = 0
 
     @property

@@ -385,6 +385,7 @@ def run_32k(
     out = {
         "memory_32k": a,
         "memory_32k_norm": an,
+        **(icl_over_long_prefix(model, task, plan, rows, gold) if cfg.icl_32k else {}),
         "prefix32k_tokens": long.token_count,
         "chunks_32k": list(long.chunk_lengths),
         "n_traces_32k": len(traces),
@@ -395,6 +396,24 @@ def run_32k(
     del calib, built, mem, long
     gc.collect()
     return out
+
+
+def icl_over_long_prefix(model, task: Task, plan: SeedPlan, rows, gold) -> dict:
+    """ICL over the whole ~32K prefix encoded as one chunk (exact attention; only for a model
+    whose context holds it, e.g. Qwen2.5-Coder's 32K): icl_32k and icl_32k_norm."""
+    from memdb_worker.prefix import encode_prefix
+
+    ids = task.prefix_ids(plan.demos32k)
+    context = int(model.config.max_position_embeddings)
+    longest = max(len(task.query_ids(r)) + max(len(x) for x in task.label_ids) for r in rows)
+    if len(ids) + longest > context:
+        raise ValueError(f"--icl-32k: {len(ids)} prefix tokens + {longest} do not fit the "
+                         f"model's {context}-token context")  # fmt: skip
+    whole = encode_prefix(model, ids, chunk_tokens=len(ids))
+    preds = classify(model, task, rows, whole)
+    logger.info("%s icl_32k (%d tokens, one chunk): acc %.3f", task.name, len(ids),
+                accuracy(preds[0], gold))  # fmt: skip
+    return {"icl_32k": accuracy(preds[0], gold), "icl_32k_norm": accuracy(preds[1], gold)}
 
 
 def traces_for(traces: Sequence[Sequence[int]], budget: int, factor: float) -> int:

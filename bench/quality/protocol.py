@@ -195,6 +195,7 @@ class Config:
     fidelity_examples: int = 8  # test sequences per seed for fidelity
     kmeans_iters: int = 10
     max_records: int = 16384
+    icl_32k: bool = False  # also ICL over the whole 32K prefix (a model with a 32K context)
     sinks_32k: tuple[int, ...] = (32, 0)  # first: memory_32k; others: memory_32k_sink{s}
     append_budgets: tuple[int, ...] = (2048,)  # append vs rebuild (must be among budgets)
     datasets: tuple[str, ...] = ()

@@ -108,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fidelity-examples", type=int, default=None)
     p.add_argument("--records-factor", type=float, default=None)
     p.add_argument("--kmeans-iters", type=int, default=None)
+    p.add_argument("--chunk-tokens", type=int, default=None, help="32K prefix chunk size")
+    p.add_argument(
+        "--icl-32k",
+        action="store_true",
+        help="also score ICL over the whole 32K prefix (one chunk: needs a 32K-context model)",
+    )
     p.add_argument(
         "--deadline",
         default=None,
@@ -209,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fidelity_examples": args.fidelity_examples,
         "records_factor": args.records_factor,
         "kmeans_iters": args.kmeans_iters,
+        "chunk_tokens": args.chunk_tokens,
+        "icl_32k": args.icl_32k or None,
         "append_budgets": tuple(args.append_budgets) if args.append_budgets is not None else None,
         "sinks_32k": tuple(args.sinks_32k) if args.sinks_32k else None,
         "datasets": tuple(args.datasets) if args.datasets else None,
@@ -314,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 key = "memory_32k" if i == 0 else f"memory_32k_sink{sink}"
                 rec["acc"][key] = r32.pop("memory_32k")
                 rec["acc_norm"][key] = r32.pop("memory_32k_norm")
+                if "icl_32k" in r32:
+                    rec["acc"]["icl_32k"] = r32.pop("icl_32k")
+                    rec["acc_norm"]["icl_32k"] = r32.pop("icl_32k_norm")
                 rec.update(r32 if i == 0 else {f"{k}_sink{sink}": v for k, v in r32.items()})
             est32 = time.perf_counter() - t
             run.wall_s += time.perf_counter() - t

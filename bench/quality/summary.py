@@ -63,7 +63,9 @@ def dataset_summary(
             s = mean_std([acc(r, key, which=which) for r in recs])
             out[key + suffix] = s["mean"]
             spread[key + suffix] = s
-        for key in sorted({k for r in with32 for k in r["acc"] if k.startswith("memory_32k_")}):
+        long_keys = {k for r in with32 for k in r["acc"] if k.startswith("memory_32k_")}
+        long_keys |= {k for r in with32 for k in r["acc"] if k == "icl_32k"}
+        for key in sorted(long_keys):
             vals = [acc(r, key, which=which) for r in with32 if key in r["acc"]]
             out[key + suffix] = float(np.mean(vals))
             spread[key + suffix] = mean_std(vals)
@@ -130,9 +132,12 @@ def bytes_summary(per_seed: Sequence[dict], budgets: Sequence[int]) -> dict:
             str(m): int(np.mean([r["bytes"][str(m)]["memory"] for r in per_seed])) for m in budgets
         },
     }
-    with32 = [r["bytes_32k"]["memory"] for r in per_seed if "bytes_32k" in r]
+    with32 = [r for r in per_seed if "bytes_32k" in r]
     if with32:
-        out["memory_32k"] = int(np.mean(with32))
+        out["memory_32k"] = int(np.mean([r["bytes_32k"]["memory"] for r in with32]))
+        out["kv_32k"] = int(
+            np.mean([kv_bytes_per_token(r) * r["prefix32k_tokens"] for r in with32])
+        )
     return out
 
 

@@ -155,7 +155,7 @@ def run_dataset(model, tok, name: str, args, results: dict) -> None:
         calib = calibrate(model, tok, task.prefix_ids(demos), traces, calib_opts, progress=False)
         exact = calib.prefix
         seqs = [task.trace_ids(r) for r in rows[: args.fidelity_examples]]
-        ref = exact_logp(model, *pad(seqs), exact)
+        ref = exact_logp(model, *pad(seqs, next(model.parameters()).device), exact)
         rec: dict = {"seed": seed, "n_validation": len(rows), "prefix_tokens": exact.token_count,
                      "n_traces": len(traces), "n_records": calib.num_records, "icl": {},
                      "cells": {}, "validation_rows": rows_i}  # fmt: skip
@@ -172,7 +172,7 @@ def run_dataset(model, tok, name: str, args, results: dict) -> None:
                 t0 = time.perf_counter()
                 bopts, dopts = variant_options(vname, args.kmeans_iters, seed)
                 built = cluster(calib, m, bopts, progress=False)
-                mem = built.to_memory(options=dopts)
+                mem = built.to_memory(next(model.parameters()).device, options=dopts)
                 a = accuracy(classify(model, task, rows, mem)[0], gold)
                 fid = fidelity(model, seqs, mem, exact, ref_logp=ref)
                 icl_eq, how = icl_at_bytes(points, built.nbytes())
@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--fidelity-examples", type=int, default=8)
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="a model name, .gguf file or folder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
     p.add_argument("--out", type=Path, default=RESULTS / "options.json")
     args = p.parse_args(argv)
     unknown = set(args.variants) - set(VARIANTS)
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     from bench.quality.run import machine
     from memdb_worker.model import describe_model, load_model
 
-    model, tok = load_model(args.model, device="cpu", dtype=torch.float32)
+    model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     t0 = time.perf_counter()
     results = {
         "split": "validation",

@@ -221,3 +221,27 @@ def test_notes_are_key_text_pairs():
     assert parse_notes(["sink=not settled", "a=b=c"]) == {"sink": "not settled", "a": "b=c"}
     with pytest.raises(ValueError, match="KEY=TEXT"):
         parse_notes(["no equals sign"])
+
+
+def test_options_pick_the_best_gain_at_equal_bytes_then_fewer_bytes():
+    from bench.options import pick
+
+    summary = {
+        "a@128": {"gain_over_icl_equal_bytes": 0.05, "bytes": 10},
+        "b@128": {"gain_over_icl_equal_bytes": 0.10, "bytes": 30},
+        "c@128": {"gain_over_icl_equal_bytes": 0.10, "bytes": 20},
+    }
+    assert pick(summary)["cell"] == "c@128"
+
+
+def test_options_validation_rows_are_never_demonstrations_or_traces():
+    from types import SimpleNamespace
+
+    from bench.options import validation_plan
+
+    train = _rows({"a": 60, "b": 60, "c": 60})
+    task = SimpleNamespace(train=train, demo_ids=[[1] * 10 for _ in train])
+    rows, demos, traces = validation_plan(task, 0, 50, 40, 305, 60)
+    assert len(rows) == 40 and len(demos) == 30 and len(traces) == 60
+    assert not set(rows) & (set(demos) | set(traces)) and not set(demos) & set(traces)
+    assert set(rows) <= set(q.split_validation(len(train), 50)[0])

@@ -5,13 +5,14 @@ Owns only the encoding. It does not know what a tensor means; callers check shap
 
 from __future__ import annotations
 
+import ml_dtypes  # noqa: F401  (registers the "bfloat16" numpy dtype name)
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from memdb.errors import InvalidArgument
 from memdb.v1 import memdb_pb2 as pb
 
-WIRE_DTYPES = ("float32", "float16", "int64", "int32")
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")  # bfloat16: stored states
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:

@@ -212,3 +212,11 @@ def test_remote_lookups_refuse_the_correction_of_a_memory_without_q_mean(calib):
     with pytest.raises(ValueError, match="Lookup does"):
         RemoteMemory(*args, options=DecodeOptions(lse_correction=True), **kw)
     assert not RemoteMemory(*args, **kw).lse_corrected  # default: answers without it
+
+
+def test_bfloat16_rows_travel_on_the_wire_bit_exact():
+    from memdb.wire import decode_tensor, encode_tensor
+
+    a = to_numpy(torch.randn(4, 3, 8).to(torch.bfloat16))
+    back = decode_tensor(encode_tensor(a))
+    assert back.dtype == a.dtype and np.array_equal(back.view(np.uint16), a.view(np.uint16))

@@ -120,6 +120,7 @@ def supports(memory: Memory) -> bool:
         memory.options.top_k == 1
         and (not memory.lse_corrected or _extras_fit(lay))
         and ks.key_dim <= MAX_KEY_DIM
+        and ks.granularity != "kv_group_mean"  # its mean key: not in these kernels (reference)
         and ks.head_dim in (16, 32, 64, 128, 256)
         and lay.keys.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )

@@ -191,7 +191,8 @@ def synthetic_memory(model, budget: int, prefix_tokens: int, *, dtype: torch.dty
     n_params = sum(p.numel() for p in model.parameters())
     fingerprint = model_fingerprint(model) if n_params < 100_000_000 else "sha256:not-computed"
     build = {**asdict(BuildOptions()), "key_dtype": str(dtype).removeprefix("torch."),
-             "out_dtype": str(dtype).removeprefix("torch."), "synthetic": True}  # fmt: skip
+             "out_dtype": str(dtype).removeprefix("torch."), "granularity": ks.granularity,
+             "lse_correction": True, "synthetic": True}  # fmt: skip
     meta = {
         **ks.metadata(),
         "entry_state": "average",

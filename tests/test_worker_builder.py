@@ -88,7 +88,8 @@ def test_reservoir_caps_records_and_shards_validate(tiny):
     assert calib.q_pre[0].shape == (50, 4, 8) and calib.lse[1].shape == (50, 4)
     assert (calib.positions >= len(PREFIX)).all() and (calib.positions < len(PREFIX) + 20).all()
     for opts, (i, h, dk) in [
-        (BuildOptions(), (4, 1, 8)),
+        (BuildOptions(), (2, 2, 8)),  # the defaults: kv_group_mean
+        (BuildOptions(granularity="head"), (4, 1, 8)),
         (
             BuildOptions(granularity="kv_group", key_dtype="float16", out_dtype="float16"),
             (2, 2, 16),
@@ -97,7 +98,7 @@ def test_reservoir_caps_records_and_shards_validate(tiny):
             BuildOptions(granularity="layer", entry_state="centroid", lse_correction=True),
             (1, 4, 32),
         ),
-        (BuildOptions(key_mode="rope_common", whiten=True), (4, 1, 8)),
+        (BuildOptions(key_mode="rope_common", whiten=True, granularity="head"), (4, 1, 8)),
     ]:
         built = cluster(calib, 12, opts, progress=False)
         shape = check_consistent(built.shards)
@@ -191,7 +192,7 @@ def test_smollm2_kv_group_build(smollm2):
 def test_more_centroids_than_distinct_queries_leaves_no_empty_entry(tiny):
     trace = _traces(1, 10, 5)[0]
     calib = calibrate(tiny, None, PREFIX, [trace] * 5, progress=False)  # 50 records, 10 distinct
-    built = cluster(calib, 20, BuildOptions(seed=1), progress=False)
+    built = cluster(calib, 20, BuildOptions(seed=1, granularity="head"), progress=False)
     for layer, s in enumerate(built.shards):
         encode_shard(s)  # finite everywhere
         distinct = calib.lse[layer][:10]  # [10, H]; records repeat every 10

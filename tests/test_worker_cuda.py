@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from memdb_worker.attention import bind
-from memdb_worker.builder import BuildOptions, build_memory
+from memdb_worker.builder import build_memory
 from memdb_worker.memory import DecodeOptions
 from memdb_worker.prefix import encode_prefix
+from tests.tiny import reference_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,7 +75,7 @@ def test_bf16_exact_memory_8b_shape(llama8b_shaped, data):
     prefix, trace = data
     full = _logits(model, prefix + trace)[len(prefix) :]
     plain = _logits(model, trace)
-    opts = BuildOptions(granularity="kv_group", key_mode="rope_common", whiten=True)
+    opts = reference_options(granularity="kv_group", key_mode="rope_common", whiten=True)
     built = build_memory(
         model, None, prefix, [trace], budget=len(trace), options=opts, progress=False
     )

@@ -28,6 +28,8 @@ from tests.tiny import tiny_llama
 
 VOCAB = 128
 M = 12
+# float32, one entry per head, with the lse correction's extras (not the builder's defaults)
+F32 = dict(granularity="head", key_dtype="float32", out_dtype="float32", lse_correction=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3fn"])
@@ -63,7 +65,7 @@ def calib():
     model = tiny_llama(VOCAB)
     g = torch.Generator().manual_seed(3)
     traces = [torch.randint(3, VOCAB, (10,), generator=g).tolist() for _ in range(6)]
-    opts = BuildOptions(max_records=60, seed=0)
+    opts = BuildOptions(max_records=60, seed=0, lse_correction=True)
     return calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
 
 
@@ -97,9 +99,9 @@ def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
 ):
     if not store_q_mean and fmt["granularity"] == "kv_group_mean":
         with pytest.raises(ValueError, match="store_q_mean=False needs"):
-            BuildOptions(store_q_mean=False, **fmt)
+            BuildOptions(store_q_mean=False, lse_correction=True, **fmt)
         return
-    opts = BuildOptions(store_q_mean=store_q_mean, **fmt)
+    opts = BuildOptions(store_q_mean=store_q_mean, lse_correction=True, **fmt)
     built = cluster(calib, M, opts, progress=False)
     h, hkv, d = calib.num_heads, calib.num_kv_heads, calib.head_dim
     i, hg, dk = {"head": (h, 1, d), "kv_group_mean": (hkv, h // hkv, d),
@@ -144,8 +146,10 @@ def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
 
 
 def test_q_mean_left_out_is_recovered_from_the_keys_exactly(calib):
-    with_q = _round_trip(cluster(calib, M, BuildOptions(), progress=False))
-    without = _round_trip(cluster(calib, M, BuildOptions(store_q_mean=False), progress=False))
+    with_q = _round_trip(cluster(calib, M, BuildOptions(**F32), progress=False))
+    without = _round_trip(
+        cluster(calib, M, BuildOptions(**F32, store_q_mean=False), progress=False)
+    )
     for a, b in zip(with_q.layers, without.layers, strict=True):
         assert torch.equal(a.extras["q_mean"], b.extras["q_mean"])
     sa, sb = with_q.prefix_state(_query(calib)), without.prefix_state(_query(calib))
@@ -155,7 +159,8 @@ def test_q_mean_left_out_is_recovered_from_the_keys_exactly(calib):
 
 
 def test_kv_group_mean_key_is_the_mean_of_the_group_heads_keys(calib):
-    built = cluster(calib, M, BuildOptions(granularity="kv_group_mean"), progress=False)
+    opts = BuildOptions(**{**F32, "granularity": "kv_group_mean"})
+    built = cluster(calib, M, opts, progress=False)
     for s in built.shards:
         q_mean = torch.from_numpy(s.extras["q_mean"])  # [I, M, h, d]
         torch.testing.assert_close(torch.from_numpy(s.keys), q_mean.mean(2))
@@ -191,7 +196,7 @@ def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
     from memdb_worker.keys import apply_rope
 
     n = calib.num_records
-    opts = BuildOptions(granularity=granularity, lse_correction=False)
+    opts = BuildOptions(**{**F32, "granularity": granularity})
     memory = _round_trip(cluster(calib, n, opts, progress=False))
     layer, pos = 1, calib.positions[:5]
     cos, sin = calib.rope.cos_sin(pos)
@@ -206,7 +211,8 @@ def test_remote_lookups_refuse_the_correction_of_a_memory_without_q_mean(calib):
     from memdb_worker.cache import RemoteMemory
     from memdb_worker.memory import DecodeOptions
 
-    memory = _round_trip(cluster(calib, M, BuildOptions(store_q_mean=False), progress=False))
+    opts = BuildOptions(**F32, store_q_mean=False)
+    memory = _round_trip(cluster(calib, M, opts, progress=False))
     kw = dict(budget=M, num_layers=memory.num_layers, extras=["k_bar"])
     args = (lambda: None, "m", 1, "fp", memory.keyspace, memory.metadata)
     with pytest.raises(ValueError, match="Lookup does"):

@@ -23,7 +23,8 @@ def yarn_calibration():
     model = tiny_llama(VOCAB, rope_scaling=YARN)
     g = torch.Generator().manual_seed(5)
     traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(6)]
-    opts = BuildOptions(max_records=64, lse_correction=True, seed=0)
+    opts = BuildOptions(max_records=64, lse_correction=True, seed=0, granularity="head",
+                        key_dtype="float32", out_dtype="float32")  # fmt: skip
     return calibrate(model, None, list(range(3, 60)), traces, opts, progress=False)
 
 

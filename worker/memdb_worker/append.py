@@ -122,7 +122,8 @@ def append_chunk(
             old_out = to_heads(torch.from_numpy(s.out.astype("float32")))
             old_lse = to_heads(torch.from_numpy(s.lse.astype("float32"))[..., None])[..., 0]
             if has_kbar:
-                old_out = torch.cat([old_out, to_heads(torch.from_numpy(s.extras["k_bar"]))], -1)
+                kb_old = torch.from_numpy(s.extras["k_bar"].astype("float32"))
+                old_out = torch.cat([old_out, to_heads(kb_old)], -1)
                 new_out = torch.cat([st.out, kb], dim=-1)
             else:
                 new_out = st.out
@@ -184,6 +185,13 @@ def entry_queries(s: Shard, ks: KeySpace, layer: int) -> torch.Tensor:
     hg, d = ks.heads_per_group, ks.head_dim
     if "q_mean" in s.extras:
         return torch.from_numpy(s.extras["q_mean"].astype("float32"))
+    if ks.granularity == "kv_group_mean":
+        raise ValueError(
+            "appending needs each head's entry query: a kv_group_mean memory keeps them only "
+            "with lse_correction (q_mean); rebuild it from the whole prefix instead"
+        )
+    if "key_scale" in s.extras:
+        raise ValueError("appending to float8 keys without q_mean is not supported; rebuild")
     x = torch.from_numpy(s.keys.astype("float32")).reshape(ng, m, hg, d)  # grouped per head
     x = x.permute(1, 0, 2, 3).reshape(m, ng * hg, d)  # [M, H, d] key space, per head
     if ks.whiten is not None:

@@ -154,12 +154,14 @@ def test_smollm2_shards_have_the_model_shapes(smollm2, smol_built):
     model, _ = smollm2
     assert len(smol_built.shards) == 30
     for s in smol_built.shards:
-        assert s.keys.shape == (9, 16, 64) and s.keys.dtype == np.float32
-        assert s.out.shape == (9, 16, 1, 64) and s.lse.shape == (9, 16, 1)
+        # the defaults: one bfloat16 key per KV group (3), a bfloat16 state per head (3 each)
+        assert s.keys.shape == (3, 16, 64) and s.keys.dtype.name == "bfloat16"
+        assert s.out.shape == (3, 16, 3, 64) and s.lse.shape == (3, 16, 3)
+        assert s.out.dtype.name == "bfloat16" and not s.extras
         assert np.isfinite(s.out).all() and np.isfinite(s.lse).all()
     meta = smol_built.metadata
     assert meta["model_fingerprint"] == model_fingerprint(model)
-    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "head"
+    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "kv_group_mean"
     assert smol_built.token_count == int(meta["prefix_length"]) > 50
 
 

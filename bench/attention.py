@@ -1,18 +1,26 @@
 """Decode attention with a memory versus the prefix in the KV cache (GPU; device tool).
 
-    python -m bench.attention [--out bench/results] [--quick]
+    python -m bench.attention [--out bench/results] [--quick] [--formats fp16/head,...]
 
 Llama-3.1-8B-shaped attention (32 query heads, 8 KV heads, head dim 128, bf16, random weights),
 live context C = 512 tokens, batch in {1, 8, 32}, prefix N in {1K ... 128K}, memory budget
-M in {1K, 4K, 8K} (float16 keys and states, pre-RoPE keys, head granularity: I = 32 groups).
-Side by side, in one run:
+M in {1K, 4K, 8K}, pre-RoPE keys, in the memory formats of `FORMATS` ("<keys>/<granularity>",
+"+kbar" when q_mean / k_bar are stored and the first-order lse correction runs: e.g.
+"f32/head+kbar" is what the builder writes by default, "fp8/kv_group_mean+kbar" float8 keys with
+a per-entry scale, one key of the head dim per KV group, bf16 states). Side by side, in one run:
 
 - sdpa:   torch SDPA (FlashAttention backend where it is faster) over the cached prefix plus
-          the live context, N + C keys per row (what vLLM prefix caching does per sequence);
+          the live context, N + C keys per row (each row its own copy of the prefix);
+- shared: the fair baseline when the batch shares one prefix (DESIGN.md section 8): the
+          prefix KV read once for the batch (`memdb_worker.shared_prefix.shared_attention`:
+          folded queries, split-KV Triton programs, per-row live programs, one merge), and
+          `shared_flash`: the same with torch's flash kernel (one call over the folded queries,
+          one per row over the live KV, merged in torch ops: the naive form);
 - memory: the worker's fused path (`memdb_worker.fused.memory_attention`: RoPE undone, lookup
           over the M keys, top-1 gather, attention over the C live keys, merge), two launches;
-- floor:  the bytes the memory path must move (its keys once, the live KV, q, gathered states,
-          output) over the device-to-device copy bandwidth measured in the same run.
+- floor:  the bytes each path must move over the device-to-device copy bandwidth measured in
+          the same run (memory: its keys once, the live KV, q, gathered states, output;
+          shared: the prefix KV once, every row's live KV; sdpa: every row's KV).
 
 scope "layer": one attention layer captured in a CUDA graph (as a serving engine runs decode),
 `triton.testing.do_bench` medians of its replays (L2 flushed before every call); the same ops
@@ -26,7 +34,9 @@ of layers when distinct ones would not fit; each still far past L2). The memory'
 depend on N (the prefix is gone): it is measured once per (batch, M) and repeated on every N row.
 
 Writes bench/results/attention_<gpu>.json ({"device", "rows": [{"N", "M", "batch", "scope",
-"sdpa_us", "memory_us", "floor_us", ...}]}) and a PNG beside it.
+"memory_format", "memory_bytes" (per layer as stored), "prefix_kv_bytes" (per layer, bf16),
+"sdpa_us", "shared_us", "memory_us", "floor_us", "shared_floor_us", ...}]}) and a PNG beside it.
+The step scope lives in bench/attention_step.py.
 """
 
 from __future__ import annotations
@@ -44,13 +54,21 @@ import torch
 import torch.nn.functional as F
 
 H, HKV, D = 32, 8, 128
-HIDDEN, INTER, VOCAB, LAYERS = 4096, 14336, 128256, 32
 LIVE = 512
+DEVICE = "cuda"
+ACT = torch.bfloat16  # activations and KV (the CPU smoke test of the bench uses float16)
+FORMATS = [
+    "fp16/head",
+    "f32/head+kbar",
+    "bf16/head+kbar",
+    "fp8/head+kbar",
+    "bf16/kv_group_mean+kbar",
+    "fp8/kv_group_mean+kbar",
+]
 NS = [1024, 4096, 8192, 16384, 32768, 65536, 131072]
 MS = [1024, 4096, 8192]
 BATCHES = [1, 8, 32]
 ROPE_THETA = 500000.0
-KV_BUDGET = 36e9  # bytes of KV cache the step benchmark allocates at most
 
 
 def log(*a):
@@ -101,36 +119,90 @@ def rope_spec():
     return RopeSpec(inv_freq=inv, attention_scaling=1.0)
 
 
-def make_memory(budget: int, layers: int = 1, seed: int = 0):
-    """A random memory of the 8B shape on the GPU (float16 keys/states as the builder writes)."""
-    from memdb_worker.keys import KeySpace
-    from memdb_worker.memory import Memory, MemoryLayer
+def parse_format(fmt: str) -> dict:
+    """ "<keys>/<granularity>[+kbar]" -> key dtype, state dtype, granularity, group key, extras."""
+    body, _, extra = fmt.partition("+")
+    keys, _, gran = body.partition("/")
+    key_dtype = {"f32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                 "fp8": torch.float8_e4m3fn}[keys]  # fmt: skip
+    state = {"f32": torch.float32, "fp16": torch.float16}.get(keys, torch.bfloat16)
+    if gran not in ("head", "kv_group", "kv_group_mean") or extra not in ("", "kbar"):
+        raise ValueError(f"unknown memory format {fmt!r}")
+    return {
+        "key_dtype": key_dtype,
+        "state_dtype": state,
+        "granularity": "head" if gran == "head" else "kv_group",
+        "group_key": "mean" if gran == "kv_group_mean" else "concat",
+        "kbar": extra == "kbar",
+    }
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    ks = KeySpace("pre_rope", "head", H, HKV, D, rope=rope_spec())
+
+def make_memory(budget: int, layers: int = 1, seed: int = 0, fmt: str = "fp16/head"):
+    """A random memory of the 8B shape on the device in format `fmt` (see `parse_format`)."""
+    from memdb_worker.keys import KeySpace
+    from memdb_worker.memory import KEY_SCALE, Memory, layer_from_tensors
+
+    f = parse_format(fmt)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    ks = KeySpace("pre_rope", f["granularity"], H, HKV, D, rope=rope_spec())
+    i, hpg = ks.num_groups, ks.heads_per_group
+    dk = D if f["group_key"] == "mean" else ks.key_dim
+    sd = f["state_dtype"]
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device=DEVICE, generator=g) * scale
+
     lays = []
     for _ in range(layers):
-        keys = torch.randn(H, budget, D, device="cuda", generator=g).half()
-        lays.append(
-            MemoryLayer(
-                keys=keys,
-                inv_norm=1.0 / keys.float().norm(dim=-1).clamp_min(1e-30),
-                out=torch.randn(H, budget, 1, D, device="cuda", generator=g).half(),
-                lse=torch.randn(H, budget, 1, device="cuda", generator=g) * 2 + 8,
-                extras={},
-            )
-        )
-    return Memory(lays, ks, {"prefix_length": "0"})
+        keys = randn(i, budget, dk)
+        extras = {}
+        if f["key_dtype"] == torch.float8_e4m3fn:
+            key_scale = keys.abs().amax(dim=-1).clamp_min(1e-12) / 448.0
+            keys = keys / key_scale.unsqueeze(-1)
+            extras[KEY_SCALE] = key_scale
+        if f["kbar"]:
+            extras["q_mean"] = randn(i, budget, hpg, D).to(sd)
+            extras["k_bar"] = randn(i, budget, hpg, D, scale=0.1).to(sd)
+        out = randn(i, budget, hpg, D).to(sd)
+        lse = randn(i, budget, hpg) * 2 + 8
+        lays.append(layer_from_tensors(keys.to(f["key_dtype"]), out, lse, extras))
+    meta = {"prefix_length": "0", "group_key": f["group_key"]}
+    return Memory(lays, ks, meta)
+
+
+def layer_bytes(fmt: str, budget: int) -> int:
+    """Bytes per layer a memory of this format stores (keys, key_scale, out, lse, extras)."""
+    f = parse_format(fmt)
+    i = H if f["granularity"] == "head" else HKV
+    dk = D if f["granularity"] == "head" or f["group_key"] == "mean" else (H // HKV) * D
+    kb = torch.empty(0, dtype=f["key_dtype"]).element_size()
+    sb = torch.empty(0, dtype=f["state_dtype"]).element_size()
+    scale = 4 if f["key_dtype"] == torch.float8_e4m3fn else 0
+    states = H * D * sb * (3 if f["kbar"] else 1) + H * 4  # out (+ q_mean, k_bar) and lse
+    return budget * (i * (dk * kb + scale) + states)
 
 
 class Inputs:
     def __init__(self, batch: int, kv_len: int, seed: int = 1):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        bf = torch.bfloat16
-        self.q = torch.randn(batch, H, 1, D, device="cuda", generator=g, dtype=bf)
-        self.k = torch.randn(batch, HKV, kv_len, D, device="cuda", generator=g, dtype=bf)
-        self.v = torch.randn(batch, HKV, kv_len, D, device="cuda", generator=g, dtype=bf)
-        self.pos = torch.randint(1000, 100000, (batch,), device="cuda", generator=g)
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        bf = ACT
+        self.q = torch.randn(batch, H, 1, D, device=DEVICE, generator=g, dtype=bf)
+        self.k = torch.randn(batch, HKV, kv_len, D, device=DEVICE, generator=g, dtype=bf)
+        self.v = torch.randn(batch, HKV, kv_len, D, device=DEVICE, generator=g, dtype=bf)
+        self.pos = torch.randint(1000, 100000, (batch,), device=DEVICE, generator=g)
+
+
+class SharedInputs:
+    """One prefix's KV [1, Hkv, N, d] shared by the batch, each row's live KV, q."""
+
+    def __init__(self, batch: int, n: int, seed: int = 2):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        bf = ACT
+        self.q = torch.randn(batch, H, 1, D, device=DEVICE, generator=g, dtype=bf)
+        self.pk = torch.randn(1, HKV, n, D, device=DEVICE, generator=g, dtype=bf)
+        self.pv = torch.randn(1, HKV, n, D, device=DEVICE, generator=g, dtype=bf)
+        self.k = torch.randn(batch, HKV, LIVE, D, device=DEVICE, generator=g, dtype=bf)
+        self.v = torch.randn(batch, HKV, LIVE, D, device=DEVICE, generator=g, dtype=bf)
 
 
 def sdpa_fn(q, k, v, backend):
@@ -153,10 +225,41 @@ def memory_fn(mem, layer, inp: Inputs, config):
     from memdb_worker import fused
 
     fl = fused.prepare_layer(mem, layer)
-    inv = mem.keyspace.rope.inv_freq.cuda()
+    inv = mem.keyspace.rope.inv_freq.to(DEVICE)
+    corr = mem.lse_corrected
     return lambda: fused.memory_attention(
-        inp.q, inp.k, inp.v, None, inp.pos, fl, inv, 1.0, D**-0.5, config=config
-    )
+        inp.q, inp.k, inp.v, None, inp.pos, fl, inv, 1.0, D**-0.5, config=config,
+        lse_correction=corr,
+    )  # fmt: skip
+
+
+def shared_fn(inp: SharedInputs, config=None):
+    """The shared-prefix baseline (Triton): prefix KV once for the batch, live per row."""
+    from memdb_worker.shared_prefix import shared_attention
+
+    return lambda: shared_attention(inp.q, inp.pk, inp.pv, inp.k, inp.v, None, D**-0.5, config)
+
+
+def shared_flash_fn(inp: SharedInputs):
+    """The naive shared-prefix form with torch's flash kernel: one call over the folded queries
+    (rows x heads of a KV head as query rows) for the prefix, one over each row's live KV, the
+    two states merged in torch ops (DESIGN.md section 8's "naive" column)."""
+    from memdb_worker.state import State, merge_states
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention
+    b, g = inp.q.shape[0], H // HKV
+
+    def fn():
+        q = inp.q[:, :, 0].view(b, HKV, g, D)  # [B, Hkv, G, d]
+        qf = q.transpose(0, 1).reshape(1, HKV, b * g, D)
+        po, plse = op(qf, inp.pk, inp.pv, 0.0, False, False, scale=D**-0.5)[:2]
+        lo, llse = op(q, inp.k, inp.v, 0.0, False, False, scale=D**-0.5)[:2]
+        pre = State(po.reshape(HKV, b, g, D).transpose(0, 1),
+                    plse.reshape(HKV, b, g).transpose(0, 1))  # fmt: skip
+        merged = merge_states(pre, State(lo, llse))  # [B, Hkv, G, (d)]
+        return merged.out.to(inp.q.dtype).reshape(b, 1, H, D)
+
+    return fn
 
 
 def reference_fn(mem, inp: Inputs):
@@ -176,319 +279,142 @@ def reference_fn(mem, inp: Inputs):
 # -- checks and tuning ------------------------------------------------------------------------
 
 
-def check(results: dict) -> None:
+def check(results: dict, formats, m: int = 4096, n: int = 8192, batches=(1, 8, 32)) -> None:
+    """The kernels against their torch forms on the benchmark's shapes (recorded, not asserted:
+    the CUDA tests assert)."""
     from memdb_worker import fused
+    from memdb_worker.shared_prefix import shared_reference
 
     out = []
-    for batch in (1, 8, 32):
-        mem = make_memory(4096, seed=batch)
-        inp = Inputs(batch, LIVE, seed=batch + 10)
-        fl = fused.prepare_layer(mem, 0)
-        args = (inp.q, inp.k, inp.v, None, inp.pos, fl, mem.keyspace.rope.inv_freq, 1.0, D**-0.5)
-        want, want_ids = fused.decode_reference(*args)
-        got, ids = fused.memory_attention(*args, return_ids=True)
-        ref = reference_fn(mem, inp)()
-        same = ids.long() == want_ids
-        sel = same.unsqueeze(-1)
-        err = float(((got - want).float() * sel).norm() / (want.float() * sel).norm())
-        err_ref = float((want.float() - ref.float()).norm() / ref.float().norm())
-        rec = {
-            "batch": batch,
-            "M": 4096,
-            "ids_equal": float(same.float().mean()),
-            "rel_err_vs_torch_form": err,
-            "torch_form_vs_reference_path": err_ref,
-        }
+    for batch in batches:
+        for fmt in formats:
+            mem = make_memory(m, seed=batch, fmt=fmt)
+            inp = Inputs(batch, LIVE, seed=batch + 10)
+            fl = fused.prepare_layer(mem, 0)
+            args = (inp.q, inp.k, inp.v, None, inp.pos, fl, mem.keyspace.rope.inv_freq, 1.0,
+                    D**-0.5)  # fmt: skip
+            corr = mem.lse_corrected
+            want, want_ids = fused.decode_reference(*args, lse_correction=corr)
+            got, ids = fused.memory_attention(*args, return_ids=True, lse_correction=corr)
+            ref = reference_fn(mem, inp)()
+            same = ids.long() == want_ids
+            sel = same.unsqueeze(-1)
+            err = float(((got - want).float() * sel).norm() / (want.float() * sel).norm())
+            err_ref = float((want.float() - ref.float()).norm() / ref.float().norm())
+            rec = {"batch": batch, "M": m, "memory_format": fmt,
+                   "ids_equal": float(same.float().mean()), "rel_err_vs_torch_form": err,
+                   "torch_form_vs_reference_path": err_ref}  # fmt: skip
+            out.append(rec)
+            log("check", rec)
+        sh = SharedInputs(batch, n, seed=batch)
+        want = shared_reference(sh.q, sh.pk, sh.pv, sh.k, sh.v, None, D**-0.5).float()
+        rec = {"batch": batch, "N": n, "shared_rel_err": _rel(shared_fn(sh)(), want)}
+        try:
+            rec["shared_flash_rel_err"] = _rel(shared_flash_fn(sh)(), want)
+        except Exception as exc:  # noqa: BLE001 - the op may be missing in this torch
+            rec["shared_flash_error"] = repr(exc)[:200]
         out.append(rec)
         log("check", rec)
     results["checks"] = out
 
 
-def tune(results: dict, quick: bool) -> dict:
-    """Launch shapes per batch, timed as CUDA-graph replays (GPU time, no Python launch cost)."""
-    from dataclasses import replace
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
 
+
+def layer_rows(results: dict, bw: float, configs: dict, ns, ms, batches, formats,
+               shared_configs: dict) -> None:  # fmt: skip
     from memdb_worker import fused
-
-    grid = []
-    for bm in (64, 128):
-        for w in (4, 8):
-            for spsm in (1, 2, 4, 8):
-                for st in (3, 4):
-                    grid.append(fused.Config(block_m=bm, num_warps=w, scan_programs_per_sm=spsm,
-                                             num_stages=st))  # fmt: skip
-    if quick:
-        grid = grid[:8]
-    best = {}
-    rows = []
-    mem = make_memory(4096)
-    for batch in BATCHES:
-        inp = Inputs(batch, LIVE)
-
-        def timed(cfg, only=None, inp=inp):
-            from memdb_worker import fused as fz
-
-            fl = fz.prepare_layer(mem, 0)
-            inv = mem.keyspace.rope.inv_freq.cuda()
-            fn = lambda: fz.memory_attention(  # noqa: E731
-                inp.q, inp.k, inp.v, None, inp.pos, fl, inv, 1.0, D**-0.5, config=cfg, _only=only
-            )
-            return bench(graphed(fn), rep=30)
-
-        times = []
-        for cfg in grid:
-            try:
-                t = timed(cfg)
-            except Exception as exc:  # noqa: BLE001 - a config that fails to compile
-                log("config failed", cfg, repr(exc)[:300])
-                continue
-            times.append((t, cfg))
-            rows.append({"batch": batch, "config": cfg.__dict__, "us": t})
-        times.sort(key=lambda x: x[0])
-        cfg = times[0][1]
-        live_times = [(times[0][0], cfg)]
-        variants = [replace(cfg, keys_a=False)]
-        for lt in (True, False):
-            for lp in (1, 2, 4):
-                variants.append(replace(cfg, live_t=lt, live_programs_per_sm=lp))
-        for c in variants:
-            if c != cfg:
-                try:
-                    t = timed(c)
-                except Exception as exc:  # noqa: BLE001
-                    log("config failed", c, repr(exc)[:300])
-                    continue
-                live_times.append((t, c))
-                rows.append({"batch": batch, "config": c.__dict__, "us": t})
-        live_times.sort(key=lambda x: x[0])
-        best[batch] = live_times[0][1]
-        parts = {p: timed(best[batch], p) for p in ("scan", "live")}
-        results.setdefault("breakdown", []).append(
-            {"batch": batch, "M": 4096, "total_us": live_times[0][0],
-             "scan_only_us": parts["scan"], "live_only_us": parts["live"]}
-        )  # fmt: skip
-        log(f"tune batch {batch}: best {live_times[0][0]:.1f} us {best[batch]}; scan alone "
-            f"{parts['scan']:.1f}, live alone {parts['live']:.1f}; "
-            f"worst {times[-1][0]:.1f}")  # fmt: skip
-    results["tuning"] = rows
-    return best
-
-
-# -- one layer -----------------------------------------------------------------------------------
-
-
-def layer_rows(results: dict, bw: float, configs: dict, ns, ms, batches) -> None:
-    from memdb_worker import fused
+    from memdb_worker import shared_prefix as sp
 
     rows = results["rows"]
-    mems = {m: make_memory(m, seed=m) for m in ms}
+    results["memory_bytes"] = {f: {str(m): layer_bytes(f, m) for m in ms} for f in formats}
     for batch in batches:
         cfg = configs.get(batch, fused.default_config(batch))
         inp = Inputs(batch, LIVE)
         mem_t = {}
-        for m in ms:
-            fn = memory_fn(mems[m], 0, inp, cfg)
-            fl = fused.prepare_layer(mems[m], 0)
-            floor = fused.floor_bytes(fl, batch, H, HKV, LIVE, D) / bw * 1e6
-            mem_t[m] = (bench(graphed(fn)), bench(fn), floor)
-            log(f"layer B={batch} M={m}: memory {mem_t[m][0]:.1f} us (eager {mem_t[m][1]:.1f}),"
-                f" floor {floor:.1f} us")  # fmt: skip
-        ref_us = bench(reference_fn(mems[4096], inp)) if batch in (1, 8) else None
+        for fmt in formats:
+            for m in ms:
+                mem = make_memory(m, seed=m, fmt=fmt)
+                fn = memory_fn(mem, 0, inp, cfg)
+                fl = fused.prepare_layer(mem, 0)
+                floor = fused.floor_bytes(fl, batch, H, HKV, LIVE, D,
+                                          lse_correction=mem.lse_corrected) / bw * 1e6  # fmt: skip
+                nbytes = mem.nbytes()
+                assert nbytes == layer_bytes(fmt, m), (fmt, nbytes, layer_bytes(fmt, m))
+                mem_t[fmt, m] = (bench(graphed(fn)), bench(fn), floor, nbytes)
+                log(f"layer B={batch} M={m} {fmt}: memory {mem_t[fmt, m][0]:.1f} us "
+                    f"(eager {mem_t[fmt, m][1]:.1f}), floor {floor:.1f} us, "
+                    f"{nbytes / 1e6:.1f} MB")  # fmt: skip
+                del mem, fl, fn
+        ref_us = None
+        if batch in (1, 8):
+            ref_us = bench(reference_fn(make_memory(4096, fmt=formats[0]), inp))
         del inp
+        scfg = shared_configs.get(batch)
         for n in ns:
+            times, sdpa_eager = {}, None
             try:
                 kv = Inputs(batch, n + LIVE, seed=n)
+                for be in ("flash", "default"):
+                    try:
+                        times[be] = bench(graphed(sdpa_fn(kv.q, kv.k, kv.v, be)))
+                    except Exception as exc:  # noqa: BLE001 - backend refuses the shapes
+                        log(f"sdpa {be} failed: {repr(exc)[:160]}")
+                if times:
+                    be = min(times, key=times.get)
+                    sdpa_eager = bench(sdpa_fn(kv.q, kv.k, kv.v, be))
+                del kv
             except torch.OutOfMemoryError:
-                log(f"layer B={batch} N={n}: KV cache does not fit")
-                continue
-            times = {}
-            for be in ("flash", "default"):
-                try:
-                    times[be] = bench(graphed(sdpa_fn(kv.q, kv.k, kv.v, be)))
-                except Exception as exc:  # noqa: BLE001 - backend refuses the shapes
-                    log(f"sdpa {be} failed: {repr(exc)[:160]}")
-            be = min(times, key=times.get)
-            sdpa_eager = bench(sdpa_fn(kv.q, kv.k, kv.v, be))
-            kv_bytes = 2 * batch * HKV * (n + LIVE) * D * 2
-            del kv
+                log(f"layer B={batch} N={n}: per-row KV cache does not fit")
             torch.cuda.empty_cache()
-            for m in ms:
-                mt, mg, floor = mem_t[m]
+            sh = SharedInputs(batch, n, seed=n)
+            shared_us = bench(graphed(shared_fn(sh, scfg)))
+            try:
+                flash_us = bench(graphed(shared_flash_fn(sh)))
+            except Exception as exc:  # noqa: BLE001 - the op may be missing or refuse shapes
+                log(f"shared flash failed: {repr(exc)[:160]}")
+                flash_us = None
+            del sh
+            torch.cuda.empty_cache()
+            sdpa_us = min(times.values()) if times else None
+            shared_floor = sp.floor_bytes(batch, H, HKV, n, LIVE, D) / bw * 1e6
+            best = min(t for t in (sdpa_us, shared_us, flash_us) if t is not None)
+            for (fmt, m), (mt, mg, floor, nbytes) in mem_t.items():
                 row = {
-                    "N": n,
-                    "M": m,
-                    "batch": batch,
-                    "scope": "layer",
-                    "sdpa_us": times[be],
-                    "memory_us": mt,
-                    "floor_us": floor,
-                    "sdpa_eager_us": sdpa_eager,
-                    "memory_eager_us": mg,
-                    "sdpa_backend": be,
-                    "sdpa_floor_us": kv_bytes / bw * 1e6,
-                    "speedup": times[be] / mt,
-                    "vs_floor": mt / floor,
-                }
-                if m == 4096 and ref_us is not None:
+                    "N": n, "M": m, "batch": batch, "scope": "layer", "memory_format": fmt,
+                    "memory_bytes": nbytes, "prefix_kv_bytes": 2 * HKV * n * D * 2,
+                    "sdpa_us": sdpa_us, "shared_us": shared_us, "shared_flash_us": flash_us,
+                    "memory_us": mt, "floor_us": floor, "shared_floor_us": shared_floor,
+                    "sdpa_eager_us": sdpa_eager, "memory_eager_us": mg,
+                    "sdpa_backend": min(times, key=times.get) if times else None,
+                    "sdpa_floor_us": 2 * batch * HKV * (n + LIVE) * D * 2 / bw * 1e6,
+                    "speedup": None if sdpa_us is None else sdpa_us / mt,
+                    "speedup_vs_shared": shared_us / mt, "speedup_vs_best": best / mt,
+                    "vs_floor": mt / floor, "shared_vs_floor": shared_us / shared_floor,
+                }  # fmt: skip
+                if m == 4096 and fmt == formats[0] and ref_us is not None:
                     row["reference_path_us"] = ref_us
                 rows.append(row)
-            log(f"layer B={batch} N={n}: sdpa {times[be]:.1f} us ({be}; eager {sdpa_eager:.1f})"
-                f"  memory M=4K {mem_t.get(4096, (math.nan,))[0]:.1f} us")  # fmt: skip
-    del mems
+            fl_txt = "n/a" if flash_us is None else f"{flash_us:.1f}"
+            sd_txt = "n/a" if sdpa_us is None else f"{sdpa_us:.1f}"
+            log(f"layer B={batch} N={n}: sdpa {sd_txt} us, shared {shared_us:.1f} us "
+                f"(floor {shared_floor:.1f}; flash form {fl_txt})")  # fmt: skip
     torch.cuda.empty_cache()
-
-
-# -- whole decode step ---------------------------------------------------------------------------
-
-
-class Model:
-    """Random Llama-3.1-8B-shaped weights (one layer's weights shared by all layers)."""
-
-    def __init__(self):
-        bf = torch.bfloat16
-        g = torch.Generator(device="cuda").manual_seed(5)
-
-        def w(*shape, std=0.02):
-            return (torch.randn(*shape, device="cuda", generator=g) * std).to(bf)
-
-        self.emb = w(VOCAB, HIDDEN)
-        self.lm_head = w(VOCAB, HIDDEN)
-        self.wqkv = w((H + 2 * HKV) * D, HIDDEN)
-        self.wo = w(HIDDEN, H * D)
-        self.wgu = w(2 * INTER, HIDDEN)
-        self.wdown = w(HIDDEN, INTER)
-        self.ln = torch.ones(HIDDEN, device="cuda", dtype=bf)
-        self.inv = rope_spec().inv_freq.cuda()
-
-
-def make_step(model: Model, batch: int, attn, kv_pos: int, layers: int = LAYERS):
-    """A decode step as a closure over static buffers; attn(layer, q, k_new, v_new) -> [B,1,H,D]."""
-    tok = torch.randint(0, VOCAB, (batch,), device="cuda")
-    pos = torch.full((batch,), kv_pos, device="cuda")
-    freqs = pos.float()[:, None] * model.inv
-    emb = torch.cat((freqs, freqs), -1)
-    cos, sin = emb.cos().to(torch.bfloat16)[:, None], emb.sin().to(torch.bfloat16)[:, None]
-
-    def rope(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), -1) * sin
-
-    def step():
-        h = model.emb[tok]
-        for layer in range(layers):
-            a = F.rms_norm(h, (HIDDEN,), model.ln, 1e-5)
-            qkv = a @ model.wqkv.T
-            q = rope(qkv[:, : H * D].view(batch, H, D))
-            k = rope(qkv[:, H * D : (H + HKV) * D].view(batch, HKV, D))
-            v = qkv[:, (H + HKV) * D :].view(batch, HKV, D)
-            o = attn(layer, q.unsqueeze(2), k, v, pos)
-            h = h + o.reshape(batch, H * D) @ model.wo.T
-            a = F.rms_norm(h, (HIDDEN,), model.ln, 1e-5)
-            gu = a @ model.wgu.T
-            x = F.silu(gu[:, :INTER]) * gu[:, INTER:]
-            h = h + x @ model.wdown.T
-        return F.rms_norm(h, (HIDDEN,), model.ln, 1e-5) @ model.lm_head.T
-
-    return step
-
-
-def kv_caches(batch: int, length: int, layers: int):
-    per = 2 * batch * HKV * length * D * 2
-    n_buf = max(1, min(layers, int(KV_BUDGET // per)))
-    if n_buf < 2 and layers > 1:
-        raise torch.OutOfMemoryError(f"KV cache of {per / 1e9:.1f} GB per layer")
-    bufs = []
-    for i in range(n_buf):
-        g = torch.Generator(device="cuda").manual_seed(100 + i)
-        k = torch.randn(batch, HKV, length, D, device="cuda", generator=g, dtype=torch.bfloat16)
-        v = torch.randn(batch, HKV, length, D, device="cuda", generator=g, dtype=torch.bfloat16)
-        bufs.append((k, v))
-    return bufs, n_buf
-
-
-def step_rows(results: dict, bw: float, configs: dict, ns, ms, batches) -> None:
-    from memdb_worker import fused
-
-    model = Model()
-    rows = results["rows"]
-    plain = {}
-    for batch in batches:
-        # the model without any prefix (live context only): the memory's lower bound
-        bufs, nb = kv_caches(batch, LIVE, LAYERS)
-
-        def attn_live(layer, q, k, v, pos, bufs=bufs, nb=nb):
-            kc, vc = bufs[layer % nb]
-            kc[:, :, LIVE - 1] = k
-            vc[:, :, LIVE - 1] = v
-            return F.scaled_dot_product_attention(q, kc, vc, scale=D**-0.5, enable_gqa=True)
-
-        plain[batch] = bench(graphed(make_step(model, batch, attn_live, LIVE - 1)), rep=200)
-        log(f"step B={batch}: no prefix {plain[batch] / 1e3:.2f} ms")
-        del bufs
-        cfg = configs.get(batch, fused.default_config(batch))
-        mem_t = {}
-        for m in ms:
-            mem = make_memory(m, layers=LAYERS, seed=m)
-            fls = [fused.prepare_layer(mem, i) for i in range(LAYERS)]
-            bufs, nb = kv_caches(batch, LIVE, LAYERS)
-
-            def attn_mem(layer, q, k, v, pos, bufs=bufs, nb=nb, fls=fls, cfg=cfg):
-                kc, vc = bufs[layer % nb]
-                kc[:, :, LIVE - 1] = k
-                vc[:, :, LIVE - 1] = v
-                return fused.memory_attention(
-                    q, kc, vc, None, pos, fls[layer], model.inv, 1.0, D**-0.5, config=cfg
-                )
-
-            mem_t[m] = bench(graphed(make_step(model, batch, attn_mem, LIVE - 1)), rep=200)
-            log(f"step B={batch} M={m}: memory {mem_t[m] / 1e3:.2f} ms")
-            del mem, fls, bufs
-            torch.cuda.empty_cache()
-        for n in ns:
-            try:
-                bufs, nb = kv_caches(batch, n + LIVE, LAYERS)
-            except torch.OutOfMemoryError as exc:
-                log(f"step B={batch} N={n}: skipped ({exc})")
-                continue
-
-            def attn_sdpa(layer, q, k, v, pos, bufs=bufs, nb=nb, n=n):
-                kc, vc = bufs[layer % nb]
-                kc[:, :, n + LIVE - 1] = k
-                vc[:, :, n + LIVE - 1] = v
-                return F.scaled_dot_product_attention(q, kc, vc, scale=D**-0.5, enable_gqa=True)
-
-            t = bench(graphed(make_step(model, batch, attn_sdpa, n + LIVE - 1)), rep=200)
-            del bufs
-            torch.cuda.empty_cache()
-            # floor of the memory step: the no-prefix step plus the memory scans at bandwidth
-            key_bytes = {m: LAYERS * (H * m * D * 2 + H * m * 4) for m in ms}
-            for m in ms:
-                floor = plain[batch] + key_bytes[m] / bw * 1e6
-                rows.append({
-                    "N": n, "M": m, "batch": batch, "scope": "step", "sdpa_us": t,
-                    "memory_us": mem_t[m], "floor_us": floor, "no_prefix_us": plain[batch],
-                    "kv_buffers": nb, "layers": LAYERS, "speedup": t / mem_t[m],
-                    "vs_floor": mem_t[m] / floor,
-                })  # fmt: skip
-            log(f"step B={batch} N={n}: sdpa {t / 1e3:.2f} ms ({nb} KV buffers), memory M=4K "
-                f"{mem_t.get(4096, math.nan) / 1e3:.2f} ms")  # fmt: skip
-    torch.cuda.empty_cache()
-
-
-# -- output --------------------------------------------------------------------------------------
 
 
 def table(rows, scope) -> str:
-    lines = [f"{scope}: N, batch, sdpa_us, then per M: memory_us (speedup, x floor)"]
+    lines = [f"{scope}: N, batch, sdpa / shared us, then per format and M: memory_us "
+             "(x best baseline, x own floor)"]  # fmt: skip
     keys = sorted({(r["batch"], r["N"]) for r in rows if r["scope"] == scope})
     for b, n in keys:
-        rs = sorted((r for r in rows if r["scope"] == scope and r["batch"] == b and r["N"] == n),
-                    key=lambda r: r["M"])  # fmt: skip
-        cells = "  ".join(
-            f"M={r['M'] // 1024}K {r['memory_us']:8.1f} ({r['speedup']:5.2f}x, {r['vs_floor']:.2f})"
-            for r in rs
-        )
-        lines.append(f"N={n // 1024:>4}K B={b:>2} sdpa {rs[0]['sdpa_us']:9.1f}  {cells}")
+        rs = [r for r in rows if r["scope"] == scope and r["batch"] == b and r["N"] == n]
+        rs.sort(key=lambda r: (r["memory_format"], r["M"]))
+        sd, sh = rs[0]["sdpa_us"] or math.nan, rs[0]["shared_us"] or math.nan
+        lines.append(f"N={n // 1024:>4}K B={b:>2} sdpa {sd:9.1f} shared {sh:8.1f}")
+        for r in rs:
+            lines.append(f"    {r['memory_format']:<24} M={r['M'] // 1024}K {r['memory_us']:8.1f} "
+                         f"({r['speedup_vs_best']:5.2f}x, {r['vs_floor']:.2f})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -513,13 +439,18 @@ def plot(results: dict, path: Path) -> None:
             if not rs:
                 continue
             ns = sorted({r["N"] for r in rs})
-            sd = [next(r["sdpa_us"] for r in rs if r["N"] == n) for n in ns]
-            ax.plot(ns, sd, "k-o", label="SDPA, prefix in KV cache")
-            for m, c in zip(sorted({r["M"] for r in rs}), ("C0", "C1", "C2"), strict=False):
-                mt = [next(r["memory_us"] for r in rs if r["N"] == n and r["M"] == m) for n in ns]
-                fl = [next(r["floor_us"] for r in rs if r["N"] == n and r["M"] == m) for n in ns]
-                ax.plot(ns, mt, "-", color=c, label=f"memory M={m // 1024}K")
-                ax.plot(ns, fl, ":", color=c, label=f"floor M={m // 1024}K")
+            first = {n: next(r for r in rs if r["N"] == n) for n in ns}
+            for key, style, label in (("sdpa_us", "k-o", "SDPA per row"),
+                                      ("shared_us", "k--s", "shared prefix")):  # fmt: skip
+                pts = [(n, first[n][key]) for n in ns if first[n].get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=label)
+            m = 4096 if any(r["M"] == 4096 for r in rs) else rs[0]["M"]
+            fmts = sorted({r["memory_format"] for r in rs})
+            for fmt, c in zip(fmts, [f"C{k}" for k in range(10)], strict=False):
+                pts = sorted((r["N"], r["memory_us"]) for r in rs
+                             if r["memory_format"] == fmt and r["M"] == m)  # fmt: skip
+                ax.plot(*zip(*pts, strict=True), "-", color=c, label=f"{fmt} M={m // 1024}K")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("prefix tokens N")
@@ -527,18 +458,26 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title(f"{scope}, batch {b}")
             ax.grid(True, which="both", alpha=0.3)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=6)
     fig.suptitle(f"decode attention, Llama-3.1-8B shape, C={LIVE} live tokens, {results['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     log(f"wrote {path}")
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="N 8K/32K/128K, M 4K, no launch sweep of the memory kernels, step "
+                         "scope at N 8K/32K for three formats (minutes)")  # fmt: skip
     ap.add_argument("--scopes", default="layer,step")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--step-formats", default="fp16/head,fp8/head+kbar,bf16/kv_group_mean+kbar")
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--plot", help="only draw the PNG of an existing JSON")
     args = ap.parse_args(argv)
@@ -551,11 +490,16 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from memdb_worker import fused
+    from bench.attention_step import LAYERS, step_rows
+    from bench.attention_tune import tune, tune_shared
 
-    ns = [1024, 8192, 65536] if args.quick else NS
+    formats = args.formats.split(",")
+    for f in formats + args.step_formats.split(","):
+        parse_format(f)
+    ns = [8192, 32768, 131072] if args.quick else NS
+    step_ns = [8192, 32768] if args.quick else NS
     ms = [4096] if args.quick else MS
-    batches = [1, 8] if args.quick else BATCHES
+    batches = BATCHES
     name = torch.cuda.get_device_name()
     results = {
         "device": name,
@@ -566,6 +510,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "live_context": LIVE,
         "shape": {"heads": H, "kv_heads": HKV, "head_dim": D, "layers": LAYERS},
+        "quick": args.quick,
         "rows": [],
     }
     out = Path(args.out)
@@ -579,18 +524,22 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth_Bps"] = bw
     log(f"{name}: copy bandwidth {bw / 1e12:.2f} TB/s")
-    check(results)
-    configs = {} if args.no_tune else tune(results, args.quick)
-    results["configs"] = {str(b): c.__dict__ for b, c in configs.items()}
+    check(results, formats)
     save()
+    configs = {} if (args.no_tune or args.quick) else tune(results, args.quick)
+    results["configs"] = {str(b): c.__dict__ for b, c in configs.items()}
+    shared_configs = tune_shared(results, batches, args.quick)
+    save()
+    log(f"[{time.time() - t0:.0f}s] checks and tuning done")
     scopes = args.scopes.split(",")
     if "layer" in scopes:
-        layer_rows(results, bw, configs, ns, ms, batches)
+        layer_rows(results, bw, configs, ns, ms, batches, formats, shared_configs)
         save()
-        log(f"[{time.time() - t0:.0f}s]")
+        log(f"[{time.time() - t0:.0f}s] layer scope done")
     if "step" in scopes:
         try:
-            step_rows(results, bw, configs, ns, ms, batches)
+            step_rows(results, bw, configs, step_ns, ms, batches, args.step_formats.split(","),
+                      shared_configs)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - keep the layer results
             log(f"step scope failed: {exc!r}")
             results["step_error"] = repr(exc)
@@ -600,7 +549,6 @@ def main(argv=None) -> int:
         if any(r["scope"] == scope for r in results["rows"]):
             log(table(results["rows"], scope))
     plot(results, path.with_suffix(".png"))
-    _ = fused
     return 0
 
 

@@ -1,13 +1,16 @@
 """The admin plane: uploading, inspecting and deleting prefixes; tenants, API keys, stats.
 
-A PutPrefix is received whole, validated, indexed, and only then written as a new version in
-one transaction (storage.Store.write_version): an interrupted or invalid upload leaves nothing.
-Knows nothing of how memories are built.
+A PutPrefix is counted as its bytes arrive (refused as soon as they pass max_upload_bytes, the
+tenant's quota or the declared total), received whole up to the client's commit message,
+validated, indexed, and only then written as a new version in one transaction
+(storage.Store.write_version) that aborts if the call has ended: an upload cut off before its
+commit message, or invalid, leaves nothing. Knows nothing of how memories are built.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -17,8 +20,9 @@ from memdb import auth
 from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
 from memdb.events import Event
 from memdb.index import build_layer_indices, resolve_kind
+from memdb.records import check_metadata
 from memdb.runtime import Runtime, check_name
-from memdb.shards import check_consistent, decode_shard
+from memdb.shards import Shard, check_consistent, decode_shard
 from memdb.storage import KeyRecord, TenantRecord
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -45,13 +49,15 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     def PutPrefix(self, request_iterator: Iterator[pb.PutPrefixRequest], context) -> pb.PrefixInfo:
         tenant = auth.current().tenant
         header = self._header(next(iter(request_iterator), None))
-        blobs = self._receive_shards(request_iterator, header.num_layers)
+        budget = self._upload_budget(tenant, header)
+        blobs = self._receive_shards(request_iterator, header, budget)
         shards = [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)]
         shape = check_consistent(shards)
         metric = header.metric or "cosine"
         kind = header.index_kind or self.rt.config.index_kind
         kind = resolve_kind(self.rt.index_params, shape.budget) if kind == "auto" else kind
-        indices = [build_layer_indices(s, kind, metric, self.rt.index_params) for s in shards]
+        indices = [build_layer_indices(_float_keys(s), kind, metric, self.rt.index_params)
+                   for s in shards]  # fmt: skip
         self.rt.metrics.index_builds.inc(sum(len(i) for i in indices))
         rec = self.rt.store.write_version(
             tenant,
@@ -89,18 +95,39 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidArgument(f"metric {h.metric!r} is unknown; use 'cosine' or 'ip'")
         if h.index_kind not in ("", "auto", "flat", "ivf", "hnsw"):
             raise InvalidArgument(f"index_kind {h.index_kind!r} is unknown; use flat, ivf, hnsw")
-        if any(len(k) > 256 or len(v) > 4096 for k, v in h.build_params.items()):
-            raise InvalidArgument("build_params keys must be <= 256 and values <= 4096 chars")
+        check_metadata(h.model_fingerprint, dict(h.build_params))  # before any chunk arrives
         return h
 
-    def _receive_shards(self, requests: Iterator[pb.PutPrefixRequest], layers: int) -> list[bytes]:
-        limit = self.rt.config.max_upload_bytes
+    def _upload_budget(self, tenant: str, header: pb.PutPrefixHeader) -> _Budget:
+        """The most bytes this upload may send, checked against the declared total at once."""
+        budget = _Budget(self.rt.config.max_upload_bytes, "the server's max_upload_bytes")
+        allowance = self.rt.store.upload_allowance(tenant, header.name)
+        if allowance is not None and allowance < budget.limit:
+            budget = _Budget(allowance, f"what tenant '{tenant}' has left of its byte quota")
+        if header.total_bytes:
+            budget.check(header.total_bytes, declared=True)
+        return budget
+
+    def _receive_shards(
+        self, requests: Iterator[pb.PutPrefixRequest], header: pb.PutPrefixHeader, budget: _Budget
+    ) -> list[bytes]:
+        """Every layer's bytes, up to the commit message (refused as soon as they pass the
+        budget); InvalidArgument for chunks out of order or a stream without its commit."""
+        layers, declared = header.num_layers, header.total_bytes
         done: list[bytes] = []
         buf = bytearray()
         total = 0
         for msg in requests:
-            if msg.WhichOneof("kind") != "chunk":
-                raise InvalidArgument("PutPrefix got a second header; send one header, then chunks")
+            kind = msg.WhichOneof("kind")
+            if kind == "commit" and len(done) == layers and not buf:
+                _check_declared(total, declared, final=True)
+                self.rt.metrics.upload_bytes.inc(total)
+                return done
+            if kind != "chunk":
+                raise InvalidArgument(
+                    f"PutPrefix got a {kind or 'empty'} message after {len(done)} of {layers} "
+                    "layers; send one header, the chunks of every layer, then commit"
+                )
             c = msg.chunk
             if c.layer != len(done) or len(done) >= layers:
                 raise InvalidArgument(
@@ -108,21 +135,16 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                     f"{layers}: send layers in order 0..{layers - 1}, each ending with last=true"
                 )
             total += len(c.data)
-            if total > limit:
-                raise ResourceExhausted(
-                    f"upload exceeds the server's max_upload_bytes ({limit}); raise the limit "
-                    "or use a smaller budget"
-                )
+            budget.check(total)
+            _check_declared(total, declared)
             buf += c.data
             if c.last:
                 done.append(bytes(buf))
                 buf = bytearray()
-        if len(done) != layers or buf:
-            raise InvalidArgument(
-                f"upload ended after {len(done)} of {layers} layers; nothing was stored"
-            )
-        self.rt.metrics.upload_bytes.inc(total)
-        return done
+        raise InvalidArgument(
+            f"upload ended after {len(done)} of {layers} layers without its commit message; "
+            "nothing was stored"
+        )
 
     def GetPrefix(self, request: pb.GetPrefixRequest, context) -> pb.PrefixInfo:
         tenant = auth.current().tenant
@@ -242,6 +264,35 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             index_cache_misses=cache.misses,
             uptime_s=time.time() - self.rt.started_at,
         )
+
+
+@dataclasses.dataclass
+class _Budget:
+    """The most bytes one upload may send, and what sets that limit."""
+
+    limit: int
+    what: str
+
+    def check(self, nbytes: int, declared: bool = False) -> None:
+        if nbytes > self.limit:
+            verb = "declares" if declared else "sent"
+            raise ResourceExhausted(
+                f"the upload {verb} {nbytes} bytes, more than {self.limit} bytes ({self.what}); "
+                "nothing was stored: upload a smaller memory, delete prefixes or raise the limit"
+            )
+
+
+def _check_declared(total: int, declared: int, final: bool = False) -> None:
+    if declared and (total > declared or (final and total != declared)):
+        raise InvalidArgument(
+            f"the upload sent {total} bytes{'' if final else ' so far'}, its header declared "
+            f"total_bytes={declared}; nothing was stored"
+        )
+
+
+def _float_keys(shard: Shard) -> Shard:
+    """The shard with float32 keys (fp8 keys dequantized): what indices are built over."""
+    return dataclasses.replace(shard, keys=shard.float_keys(), key_scale=None)
 
 
 def _key_info(rec: KeyRecord) -> pb.ApiKeyInfo:

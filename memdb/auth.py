@@ -2,7 +2,7 @@
 
 Owns: the key format (`mdb_<key_id>_<secret>`, shown once at creation), hashing (SHA-256 of the
 secret, compared in constant time), the role each RPC needs, and the `Principal` of the current
-call (set by `AuthInterceptor`, read by the servicers through `current()`). The tenant always
+call (set by `AuthHook`, read by the servicers through `current()`). The tenant always
 comes from the key, never from a request body. Knows nothing of storage beyond `get_key`.
 """
 
@@ -18,15 +18,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
-
 from memdb.errors import PermissionDenied, Unauthenticated
-from memdb.interceptors import Interceptor
+from memdb.interceptors import Call, Hook
 
 log = logging.getLogger(__name__)
 
 ROLES = ("reader", "writer", "admin")
 ROOT = "root"  # the configured admin key: admin of tenant "default" and of every tenant
+ROOT_KEY_ID = "root"  # the key id of the root key's Principal (it is never stored)
 _RANK = {"reader": 0, "writer": 1, "admin": 2, ROOT: 3}
 DEFAULT_TENANT = "default"
 
@@ -114,7 +113,7 @@ class Authenticator:
                 "missing API key: send metadata 'authorization: Bearer <key>' (or 'x-api-key')"
             )
         if hmac.compare_digest(hash_secret(key), self._root_hash):
-            return Principal(tenant=DEFAULT_TENANT, role=ROOT, key_id="root")
+            return Principal(tenant=DEFAULT_TENANT, role=ROOT, key_id=ROOT_KEY_ID)
         key_id, secret = parse_key(key)
         rec = self._keys.get_key(key_id)
         if rec is None or not hmac.compare_digest(hash_secret(secret), rec.secret_hash):
@@ -128,7 +127,7 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 
 
 def current() -> Principal:
-    """The Principal of the call being served (set by AuthInterceptor)."""
+    """The Principal of the call being served (set by AuthHook)."""
     p = _current.get()
     if p is None:
         raise Unauthenticated("no authenticated caller")
@@ -144,7 +143,7 @@ def key_from_metadata(metadata: tuple) -> str | None:
     return None
 
 
-class AuthInterceptor(Interceptor):
+class AuthHook(Hook):
     """Authenticates every call but health and checks the role its method needs."""
 
     def __init__(self, authenticator: Authenticator) -> None:
@@ -154,10 +153,9 @@ class AuthInterceptor(Interceptor):
         return not method.startswith(UNAUTHENTICATED_SERVICES)
 
     @contextmanager
-    def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        principal = self._auth.authenticate(key_from_metadata(context.invocation_metadata()))
-        short = method.rsplit("/", 1)[-1]
-        principal.require(METHOD_ROLES.get(short, DEFAULT_ROLE), short)
+    def around(self, call: Call) -> Iterator[None]:
+        principal = self._auth.authenticate(key_from_metadata(call.invocation_metadata()))
+        principal.require(METHOD_ROLES.get(call.short, DEFAULT_ROLE), call.short)
         token = _current.set(principal)
         try:
             yield

@@ -40,12 +40,43 @@ class ServerConfig(BaseSettings):
     reflection: bool = Field(True, description="serve gRPC server reflection")
     tls_cert: Path | None = Field(None, description="PEM certificate chain (enables TLS)")
     tls_key: Path | None = Field(None, description="PEM private key (with tls_cert)")
-    max_workers: int = Field(64, ge=2, description="gRPC handler threads (Watch holds one)")
+    max_workers: int = Field(
+        64, ge=2, description="threads for blocking work (LMDB, FAISS); waiting streams hold none"
+    )
+    max_tenant_jobs: int = Field(
+        16, ge=1, description="blocking jobs of one tenant at once; more wait, holding no thread"
+    )
+    max_uploads: int = Field(
+        16,
+        ge=1,
+        description="PutPrefix streams at once, at most max_workers - 1 (each holds a thread)",
+    )
+    stream_idle_timeout_s: float = Field(
+        120.0, gt=0, description="PutPrefix: seconds the client may send nothing"
+    )
+    max_health_watches: int = Field(64, ge=1, description="open health Watch streams")
+    max_calls_per_tenant: int = Field(
+        512, ge=1, description="open calls of one tenant (streams and waiting calls included)"
+    )
+    max_concurrent_rpcs: int = Field(
+        2048, ge=16, description="calls served at once; past it RESOURCE_EXHAUSTED (health too)"
+    )
+    max_watch_streams: int = Field(1024, ge=1, description="open Watch streams, all tenants")
+    max_watch_streams_per_tenant: int = Field(256, ge=1, description="open Watch streams/tenant")
+    max_watch_streams_per_key: int = Field(64, ge=1, description="open Watch streams per API key")
     max_message_bytes: int = Field(64 * MiB, ge=MiB, description="max size of one gRPC message")
-    max_upload_bytes: int = Field(8 * GiB, ge=MiB, description="max bytes of one memory upload")
+    max_upload_bytes: int = Field(2 * GiB, ge=MiB, description="max bytes of one memory upload")
     fetch_chunk_bytes: int = Field(4 * MiB, ge=64 * 1024, description="FetchMemory chunk size")
     max_lookup_queries: int = Field(8192, ge=1, description="max query rows in one Lookup")
     max_k: int = Field(256, ge=1, description="max top-k in one Lookup")
+    max_lookup_answer_bytes: int = Field(
+        32 * MiB, ge=64 * 1024,
+        description="max bytes of one Lookup answer (also kept under max_message_bytes)",
+    )  # fmt: skip
+    max_lookup_work: int = Field(
+        1 << 37, ge=1,
+        description="max search work of one Lookup: queries x groups x keys scanned x key dim",
+    )  # fmt: skip
     # storage
     map_size: int = Field(1 * GiB, ge=MiB, description="initial LMDB map size (grows by itself)")
     max_map_size: int = Field(1 << 40, ge=MiB, description="LMDB map size never exceeds this")
@@ -68,6 +99,12 @@ class ServerConfig(BaseSettings):
         None, description="write {address, metrics} as JSON here once serving"
     )
 
+    # storage limits (issue 11): the map's reserve for deletes, API keys per tenant
+    map_reserve_bytes: int = Field(
+        64 * MiB, ge=0, description="last bytes of max_map_size kept for deletes (capped at 1/8)"
+    )
+    max_api_keys_per_tenant: int = Field(1000, ge=1, description="API keys one tenant may hold")
+
     @field_validator("listen")
     @classmethod
     def _has_port(cls, v: str) -> str:
@@ -82,6 +119,11 @@ class ServerConfig(BaseSettings):
             raise ValueError("set both tls_cert and tls_key, or neither")
         if self.map_size > self.max_map_size:
             raise ValueError("map_size must not exceed max_map_size")
+        if self.max_watch_streams + self.max_health_watches >= self.max_concurrent_rpcs:
+            raise ValueError(
+                "max_watch_streams + max_health_watches must be below max_concurrent_rpcs, so "
+                "that other calls (health included) are served while every stream is open"
+            )
         return self
 
     @classmethod

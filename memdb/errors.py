@@ -7,7 +7,13 @@ lives. Messages are meant for a person: say what was wrong and how to fix it.
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+MAX_ECHO_CHARS = 200  # a longer run of non-blank characters (echoed input) is cut to this
+MAX_DETAIL_BYTES = 1024  # UTF-8 bytes of a status message (gRPC sends it in a header)
+_LONG_RUN = re.compile(rf"\S{{{MAX_ECHO_CHARS + 1},}}")
 
 
 class MemdbError(Exception):
@@ -85,8 +91,19 @@ _BY_CODE: dict[grpc.StatusCode, type[MemdbError]] = {
 
 
 def to_status(exc: MemdbError) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message an error travels as."""
-    return exc.code, str(exc)
+    """The gRPC status code and message an error travels as (shortened: `short_message`)."""
+    return exc.code, short_message(str(exc))
+
+
+def short_message(message: str) -> str:
+    """`message` with every run of more than MAX_ECHO_CHARS non-blank characters (a name, a
+    fingerprint... echoed from a request) cut to MAX_ECHO_CHARS + "...", and the whole cut
+    to MAX_DETAIL_BYTES of UTF-8, so a status never outgrows gRPC's header limits."""
+    message = _LONG_RUN.sub(lambda m: m.group()[:MAX_ECHO_CHARS] + "...", message)
+    raw = message.encode()
+    if len(raw) <= MAX_DETAIL_BYTES:
+        return message
+    return raw[: MAX_DETAIL_BYTES - 32].decode(errors="ignore") + f"... ({len(raw)} bytes cut)"
 
 
 def from_status(code: grpc.StatusCode, message: str) -> MemdbError:

@@ -237,6 +237,21 @@ class LoadedLayer:
         """
         return {name: _gather(self.extras[name], ids) for name in names}
 
+    def answer_bytes(self, q: int, k: int, states: bool, extras: Iterable[str] = ()) -> int:
+        """Exact tensor bytes of the answer to `q` queries: ids int64 + scores float32
+        [Q, I, k], with `states` out [Q, I, k, h, d] + lse [Q, I, k, h] as stored, and the
+        named extras [Q, I, k, ...] as stored."""
+        per_hit = 8 + 4
+        if states:
+            per_hit += _row_bytes(self.out) + _row_bytes(self.lse)
+        per_hit += sum(_row_bytes(self.extras[name]) for name in extras)
+        return q * len(self.indices) * k * per_hit
+
+    def work_per_query(self) -> int:
+        """About the search work of one query: over every group, the keys it scans times the key
+        dim (every key for flat, nprobe of nlist lists for IVF, ef_search x neighbours for HNSW)."""
+        return sum(_scanned(index) * index.d for index in self.indices)
+
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         """Queries as [Q, I, Dk] (a [Q, Dk] query is sent to every group); the one shape check
         of Lookup's queries."""
@@ -259,6 +274,21 @@ def _gather(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     if missing.any():
         rows[missing] = 0
     return rows
+
+
+def _row_bytes(table: np.ndarray) -> int:
+    """Bytes of one entry's row of `table` [I, M, ...]."""
+    return math.prod(table.shape[2:]) * table.itemsize
+
+
+def _scanned(index: faiss.Index) -> int:
+    """Keys one query of `index` compares with (an upper estimate for IVF and HNSW)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return ivf.nlist + math.ceil(index.ntotal * min(ivf.nprobe, ivf.nlist) / ivf.nlist)
+    if isinstance(index, faiss.IndexHNSW):
+        return min(index.ntotal, index.hnsw.efSearch * index.hnsw.nb_neighbors(0))
+    return index.ntotal
 
 
 def _index_nbytes(index: faiss.Index) -> int:

@@ -1,85 +1,446 @@
-"""Small gRPC server interceptors: a base that wraps every kind of handler, error mapping.
+"""How every RPC of the asyncio server runs: call hooks, blocking work off the event loop, errors.
 
-`Interceptor.around(method, context)` is a context manager run around the handler (and around
-the whole iteration of a streamed response). Subclasses: ErrorInterceptor here, AuthInterceptor
-in auth.py, MetricsInterceptor in metrics.py. Knows nothing of memdb's services.
+`Dispatcher` is the server's one `grpc.aio.ServerInterceptor`. It turns every handler into a
+coroutine that enters the `Hook`s (metrics, errors, auth: `Hook.around(call)` is a context
+manager around the whole call, streams included), then runs the servicer:
+
+- a sync handler (LMDB / FAISS work) runs in the bounded executor, one step at a time: a unary
+  call is one job, a streamed response one job per message, so a slow reader of a stream holds
+  no thread between messages; a streamed request is read on the event loop and handed over;
+  each job first takes one of its key's `Slots` (per tenant): one tenant cannot queue the
+  executor full;
+- an async handler (Watch, health, reflection) runs on the event loop and holds no thread.
+
+Requests that cannot be deserialized become INVALID_ARGUMENT (one rate-limited log line, no
+traceback). `MemdbError`s become their status here (`ErrorHook`), with the message shortened
+by `errors.to_status`. Knows nothing of memdb's services.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import inspect
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
+from typing import Any
 
 import grpc
 
-from memdb.errors import MemdbError, to_status
+from memdb.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    MemdbError,
+    ResourceExhausted,
+    to_status,
+)
 
 log = logging.getLogger(__name__)
 
+_END = object()  # end of a stream
 
-class Interceptor(grpc.ServerInterceptor):
+
+class Call:
+    """What hooks and sync handlers see of one call: its method, metadata, status, liveness.
+
+    Sync handlers get it as their `context` (it is safe to use from executor threads);
+    `is_active()` turns False once the call is over (finished, cancelled or timed out).
+    """
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.short = method.rsplit("/", 1)[-1]
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+        self._metadata = context.invocation_metadata()
+        self._over = threading.Event()
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def is_active(self) -> bool:
+        return not self._over.is_set()
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+
+    def end(self) -> None:
+        self._over.set()
+
+
+class Hook:
+    """A context manager run around every call it `applies` to (base of the call hooks)."""
+
     def applies(self, method: str) -> bool:
         return True
 
-    def around(self, method: str, context: grpc.ServicerContext) -> AbstractContextManager:
+    def around(self, call: Call) -> AbstractContextManager:
         raise NotImplementedError
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not self.applies(method):
-            return handler
-        return _wrap(handler, lambda ctx: self.around(method, ctx))
+
+class CallCap(Hook):
+    """At most `limit` open calls per `key()` (called in the call's context, inside the hooks
+    before this one) of the methods `applies` accepts; more are RESOURCE_EXHAUSTED, naming
+    `setting` and what `key()` returned."""
+
+    def __init__(
+        self,
+        applies: Callable[[str], bool],
+        limit: int,
+        setting: str,
+        key: Callable[[], Hashable] = lambda: None,
+    ) -> None:
+        self._applies, self.limit, self.setting, self._key = applies, limit, setting, key
+        self._open: Counter[Hashable] = Counter()
+        self._lock = threading.Lock()
+
+    def applies(self, method: str) -> bool:
+        return self._applies(method)
+
+    @contextmanager
+    def around(self, call: Call) -> Iterator[None]:
+        key = self._key()
+        with self._lock:
+            if self._open[key] >= self.limit:
+                whose = f" of {key}" if key is not None else ""
+                raise ResourceExhausted(
+                    f"{self._open[key]} calls{whose} are open, the server's {self.setting} "
+                    f"({self.limit}); close some (e.g. streams) or retry later"
+                )
+            self._open[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[key] -= 1
+                if not self._open[key]:
+                    del self._open[key]
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
-    if handler.unary_unary:
-        kind, behavior, streaming = grpc.unary_unary_rpc_method_handler, handler.unary_unary, False
-    elif handler.unary_stream:
-        kind, behavior, streaming = grpc.unary_stream_rpc_method_handler, handler.unary_stream, True
-    elif handler.stream_unary:
-        kind, behavior, streaming = (
-            grpc.stream_unary_rpc_method_handler,
-            handler.stream_unary,
-            False,
-        )
-    else:
-        kind, behavior, streaming = (
-            grpc.stream_stream_rpc_method_handler,
-            handler.stream_stream,
-            True,
-        )
-
-    if streaming:
-
-        def wrapped(request, context):
-            with around(context):
-                yield from behavior(request, context)
-    else:
-
-        def wrapped(request, context):
-            with around(context):
-                return behavior(request, context)
-
-    return kind(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class ErrorInterceptor(Interceptor):
+class ErrorHook(Hook):
     """The one place where MemdbError becomes a gRPC status; unexpected errors become INTERNAL."""
 
     @contextmanager
-    def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def around(self, call: Call) -> Iterator[None]:
         try:
             yield
         except MemdbError as exc:
-            context.abort(*to_status(exc))
+            call.fail(*to_status(exc))
+        except grpc.aio.AbortError:
+            raise  # an async handler already sent its status
         except Exception:
-            if context.code() not in (None, grpc.StatusCode.OK):
-                raise  # already aborted with a status
-            log.exception("unexpected error in %s", method)
-            context.abort(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
+            log.exception("unexpected error in %s", call.method)
+            call.fail(grpc.StatusCode.INTERNAL, "internal server error; see the server log")
+
+
+class _Malformed:
+    """Stands for a request message gRPC could not deserialize."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _Throttle:
+    """At most one log line per `period` seconds, with the count of what it left out."""
+
+    def __init__(self, period: float = 60.0) -> None:
+        self.period = period
+        self._last = -period
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warn(self, msg: str, *args: Any) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.period:
+                self._skipped += 1
+                log.debug(msg, *args)
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        log.warning(msg + " (%d more since the last such line)", *args, skipped)
+
+
+_malformed_log = _Throttle()
+
+
+def _safe(deserializer: Callable | None, method: str) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf DecodeError and friends
+            _malformed_log.warn("%s: could not parse a %d-byte request (%s)", method, len(raw),
+                                type(exc).__name__)  # fmt: skip
+            return _Malformed(exc)
+
+    return deserialize
+
+
+def _check(message: Any, method: str) -> Any:
+    if isinstance(message, _Malformed):
+        raise InvalidArgument(
+            f"{method}: the request is not a valid protobuf message of the method's request "
+            "type; use the stubs generated from proto/memdb/v1/memdb.proto"
+        )
+    return message
+
+
+class Slots:
+    """At most `limit` jobs at once per key (e.g. per tenant, from `key()`, called in the
+    call's context); more wait on the event loop, holding no thread."""
+
+    def __init__(self, limit: int, key: Callable[[], Any]) -> None:
+        self.limit = limit
+        self._key = key
+        self._sems: dict[Any, asyncio.Semaphore] = {}
+        self._users: dict[Any, int] = {}
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        key = self._key()
+        sem = self._sems.setdefault(key, asyncio.Semaphore(self.limit))
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with sem:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:  # forget idle keys
+                del self._users[key], self._sems[key]
+
+
+class Dispatcher(grpc.aio.ServerInterceptor):
+    """Runs every handler under the hooks; sync handlers in `executor`, each job holding one of
+    `slots` (see the module doc)."""
+
+    def __init__(
+        self,
+        hooks: list[Hook],
+        executor: concurrent.futures.Executor,
+        slots: Slots,
+        uploads: Slots,
+        idle_timeout: float,
+    ) -> None:
+        self._hooks = hooks
+        self._executor = executor
+        self._slots = slots
+        self._uploads = uploads
+        self._idle_timeout = idle_timeout
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        hooks = [h for h in self._hooks if h.applies(method)]
+        run = _Run(method, hooks, self._executor, handler)
+        run.slots, run.uploads, run.idle_timeout = self._slots, self._uploads, self._idle_timeout
+        kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
+        return kind(
+            run.unary if not handler.response_streaming else run.stream,
+            request_deserializer=_safe(handler.request_deserializer, method),
+            response_serializer=handler.response_serializer,
+        )
+
+
+_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class _Run:
+    """One method's wrapped behaviour (a coroutine for every kind of handler)."""
+
+    slots: Slots  # per tenant, every job
+    uploads: Slots  # in all, jobs that read a streamed request (they hold a thread throughout)
+    idle_timeout: float  # seconds a streamed request may send nothing
+
+    def __init__(self, method: str, hooks: list[Hook], executor, handler) -> None:
+        self.method = method
+        self.hooks = hooks
+        self.executor = executor
+        self.request_streaming = handler.request_streaming
+        self.behavior = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary
+            or handler.stream_stream
+        )  # fmt: skip
+        self.is_async = inspect.iscoroutinefunction(self.behavior) or inspect.isasyncgenfunction(
+            self.behavior
+        )
+
+    def _enter_hooks(self, stack: ExitStack, call: Call) -> None:
+        for hook in self.hooks:  # an error in one (e.g. auth) is handled by those entered
+            stack.enter_context(hook.around(call))
+
+    async def unary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = Call(self.method, context)
+        response = None
+        try:
+            with ExitStack() as stack:
+                self._enter_hooks(stack, call)
+                response = await self._unary(request, context, call)
+        finally:
+            call.end()
+        if call.code is not grpc.StatusCode.OK:
+            await context.abort(call.code, call.details)
+        return response
+
+    async def stream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        call = Call(self.method, context)
+        try:
+            with ExitStack() as stack:
+                self._enter_hooks(stack, call)
+                await self._stream(request, context, call)
+        finally:
+            call.end()
+        if call.code is not grpc.StatusCode.OK:
+            await context.abort(call.code, call.details)
+
+    def _request(self, request: Any, call: Call) -> Any:
+        if not self.request_streaming:
+            return _check(request, self.method)
+        if self.is_async:
+            return _checked(request, self.method)
+        return _SyncRequests(request, asyncio.get_running_loop(), call, self.method,
+                             self.idle_timeout)  # fmt: skip
+
+    async def _unary(self, request: Any, context, call: Call) -> Any:
+        request = self._request(request, call)
+        if self.is_async:
+            try:
+                return await self.behavior(request, context)
+            except grpc.aio.AbortError:
+                call.fail(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+                raise
+        ctx = contextvars.copy_context()  # holds what the hooks set (the caller's identity)
+        uploads = self.uploads.hold() if self.request_streaming else contextlib.nullcontext()
+        try:
+            async with uploads, self.slots.hold():
+                future = self.executor.submit(ctx.run, self.behavior, request, call)
+                return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            call.end()  # the handler sees is_active() False; its result is dropped
+            if isinstance(request, _SyncRequests):
+                request.cancel()
+            raise
+
+    async def _stream(self, request: Any, context, call: Call) -> None:
+        request = self._request(request, call)
+        if self.is_async:
+            try:
+                await self._async_stream(request, context)
+            except grpc.aio.AbortError:
+                call.fail(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+                raise
+            return
+        ctx = contextvars.copy_context()
+        gen = ctx.run(self.behavior, request, call)
+        future = None
+        try:
+            while True:
+                async with self.slots.hold():
+                    future = self.executor.submit(ctx.run, next, gen, _END)
+                    message = await asyncio.wrap_future(future)
+                if message is _END:
+                    return
+                await context.write(message)
+        finally:
+            call.end()
+            if isinstance(request, _SyncRequests):
+                request.cancel()
+            self._close_later(gen, ctx, future)
+
+    async def _async_stream(self, request: Any, context) -> None:
+        if inspect.iscoroutinefunction(self.behavior):  # writes with context.write itself
+            await self.behavior(request, context)
+            return
+        responses = self.behavior(request, context)  # an async generator
+        try:
+            async for message in responses:
+                await context.write(message)
+        finally:
+            await responses.aclose()
+
+    def _close_later(self, gen, ctx: contextvars.Context, running) -> None:
+        """Close the generator (its finally blocks release what it holds) once no step of it
+        runs any more; on the executor, as its steps."""
+
+        def close(_: object = None) -> None:
+            try:
+                self.executor.submit(ctx.run, gen.close)
+            except RuntimeError:  # executor shut down: close here
+                ctx.run(gen.close)
+
+        if running is None or running.done():
+            close()
+        else:
+            running.add_done_callback(close)
+
+
+async def _checked(requests: AsyncIterator, method: str) -> AsyncIterator:
+    async for message in requests:
+        yield _check(message, method)
+
+
+class _SyncRequests:
+    """A streamed request as a blocking iterator for a handler in the executor: each message
+    is read on the event loop (the thread waits for it)."""
+
+    def __init__(self, requests, loop, call: Call, method: str, idle_timeout: float) -> None:
+        self._requests = requests.__aiter__()
+        self._loop = loop
+        self._call = call
+        self._method = method
+        self._idle_timeout = idle_timeout
+        self._pending: concurrent.futures.Future | None = None
+
+    def __iter__(self) -> _SyncRequests:
+        return self
+
+    def __next__(self) -> Any:
+        if not self._call.is_active():
+            raise Cancelled(f"{self._method} was cancelled")
+        self._pending = pending = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        waited = 0.0
+        while True:
+            try:
+                message = pending.result(timeout=1.0)
+                break
+            except concurrent.futures.TimeoutError:
+                waited += 1.0
+                if not self._call.is_active():  # e.g. the loop stopped before reading
+                    pending.cancel()
+                    raise Cancelled(f"{self._method} was cancelled") from None
+                if waited >= self._idle_timeout:
+                    pending.cancel()
+                    raise DeadlineExceeded(
+                        f"{self._method}: no request message for {waited:.0f} s (the server's "
+                        "stream_idle_timeout_s); send without pauses"
+                    ) from None
+            except concurrent.futures.CancelledError:
+                raise Cancelled(f"{self._method} was cancelled") from None
+        if message is _END:
+            raise StopIteration
+        return _check(message, self._method)
+
+    async def _read(self) -> Any:
+        try:
+            return await self._requests.__anext__()
+        except StopAsyncIteration:
+            return _END
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()

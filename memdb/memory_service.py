@@ -1,22 +1,26 @@
 """The data plane: Lookup, FetchMemory and Watch, for inference workers.
 
 Every answer is read from one version: a Lookup pins the version first and searches the
-`LoadedLayer` of exactly that version; FetchMemory streams one read snapshot. Knows nothing of
-how memories are built or used.
+`LoadedLayer` of exactly that version, after checking what its answer and search will cost;
+FetchMemory streams the shards of one version chunk by chunk from LMDB (NOT_FOUND mid-stream if
+that version is removed meanwhile). Lookup and FetchMemory block (run in the executor); Watch
+runs on the event loop. Knows nothing of how memories are built or used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
 from memdb import auth
-from memdb.errors import InvalidArgument, ResourceExhausted
+from memdb.config import ServerConfig
+from memdb.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from memdb.events import Event
 from memdb.index import LoadedLayer, load_layer
+from memdb.records import VersionSnapshot
 from memdb.runtime import Runtime, check_fingerprint, check_name
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -35,23 +39,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
         tenant = auth.current().tenant
         name = check_name(request.name)
-        rec = self.rt.store.get_prefix(tenant, name, request.version)
-        version = rec.version
-        if request.layer >= rec.num_layers:
-            raise InvalidArgument(
-                f"layer {request.layer} is out of range: memory '{name}' has "
-                f"{rec.num_layers} layers (0..{rec.num_layers - 1})"
-            )
-        layer = self.rt.cache.get(
-            (tenant, name, version, request.layer),
-            lambda: self._load_layer(tenant, name, version, request.layer),
-        )
-        check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
-        extras = _extra_names(request, rec.extra_tensors, name)
-        queries = self._queries(request)
         k = request.k or 1
         if k > self.rt.config.max_k:
             raise InvalidArgument(f"k={k} exceeds the server's max_k={self.rt.config.max_k}")
+        rec, layer = self.rt.store.read_current_layer(  # version and layer: one transaction
+            tenant, name, request.layer, request.version,
+            open_layer=lambda rec, read: self.rt.cache.get(
+                (tenant, name, rec.version, request.layer), lambda: self._load_layer(read())),
+        )  # fmt: skip
+        version = rec.version
+        check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
+        extras = _extra_names(request, rec.extra_tensors, name)
+        queries = self._queries(request)
+        self._check_cost(layer, queries.shape[0], k, request.include_states, extras)
         # LoadedLayer.search checks the queries' shape against the layer
         ids, scores, out, lse = layer.search(queries, k, rec.metric, request.include_states)
         self.rt.metrics.lookup_vectors.inc(ids.shape[0] * ids.shape[1])
@@ -71,16 +71,45 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         q = decode_tensor(request.queries, name="queries")  # [Q, I, Dk] or [Q, Dk]
         if q.dtype.kind != "f":
             raise InvalidArgument(f"queries must be float32 or float16, got {q.dtype}")
-        if q.ndim and not 1 <= q.shape[0] <= self.rt.config.max_lookup_queries:
+        if q.ndim not in (2, 3) or not 1 <= q.shape[0] <= self.rt.config.max_lookup_queries:
             raise InvalidArgument(
-                f"a Lookup takes 1..{self.rt.config.max_lookup_queries} queries, got {q.shape[0]}"
+                f"a Lookup takes queries [Q, I, Dk] or [Q, Dk] with Q in "
+                f"1..{self.rt.config.max_lookup_queries}, got shape {list(q.shape)}"
             )
         if not np.isfinite(q).all():
             raise InvalidArgument("queries hold NaN or infinite values")
         return np.ascontiguousarray(q, dtype=np.float32)
 
-    def _load_layer(self, tenant: str, name: str, version: int, layer: int) -> LoadedLayer:
-        snap = self.rt.store.read_version(tenant, name, version, layers=[layer])
+    def _check_cost(
+        self, layer: LoadedLayer, q: int, k: int, states: bool, extras: list[str]
+    ) -> None:
+        """Refuse, before any search, a Lookup whose answer would not fit the answer limit (and
+        so the max message size) or whose search work is over max_lookup_work."""
+        c = self.rt.config
+        limit = answer_limit(c.max_lookup_answer_bytes, c.max_message_bytes)
+        per_query = layer.answer_bytes(1, k, states, extras)
+        if q * per_query > limit:
+            fit = limit // per_query
+            split = f"send at most {fit} queries per Lookup (split the batch), or" if fit else ""
+            split += " lower k" + (" or leave out states and extras" if states or extras else "")
+            raise ResourceExhausted(
+                f"this Lookup's answer would be {q * per_query} bytes ({q} queries x "
+                f"{per_query} bytes each: {len(layer.indices)} groups x k={k}"
+                f"{' with states' if states else ''}{' and extras' if extras else ''}), over the "
+                f"server's {limit}-byte limit (max_lookup_answer_bytes, kept under "
+                f"max_message_bytes); {split.strip()}"
+            )
+        work = q * layer.work_per_query()
+        if work > c.max_lookup_work:
+            fit = c.max_lookup_work // layer.work_per_query()
+            raise ResourceExhausted(
+                f"this Lookup would scan {work} key dimensions ({q} queries x "
+                f"{layer.work_per_query()} each), over the server's max_lookup_work "
+                f"({c.max_lookup_work}); send at most {fit} queries per Lookup"
+            )
+
+    def _load_layer(self, snap: VersionSnapshot) -> LoadedLayer:
+        (layer,) = snap.shards
         self.rt.metrics.index_loads.inc()
         return load_layer(
             snap.record.version,
@@ -92,55 +121,100 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     # ------------------------------------------------------------ FetchMemory
     def FetchMemory(self, request: pb.FetchMemoryRequest, context) -> Iterator:
+        """The record, then every layer's shard in chunks, each read from LMDB when it is sent
+        (one short read transaction per chunk): a stream holds one chunk, whatever the size
+        of the memory, and nothing once it ends or is cancelled."""
         tenant = auth.current().tenant
         name = check_name(request.name)
-        chunk = request.chunk_bytes or self.rt.config.fetch_chunk_bytes
-        chunk = min(chunk, self.rt.config.max_message_bytes - 1024)
-        snap = self.rt.store.read_version(tenant, name, request.version)
-        check_fingerprint(snap.record.model_fingerprint, request.model_fingerprint, name)
-        yield pb.FetchMemoryResponse(info=prefix_info(snap.record))
-        for layer in range(snap.record.num_layers):
-            blob = memoryview(snap.shard(layer))
-            for start in range(0, len(blob), chunk):
-                data = blob[start : start + chunk]
-                last = start + chunk >= len(blob)
-                self.rt.metrics.fetch_bytes.inc(len(data))
-                yield pb.FetchMemoryResponse(
-                    chunk=pb.ShardChunk(layer=layer, data=bytes(data), last=last)
+        chunk = fetch_chunk_bytes(request.chunk_bytes, self.rt.config)
+        rec = self.rt.store.get_prefix(tenant, name, request.version)
+        check_fingerprint(rec.model_fingerprint, request.model_fingerprint, name)
+        yield pb.FetchMemoryResponse(info=prefix_info(rec))
+        for layer in range(rec.num_layers):
+            start, last = 0, False
+            while not last:
+                data, size = self.rt.store.read_shard_chunk(
+                    tenant, name, rec.version, layer, start, chunk
                 )
+                start += len(data)
+                last = start >= size
+                self.rt.metrics.fetch_bytes.inc(len(data))
+                yield pb.FetchMemoryResponse(chunk=pb.ShardChunk(layer=layer, data=data, last=last))
 
     # ------------------------------------------------------------ Watch
-    def Watch(self, request: pb.WatchRequest, context) -> Iterator[pb.WatchEvent]:
-        tenant = auth.current().tenant
+    async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.WatchEvent]:
+        """Served on the event loop: a waiting stream holds no thread. Limited per key, per
+        tenant and in all (EventBus); ended when its key is revoked (`end_revoked_watches`)."""
+        p = auth.current()
         names = [check_name(n) for n in request.names]
         bus = self.rt.bus
-        sub = bus.subscribe(tenant, names)  # before the initial listing: nothing is missed
+        sub = bus.subscribe(p.tenant, p.key_id, names)  # before the listing: nothing is missed
         try:
             if request.send_initial:
-                yield from self._initial_events(tenant, names)
-            while context.is_active() and not bus.closed.is_set():
+                start = ""
+                while start is not None:
+                    page = await self.rt.blocking(self._listing, p.tenant, start)
+                    for rec in page:
+                        if not names or rec.name in names:
+                            yield _put_event(rec)
+                    start = page[-1].name if len(page) == _PAGE else None
+            while True:
                 try:
-                    event = sub.queue.get(timeout=0.2)
-                except queue.Empty:
-                    continue
+                    event = await sub.next()
+                except StopAsyncIteration:
+                    return
                 yield _watch_event(event)
                 if sub.overflowed:
                     raise ResourceExhausted("watch stream fell behind; reconnect and re-sync")
         finally:
             bus.unsubscribe(sub)
 
-    def _initial_events(self, tenant: str, names: list[str]) -> Iterator[pb.WatchEvent]:
-        start = ""
-        while True:
-            page = self.rt.store.list_prefixes(tenant, start_after=start, limit=500)
-            for rec in page:
-                if not names or rec.name in names:
-                    ev = Event("put", tenant, rec.name, rec.version, rec.model_fingerprint,
-                               rec.updated_at)  # fmt: skip
-                    yield _watch_event(ev)
-            if len(page) < 500:
-                return
-            start = page[-1].name
+    def _listing(self, tenant: str, start: str) -> list:
+        return self.rt.store.list_prefixes(tenant, start_after=start, limit=_PAGE)
+
+
+_PAGE = 500
+FETCH_MIN_CHUNK = 64 * 1024
+MESSAGE_OVERHEAD = 64 * 1024  # room for everything of a message but its tensor bytes
+WATCH_KEY_CHECK_S = 1.0
+
+
+def fetch_chunk_bytes(asked: int, c: ServerConfig) -> int:
+    """FetchMemory's chunk size: as asked (or the default), clamped to FETCH_MIN_CHUNK..(the
+    max message size less room for the message's other fields)."""
+    chunk = asked or c.fetch_chunk_bytes
+    return max(FETCH_MIN_CHUNK, min(chunk, c.max_message_bytes - MESSAGE_OVERHEAD))
+
+
+def answer_limit(max_answer: int, max_message: int) -> int:
+    """Tensor bytes a Lookup answer may hold: max_lookup_answer_bytes, under the message limit."""
+    return min(max_answer, max_message - MESSAGE_OVERHEAD)
+
+
+async def end_revoked_watches(rt: Runtime, period: float = WATCH_KEY_CHECK_S) -> None:
+    """Every `period` seconds, end the Watch streams whose API key was revoked or whose tenant
+    was deleted (UNAUTHENTICATED); runs on the server's event loop until cancelled."""
+    while True:
+        await asyncio.sleep(period)
+        for tenant, key_id in rt.bus.holders():
+            if key_id == auth.ROOT_KEY_ID:
+                continue
+            try:
+                gone = await rt.blocking(_key_gone, rt.store, tenant, key_id)
+            except Exception:  # e.g. the store is closing: try again next round
+                log.debug("could not check key %s", key_id, exc_info=True)
+                continue
+            if gone:
+                n = rt.bus.end(Unauthenticated(
+                    f"API key {key_id} was revoked or its tenant deleted; this Watch stream "
+                    "is closed"), key_id=key_id)  # fmt: skip
+                log.info("ended %d Watch stream(s) of revoked key %s (tenant %s)", n, key_id,
+                         tenant)  # fmt: skip
+
+
+def _key_gone(store, tenant: str, key_id: str) -> bool:
+    rec = store.get_key(key_id)
+    return rec is None or rec.tenant != tenant
 
 
 def _extra_names(request: pb.LookupRequest, stored: list[str], name: str) -> list[str]:
@@ -154,6 +228,12 @@ def _extra_names(request: pb.LookupRequest, stored: list[str], name: str) -> lis
             f"its extra tensors: {have} (see PrefixInfo.extra_tensors)"
         )
     return wanted
+
+
+def _put_event(rec) -> pb.WatchEvent:
+    """The event a Watch with send_initial starts with for a stored prefix record."""
+    ev = Event("put", rec.tenant, rec.name, rec.version, rec.model_fingerprint, rec.updated_at)
+    return _watch_event(ev)
 
 
 def _watch_event(event: Event) -> pb.WatchEvent:

@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from memdb.interceptors import Interceptor
+from memdb.interceptors import Call, Hook
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1, 2.5, 5, 10, 30)  # fmt: skip
@@ -66,17 +66,21 @@ class ServerMetrics:
             self._server = None
 
 
-class MetricsInterceptor(Interceptor):
+class MetricsHook(Hook):
+    """Counts every call by method and status code and times it (streams: to their end)."""
+
     def __init__(self, metrics: ServerMetrics) -> None:
         self._m = metrics
 
     @contextmanager
-    def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        short = method.rsplit("/", 1)[-1]
+    def around(self, call: Call) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
+        except BaseException:
+            if call.code is grpc.StatusCode.OK:  # cancelled, or the server is stopping
+                call.fail(grpc.StatusCode.CANCELLED, "cancelled")
+            raise
         finally:
-            self._m.latency.labels(short).observe(time.perf_counter() - start)
-            code = context.code() or grpc.StatusCode.OK
-            self._m.requests.labels(short, code.name).inc()
+            self._m.latency.labels(call.short).observe(time.perf_counter() - start)
+            self._m.requests.labels(call.short, call.code.name).inc()

@@ -1,8 +1,9 @@
 """Records of the store (tenants, API keys, prefix versions) and their LMDB keys.
 
 Owns the dataclasses the store keeps as JSON, their JSON round trip, the snapshot of one
-version, and how record keys are laid out so that a prefix or a tenant is one range scan.
-Knows nothing of LMDB transactions.
+version, how record keys are laid out so that a prefix or a tenant is one range scan, and the
+checks of what a write may carry (names, modes, metadata sizes, indices). Knows nothing of
+LMDB transactions.
 """
 
 from __future__ import annotations
@@ -12,10 +13,23 @@ import json
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from memdb.errors import InvalidArgument
+from memdb.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from memdb.shards import ShardShape
 
 T = TypeVar("T")
+
+# Size limits of what a caller may store as metadata (InvalidArgument past them). A record is
+# copied into every version and every listing: these keep each one small.
+MAX_FINGERPRINT_BYTES = 256  # a sha256 hex digest is 64
+MAX_BUILD_PARAMS = 64  # entries
+MAX_BUILD_PARAM_KEY_BYTES = 256
+MAX_BUILD_PARAM_VALUE_BYTES = 4096
+MAX_BUILD_PARAMS_BYTES = 16 * 1024  # keys + values of all entries
+MAX_DESCRIPTION_BYTES = 1024  # of an API key
+ROLES = ("admin", "writer", "reader")
+MODES = ("create", "update", "upsert")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+METRICS = ("cosine", "ip")
 
 
 # ---------------------------------------------------------------- records
@@ -24,9 +38,23 @@ T = TypeVar("T")
 @dataclass
 class TenantRecord:
     name: str
-    max_bytes: int = 0  # 0 = unlimited; counts the shard bytes of current versions
+    max_bytes: int = 0  # 0 = unlimited; counts every record of the tenant (see Usage)
     max_prefixes: int = 0  # 0 = unlimited
     created_at: float = 0.0
+
+
+@dataclass
+class Usage:
+    """What a tenant makes the server store, kept up to date in every write transaction.
+
+    `bytes` counts key + value bytes of every record of the tenant: its API keys, and of
+    every retained version of every prefix its shards, indices and records (not the tenant
+    record itself, which the admin creates). The quota `TenantRecord.max_bytes` bounds it.
+    """
+
+    bytes: int = 0
+    prefixes: int = 0
+    keys: int = 0
 
 
 @dataclass
@@ -57,6 +85,7 @@ class PrefixRecord:
     created_at: float
     updated_at: float
     retained_versions: list[int] = field(default_factory=list)  # ascending, current last
+    stored_bytes: int = 0  # key + value bytes of this version's shard and index records
 
 
 @dataclass
@@ -124,9 +153,99 @@ def item_key(tenant: str, name: str, *numbers: int) -> bytes:
     return head + b"".join(n.to_bytes(w, "big") for n, w in zip(numbers, (8, 4, 4), strict=False))
 
 
+def check_metadata(model_fingerprint: str, build_params: dict[str, str]) -> None:
+    """InvalidArgument (a short message) if the fingerprint or build parameters are too big."""
+    if len(model_fingerprint.encode()) > MAX_FINGERPRINT_BYTES:
+        raise InvalidArgument(
+            f"model_fingerprint is {len(model_fingerprint.encode())} bytes; "
+            f"at most {MAX_FINGERPRINT_BYTES} are allowed"
+        )
+    if len(build_params) > MAX_BUILD_PARAMS:
+        raise InvalidArgument(
+            f"build_params has {len(build_params)} entries; at most {MAX_BUILD_PARAMS} are allowed"
+        )
+    total = 0
+    for k, v in build_params.items():
+        kb, vb = len(k.encode()), len(v.encode())
+        if kb > MAX_BUILD_PARAM_KEY_BYTES or vb > MAX_BUILD_PARAM_VALUE_BYTES:
+            raise InvalidArgument(
+                f"build_params entry '{k[:40]}' is too big: keys may have "
+                f"{MAX_BUILD_PARAM_KEY_BYTES} bytes, values {MAX_BUILD_PARAM_VALUE_BYTES}"
+            )
+        total += kb + vb
+    if total > MAX_BUILD_PARAMS_BYTES:
+        raise InvalidArgument(
+            f"build_params hold {total} bytes; at most {MAX_BUILD_PARAMS_BYTES} are allowed"
+        )
+
+
+def check_description(description: str) -> None:
+    if len(description.encode()) > MAX_DESCRIPTION_BYTES:
+        raise InvalidArgument(
+            f"the description is {len(description.encode())} bytes; "
+            f"at most {MAX_DESCRIPTION_BYTES} are allowed"
+        )
+
+
 def check_layer(rec: PrefixRecord, layer: int) -> None:
     if not 0 <= layer < rec.num_layers:
         raise InvalidArgument(
             f"layer {layer} out of range: prefix '{rec.name}' has {rec.num_layers} layers "
             f"(0..{rec.num_layers - 1})"
+        )
+
+
+def check_stored_name(value: str, what: str, max_bytes: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidArgument(f"{what} {value[:40]!r} contains control characters")
+    if len(value.encode()) > max_bytes:
+        raise InvalidArgument(f"{what} '{value[:40]}...' is longer than {max_bytes} bytes")
+
+
+def check_write_args(
+    mode: str,
+    model_fingerprint: str,
+    token_count: int,
+    build_params: dict[str, str],
+    index_kind: str,
+    metric: str,
+) -> None:
+    if mode not in MODES:
+        raise InvalidArgument(f"mode '{mode}' is unknown; use {', '.join(MODES)}")
+    if not model_fingerprint:
+        raise InvalidArgument("model_fingerprint is empty; send the fingerprint of the model")
+    if token_count < 0:
+        raise InvalidArgument(f"token_count must be >= 0, got {token_count}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in build_params.items()):
+        raise InvalidArgument("build_params must map strings to strings")
+    if index_kind not in INDEX_KINDS:
+        raise InvalidArgument(f"index kind '{index_kind}' is unknown; use {', '.join(INDEX_KINDS)}")
+    if metric not in METRICS:
+        raise InvalidArgument(f"metric '{metric}' is unknown; use {' or '.join(METRICS)}")
+
+
+def check_indices(indices: list[list[bytes]], num_layers: int, num_groups: int) -> None:
+    if len(indices) != num_layers:
+        raise InvalidArgument(f"got indices for {len(indices)} layers, expected {num_layers}")
+    for layer, groups in enumerate(indices):
+        if len(groups) != num_groups or not all(groups):
+            raise InvalidArgument(
+                f"layer {layer}: got {len(groups)} indices, expected one non-empty index per "
+                f"group ({num_groups})"
+            )
+
+
+def check_mode(mode: str, name: str, current: PrefixRecord | None, expected: int) -> None:
+    if mode == "create" and current is not None:
+        raise AlreadyExists(
+            f"prefix '{name}' already exists (version {current.version}); use update or upsert"
+        )
+    if mode == "update" and current is None:
+        raise NotFound(f"prefix '{name}' not found; use create or upsert")
+    at = current.version if current else 0
+    if expected and expected != at:
+        raise FailedPrecondition(
+            f"prefix '{name}' is at version {at}, not the expected {expected}; re-read it and retry"
         )

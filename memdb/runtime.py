@@ -1,4 +1,5 @@
-"""What every servicer of one server process shares: config, store, index cache, events, metrics.
+"""What every servicer of one server process shares: config, store, index cache, events, metrics,
+and the bounded executor that runs blocking work (LMDB, FAISS) off the event loop.
 
 Also the checks that several RPCs share (names, model fingerprints). Knows nothing of gRPC
 transport details.
@@ -6,9 +7,13 @@ transport details.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from memdb.config import ServerConfig
 from memdb.errors import FailedPrecondition, InvalidArgument
@@ -16,6 +21,8 @@ from memdb.events import EventBus
 from memdb.index import IndexCache, IndexParams
 from memdb.metrics import ServerMetrics
 from memdb.storage import Store
+
+T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -28,7 +35,12 @@ class Runtime:
     bus: EventBus
     metrics: ServerMetrics
     index_params: IndexParams
+    executor: ThreadPoolExecutor
     started_at: float = field(default_factory=time.time)
+
+    async def blocking(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` in the executor, awaited from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
 def check_name(name: str, what: str = "prefix name") -> str:

@@ -1,13 +1,15 @@
 """The memdb-server process: wiring, `run_server` (also the test fixture) and the CLI.
 
-`run_server(config)` starts everything in-process (gRPC with health, reflection, interceptors;
-Prometheus metrics; the LMDB store) and stops it gracefully on exit. `main()` is the
+`run_server(config)` starts everything in-process (the asyncio gRPC server with health,
+reflection and the call hooks, in its own thread; Prometheus metrics; the LMDB store) and stops
+it gracefully on exit. `main()` is the
 `memdb-server` console script: flags > MEMDB_* environment > config file > defaults, and a
 graceful shutdown on SIGTERM / SIGINT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +30,24 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 import memdb
+from memdb import auth
 from memdb.admin_service import AdminServicer
-from memdb.auth import Authenticator, AuthInterceptor
+from memdb.auth import Authenticator, AuthHook
 from memdb.config import ServerConfig, load_config
-from memdb.events import EventBus
+from memdb.durable import write_file_durably
+from memdb.events import EventBus, WatchLimits
 from memdb.index import IndexCache, IndexParams, set_threads
-from memdb.interceptors import ErrorInterceptor
-from memdb.memory_service import MemoryServicer
-from memdb.metrics import MetricsInterceptor, ServerMetrics
+from memdb.interceptors import CallCap, Dispatcher, ErrorHook, Slots
+from memdb.memory_service import MemoryServicer, end_revoked_watches
+from memdb.metrics import MetricsHook, ServerMetrics
 from memdb.runtime import Runtime
 from memdb.storage import Store
-from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICES = ("memdb.v1.MemoryService", "memdb.v1.AdminService")
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 @dataclass
@@ -56,7 +60,11 @@ class RunningServer:
 
 @contextmanager
 def run_server(config: ServerConfig) -> Iterator[RunningServer]:
-    """Serve until the block exits, then shut down gracefully."""
+    """Serve until the block exits, then shut down gracefully.
+
+    The gRPC server is a `grpc.aio` server on an event loop in its own thread; blocking work
+    (LMDB, FAISS) runs in a bounded thread pool (`max_workers`), so the caller's thread stays
+    free (sync tests call the server from it)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     set_threads(config.faiss_threads)
     store = Store(
@@ -65,27 +73,32 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
         max_map_size=config.max_map_size,
         sync=config.sync,
         retain_versions=config.retain_versions,
+        reserve_bytes=min(config.map_reserve_bytes, config.max_map_size // 8),
+        max_keys_per_tenant=config.max_api_keys_per_tenant,
     )
+    executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="memdb-rpc")
     rt = Runtime(
         config=config,
         store=store,
         cache=IndexCache(config.index_cache_bytes),
-        bus=EventBus(),
+        bus=EventBus(_watch_limits(config)),
         metrics=ServerMetrics(),
         index_params=_index_params(config),
+        executor=executor,
     )
     admin_key = _admin_key(config)
-    server, health_servicer, address = _grpc_server(rt, admin_key)
-    metrics_address = _serve_metrics(rt)
-    _write_ready_file(config.ready_file, address, metrics_address)
-    log.info("memdb %s serving on %s (data in %s)", memdb.__version__, address, config.data_dir)
+    grpc_thread = _GrpcThread(rt, admin_key)
     try:
+        address = grpc_thread.start()
+        metrics_address = _serve_metrics(rt)
+        _write_ready_file(config.ready_file, address, metrics_address)
+        log.info("memdb %s serving on %s (data in %s)", memdb.__version__, address, config.data_dir)
         yield RunningServer(address, metrics_address, admin_key, rt)
     finally:
         log.info("shutting down (grace %.1fs)", config.shutdown_grace_s)
-        health_servicer.enter_graceful_shutdown()
         rt.bus.close()
-        server.stop(config.shutdown_grace_s).wait()
+        grpc_thread.stop(config.shutdown_grace_s)
+        executor.shutdown(wait=True, cancel_futures=True)
         rt.metrics.close()
         store.close()
         if config.ready_file is not None:
@@ -104,40 +117,108 @@ def _index_params(c: ServerConfig) -> IndexParams:
     )
 
 
-def _grpc_server(rt: Runtime, admin_key: str) -> tuple[grpc.Server, health.HealthServicer, str]:
-    c = rt.config
-    options = [
-        ("grpc.max_send_message_length", c.max_message_bytes),
-        ("grpc.max_receive_message_length", c.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    interceptors = [
-        MetricsInterceptor(rt.metrics),
-        ErrorInterceptor(),
-        AuthInterceptor(Authenticator(rt.store, admin_key)),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=c.max_workers, thread_name_prefix="memdb-rpc"),
-        interceptors=interceptors,
-        options=options,
+def _watch_limits(c: ServerConfig) -> WatchLimits:
+    return WatchLimits(
+        per_key=c.max_watch_streams_per_key,
+        per_tenant=c.max_watch_streams_per_tenant,
+        total=c.max_watch_streams,
     )
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(rt), server)
-    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if c.reflection:
-        names = (*[pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES],
-                 health.SERVICE_NAME, reflection.SERVICE_NAME)  # fmt: skip
-        reflection.enable_server_reflection(names, server)
-    port = _bind(server, c)
-    for name in ("", *SERVICES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    server.start()
-    host = c.listen.rpartition(":")[0]
-    return server, health_servicer, f"{host}:{port}"
 
 
-def _bind(server: grpc.Server, c: ServerConfig) -> int:
+class _GrpcThread:
+    """The asyncio gRPC server (with health, reflection, the call hooks and the revoked-key
+    check of Watch streams) on its own event loop thread."""
+
+    def __init__(self, rt: Runtime, admin_key: str) -> None:
+        self.rt = rt
+        self.admin_key = admin_key
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memdb-grpc",
+                                       daemon=True)  # fmt: skip
+        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self) -> str:
+        self.thread.start()
+        try:
+            return self._run(self._start())
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def stop(self, grace: float) -> None:
+        if self.thread.is_alive():
+            try:
+                self._run(self._stop(grace))
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join()
+        self.loop.close()
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _start(self) -> str:
+        rt, c = self.rt, self.rt.config
+        auth_hook = AuthHook(Authenticator(rt.store, self.admin_key))
+        hooks = [
+            MetricsHook(rt.metrics),
+            ErrorHook(),
+            CallCap(HEALTH_WATCH.__eq__, c.max_health_watches, "max_health_watches"),
+            auth_hook,
+            CallCap(
+                auth_hook.applies,
+                c.max_calls_per_tenant,
+                "max_calls_per_tenant",
+                key=lambda: f"tenant '{_tenant()}'",
+            ),  # fmt: skip
+        ]
+        dispatcher = Dispatcher(
+            hooks,
+            rt.executor,
+            slots=Slots(c.max_tenant_jobs, _tenant),
+            uploads=Slots(min(c.max_uploads, c.max_workers - 1), lambda: None),
+            idle_timeout=c.stream_idle_timeout_s,
+        )
+        self.server = server = grpc.aio.server(
+            interceptors=[dispatcher],
+            options=[
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        )
+        pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(rt), server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if c.reflection:
+            names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        port = _bind(server, c)
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        self.tasks.append(asyncio.create_task(end_revoked_watches(rt)))
+        host = c.listen.rpartition(":")[0]
+        return f"{host}:{port}"
+
+    async def _stop(self, grace: float) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+
+def _tenant() -> str:
+    return auth.current().tenant
+
+
+def _bind(server: grpc.aio.Server, c: ServerConfig) -> int:
     if c.tls_cert is not None:
         creds = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())])
         port = server.add_secure_port(c.listen, creds)
@@ -171,9 +252,7 @@ def _admin_key(config: ServerConfig) -> str:
     if path.exists():
         return path.read_text().strip()
     key = "mdb_root_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    write_file_durably(path, (key + "\n").encode(), mode=0o600)
     log.warning("no admin key configured: generated one into %s", path)
     return key
 

@@ -3,14 +3,19 @@
 A shard holds, for one layer, I index groups of M entries each:
 
     keys       [I, M, Dk]    lookup keys (float32, float16, bfloat16 or float8_e4m3fn)
-    key_scale  [I, M]        float32, present iff keys are float8: key = keys * key_scale
-    out        [I, M, h, d]  attention output of each entry on the prefix (float32, float16
-                             or bfloat16)
+    key_scale  [I, M]        float32; present iff keys are float8_e4m3fn:
+                             key = keys.astype(float32) * key_scale[..., None]
+    out        [I, M, h, d]  attention output of each entry on the prefix
+                             (float32, float16 or bfloat16)
     lse        [I, M, h]     natural-log log-sum-exp of each entry on the prefix (float32)
-    ...                      extra tensors (e.g. `k_bar`), kept as they are (float32, float16
-                             or bfloat16)
+    ...                      extra tensors [I, M, ...] (e.g. `q_mean`, `k_bar`), kept as they
+                             are (float32, float16 or bfloat16)
+    whiten, whiten_mean      per-layer tensors of any shape (the worker's key whitening), not
+                             one row per entry (so Lookup cannot return their rows)
 
 and string metadata in the safetensors header (`memdb.format`, `layer`, build parameters).
+bfloat16 and float8_e4m3fn are numpy dtypes through `ml_dtypes`; safetensors' own numpy
+loader does not know them, so blobs are parsed with `safetensors.deserialize` and viewed here.
 This module encodes, decodes and validates shards; it knows nothing of LMDB, FAISS or gRPC,
 and imports no torch (the worker converts its tensors to numpy first).
 """
@@ -30,21 +35,34 @@ from memdb.errors import InvalidArgument
 
 FORMAT_VERSION = "1"
 REQUIRED = ("keys", "out", "lse")
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FLOAT8 = np.dtype(ml_dtypes.float8_e4m3fn)
+KEY_SCALE = "key_scale"
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 ALLOWED_DTYPES = {
-    "keys": (np.float32, np.float16, BFLOAT16, FLOAT8),
-    "key_scale": (np.float32,),
-    "out": (np.float32, np.float16, BFLOAT16),
-    "lse": (np.float32,),
+    "keys": (F32, F16, BF16, FP8),
+    KEY_SCALE: (F32,),
+    "out": (F32, F16, BF16),
+    "lse": (F32,),
 }
-EXTRA_DTYPES = (np.float32, np.float16, BFLOAT16)
-# safetensors dtype codes read (safetensors.numpy knows no bfloat16 / float8); the validation
-# then names what a shard may hold
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": BFLOAT16, "F8_E4M3": FLOAT8,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-}  # fmt: skip
+EXTRA_DTYPES = (F32, F16, BF16)
+LAYER_TENSORS = ("whiten", "whiten_mean")  # extras that belong to the layer, not to entries
+# safetensors dtype names <-> numpy dtypes (what a shard may hold, and what validation names)
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": F32,
+    "F16": F16,
+    "BF16": BF16,
+    "F8_E4M3": FP8,
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -65,8 +83,9 @@ class Shard:
     keys: np.ndarray  # [I, M, Dk]
     out: np.ndarray  # [I, M, h, d]
     lse: np.ndarray  # [I, M, h]
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [I, M, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    key_scale: np.ndarray | None = None  # [I, M] float32, iff keys are float8_e4m3fn
 
     @property
     def shape(self) -> ShardShape:
@@ -74,28 +93,52 @@ class Shard:
         _, _, h, d = self.out.shape
         return ShardShape(i, m, dk, h, d)
 
+    @property
+    def entry_extras(self) -> list[str]:
+        """Names of the extras with one row per entry ([I, M, ...]), sorted."""
+        return sorted(name for name in self.extras if name not in LAYER_TENSORS)
+
+    def float_keys(self) -> np.ndarray:
+        """The keys as float32 [I, M, Dk] (fp8 keys dequantized with `key_scale`)."""
+        keys = self.keys.astype(np.float32)
+        if self.key_scale is not None:
+            keys *= self.key_scale[..., None]
+        return keys
+
 
 def encode_shard(shard: Shard) -> bytes:
     """Serialize a shard to safetensors bytes (validates it first)."""
     tensors = {"keys": shard.keys, "out": shard.out, "lse": shard.lse, **shard.extras}
+    if shard.key_scale is not None:
+        tensors[KEY_SCALE] = shard.key_scale
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"memdb.format": FORMAT_VERSION, **shard.metadata}
     _validate_tensors(tensors, where="shard")
-    return stnp.save(tensors, metadata=metadata)
+    return save_tensors(tensors, metadata)
 
 
 def decode_shard(blob: bytes, *, where: str = "shard") -> Shard:
     """Parse and validate safetensors bytes into a Shard; InvalidArgument if anything is off."""
     tensors = _load_tensors(blob, where)
     _validate_tensors(tensors, where=where)
-    extras = {k: v for k, v in tensors.items() if k not in REQUIRED}
+    extras = {k: v for k, v in tensors.items() if k not in (*REQUIRED, KEY_SCALE)}
     return Shard(
         keys=tensors["keys"],
         out=tensors["out"],
         lse=tensors["lse"],
         extras=extras,
         metadata=read_metadata(blob),
+        key_scale=tensors.get(KEY_SCALE),
     )
+
+
+def save_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of numpy arrays, bfloat16 and float8 included (the inverse of
+    `_load_tensors`)."""
+    for name, t in tensors.items():
+        if t.dtype not in _ST_NAMES:
+            raise InvalidArgument(f"tensor '{name}' has dtype {t.dtype}, which a shard cannot hold")
+    return stnp.save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:
@@ -116,7 +159,8 @@ def read_metadata(blob: bytes) -> dict[str, str]:
 
 
 def check_consistent(shards: list[Shard]) -> ShardShape:
-    """Every layer must share I, M, Dk, h, d and dtypes; returns the common shape."""
+    """Every layer must share I, M, Dk, h, d, dtypes and extra tensors (names, shapes and
+    dtypes); returns the common shape."""
     if not shards:
         raise InvalidArgument("a memory needs at least one layer shard")
     first = shards[0]
@@ -135,20 +179,32 @@ def check_consistent(shards: list[Shard]) -> ShardShape:
                 f"layer {layer} has extra tensors {sorted(s.extras)}, "
                 f"layer 0 has {sorted(first.extras)}"
             )
+        for name, t in s.extras.items():
+            t0 = first.extras[name]
+            if t.shape != t0.shape or t.dtype != t0.dtype:
+                raise InvalidArgument(
+                    f"layer {layer}: extra tensor '{name}' is {t.dtype} {list(t.shape)}, "
+                    f"layer 0 has {t0.dtype} {list(t0.shape)}"
+                )
     return first.shape
 
 
 def _load_tensors(blob: bytes, where: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors blob as numpy arrays (bfloat16 and float8 included)."""
     try:
-        flat = safetensors.deserialize(bytes(blob))
+        specs = safetensors.deserialize(bytes(blob))
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise InvalidArgument(f"{where}: not a valid safetensors blob ({exc})") from None
     tensors = {}
-    for name, view in flat:
-        dtype = _SAFETENSORS_DTYPES.get(view["dtype"])
+    for name, spec in specs:
+        dtype = _ST_DTYPES.get(spec["dtype"])
         if dtype is None:
-            raise InvalidArgument(f"{where}: tensor '{name}' has unsupported dtype {view['dtype']}")
-        tensors[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+            raise InvalidArgument(
+                f"{where}: tensor '{name[:64]}' has safetensors dtype {spec['dtype'][:16]}, "
+                "which a shard cannot hold"
+            )
+        a = np.frombuffer(spec["data"], dtype=dtype.newbyteorder("<"))
+        tensors[name] = a.astype(dtype, copy=False).reshape(spec["shape"])
     return tensors
 
 
@@ -161,10 +217,10 @@ def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
     for name, t in tensors.items():
         allowed = ALLOWED_DTYPES.get(name, EXTRA_DTYPES)
         if t.dtype not in allowed:
-            names = ", ".join(np.dtype(a).name for a in allowed)
-            raise InvalidArgument(f"{where}: tensor '{name}' has dtype {t.dtype}; use {names}")
+            names = ", ".join(a.name for a in allowed)
+            raise InvalidArgument(f"{where}: tensor '{name[:64]}' has dtype {t.dtype}; use {names}")
         if not np.isfinite(t).all():
-            raise InvalidArgument(f"{where}: tensor '{name}' holds NaN or infinite values")
+            raise InvalidArgument(f"{where}: tensor '{name[:64]}' holds NaN or infinite values")
     keys, out, lse = tensors["keys"], tensors["out"], tensors["lse"]
     if keys.ndim != 3 or out.ndim != 4 or lse.ndim != 3:
         raise InvalidArgument(
@@ -183,10 +239,28 @@ def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
             f"{where}: tensor 'lse' has shape {list(lse.shape)}, "
             f"expected [{i}, {m}, {out.shape[2]}]"
         )
-    scale = tensors.get("key_scale")
-    if (keys.dtype == FLOAT8) != (scale is not None):
-        raise InvalidArgument(f"{where}: float8 keys need a 'key_scale' [I, M], other keys none")
-    if scale is not None and scale.shape != (i, m):
+    _check_key_scale(tensors, where)
+    for name, t in tensors.items():
+        if name in (*REQUIRED, KEY_SCALE, *LAYER_TENSORS):
+            continue
+        if t.ndim < 2 or t.shape[:2] != (i, m):
+            raise InvalidArgument(
+                f"{where}: extra tensor '{name[:64]}' has shape {list(t.shape)[:8]}, "
+                f"expected [{i}, {m}, ...] (one row per entry)"
+            )
+
+
+def _check_key_scale(tensors: dict[str, np.ndarray], where: str) -> None:
+    """`key_scale` [I, M] is there iff the keys are float8_e4m3fn."""
+    keys, scale = tensors["keys"], tensors.get(KEY_SCALE)
+    if (keys.dtype == FP8) != (scale is not None):
         raise InvalidArgument(
-            f"{where}: tensor 'key_scale' has shape {list(scale.shape)}, expected [{i}, {m}]"
+            f"{where}: float8_e4m3fn keys need a float32 '{KEY_SCALE}' [I, M] tensor, and only "
+            f"they have one (keys are {keys.dtype}, '{KEY_SCALE}' is "
+            f"{'absent' if scale is None else 'present'})"
+        )
+    if scale is not None and scale.shape != keys.shape[:2]:
+        raise InvalidArgument(
+            f"{where}: tensor '{KEY_SCALE}' has shape {list(scale.shape)}, "
+            f"expected {list(keys.shape[:2])}"
         )

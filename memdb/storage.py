@@ -9,13 +9,16 @@ This module owns the one LMDB environment of a server and its named sub-database
     versions  tenant \\0 name \\0 version -> PrefixRecord of that version (JSON)
     shards    tenant \\0 name \\0 version layer -> safetensors bytes of one layer
     indices   tenant \\0 name \\0 version layer group -> serialized FAISS index bytes
+    usage     tenant -> Usage (JSON): bytes, prefixes and keys the tenant stores
 
 (version: 8 bytes, layer and group: 4 bytes, all big-endian, so keys sort numerically and every
 record of a prefix, or of a tenant, is one range scan.) A version is written completely and made
 current in one write transaction, so readers see the old version or the new one, never a mix;
 versions older than the last `retain_versions` are deleted in the same transaction.
 
-It validates shards (through memdb.shards) and quotas, grows the LMDB map when it fills, and
+It validates shards (through memdb.shards), metadata sizes and quotas (counting every record
+a tenant stores, updated in the write transaction that changes it), grows the LMDB map when
+it fills but keeps its last `reserve_bytes` for deletes (so space can always be freed), and
 reclaims reader slots of crashed processes. It does not know FAISS (index bytes are opaque
 here), gRPC, or how API keys are hashed and checked.
 """
@@ -23,17 +26,17 @@ here), gRPC, or how API keys are hashed and checked.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import lmdb
 
+from memdb.durable import fsync_dir, make_dirs_durably
 from memdb.errors import (
     AlreadyExists,
     Cancelled,
@@ -42,80 +45,53 @@ from memdb.errors import (
     NotFound,
     ResourceExhausted,
 )
+from memdb.lmdbio import PAGE, RWLock, delete_range, file_size, round_up, scan
 from memdb.records import (
+    ROLES,
     KeyRecord,
     PrefixRecord,
     TenantRecord,
+    Usage,
     VersionSnapshot,
+    check_description,
+    check_indices,
     check_layer,
+    check_metadata,
+    check_mode,
+    check_stored_name,
+    check_write_args,
     item_key,
     prefix_key,
     record_from_json,
     record_to_json,
 )
 from memdb.shards import Shard, check_consistent, decode_shard
+from memdb.usage import (
+    check_bytes,
+    check_prefix_count,
+    load_usage,
+    recount,
+    save_usage,
+    stored_bytes,
+    stored_versions,
+    version_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA = b"1"
-DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices")
+DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices", "usage")
 DEFAULT_TENANT = "default"
-ROLES = ("admin", "writer", "reader")
-MODES = ("create", "update", "upsert")
-INDEX_KINDS = ("flat", "ivf", "hnsw")
-METRICS = ("cosine", "ip")
 MAX_TENANT_BYTES = 128
 MAX_NAME_BYTES = 255  # with the tenant and 16 bytes of numbers, well under LMDB's 511-byte keys
-PAGE = 4096
+# The last bytes of the largest map are kept for deletes: a delete copies the B-tree pages it
+# touches, so in a map filled to the brim even a delete fails. 64 MiB frees gigabytes (a
+# delete needs about a page per leaf it empties plus 8 bytes per freed page); small maps keep
+# an eighth.
+DEFAULT_RESERVE = 64 << 20
+DEFAULT_MAX_KEYS = 1000  # API keys per tenant
 
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- locking
-
-
-class _RWLock:
-    """Many holders of `shared`, or one of `exclusive` (waiting exclusives go first).
-
-    Every LMDB transaction of this process runs under `shared`; growing the map runs under
-    `exclusive`, because the map must not be replaced while a transaction of this process is
-    open. Not re-entrant: never take `shared` twice in one thread.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 # ---------------------------------------------------------------- the store
@@ -133,17 +109,30 @@ class Store:
         sync: bool = True,
         max_readers: int = 126,
         retain_versions: int = 2,
+        reserve_bytes: int | None = None,
+        max_keys_per_tenant: int = DEFAULT_MAX_KEYS,
     ) -> None:
         if retain_versions < 1:
             raise InvalidArgument(f"retain_versions must be at least 1, got {retain_versions}")
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path)
+        created = not (self.path / "data.mdb").exists()
         self._sync = sync
         self._retain = retain_versions
-        self._rw = _RWLock()
+        self._max_keys = max_keys_per_tenant
+        self._rw = RWLock()
         self._write_lock = threading.Lock()
-        initial = _round_up(max(map_size, _file_size(self.path / "data.mdb"), PAGE))
-        self._max_map_size = max(_round_up(max_map_size), initial)
+        on_disk = file_size(self.path / "data.mdb")
+        self._max_map_size = max(round_up(max_map_size), round_up(on_disk))
+        if reserve_bytes is None:
+            reserve_bytes = min(DEFAULT_RESERVE, self._max_map_size // 8)
+        self._reserve = round_up(reserve_bytes)
+        if not 0 <= self._reserve < self._max_map_size:
+            raise InvalidArgument(
+                f"reserve_bytes ({reserve_bytes}) must be below max_map_size ({max_map_size})"
+            )
+        self._cap = self._max_map_size - self._reserve  # writes other than deletes stop here
+        initial = round_up(max(min(map_size, self._cap), on_disk, PAGE))
         self._env = lmdb.open(
             str(self.path),
             map_size=initial,
@@ -156,6 +145,9 @@ class Store:
             max_spare_txns=max_readers,
         )
         self._db = {name: self._env.open_db(name.encode()) for name in DBS}
+        if created and sync:  # the names of the new data.mdb and lock.mdb, and of the folder
+            fsync_dir(self.path)
+            fsync_dir(self.path.absolute().parent)
         self._page = self._env.stat()["psize"]
         self.reclaim_readers()
         self._write(self._init_meta)
@@ -173,6 +165,9 @@ class Store:
         if txn.get(DEFAULT_TENANT.encode(), db=self._db["tenants"]) is None:
             rec = TenantRecord(DEFAULT_TENANT, created_at=time.time())
             txn.put(DEFAULT_TENANT.encode(), record_to_json(rec), db=self._db["tenants"])
+        for name, _ in txn.cursor(db=self._db["tenants"]):  # stores written before `usage`
+            if txn.get(name, db=self._db["usage"]) is None:
+                save_usage(txn, self._db, name.decode(), recount(txn, self._db, name.decode()))
 
     def close(self) -> None:
         """Flush (when opened with sync=False) and close; idempotent."""
@@ -204,42 +199,64 @@ class Store:
         with self._rw.shared(), self._env.begin(buffers=False) as txn:
             yield txn
 
-    def _write(self, fn: Callable[[lmdb.Transaction], T], payload: int = 0) -> T:
-        """Run `fn` in one write transaction; on a full map, abort, grow the map and retry."""
-        with self._write_lock:
-            while True:
-                try:
-                    with self._rw.shared(), self._env.begin(write=True) as txn:
-                        return fn(txn)
-                except lmdb.MapFullError:
-                    self._grow(payload)
-                except lmdb.TxnFullError:
-                    raise ResourceExhausted(
-                        f"one write of {payload} bytes touches more pages than an LMDB "
-                        "transaction can hold; upload a smaller memory (fewer layers or entries)"
-                    ) from None
+    def _write(
+        self, fn: Callable[[lmdb.Transaction], T], payload: int = 0, *, delete: bool = False
+    ) -> T:
+        """Run `fn` in one write transaction; on a full map, abort, grow the map and retry.
 
-    def _grow(self, payload: int) -> None:
+        Only a `delete` may grow the map into its reserve (the last `reserve_bytes` of
+        max_map_size); afterwards the map shrinks back to the cap (or to what is used), so the
+        pages a delete frees, not the reserve, are what later writes fill.
+        """
+        with self._write_lock:
+            try:
+                while True:
+                    try:
+                        with self._rw.shared(), self._env.begin(write=True) as txn:
+                            return fn(txn)
+                    except lmdb.MapFullError:
+                        self._grow(payload, self._max_map_size if delete else self._cap)
+                    except lmdb.TxnFullError:
+                        raise ResourceExhausted(
+                            f"one write of {payload} bytes touches more pages than an LMDB "
+                            "transaction can hold; upload a smaller memory (fewer layers or "
+                            "entries)"
+                        ) from None
+            finally:
+                if delete:
+                    self._shrink_to_cap()
+
+    def _grow(self, payload: int, limit: int) -> None:
         with self._rw.exclusive():
             info = self._env.info()
             current = info["map_size"]
             used = (info["last_pgno"] + 1) * self._page
-            if current >= self._max_map_size:
+            if current >= limit:
                 raise ResourceExhausted(
-                    f"the store is full: a write of {payload} bytes does not fit in the "
-                    f"{self._max_map_size}-byte LMDB map ({used} bytes used); delete prefixes "
-                    "or raise the server's max map size"
+                    f"the store is full: a write of {payload} bytes does not fit in the LMDB map "
+                    f"({used} of {self._max_map_size} bytes used, the last {self._reserve} kept "
+                    "for deletes); delete prefixes, API keys or tenants, or raise the server's "
+                    "max map size (--max-map-size)"
                 )
-            target = _round_up(max(current * 2, used + 2 * payload))
-            target = min(target, self._max_map_size)
+            target = min(round_up(max(current * 2, used + 2 * payload)), limit)
             self._env.set_mapsize(target)
             log.info("grew the LMDB map from %d to %d bytes", current, target)
+
+    def _shrink_to_cap(self) -> None:
+        """Give back the part of the reserve a delete grew into but left unused."""
+        if self._env.info()["map_size"] <= self._cap:
+            return  # the usual case: no need to stop this process's readers
+        with self._rw.exclusive():
+            current = self._env.info()["map_size"]
+            if current > self._cap:
+                self._env.set_mapsize(self._cap)  # LMDB keeps at least what is used
+                log.info("LMDB map back from %d to %d bytes", current, self._env.info()["map_size"])
 
     # ------------------------------------------------------------ tenants
 
     def put_tenant(self, rec: TenantRecord) -> None:
         """Create a tenant; AlreadyExists if the name is taken."""
-        _check_name(rec.name, "tenant name", MAX_TENANT_BYTES)
+        check_stored_name(rec.name, "tenant name", MAX_TENANT_BYTES)
         if rec.max_bytes < 0 or rec.max_prefixes < 0:
             raise InvalidArgument("tenant quotas must be 0 (unlimited) or positive")
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
@@ -249,6 +266,7 @@ class Store:
                 rec.name.encode(), record_to_json(rec), overwrite=False, db=self._db["tenants"]
             ):
                 raise AlreadyExists(f"tenant '{rec.name}' already exists")
+            save_usage(txn, self._db, rec.name, Usage())
 
         self._write(put)
 
@@ -274,39 +292,50 @@ class Store:
         def delete(txn: lmdb.Transaction) -> None:
             self._tenant(txn, name)
             start = f"{name}\0".encode()
-            count = sum(1 for _ in _scan(txn, self._db["prefixes"], start))
+            count = sum(1 for _ in scan(txn, self._db["prefixes"], start))
             if count and not force:
                 raise FailedPrecondition(
                     f"tenant '{name}' still has {count} prefix(es); delete them first "
                     "or delete the tenant with force"
                 )
             for db in ("prefixes", "versions", "shards", "indices"):
-                _delete_range(txn, self._db[db], start)
+                delete_range(txn, self._db[db], start)
             for key_id, blob in list(txn.cursor(db=self._db["keys"])):
                 if record_from_json(KeyRecord, blob).tenant == name:
                     txn.delete(key_id, db=self._db["keys"])
             txn.delete(name.encode(), db=self._db["tenants"])
+            txn.delete(name.encode(), db=self._db["usage"])
 
-        self._write(delete)
+        self._write(delete, delete=True)
         log.info("deleted tenant %s (force=%s)", name, force)
 
     # ------------------------------------------------------------ API keys
 
     def put_key(self, rec: KeyRecord) -> None:
         """Store an API key record; NotFound for an unknown tenant, AlreadyExists for the id."""
-        _check_name(rec.key_id, "API key id", MAX_NAME_BYTES)
+        check_stored_name(rec.key_id, "API key id", MAX_NAME_BYTES)
         if rec.role not in ROLES:
             raise InvalidArgument(f"role '{rec.role}' is unknown; use {', '.join(ROLES)}")
         if not rec.secret_hash:
             raise InvalidArgument(f"API key '{rec.key_id}' has no secret hash")
+        check_description(rec.description)
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
+        key, blob = rec.key_id.encode(), record_to_json(rec)
 
         def put(txn: lmdb.Transaction) -> None:
-            self._tenant(txn, rec.tenant)
-            if not txn.put(
-                rec.key_id.encode(), record_to_json(rec), overwrite=False, db=self._db["keys"]
-            ):
+            tenant = self._tenant(txn, rec.tenant)
+            usage = load_usage(txn, self._db, rec.tenant)
+            if usage.keys >= self._max_keys:
+                raise ResourceExhausted(
+                    f"tenant '{rec.tenant}' has {usage.keys} API keys, the most a tenant may "
+                    "have; revoke unused keys first"
+                )
+            usage.keys += 1
+            usage.bytes += len(key) + len(blob)
+            check_bytes(tenant, usage, f"API key '{rec.key_id}'")
+            if not txn.put(key, blob, overwrite=False, db=self._db["keys"]):
                 raise AlreadyExists(f"API key '{rec.key_id}' already exists")
+            save_usage(txn, self._db, rec.tenant, usage)
 
         self._write(put)
 
@@ -323,10 +352,18 @@ class Store:
 
     def delete_key(self, key_id: str) -> None:
         def delete(txn: lmdb.Transaction) -> None:
-            if not key_id or not txn.delete(key_id.encode(), db=self._db["keys"]):
+            key = key_id.encode()
+            blob = txn.get(key, db=self._db["keys"]) if key_id else None
+            if blob is None:
                 raise NotFound(f"API key '{key_id}' not found")
+            txn.delete(key, db=self._db["keys"])
+            tenant = record_from_json(KeyRecord, blob).tenant
+            usage = load_usage(txn, self._db, tenant)
+            usage.keys -= 1
+            usage.bytes -= len(key) + len(blob)
+            save_usage(txn, self._db, tenant, usage)
 
-        self._write(delete)
+        self._write(delete, delete=True)
 
     # ------------------------------------------------------------ prefixes: read
 
@@ -364,7 +401,7 @@ class Store:
         scope, after = prefix_key(tenant, name_prefix), prefix_key(tenant, start_after)
         out: list[PrefixRecord] = []
         with self._read() as txn:
-            for key, blob in _scan(txn, self._db["prefixes"], scope):
+            for key, blob in scan(txn, self._db["prefixes"], scope):
                 if len(out) >= limit:
                     break
                 if not start_after or key > after:
@@ -378,16 +415,46 @@ class Store:
         index bytes of its layers (all, or those in `layers`)."""
         with self._read() as txn:
             rec = self._version_record(txn, tenant, name, version)
-            wanted = range(rec.num_layers) if layers is None else layers
-            shards: dict[int, bytes] = {}
-            indices: dict[int, list[bytes]] = {}
-            for layer in wanted:
-                check_layer(rec, layer)
-                shards[layer] = self._get(txn, "shards", item_key(tenant, name, rec.version, layer))
-                indices[layer] = [
-                    self._get(txn, "indices", item_key(tenant, name, rec.version, layer, g))
-                    for g in range(rec.shape.num_groups)
-                ]
+            return self._snapshot(txn, rec, range(rec.num_layers) if layers is None else layers)
+
+    def read_current_layer(
+        self,
+        tenant: str,
+        name: str,
+        layer: int,
+        version: int = 0,
+        *,
+        open_layer: Callable[[PrefixRecord, Callable[[], VersionSnapshot]], T],
+    ) -> tuple[PrefixRecord, T]:
+        """Resolve a version (0 = current) and open one of its layers in ONE read transaction.
+
+        `open_layer(record, read)` runs inside the transaction; `read()` returns the snapshot of
+        that layer (shard and index bytes) of exactly `record`'s version, so a caller with a
+        cache keyed by version reads the bytes only on a miss. An update committed meanwhile
+        cannot remove the version under it. Returns (record, what open_layer returned).
+        """
+        with self._read() as txn:
+            rec = self._version_record(txn, tenant, name, version)
+            check_layer(rec, layer)
+
+            def read() -> VersionSnapshot:
+                return self._snapshot(txn, rec, [layer])
+
+            return rec, open_layer(rec, read)
+
+    def _snapshot(
+        self, txn: lmdb.Transaction, rec: PrefixRecord, layers: Iterable[int]
+    ) -> VersionSnapshot:
+        shards: dict[int, bytes] = {}
+        indices: dict[int, list[bytes]] = {}
+        for layer in layers:
+            check_layer(rec, layer)
+            key = item_key(rec.tenant, rec.name, rec.version, layer)
+            shards[layer] = self._get(txn, "shards", key)
+            indices[layer] = [
+                self._get(txn, "indices", item_key(rec.tenant, rec.name, rec.version, layer, g))
+                for g in range(rec.shape.num_groups)
+            ]
         return VersionSnapshot(rec, shards, indices)
 
     def _get(self, txn: lmdb.Transaction, db: str, key: bytes) -> bytes:
@@ -431,15 +498,16 @@ class Store:
         decoding and validating them a second time). `still_wanted`: asked inside the write
         transaction just before it commits; False aborts it (Cancelled, nothing written).
         """
-        _check_name(tenant, "tenant name", MAX_TENANT_BYTES)
-        _check_name(name, "prefix name", MAX_NAME_BYTES)
-        _check_write_args(mode, model_fingerprint, token_count, build_params, index_kind, metric)
+        check_stored_name(tenant, "tenant name", MAX_TENANT_BYTES)
+        check_stored_name(name, "prefix name", MAX_NAME_BYTES)
+        check_write_args(mode, model_fingerprint, token_count, build_params, index_kind, metric)
+        check_metadata(model_fingerprint, build_params)
         if decoded is None:
             decoded = [decode_shard(blob, where=f"layer {i}") for i, blob in enumerate(shards)]
         elif len(decoded) != len(shards):
             raise InvalidArgument(f"{len(decoded)} decoded shards for {len(shards)} blobs")
         shape = check_consistent(decoded)
-        _check_indices(indices, len(shards), shape.num_groups)
+        check_indices(indices, len(shards), shape.num_groups)
         draft = PrefixRecord(
             tenant=tenant,
             name=name,
@@ -450,14 +518,15 @@ class Store:
             dtype=str(decoded[0].out.dtype),
             token_count=token_count,
             build_params=dict(build_params),
-            extra_tensors=sorted(decoded[0].extras),
+            extra_tensors=decoded[0].entry_extras,
             bytes=sum(len(b) for b in shards),
             index_kind=index_kind,
             metric=metric,
             created_at=0.0,
             updated_at=0.0,
+            stored_bytes=stored_bytes(tenant, name, shards, indices),
         )
-        payload = draft.bytes + sum(len(b) for layer in indices for b in layer)
+        payload = draft.stored_bytes
 
         def commit(txn: lmdb.Transaction) -> PrefixRecord:
             rec = self._commit_version(txn, draft, mode, expected_version, shards, indices)
@@ -480,8 +549,8 @@ class Store:
     ) -> PrefixRecord:
         tenant, name = draft.tenant, draft.name
         current = self._current(txn, tenant, name)
-        _check_mode(mode, name, current, expected_version)
-        self._check_quota(txn, self._tenant(txn, tenant), current, draft)
+        check_mode(mode, name, current, expected_version)
+        tenant_rec, usage = self._tenant(txn, tenant), load_usage(txn, self._db, tenant)
         version = current.version + 1 if current else 1
         now = time.time()
         retained = (current.retained_versions if current else []) + [version]
@@ -492,44 +561,33 @@ class Store:
             updated_at=now,
             retained_versions=retained[-self._retain :],
         )
-        for layer, blob in enumerate(shards):
-            txn.put(item_key(tenant, name, version, layer), blob, db=self._db["shards"])
+        blob, pkey = record_to_json(rec), prefix_key(tenant, name)
+        if current is None:
+            usage.prefixes += 1
+            check_prefix_count(tenant_rec, usage)
+        else:
+            usage.bytes -= len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
+        dropped = retained[: -self._retain]
+        usage.bytes -= sum(version_bytes(txn, self._db, tenant, name, old) for old in dropped)
+        usage.bytes += rec.stored_bytes + 2 * len(blob) + len(pkey) + len(item_key(tenant, name, 0))
+        check_bytes(tenant_rec, usage, f"prefix '{name}' version {version}")
+        for layer, shard in enumerate(shards):
+            txn.put(item_key(tenant, name, version, layer), shard, db=self._db["shards"])
             for group, index in enumerate(indices[layer]):
                 key = item_key(tenant, name, version, layer, group)
                 txn.put(key, index, db=self._db["indices"])
-        for old in retained[: -self._retain]:
+        for old in dropped:
             self._delete_version(txn, tenant, name, old)
-        blob = record_to_json(rec)
         txn.put(item_key(tenant, name, version), blob, db=self._db["versions"])
-        txn.put(prefix_key(tenant, name), blob, db=self._db["prefixes"])
+        txn.put(pkey, blob, db=self._db["prefixes"])
+        save_usage(txn, self._db, tenant, usage)
         return rec
-
-    def _check_quota(
-        self,
-        txn: lmdb.Transaction,
-        tenant: TenantRecord,
-        current: PrefixRecord | None,
-        draft: PrefixRecord,
-    ) -> None:
-        count, used = self._usage(txn, tenant.name)
-        if current is None and tenant.max_prefixes and count + 1 > tenant.max_prefixes:
-            raise ResourceExhausted(
-                f"tenant '{tenant.name}' has {count} prefixes, its quota is "
-                f"{tenant.max_prefixes}; delete a prefix or raise the tenant's max_prefixes"
-            )
-        after = used - (current.bytes if current else 0) + draft.bytes
-        if tenant.max_bytes and after > tenant.max_bytes:
-            raise ResourceExhausted(
-                f"prefix '{draft.name}' needs {draft.bytes} bytes, which would bring tenant "
-                f"'{tenant.name}' to {after} of its {tenant.max_bytes}-byte quota; delete "
-                "prefixes, upload a smaller memory or raise the tenant's max_bytes"
-            )
 
     def _delete_version(self, txn: lmdb.Transaction, tenant: str, name: str, version: int) -> None:
         start = item_key(tenant, name, version)
         txn.delete(start, db=self._db["versions"])
-        _delete_range(txn, self._db["shards"], start)
-        _delete_range(txn, self._db["indices"], start)
+        delete_range(txn, self._db["shards"], start)
+        delete_range(txn, self._db["indices"], start)
         log.debug("reclaimed %s/%s version %d", tenant, name, version)
 
     def delete_prefix(self, tenant: str, name: str, *, expected_version: int = 0) -> int:
@@ -544,28 +602,57 @@ class Store:
                     f"prefix '{name}' is at version {current.version}, not the expected "
                     f"{expected_version}; re-read it and retry"
                 )
-            txn.delete(prefix_key(tenant, name), db=self._db["prefixes"])
+            usage = load_usage(txn, self._db, tenant)
+            pkey = prefix_key(tenant, name)
+            usage.bytes -= len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
+            for version in stored_versions(txn, self._db, tenant, name):
+                usage.bytes -= version_bytes(txn, self._db, tenant, name, version)
+            usage.prefixes -= 1
+            txn.delete(pkey, db=self._db["prefixes"])
             for db in ("versions", "shards", "indices"):
-                _delete_range(txn, self._db[db], item_key(tenant, name))
+                delete_range(txn, self._db[db], item_key(tenant, name))
+            save_usage(txn, self._db, tenant, usage)
             return current.version
 
-        version = self._write(delete)
+        version = self._write(delete, delete=True)
         log.info("deleted %s/%s (was at version %d)", tenant, name, version)
         return version
 
     # ------------------------------------------------------------ accounting
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(number of prefixes, shard bytes of their current versions) of a tenant."""
+        """(number of prefixes, bytes counted against the quota) of a tenant (see Usage)."""
         with self._read() as txn:
-            return self._usage(txn, tenant)
+            u = load_usage(txn, self._db, tenant)
+        return u.prefixes, u.bytes
 
-    def _usage(self, txn: lmdb.Transaction, tenant: str) -> tuple[int, int]:
-        sizes = [
-            json.loads(v)["bytes"]
-            for _, v in _scan(txn, self._db["prefixes"], f"{tenant}\0".encode())
-        ]
-        return len(sizes), sum(sizes)
+    def tenant_usage(self, tenant: str) -> Usage:
+        with self._read() as txn:
+            return load_usage(txn, self._db, tenant)
+
+    def recount_usage(self, tenant: str) -> Usage:
+        """The usage of a tenant counted from its records (what the kept counters must equal)."""
+        with self._read() as txn:
+            return recount(txn, self._db, tenant)
+
+    def upload_allowance(self, tenant: str, name: str) -> int | None:
+        """Bytes a new version of `name` may add before the tenant's byte quota refuses it
+        (None: no quota): the quota, less the usage, plus what the write would drop (the
+        version that falls out of retention). A new version needs at least its shard bytes,
+        so an upload past this is refused whatever its indices."""
+        with self._read() as txn:
+            tenant_rec = self._tenant(txn, tenant)
+            if not tenant_rec.max_bytes:
+                return None
+            left = tenant_rec.max_bytes - load_usage(txn, self._db, tenant).bytes
+            current = self._current(txn, tenant, name)
+            if current is not None:
+                kept = current.retained_versions
+                for old in kept[: max(0, len(kept) + 1 - self._retain)]:
+                    left += version_bytes(txn, self._db, tenant, name, old)
+                pkey = prefix_key(tenant, name)
+                left += len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
+        return max(left, 0)
 
     def count_records(self) -> dict[str, int]:
         """Entries in each sub-database (for stats and tests)."""
@@ -585,93 +672,19 @@ class Store:
             "path": str(self.path),
         }
 
+    # ------------------------------------------------------------ streaming reads
 
-# ---------------------------------------------------------------- helpers
-
-
-def _check_name(value: str, what: str, max_bytes: int) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{what} must be a non-empty string")
-    if any(ord(c) < 32 for c in value):
-        raise InvalidArgument(f"{what} {value!r} contains control characters")
-    if len(value.encode()) > max_bytes:
-        raise InvalidArgument(f"{what} '{value[:40]}...' is longer than {max_bytes} bytes")
-
-
-def _check_write_args(
-    mode: str,
-    model_fingerprint: str,
-    token_count: int,
-    build_params: dict[str, str],
-    index_kind: str,
-    metric: str,
-) -> None:
-    if mode not in MODES:
-        raise InvalidArgument(f"mode '{mode}' is unknown; use {', '.join(MODES)}")
-    if not model_fingerprint:
-        raise InvalidArgument("model_fingerprint is empty; send the fingerprint of the model")
-    if token_count < 0:
-        raise InvalidArgument(f"token_count must be >= 0, got {token_count}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in build_params.items()):
-        raise InvalidArgument("build_params must map strings to strings")
-    if index_kind not in INDEX_KINDS:
-        raise InvalidArgument(f"index kind '{index_kind}' is unknown; use {', '.join(INDEX_KINDS)}")
-    if metric not in METRICS:
-        raise InvalidArgument(f"metric '{metric}' is unknown; use {' or '.join(METRICS)}")
-
-
-def _check_indices(indices: list[list[bytes]], num_layers: int, num_groups: int) -> None:
-    if len(indices) != num_layers:
-        raise InvalidArgument(f"got indices for {len(indices)} layers, expected {num_layers}")
-    for layer, groups in enumerate(indices):
-        if len(groups) != num_groups or not all(groups):
-            raise InvalidArgument(
-                f"layer {layer}: got {len(groups)} indices, expected one non-empty index per "
-                f"group ({num_groups})"
-            )
-
-
-def _check_mode(mode: str, name: str, current: PrefixRecord | None, expected: int) -> None:
-    if mode == "create" and current is not None:
-        raise AlreadyExists(
-            f"prefix '{name}' already exists (version {current.version}); use update or upsert"
-        )
-    if mode == "update" and current is None:
-        raise NotFound(f"prefix '{name}' not found; use create or upsert")
-    at = current.version if current else 0
-    if expected and expected != at:
-        raise FailedPrecondition(
-            f"prefix '{name}' is at version {at}, not the expected {expected}; re-read it and retry"
-        )
-
-
-def _scan(txn: lmdb.Transaction, db: object, start: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """The (key, value) pairs of `db` whose key starts with `start`, in key order."""
-    cursor = txn.cursor(db=db)
-    if cursor.set_range(start):
-        for key, value in cursor:
-            if not key.startswith(start):
-                return
-            yield key, value
-
-
-def _delete_range(txn: lmdb.Transaction, db: object, start: bytes) -> int:
-    """Delete every key of `db` that starts with `start`; returns how many."""
-    cursor = txn.cursor(db=db)
-    deleted = 0
-    if cursor.set_range(start):
-        while cursor.key().startswith(start):  # delete() moves on; past the end key() is b""
-            cursor.delete()
-            deleted += 1
-    return deleted
-
-
-def _round_up(n: int, to: int = PAGE) -> int:
-    return -(-n // to) * to
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    def read_shard_chunk(
+        self, tenant: str, name: str, version: int, layer: int, start: int, size: int
+    ) -> tuple[bytes, int]:
+        """Bytes [start, start + size) of one layer's stored shard, and the shard's length, in
+        one short read transaction that copies only those bytes (FetchMemory streams with it).
+        NotFound once that version is no longer stored."""
+        with self._rw.shared(), self._env.begin(buffers=True) as txn:
+            view = txn.get(item_key(tenant, name, version, layer), db=self._db["shards"])
+            if view is None:
+                raise NotFound(
+                    f"version {version} of prefix '{name}' is no longer stored (deleted, or "
+                    "replaced beyond the retained versions); fetch it again"
+                )
+            return bytes(view[start : start + size]), len(view)

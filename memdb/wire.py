@@ -1,18 +1,32 @@
 """Tensors on the wire: numpy arrays <-> `memdb.v1.Tensor` (dtype + shape + raw LE bytes).
 
 Owns only the encoding. It does not know what a tensor means; callers check shapes.
+bfloat16 and float8_e4m3fn travel as such (numpy dtypes through `ml_dtypes`, as in shards).
 """
 
 from __future__ import annotations
 
-import ml_dtypes  # noqa: F401  (registers the "bfloat16" numpy dtype name)
+import math
+
+import ml_dtypes
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from memdb.errors import InvalidArgument
 from memdb.v1 import memdb_pb2 as pb
 
-WIRE_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")  # bfloat16: stored states
+WIRE_DTYPES = {
+    name: np.dtype(t)
+    for name, t in [
+        ("float32", np.float32),
+        ("float16", np.float16),
+        ("bfloat16", ml_dtypes.bfloat16),
+        ("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
+        ("int64", np.int64),
+        ("int32", np.int32),
+    ]
+}
+MAX_DIMS = 8  # the widest tensor on the wire is 5-D (Lookup's out [Q, I, k, h, d])
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
@@ -28,13 +42,15 @@ def decode_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """A wire Tensor as a numpy array; InvalidArgument if dtype, shape and bytes disagree."""
     if t.dtype not in WIRE_DTYPES:
         raise InvalidArgument(
-            f"{name}: dtype '{t.dtype}' is not supported; use one of {', '.join(WIRE_DTYPES)}"
+            f"{name}: dtype '{t.dtype[:32]}' is not supported; use one of {', '.join(WIRE_DTYPES)}"
         )
+    if len(t.shape) > MAX_DIMS:
+        raise InvalidArgument(f"{name}: {len(t.shape)} dimensions, at most {MAX_DIMS} are allowed")
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{name}: shape {list(shape)} has a negative dimension")
-    dtype = np.dtype(t.dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dtype = WIRE_DTYPES[t.dtype].newbyteorder("<")
+    expected = math.prod(shape) * dtype.itemsize  # exact: Python ints do not overflow
     if expected != len(t.data):
         raise InvalidArgument(
             f"{name}: shape {list(shape)} of {t.dtype} needs {expected} bytes, got {len(t.data)}"

@@ -1,4 +1,6 @@
-"""bench.worker_gpu end to end on CPU with a tiny random Llama (the GPU run uses the 8B shape)."""
+"""bench.worker_gpu end to end on CPU with a tiny random Llama (the GPU run uses the 8B shape):
+every way, concurrency and memory format gives a row in the agreed format; the synthetic memory
+loads like a built one."""
 
 from __future__ import annotations
 
@@ -12,28 +14,28 @@ from memdb_worker.memory import Memory
 
 def test_tiny_cpu_run_writes_every_way(tmp_path):
     out = tmp_path / "worker.json"
-    result = worker_gpu.main(["--tiny", "--device", "cpu", "--concurrency", "1,2", "--out",
-                              str(out)])  # fmt: skip
+    result = worker_gpu.main(["--tiny", "--device", "cpu", "--concurrency", "1,3", "--N", "64,128",
+                              "--memory-formats", "f32/head+kbar,bf16/kv_group_mean+kbar",
+                              "--out", str(out)])  # fmt: skip
     saved = json.loads(out.read_text())
     assert saved["rows"] == result["rows"]
-    assert {"device", "model", "rows"} <= saved.keys()
-    rows = {(r["way"], r["concurrency"]): r for r in saved["rows"]}
-    ways = ["full prefix", "memory", "memory (no k_bar)", "neither"]
-    assert set(rows) == {(w, c) for w in ways for c in (1, 2)}
+    assert {"device", "floor_ms", "rows"} <= saved.keys()
+    keys = {(r["way"], r["c"], r["N"], r.get("memory_format")) for r in saved["rows"]}
+    want = {("neither", c, 0, None) for c in (1, 3)}
+    want |= {("full_prefix", c, n, None) for c in (1, 3) for n in (64, 128)}
+    want |= {("memory", c, n, f) for c in (1, 3) for n in (64, 128)
+             for f in ("f32/head+kbar", "bf16/kv_group_mean+kbar")}  # fmt: skip
+    assert keys == want
     for r in saved["rows"]:
-        for k in ("way", "concurrency", "N", "M", "new_tokens", "tokens_per_s", "latency_s"):
-            assert k in r
-        assert r["tokens_per_s"] > 0 and r["latency_s"] > 0
-        assert r["requests"] == r["concurrency"]
-        assert r["prefills"] == 1  # the c requests were prefilled as one batch
-    n = saved["settings"]["N"]
-    assert rows[("full prefix", 2)]["N"] == n and rows[("full prefix", 2)]["M"] == 0
-    assert rows[("full prefix", 2)]["prompt_tokens"] == n + saved["settings"]["query_tokens"]
-    assert rows[("memory", 2)]["M"] == saved["settings"]["M"]
-    assert rows[("neither", 1)]["N"] == 0
-    # on CPU memories take the reference path, unbound rows transformers' SDPA
-    assert rows[("memory", 1)]["path"] == "reference"
-    assert rows[("neither", 1)]["path"] == "sdpa"
+        for k in ("way", "c", "N", "step_ms", "decode_tok_s", "ttft_s"):
+            assert r[k] is not None, (k, r)
+        assert r["step_ms"] > 0 and r["ttft_s"] > 0
+        assert abs(r["decode_tok_s"] - r["c"] / (r["step_ms"] / 1e3)) < 0.01 * r["decode_tok_s"] + 1
+        assert r["bucket"] == (4 if r["c"] == 3 else 1)
+    fp = [r for r in saved["rows"] if r["way"] == "full_prefix"]
+    assert all(r["prefix_encode_s"] > 0 and r["prefix_kv_bytes"] > 0 for r in fp)
+    mem = {r["memory_format"]: r["memory_bytes"] for r in saved["rows"] if r["way"] == "memory"}
+    assert mem["bf16/kv_group_mean+kbar"] < mem["f32/head+kbar"]
 
 
 def test_synthetic_memory_loads_like_a_built_one():
@@ -45,5 +47,6 @@ def test_synthetic_memory_loads_like_a_built_one():
     again = Memory.from_shards(mem.to_shards())
     assert again.budget == 8 and again.prefix_length == 100
     assert again.lse_corrected  # q_mean / k_bar stored: the default decode applies the correction
-    assert not worker_gpu.without_kbar(mem).lse_corrected
-    assert again.model_fingerprint.startswith("sha256:")
+    mean = worker_gpu.synthetic_memory(model, 8, 100, "fp8/kv_group_mean")
+    assert mean.key_dim == model.config.head_dim and mean.group_key == "mean"
+    assert not mean.lse_corrected

@@ -408,15 +408,85 @@ def test_bad_write_arguments_are_invalid_argument(store, kw, message):
 # ---------------------------------------------------------------- quotas and size
 
 
-def test_byte_quota_is_resource_exhausted_and_counts_current_versions(store):
-    size = write(store, "probe").bytes
-    store.delete_prefix(T, "probe")
-    store.put_tenant(TenantRecord("small", max_bytes=int(size * 1.5)))
+def raw_tenant_bytes(store, tenant: str) -> int:
+    """Key + value bytes of every record of `tenant`, read straight from LMDB (an exact count
+    independent of the store's usage counters)."""
+    env, dbs, total = store._env, store._db, 0
+    with env.begin() as txn:
+        for db in ("prefixes", "versions", "shards", "indices"):
+            for key, value in txn.cursor(db=dbs[db]):
+                if key.startswith(f"{tenant}\0".encode()):
+                    total += len(key) + len(value)
+        for key, value in txn.cursor(db=dbs["keys"]):
+            if record_from_json(KeyRecord, value).tenant == tenant:
+                total += len(key) + len(value)
+    return total
+
+
+def test_usage_counts_every_record_of_retained_versions_indices_and_keys(store):
+    store.put_tenant(TenantRecord("acme"))
+    check = lambda: (store.tenant_usage("acme"), raw_tenant_bytes(store, "acme"))  # noqa: E731
+    steps = [
+        lambda: store.put_key(KeyRecord("k1", "acme", "reader", "h" * 64, "d" * 500)),
+        lambda: write(store, "a", tenant="acme"),
+        lambda: write(store, "a", tenant="acme", tag="big" * 1000),  # large indices count too
+        lambda: write(store, "a", tenant="acme"),  # version 1 drops out (retain 2)
+        lambda: write(store, "b", tenant="acme", layers=1),
+        lambda: store.delete_prefix("acme", "a"),
+        lambda: store.delete_key("k1"),
+        lambda: store.delete_prefix("acme", "b"),
+    ]
+    for step in steps:
+        step()
+        usage, raw = check()
+        assert usage.bytes == raw and usage == store.recount_usage("acme")
+    assert store.tenant_usage("acme").bytes == 0 and store.usage("acme") == (0, 0)
+
+
+def test_byte_quota_counts_retained_versions_and_refuses_inside_the_write(store):
+    store.put_tenant(TenantRecord("probe"))
+    write(store, "a", tenant="probe")
+    one = store.tenant_usage("probe").bytes  # one version: shards, indices, records
+    store.put_tenant(TenantRecord("small", max_bytes=int(one * 1.5)))
     write(store, "a", tenant="small")
-    write(store, "a", tenant="small")  # replacing its own bytes fits
-    with pytest.raises(ResourceExhausted, match="tenant 'small'.*max_bytes"):
+    with pytest.raises(ResourceExhausted, match="tenant 'small' to .* stored bytes.*max_bytes"):
+        write(store, "a", tenant="small")  # two retained versions do not fit
+    assert store.get_prefix("small", "a").version == 1
+    assert store.usage("small") == (1, raw_tenant_bytes(store, "small"))
+    with pytest.raises(ResourceExhausted, match="quota"):
         write(store, "b", tenant="small")
-    assert store.usage("small") == (1, size)
+    with pytest.raises(ResourceExhausted, match="quota"):  # indices count: same shards, big index
+        write(store, "a", tenant="small", indices=[[b"x" * one] * 2] * 3)
+    store.delete_prefix("small", "a")
+    write(store, "b", tenant="small")
+
+
+def test_api_keys_count_against_a_per_tenant_limit_and_the_byte_quota(tmp_path):
+    with Store(tmp_path, sync=False, max_keys_per_tenant=3) as s:
+        s.put_tenant(TenantRecord("acme"))
+        for i in range(3):
+            s.put_key(KeyRecord(f"k{i}", "acme", "reader", "h"))
+        with pytest.raises(ResourceExhausted, match="has 3 API keys.*revoke"):
+            s.put_key(KeyRecord("k3", "acme", "reader", "h"))
+        s.delete_key("k0")
+        s.put_key(KeyRecord("k3", "acme", "reader", "h"))
+        assert s.tenant_usage("acme").keys == 3
+        s.put_tenant(TenantRecord("tiny", max_bytes=300))
+        s.put_key(KeyRecord("t0", "tiny", "reader", "h", "x" * 100))
+        with pytest.raises(ResourceExhausted, match="API key 't1' would bring tenant 'tiny'"):
+            s.put_key(KeyRecord("t1", "tiny", "reader", "h", "x" * 100))
+
+
+def test_usage_of_a_store_without_counters_is_recounted_at_open(tmp_path):
+    with Store(tmp_path, sync=False) as s:
+        s.put_tenant(TenantRecord("acme"))
+        write(s, "a", tenant="acme")
+        s.put_key(KeyRecord("k", "acme", "reader", "h"))
+        expected = s.tenant_usage("acme")
+        with s._env.begin(write=True) as txn:  # as a store written before the counters
+            txn.drop(s._db["usage"], delete=False)
+    with Store(tmp_path, sync=False) as s:
+        assert s.tenant_usage("acme") == expected and expected.bytes > 0
 
 
 def test_prefix_count_quota_is_resource_exhausted(store):
@@ -453,9 +523,9 @@ def test_past_max_map_size_is_resource_exhausted_and_the_store_still_works(tmp_p
 
 
 def test_usage_count_records_and_info(store):
-    a = write(store, "a")
-    b = write(store, "b")
-    assert store.usage(T) == (2, a.bytes + b.bytes)
+    write(store, "a")
+    write(store, "b")
+    assert store.usage(T) == (2, raw_tenant_bytes(store, T))
     info = store.info()
     assert (info["num_tenants"], info["num_prefixes"]) == (1, 2)
     assert 0 < info["used_bytes"] <= info["map_size"]
@@ -534,3 +604,78 @@ def test_reader_slots_of_a_crashed_process_are_reclaimed(tmp_path):
         )
         subprocess.run([sys.executable, "-c", crash], check=True, timeout=60)
         assert s.reclaim_readers() == 1
+
+
+# ---------------------------------------------------------------- a full map, metadata limits
+
+
+def fill_with_small_records(s: Store) -> int:
+    """Tenants and API keys until the store refuses more; returns how many of each."""
+    n = 0
+    with pytest.raises(ResourceExhausted, match="store is full"):
+        while True:
+            s.put_tenant(TenantRecord(f"t{n:06d}"))
+            s.put_key(KeyRecord(f"k{n:06d}", f"t{n:06d}", "reader", "h" * 64, "d" * 100))
+            n += 1
+    return n
+
+
+def test_a_map_full_of_small_records_still_takes_deletes_and_then_writes(tmp_path):
+    with Store(tmp_path, sync=False, map_size=MiB, max_map_size=2 * MiB) as s:
+        write(s, "p", layers=1)
+        n = fill_with_small_records(s)
+        assert n > 1000
+        s.delete_key("k000001")  # revocation
+        s.delete_tenant("t000002", force=True)
+        s.delete_prefix(T, "p")
+        for i in range(3, 60):
+            s.delete_tenant(f"t{i:06d}", force=True)
+        assert s.info()["map_size"] <= 2 * MiB
+        write(s, "p", layers=1)  # freed pages take writes again
+        s.put_tenant(TenantRecord("fresh"))
+    with Store(tmp_path, sync=False, map_size=MiB, max_map_size=2 * MiB) as s:
+        assert s.get_prefix(T, "p").version == 1 and s.get_tenant("fresh")
+
+
+def test_a_delete_never_leaves_the_reserve_to_other_writes(tmp_path):
+    with Store(tmp_path, sync=False, map_size=MiB, max_map_size=2 * MiB) as s:
+        fill_with_small_records(s)
+        cap = s.info()["map_size"]
+        s.delete_key("k000000")
+        s.delete_tenant("t000001", force=True)
+        assert s.info()["map_size"] <= max(cap, s.info()["used_bytes"])
+
+
+def test_a_reserve_as_big_as_the_map_is_invalid(tmp_path):
+    with pytest.raises(InvalidArgument, match="reserve_bytes"):
+        Store(tmp_path, max_map_size=2 * MiB, reserve_bytes=2 * MiB)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"model_fingerprint": "f" * 100_000}, "model_fingerprint is 100000 bytes; at most 256"),
+        ({"build_params": {f"k{i}": "v" for i in range(20_000)}}, "20000 entries; at most 64"),
+        ({"build_params": {"k": "v" * 5000}}, "entry 'k' is too big"),
+        ({"build_params": {f"k{i}": "v" * 4000 for i in range(5)}}, "at most 16384"),
+    ],
+)
+def test_oversized_metadata_is_invalid_argument_with_a_short_message(store, kw, message):
+    with pytest.raises(InvalidArgument, match=message) as err:
+        write(store, **kw)
+    assert len(str(err.value)) < 200
+    assert item_counts(store) == empty_counts(store)
+
+
+def test_oversized_names_and_descriptions_are_invalid_argument_with_a_short_message(store):
+    cases = [
+        lambda: write(store, "n" * 10_000),
+        lambda: write(store, "n\x01" * 5_000),
+        lambda: store.put_tenant(TenantRecord("t" * 10_000)),
+        lambda: store.put_key(KeyRecord("k", T, "reader", "h", "d" * (60 << 20))),
+    ]
+    for case in cases:
+        with pytest.raises(InvalidArgument) as err:
+            case()
+        assert len(str(err.value)) < 200, str(err.value)[:300]
+    assert store.list_keys(T) == []

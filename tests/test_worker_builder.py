@@ -161,7 +161,8 @@ def test_smollm2_shards_have_the_model_shapes(smollm2, smol_built):
         assert np.isfinite(s.out).all() and np.isfinite(s.lse).all()
     meta = smol_built.metadata
     assert meta["model_fingerprint"] == model_fingerprint(model)
-    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "kv_group_mean"
+    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "kv_group"
+    assert meta["group_key"] == "mean"  # the builder's kv_group_mean
     assert smol_built.token_count == int(meta["prefix_length"]) > 50
 
 

@@ -15,7 +15,6 @@ from memdb_worker.builder import BuildOptions, calibrate, cluster
 from memdb_worker.formats import (
     FP8_MAX,
     KEY_DTYPES,
-    dequantize_keys,
     kv_bytes,
     memory_bytes,
     quantize_keys,
@@ -54,7 +53,7 @@ def test_fp8_keys_scale_each_entry_to_the_format_range():
     amax = keys.abs().amax(-1)
     want = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     torch.testing.assert_close(torch.from_numpy(scale), want)
-    back = dequantize_keys(to_torch(q), torch.from_numpy(scale))
+    back = to_torch(q).float() * torch.from_numpy(scale)[..., None]
     # e4m3: 3 mantissa bits, relative rounding error <= 1/16 (values near the row's amax)
     assert ((back - keys).abs() <= keys.abs() / 16 + amax[..., None] * 2**-9).all()
     assert torch.equal(back[1, 2], torch.zeros(16))
@@ -112,17 +111,14 @@ def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
         assert str(layer.keys.dtype) == f"torch.{fmt['key_dtype']}"
         assert tuple(layer.out.shape) == (i, M, hg, d) and tuple(layer.lse.shape) == (i, M, hg)
         assert str(layer.out.dtype) == f"torch.{fmt['out_dtype']}"
-        assert ("key_scale" in layer.extras) == (fmt["key_dtype"] == "float8_e4m3fn")
+        assert (layer.key_scale is not None) == (fmt["key_dtype"] == "float8_e4m3fn")
         for x in ("q_mean", "k_bar"):
             assert (
                 layer.extras[x].shape == layer.out.shape
                 and layer.extras[x].dtype == layer.out.dtype
             )
-    assert sorted(built.shards[0].extras) == sorted(
-        ["k_bar"]
-        + ["q_mean"] * store_q_mean
-        + ["key_scale"] * (fmt["key_dtype"] == "float8_e4m3fn")
-    )
+    assert sorted(built.shards[0].extras) == sorted(["k_bar"] + ["q_mean"] * store_q_mean)
+    assert (built.shards[0].key_scale is not None) == (fmt["key_dtype"] == "float8_e4m3fn")
     want = memory_bytes(num_layers=calib.num_layers, num_groups=i, heads_per_group=hg,
                         key_dim=dk, head_dim=d, budget=M, key_dtype=fmt["key_dtype"],
                         out_dtype=fmt["out_dtype"], q_mean=store_q_mean, k_bar=True)  # fmt: skip
@@ -134,7 +130,7 @@ def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
                               progress=False))  # fmt: skip
     tol = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7, "float8_e4m3fn": 2**-3}
     for lay, want_lay in zip(memory.layers, ref.layers, strict=True):
-        keys = dequantize_keys(lay.keys, lay.extras.get("key_scale"))
+        keys = lay.key_values()
         err = (keys - want_lay.keys).abs().amax(-1) / want_lay.keys.abs().amax(-1)
         assert (err <= tol[fmt["key_dtype"]]).all()
         q_tol = tol[fmt["out_dtype"]] if store_q_mean else tol[fmt["key_dtype"]]  # from the key
@@ -161,22 +157,35 @@ def test_q_mean_left_out_is_recovered_from_the_keys_exactly(calib):
 def test_kv_group_mean_key_is_the_mean_of_the_group_heads_keys(calib):
     opts = BuildOptions(**{**F32, "granularity": "kv_group_mean"})
     built = cluster(calib, M, opts, progress=False)
-    for s in built.shards:
+    for s in built.shards:  # written as main's Memory reads it: kv_group, group_key "mean"
+        assert (s.metadata["granularity"], s.metadata["group_key"]) == ("kv_group", "mean")
         q_mean = torch.from_numpy(s.extras["q_mean"])  # [I, M, h, d]
         torch.testing.assert_close(torch.from_numpy(s.keys), q_mean.mean(2))
+    memory = _round_trip(built)
+    assert memory.group_key == "mean" and memory.key_dim == calib.head_dim
+
+
+def test_shards_of_older_builds_with_granularity_kv_group_mean_load_as_group_key_mean(calib):
+    built = cluster(
+        calib, M, BuildOptions(**{**F32, "granularity": "kv_group_mean"}), progress=False
+    )
+    old = [dataclasses.replace(s, metadata={**s.metadata, "granularity": "kv_group_mean"})
+           for s in built.shards]  # fmt: skip
+    for s in old:
+        del s.metadata["group_key"]
+    now, before = _round_trip(built), Memory.from_shards(old)
+    assert before.group_key == "mean" and before.keyspace.granularity == "kv_group"
+    sa, sb = now.prefix_state(_query(calib)), before.prefix_state(_query(calib))
+    assert torch.equal(sa.lse, sb.lse) and torch.equal(sa.out, sb.out)
 
 
 def test_shards_refuse_fp8_keys_without_a_scale_and_a_scale_without_fp8(calib):
     built = cluster(calib, M, BuildOptions(key_dtype="float8_e4m3fn"), progress=False)
     s = built.shards[0]
-    no_scale = dataclasses.replace(
-        s, extras={k: v for k, v in s.extras.items() if k != "key_scale"}
-    )
-    with pytest.raises(InvalidArgument, match="float8 keys need a 'key_scale'"):
-        encode_shard(no_scale)
-    stray = dataclasses.replace(s, keys=s.keys.astype(np.float32))
-    with pytest.raises(InvalidArgument, match="float8 keys need a 'key_scale'"):
-        encode_shard(stray)
+    with pytest.raises(InvalidArgument, match="'key_scale'.*absent"):
+        encode_shard(dataclasses.replace(s, key_scale=None))
+    with pytest.raises(InvalidArgument, match="'key_scale'.*present"):
+        encode_shard(dataclasses.replace(s, keys=s.keys.astype(np.float32)))
 
 
 def test_kv_bytes_counts_bf16_keys_and_values_of_every_layer():

@@ -14,19 +14,16 @@ The CUDA tests are skipped without a GPU; on one:
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from memdb_worker import fused
 from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec, apply_rope, fit_whitening
-from memdb_worker.memory import DecodeOptions, Memory, MemoryLayer
+from memdb_worker.memory import KEY_SCALE, DecodeOptions, Memory, layer_from_tensors, lookup_keys
 from memdb_worker.state import attention_state, merge_states
+from tests.interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -53,9 +50,11 @@ def make_memory(
     seed=0,
     extras_dtype=None,
     kbar_scale=1.0,
+    group_key="concat",
 ) -> Memory:
     """A random memory; with extras_dtype it stores q_mean / k_bar (k_bar ~ kbar_scale * N(0, 1)),
-    so the lse correction applies by default."""
+    so the lse correction applies by default. key_dtype float8_e4m3fn stores a per-entry
+    key_scale (amax / 448); group_key "mean" keeps one key of the head dim per group."""
     g = torch.Generator().manual_seed(seed)
     rope = _rope(d, scaling)
     ws = wm = None
@@ -69,25 +68,36 @@ def make_memory(
     ks = KeySpace(mode, granularity, heads, kv_heads, d, common_position=37, rope=rope,
                   whiten=ws, whiten_mean=wm)  # fmt: skip
     i, dk, hpg = ks.num_groups, ks.key_dim, ks.heads_per_group
+    if group_key == "mean":
+        dk = d
     lays = []
     for _ in range(layers):
-        keys = torch.randn(i, budget, dk, generator=g).to(key_dtype)
+        keys, key_scale = quantized_keys(torch.randn(i, budget, dk, generator=g), key_dtype)
         extras = {}
         if extras_dtype is not None:
             q_mean = torch.randn(i, budget, hpg, d, generator=g)
             k_bar = torch.randn(i, budget, hpg, d, generator=g) * kbar_scale
             extras = {"q_mean": q_mean.to(extras_dtype).to(device),
                       "k_bar": k_bar.to(extras_dtype).to(device)}  # fmt: skip
+        if key_scale is not None:
+            extras[KEY_SCALE] = key_scale.to(device)
         lays.append(
-            MemoryLayer(
-                keys=keys.to(device),
-                inv_norm=(1.0 / keys.float().norm(dim=-1).clamp_min(1e-30)).to(device),
-                out=torch.randn(i, budget, hpg, d, generator=g).to(out_dtype).to(device),
-                lse=(torch.randn(i, budget, hpg, generator=g) * 2 + 3).to(device),
-                extras=extras,
+            layer_from_tensors(
+                keys.to(device),
+                torch.randn(i, budget, hpg, d, generator=g).to(out_dtype).to(device),
+                (torch.randn(i, budget, hpg, generator=g) * 2 + 3).to(device),
+                extras,
             )
         )
-    return Memory(lays, ks, {"prefix_length": "100"}, options)
+    return Memory(lays, ks, {"prefix_length": "100", "group_key": group_key}, options)
+
+
+def quantized_keys(keys: torch.Tensor, dtype: torch.dtype):
+    """keys in `dtype`; float8 e4m3 with a per-entry scale (amax / 448), returned beside."""
+    if dtype != torch.float8_e4m3fn:
+        return keys.to(dtype), None
+    scale = keys.abs().amax(dim=-1).clamp_min(1e-12) / 448.0  # [I, M]
+    return (keys / scale.unsqueeze(-1)).to(dtype), scale.float()
 
 
 def make_inputs(memory: Memory, batch=3, live=40, dtype=torch.float32, device="cpu", seed=1,
@@ -117,7 +127,7 @@ def reference_path(memory: Memory, layer: int, q, k, v, mask, positions, scale):
     prefix = memory.prefix_state(lq)
     merged = merge_states(live, prefix)
     q_pre = lq.q_pre.transpose(1, 2).reshape(q.shape[0], ks.num_heads, -1)
-    _, ids = memory.search(layer, ks.keys(q_pre, layer), 1)
+    _, ids = memory.search(layer, lookup_keys(ks, memory.group_key, q_pre, layer), 1)
     return merged.out.to(q.dtype).transpose(1, 2), ids[..., 0].repeat_interleave(
         ks.heads_per_group, dim=1
     )
@@ -160,6 +170,70 @@ def test_torch_form_equals_reference_path(mode, granularity, whiten, center):
         )
         assert torch.equal(ids, want_ids)
         assert _rel(got, want) < 1e-5
+
+
+COMPACT = [  # (key dtype, state dtype, key mode, granularity, group key)
+    (torch.bfloat16, torch.bfloat16, "pre_rope", "head", "concat"),
+    (torch.float8_e4m3fn, torch.bfloat16, "pre_rope", "head", "concat"),
+    (torch.float8_e4m3fn, torch.float32, "rope_common", "head", "concat"),
+    (torch.bfloat16, torch.bfloat16, "pre_rope", "kv_group", "mean"),
+    (torch.float8_e4m3fn, torch.bfloat16, "pre_rope", "kv_group", "mean"),
+    (torch.float32, torch.float32, "rope_common", "kv_group", "mean"),
+]
+
+
+@pytest.mark.parametrize("key_dtype,out_dtype,mode,granularity,group_key", COMPACT)
+def test_torch_form_of_compact_formats_equals_reference_path(
+    key_dtype, out_dtype, mode, granularity, group_key
+):
+    memory = make_memory(mode, granularity, key_dtype=key_dtype, out_dtype=out_dtype,
+                         group_key=group_key, extras_dtype=out_dtype, scaling=1.25,
+                         options=DecodeOptions(lse_bias=(0.0, 0.7)))  # fmt: skip
+    assert memory.key_dim == (32 if group_key == "mean" else memory.keyspace.key_dim)
+    scale = 32**-0.5
+    for layer in (0, 1):
+        q, k, v, mask, pos = make_inputs(memory, mask=layer == 1, seed=layer + 3)
+        want, want_ids = reference_path(memory, layer, q, k, v, mask, pos, scale)
+        got, ids = fused.decode_reference(
+            q, k, v, mask, pos, *fused_args(memory, layer), scale, fused.lse_bias(memory, layer),
+            lse_correction=True,
+        )  # fmt: skip
+        assert torch.equal(ids, want_ids)
+        assert _rel(got, want) < 1e-5
+    assert fused.supports(memory)
+
+
+def test_float8_keys_look_up_their_scaled_values():
+    """A float8 memory finds what a float32 memory of its scaled keys finds (the scale is not
+    ignored: entries with a negative scale flip their cosine)."""
+    mem8 = make_memory(key_dtype=torch.float8_e4m3fn, layers=1, budget=64)
+    lay = mem8.layers[0]
+    lay.key_scale[:, ::2] *= -1  # half the entries point the other way
+    lay.inv_norm = lay.key_values().norm(dim=-1).reciprocal()
+    mem32 = Memory([layer_from_tensors(lay.key_values(), lay.out, lay.lse, {})],
+                   mem8.keyspace, mem8.metadata)  # fmt: skip
+    q = torch.randn(20, 8, 32)
+    s8, i8 = mem8.search(0, q, 1)
+    s32, i32 = mem32.search(0, q, 1)
+    assert torch.equal(i8, i32) and torch.allclose(s8, s32, atol=1e-6)
+    raw = Memory([layer_from_tensors(lay.keys.float(), lay.out, lay.lse, {})],
+                 mem8.keyspace, mem8.metadata)  # fmt: skip
+    assert not torch.equal(raw.search(0, q, 1)[1], i32)
+    fl = fused.prepare_layer(mem8, 0)
+    sims = torch.einsum("nik,imk->nim", q, fl.keys.float()) * fl.inv_norm
+    assert torch.equal(sims.argmax(-1, keepdim=True), i32)
+
+
+def test_memory_checks_the_compact_spec():
+    with pytest.raises(ValueError, match="key_scale"):
+        make_memory(key_dtype=torch.float8_e4m3fn).layers[0].__class__(
+            torch.zeros(2, 3, 4, dtype=torch.float8_e4m3fn), torch.ones(2, 3),
+            torch.zeros(2, 3, 1, 4), torch.zeros(2, 3, 1), {},
+        ).check()  # fmt: skip
+    with pytest.raises(ValueError, match="group_key 'mean' needs granularity"):
+        make_memory(granularity="head", group_key="mean")
+    mem = make_memory(granularity="kv_group", group_key="mean", whiten=True)
+    assert not fused.supports(mem)  # per-head whitening does not fold into one key per group
 
 
 @pytest.mark.parametrize("extras_dtype", [torch.float32, torch.float16])
@@ -209,17 +283,13 @@ def test_supports():
     assert not fused.memory_ok(make_memory(), torch.zeros(1, 8, 1, 32))  # CPU query
 
 
-_INTERPRETER_CASE = r"""
-import torch, sys
-sys.path.insert(0, {root!r} + "/tests")
+_IMPORTS = """
+import torch
 from test_worker_fused import make_memory, make_inputs, fused_args, _rel
-import triton.runtime.interpreter as ti
-_orig = ti._patch_lang_tensor
-def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-ti._patch_lang_tensor = _patched
 from memdb_worker import fused
+"""
+
+_INTERPRETER_CASE = r"""
 cases = [
     dict(mode="pre_rope", granularity="head", key_dtype=torch.float16, out_dtype=torch.float16),
     dict(mode="rope_common", granularity="kv_group", whiten=True, key_dtype=torch.float32),
@@ -227,7 +297,7 @@ cases = [
 cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
 for i, kw in enumerate(cases):
     mem = make_memory(**kw, budget=70, layers=1, seed=i)
-    # (the interpreter's bf16 products are unreliable: float32 and float16 here, bf16 on CUDA)
+    # (float32 and float16 here; bf16 keys: the default-build case below, and on CUDA)
     for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16),
                                (70, True, torch.float32)):
         q, k, v, m, pos = make_inputs(mem, batch=batch, live=37, dtype=dtype, mask=mask)
@@ -278,23 +348,85 @@ print("OK")
 """
 
 
+_INTERPRETER_COMPACT_CASE = r"""
+# compact formats in the kernels: float8 keys with a per-entry scale, group-mean keys, bf16
+# states (bf16 keys: the default-build case below)
+cases = [
+    dict(key_dtype=torch.float8_e4m3fn, out_dtype=torch.float16, extras_dtype=torch.float16),
+    dict(granularity="kv_group", group_key="mean", key_dtype=torch.float16,
+         out_dtype=torch.float32, extras_dtype=torch.float32),
+    dict(granularity="kv_group", group_key="mean", key_dtype=torch.float8_e4m3fn,
+         mode="rope_common", out_dtype=torch.float16),
+]
+cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
+scale = 32 ** -0.5
+for i, kw in enumerate(cases):
+    mem = make_memory(**kw, budget=40, layers=1, seed=i + 9)
+    corr = mem.lse_corrected
+    for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16)):
+        q, k, v, m, pos = make_inputs(mem, batch=batch, live=21, dtype=dtype, mask=mask)
+        args = (q, k, v, m, pos, *fused_args(mem, 0), scale, 0.25)
+        want, want_ids = fused.decode_reference(*args, lse_correction=corr)
+        got, ids = fused.memory_attention(*args, config=cfg, return_ids=True, lse_correction=corr)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(ids.long(), want_ids), (kw, batch)
+        err = _rel(got, want)
+        assert err < 1e-3, (kw, batch, err)
+print("OK")
+"""
+
+
+_INTERPRETER_DEFAULT_BUILD_CASE = r"""
+# exactly what the builder writes by default (BuildOptions(): bfloat16 keys and states, one
+# group-mean key per KV group, no lse-correction extras), through shards, in the kernels,
+# against the worker's torch reference path (Memory.prefix_state + live attention, merged)
+from memdb.shards import decode_shard, encode_shard
+from memdb_worker.builder import BuildOptions, calibrate, cluster
+from memdb_worker.memory import Memory
+from test_worker_fused import reference_path
+from tiny import tiny_llama
+
+model = tiny_llama(128)
+g = torch.Generator().manual_seed(3)
+traces = [torch.randint(3, 128, (10,), generator=g).tolist() for _ in range(6)]
+opts = BuildOptions(max_records=60, seed=0)
+calib = calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
+built = cluster(calib, 24, opts, progress=False)
+mem = Memory.from_shards([decode_shard(encode_shard(s)) for s in built.shards])
+lay = mem.layers[0]
+assert lay.keys.dtype == torch.bfloat16 and lay.out.dtype == torch.bfloat16
+assert mem.group_key == "mean" and mem.key_dim == calib.head_dim
+assert not lay.extras and lay.key_scale is None and not mem.lse_corrected
+assert fused.supports(mem)
+cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
+scale = calib.head_dim ** -0.5
+for layer in range(mem.num_layers):
+    for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16)):
+        q, k, v, m, pos = make_inputs(mem, batch=batch, live=21, dtype=dtype, mask=mask,
+                                      seed=layer + 1)
+        args = (q, k, v, m, pos, *fused_args(mem, layer), scale, fused.lse_bias(mem, layer))
+        path, path_ids = reference_path(mem, layer, q, k, v, m, pos, scale)
+        got, ids = fused.memory_attention(*args, config=cfg, return_ids=True)
+        assert got.shape == path.shape and got.dtype == path.dtype
+        assert torch.equal(ids.long(), path_ids), (layer, batch)
+        err = _rel(got, path)
+        assert err < 2e-3, (layer, batch, err)
+print("OK")
+"""
+
+
 def _run_under_interpreter(code: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [os.path.join(ROOT, "worker"), ROOT, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_interpreted(_IMPORTS + code)
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
 def test_kernels_under_triton_interpreter():
-    _run_under_interpreter(_INTERPRETER_CASE.format(root=ROOT))
+    _run_under_interpreter(_INTERPRETER_CASE)
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
 def test_kernels_with_lse_correction_under_triton_interpreter():
-    head, _ = _INTERPRETER_CASE.split("cases = [", 1)  # its imports and interpreter patch
-    code = head.format(root=ROOT) + (
+    code = (
         "from test_worker_fused import reference_path\n"
         "from memdb_worker.memory import DecodeOptions\n"
     )
@@ -356,6 +488,30 @@ def test_kernels_on_cuda_lse_correction(kw, batch, live, mask, extras_dtype):
     assert _rel(plain, want) > 0.05
 
 
+@cuda
+@pytest.mark.parametrize("key_dtype,out_dtype,mode,granularity,group_key", COMPACT)
+@pytest.mark.parametrize("batch,live,mask", [(1, 512, False), (8, 300, True)])
+def test_kernels_on_cuda_compact_formats(
+    key_dtype, out_dtype, mode, granularity, group_key, batch, live, mask
+):
+    mem = make_memory(mode, granularity, key_dtype=key_dtype, out_dtype=out_dtype,
+                      group_key=group_key, extras_dtype=out_dtype, heads=32, kv_heads=8, d=128,
+                      budget=4096, layers=1, device="cuda", kbar_scale=1.5)  # fmt: skip
+    assert fused.supports(mem)
+    q, k, v, m, pos = make_inputs(mem, batch=batch, live=live, dtype=torch.bfloat16,
+                                  device="cuda", mask=mask)  # fmt: skip
+    scale = 128**-0.5
+    args = (q, k, v, m, pos, *fused_args(mem, 0), scale, 0.1)
+    want, want_ids = fused.decode_reference(*args, lse_correction=True)
+    got, ids = fused.memory_attention(*args, return_ids=True, lse_correction=True)
+    _check_cuda(mem, q, pos, got, ids, want, want_ids)
+    opt = mem.with_options(DecodeOptions(lse_bias=0.1))
+    path, path_ids = reference_path(opt, 0, q, k, v, m, pos, scale)
+    same = (path_ids == want_ids).unsqueeze(-1)  # [B, H, 1]: near-ties may pick another entry
+    assert float(same.float().mean()) > 0.98
+    assert _rel(want[:, 0] * same, path[:, 0] * same) < 2e-2
+
+
 def _check_cuda(mem, q, pos, got, ids, want, want_ids):
     torch.cuda.synchronize()
     assert torch.isfinite(got.float()).all()
@@ -387,7 +543,8 @@ def _q_pre(mem, q, pos):
 def _sims(fl, q_pre):
     b = q_pre.shape[0]
     i, m, dk = fl.keys.shape
-    s = torch.einsum("bik,imk->bim", q_pre.reshape(b, i, dk), fl.keys.float())
+    keys = q_pre.reshape(b, i, -1, dk).mean(2) if fl.group_mean else q_pre.reshape(b, i, dk)
+    s = torch.einsum("bik,imk->bim", keys, fl.keys.float())
     if fl.bias is not None:
         s = s + fl.bias
     return s * fl.inv_norm
@@ -435,3 +592,13 @@ def test_bind_decode_uses_fused_path_and_matches_reference(extras_dtype):
     finally:
         fused.memory_attention = orig
     assert _rel(a, b) < 2e-2
+
+
+@pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
+def test_kernels_with_compact_formats_under_triton_interpreter():
+    _run_under_interpreter(_INTERPRETER_COMPACT_CASE)
+
+
+@pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
+def test_kernels_read_the_builders_default_format_under_triton_interpreter():
+    _run_under_interpreter(_INTERPRETER_DEFAULT_BUILD_CASE)

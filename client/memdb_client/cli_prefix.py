@@ -2,8 +2,9 @@
 
 Builds run locally with the worker's builder (`memdb_client.build`, imported only by the build
 commands) and are uploaded with one `PutPrefix` stream: the server makes a version current only
-once the whole upload arrived and validated, and an interrupted upload is cancelled (see
-`MemdbClient.put_prefix`), so a failure or Ctrl-C leaves nothing half-written.
+once the whole upload and its commit message arrived and validated, never half of one. A
+Ctrl-C before the commit message was sent stores nothing; one after it may or may not have
+stored the version (see `MemdbClient.put_prefix`; `prefix info` tells which).
 """
 
 from __future__ import annotations

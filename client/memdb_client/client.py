@@ -239,12 +239,24 @@ class MemdbClient:
     ) -> PrefixInfo:
         """Upload a memory (one shard per layer) as a new version, atomically.
 
-        The server commits only a complete, valid upload. If this call is interrupted (e.g.
-        KeyboardInterrupt), the stream is cancelled before the exception propagates, so nothing
-        is stored. `on_bytes(n)` is called (from gRPC's sending thread) as each chunk is sent.
+        The stream is a header (declaring the total bytes), every layer's chunks, then a commit
+        message; the server stores a complete, valid upload only once the commit message
+        arrived, and aborts its write if the call ended before the write commits. What an
+        interruption (e.g. KeyboardInterrupt) means, exactly:
+          - before the commit message was handed to gRPC: nothing is stored (the stream is
+            cancelled and the commit message is never sent);
+          - once this method has returned: the version is durable (the server committed it,
+            fsynced unless it runs with sync off);
+          - after the commit message was handed to gRPC but before this returned: the version
+            may or may not be stored. A retry with `mode="update"` and `expected_version`
+            set to the version you last saw tells which (FailedPrecondition: it was stored).
+        `on_bytes(n)` is called (from gRPC's sending thread) as each chunk is sent. The server
+        refuses (ResourceExhausted) as soon as the bytes pass its max upload size or the
+        tenant's quota, without waiting for the rest.
         """
         if mode not in _MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(_MODES)}")
+        blobs = [s if isinstance(s, bytes) else encode_shard(s) for s in shards]
         header = pb.PutPrefixHeader(
             name=name,
             mode=_MODES[mode],
@@ -255,9 +267,10 @@ class MemdbClient:
             build_params=build_params or {},
             index_kind=index_kind,
             metric=metric,
+            total_bytes=sum(len(b) for b in blobs),
         )
         stop = threading.Event()
-        stream = self._upload_stream(header, shards, on_bytes, stop)
+        stream = self._upload_stream(header, blobs, on_bytes, stop)
         future = None
         try:
             future = self._admin.PutPrefix.future(
@@ -296,6 +309,9 @@ class MemdbClient:
                 yield pb.PutPrefixRequest(chunk=chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk.data))
+        if stop is not None and stop.is_set():
+            return  # interrupted before the commit message: the server stores nothing
+        yield pb.PutPrefixRequest(commit=pb.PutPrefixCommit())
 
     def get_prefix(self, name: str, timeout: float | None = None) -> PrefixInfo:
         return PrefixInfo.from_pb(

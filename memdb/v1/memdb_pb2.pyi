@@ -101,15 +101,21 @@ class PrefixInfo(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_groups: _Optional[int] = ..., budget: _Optional[int] = ..., key_dim: _Optional[int] = ..., heads_per_group: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., extra_tensors: _Optional[_Iterable[str]] = ..., bytes: _Optional[int] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class PutPrefixRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "commit")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     header: PutPrefixHeader
     chunk: ShardChunk
-    def __init__(self, header: _Optional[_Union[PutPrefixHeader, _Mapping]] = ..., chunk: _Optional[_Union[ShardChunk, _Mapping]] = ...) -> None: ...
+    commit: PutPrefixCommit
+    def __init__(self, header: _Optional[_Union[PutPrefixHeader, _Mapping]] = ..., chunk: _Optional[_Union[ShardChunk, _Mapping]] = ..., commit: _Optional[_Union[PutPrefixCommit, _Mapping]] = ...) -> None: ...
+
+class PutPrefixCommit(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PutPrefixHeader(_message.Message):
-    __slots__ = ("name", "mode", "expected_version", "model_fingerprint", "num_layers", "token_count", "build_params", "index_kind", "metric")
+    __slots__ = ("name", "mode", "expected_version", "model_fingerprint", "num_layers", "token_count", "build_params", "index_kind", "metric", "total_bytes")
     class BuildParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +132,7 @@ class PutPrefixHeader(_message.Message):
     BUILD_PARAMS_FIELD_NUMBER: _ClassVar[int]
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     mode: PutMode
     expected_version: int
@@ -135,7 +142,8 @@ class PutPrefixHeader(_message.Message):
     build_params: _containers.ScalarMap[str, str]
     index_kind: str
     metric: str
-    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., expected_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ...) -> None: ...
+    total_bytes: int
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., expected_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("layer", "data", "last")

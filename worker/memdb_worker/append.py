@@ -185,12 +185,12 @@ def entry_queries(s: Shard, ks: KeySpace, layer: int) -> torch.Tensor:
     hg, d = ks.heads_per_group, ks.head_dim
     if "q_mean" in s.extras:
         return torch.from_numpy(s.extras["q_mean"].astype("float32"))
-    if ks.granularity == "kv_group_mean":
+    if s.keys.shape[2] != hg * d:  # group_key "mean": one key for the group's heads
         raise ValueError(
-            "appending needs each head's entry query: a kv_group_mean memory keeps them only "
-            "with lse_correction (q_mean); rebuild it from the whole prefix instead"
+            "appending needs each head's entry query: a memory with group_key 'mean' keeps them "
+            "only with lse_correction (q_mean); rebuild it from the whole prefix instead"
         )
-    if "key_scale" in s.extras:
+    if s.key_scale is not None:
         raise ValueError("appending to float8 keys without q_mean is not supported; rebuild")
     x = torch.from_numpy(s.keys.astype("float32")).reshape(ng, m, hg, d)  # grouped per head
     x = x.permute(1, 0, 2, 3).reshape(m, ng * hg, d)  # [M, H, d] key space, per head

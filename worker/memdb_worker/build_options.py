@@ -11,6 +11,10 @@ from memdb_worker.keys import GRANULARITIES, KEY_MODES, Granularity, KeyMode
 from memdb_worker.prefix import DEFAULT_SINK_TOKENS
 
 EntryState = Literal["average", "centroid"]
+# "kv_group_mean": the key space's kv_group with one key per group, the mean of its heads' keys
+# (written to shards as granularity "kv_group" + group_key "mean", see `memory.lookup_keys`)
+BuildGranularity = Granularity | Literal["kv_group_mean"]
+BUILD_GRANULARITIES: tuple[str, ...] = (*GRANULARITIES, "kv_group_mean")
 # BuildOptions fields spent by `calibrate` (the others are read by `cluster`; `seed` by both)
 CALIBRATION_FIELDS = (
     "chunk_tokens",
@@ -38,7 +42,7 @@ class BuildOptions:
     whiten: bool = False
     whiten_center: bool = False  # whiten with the covariance (keys centered) not the 2nd moment
     common_position: int | None = None  # rope_common: None = the position right after the prefix
-    granularity: Granularity = "kv_group_mean"
+    granularity: BuildGranularity = "kv_group_mean"
     # entries
     entry_state: EntryState = "average"  # Eq. 5 member averages, or recomputed at the centroid
     lse_correction: bool = False  # store q_mean and k_bar for the first-order lse correction
@@ -58,8 +62,8 @@ class BuildOptions:
     def __post_init__(self) -> None:
         if self.key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {KEY_MODES}, not {self.key_mode!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}")
+        if self.granularity not in BUILD_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {BUILD_GRANULARITIES}")
         if self.entry_state not in ("average", "centroid"):
             raise ValueError("entry_state must be 'average' or 'centroid'")
         if self.key_dtype not in KEY_DTYPES:
@@ -75,6 +79,16 @@ class BuildOptions:
             raise ValueError("sink_tokens must be >= 0")
         if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
             raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
+
+    @property
+    def keyspace_granularity(self) -> Granularity:
+        """The key space's granularity (kv_group_mean is kv_group with group_key "mean")."""
+        return "kv_group" if self.granularity == "kv_group_mean" else self.granularity
+
+    @property
+    def group_key(self) -> str:
+        """The memory's group key: "mean" for kv_group_mean, else "concat"."""
+        return "mean" if self.granularity == "kv_group_mean" else "concat"
 
     @property
     def q_mean_from_keys(self) -> bool:

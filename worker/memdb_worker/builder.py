@@ -43,9 +43,9 @@ from tqdm.auto import tqdm
 from memdb.shards import Shard
 from memdb_worker.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb_worker.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
-from memdb_worker.formats import KEY_SCALE, quantize_keys, to_numpy
+from memdb_worker.formats import quantize_keys, to_numpy
 from memdb_worker.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
-from memdb_worker.memory import DecodeOptions, Memory
+from memdb_worker.memory import DecodeOptions, Memory, lookup_keys
 from memdb_worker.prefix import ExactPrefix
 from memdb_worker.state import aggregate_states
 
@@ -87,9 +87,11 @@ class BuiltMemory:
         return self.metadata["model_fingerprint"]
 
     def nbytes(self) -> int:
+        """Bytes of the shards' tensors as stored (`formats.memory_bytes`)."""
         total = 0
         for s in self.shards:
-            for a in (s.keys, s.out, s.lse, *s.extras.values()):
+            scale = () if s.key_scale is None else (s.key_scale,)
+            for a in (s.keys, *scale, s.out, s.lse, *s.extras.values()):
                 total += a.nbytes
         return total
 
@@ -145,7 +147,7 @@ def cluster(
     common = pre.prefix_length if options.common_position is None else options.common_position
     ks = KeySpace(
         mode=options.key_mode,
-        granularity=options.granularity,
+        granularity=options.keyspace_granularity,
         num_heads=calib.num_heads,
         num_kv_heads=calib.num_kv_heads,
         head_dim=calib.head_dim,
@@ -212,8 +214,8 @@ def _cluster_layer(
 ) -> Shard:
     ng, hg, d = ks.num_groups, ks.heads_per_group, ks.head_dim
     q_pre = calib.q_pre[layer]  # [N, H, d]
-    keys = ks.keys(q_pre, layer)  # [N, I, Dk]
-    entry_keys = torch.zeros(ng, budget, ks.key_dim)
+    keys = lookup_keys(ks, options.group_key, q_pre, layer)  # [N, I, Dk]
+    entry_keys = torch.zeros(ng, budget, keys.shape[-1])
     out = torch.zeros(ng, budget, hg, d)
     lse = torch.zeros(ng, budget, hg)
     q_mean = torch.zeros(ng, budget, hg, d)
@@ -242,8 +244,6 @@ def _cluster_layer(
     stored_keys, key_scale = quantize_keys(entry_keys, options.key_dtype)
     state_dtype = getattr(torch, options.out_dtype)
     extras: dict[str, np.ndarray] = {}
-    if key_scale is not None:
-        extras[KEY_SCALE] = key_scale
     if options.lse_correction:
         if options.store_q_mean:
             extras["q_mean"] = to_numpy(q_mean.to(state_dtype))
@@ -257,6 +257,7 @@ def _cluster_layer(
         lse=lse.numpy().astype(np.float32),
         extras=extras,
         metadata={**meta, "layer": str(layer)},
+        key_scale=key_scale,
     )
 
 
@@ -341,6 +342,7 @@ def _metadata(
     )
     return {
         **ks.metadata(),
+        "group_key": options.group_key,
         "entry_state": options.entry_state,
         "lse_correction": "1" if options.lse_correction else "0",
         # "keys": q_mean is the entry key (dequantized), not stored (memory.Memory derives it)

@@ -47,8 +47,10 @@ from memdb_worker.memory import (
     DecodeOptions,
     Memory,
     check_options,
+    group_key_of,
     hits_state,
     keyspace_from_metadata,
+    lookup_keys,
 )
 from memdb_worker.state import State
 
@@ -90,6 +92,7 @@ class RemoteMemory:
         self.metadata = dict(metadata)
         self.timeout = timeout
         self.options = options or DecodeOptions()
+        self.group_key = group_key_of(self.metadata, keyspace)
         if metadata.get("q_mean") == "keys" and "k_bar" in extras and self.options.lse_correction:
             raise ValueError(
                 f"memory '{name}' keeps q_mean as its keys (store_q_mean=False), which Lookup does "
@@ -114,7 +117,7 @@ class RemoteMemory:
         """State source protocol: one Lookup of the layer, then as `Memory.prefix_state`."""
         b, h, t, d = query.q.shape
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)
-        keys = self.keyspace.keys(q_pre, query.layer)  # [n, I, Dk]
+        keys = lookup_keys(self.keyspace, self.group_key, q_pre, query.layer)  # [n, I, Dk]
         res = self._client().lookup(
             self.name,
             query.layer,

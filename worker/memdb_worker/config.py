@@ -45,6 +45,16 @@ class WorkerConfig(BaseSettings):
     cache_bytes: int = Field(1 * GiB, ge=0, description="device bytes of cached memories (LRU)")
     live_positions: Literal["after_prefix", "zero"] = "after_prefix"
     max_batch: int = Field(8, ge=1, description="requests decoded together")
+    prefix_cache_bytes: int = Field(
+        512 * MiB, ge=0,
+        description="device bytes of cached prompt prefixes' KV (automatic prefix caching; 0: off)",
+    )  # fmt: skip
+    prefix_cache_min_tokens: int = Field(256, ge=1, description="shortest prefix worth caching")
+    static_live_tokens: int = Field(
+        0, ge=0,
+        description="live tokens per row of a static KV cache for CUDA-graphed decoding of "
+        "batches with one memory/prefix and top_p = 1 (0: off, transformers' forward)",
+    )  # fmt: skip
     batch_wait_ms: float = Field(5.0, ge=0, description="wait for more requests before a batch")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask")
     default_max_tokens: int = Field(16, ge=1)

@@ -28,7 +28,6 @@ import torch
 KEY_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 OUT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-KEY_SCALE = "key_scale"  # the extra tensor of per-entry fp8 key scales
 
 _NUMPY = {
     "float32": np.dtype(np.float32),
@@ -85,12 +84,6 @@ def quantize_keys(keys: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarra
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (keys.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return to_numpy(q), scale.numpy().astype(np.float32)
-
-
-def dequantize_keys(keys: torch.Tensor, key_scale: torch.Tensor | None) -> torch.Tensor:
-    """Stored keys [..., Dk] as float32 (times key_scale [...] for float8)."""
-    x = keys.float()
-    return x if key_scale is None else x * key_scale.float()[..., None]
 
 
 def memory_bytes(

@@ -1,14 +1,15 @@
 """The fused decode path of a memory (CUDA, Triton): lookup, gather, live attention and merge.
 
-One decode step (T = 1 query per sequence) of one layer, `memory_attention`, runs two kernels:
+One decode step (T = 1 query per sequence) of one layer, `memory_attention`, runs two kernels
+(in `fused_kernels`):
 
-1. `_phase1`: two kinds of programs in one launch.
+1. `phase1`: two kinds of programs in one launch.
    - scan programs, per (index group, slice of the M entries, block of batch rows): undo RoPE of
      the live queries (position per row), form the lookup keys and scan the slice's keys in tiles
      (cosine = (q . k + bias) / |k|), keeping the best score and entry id per row;
    - live programs, per (batch row, KV head, slice of the live context): flash-style attention of
      the KV head's query heads over the slice (online softmax), a partial state (out, lse).
-2. `_combine`, per (batch row, KV head): reduce the scan slices to the top-1 entry of each query
+2. `combine`, per (batch row, KV head): reduce the scan slices to the top-1 entry of each query
    head's group, gather its stored state (out, lse + bias), reduce the live slices, and merge all
    of them with the online-softmax identity; write the output in the query dtype, [B, 1, H, d].
    With the first-order lse correction (`lse_correction=True`) it also gathers the entry's
@@ -26,6 +27,13 @@ two half-precision products (the query split into high and low halves, ~16 manti
 float32 keys as tf32x3 products (~float32): argmax ties within that rounding may pick another
 entry than the float32 reference.
 
+Compact memories (`memory` module doc): float8 e4m3 keys are widened to float16 tiles in the scan
+(exact) and their per-entry `key_scale` is folded into the inverse norms (the cosine of the
+scaled key from the stored one); with a key-mode transform the folded keys are stored in
+float16. bf16 states and extras are read as they are. With group_key "mean" (one key of the
+head dim per KV group) the scan forms each group's lookup key as the mean of its heads'
+pre-RoPE queries (no whitening: one transform per group), and each head gathers its own state.
+
 Speed (H100, bench/GPU_NOTES.md): batch 1, M = 4K, 512 live tokens: 30 µs per layer (its
 bytes take 12 µs at copy bandwidth): the scan streams the keys at ~2 TB/s (one program per SM,
 cp.async stages; ncu: shared-memory waits) and ~13 µs are dependent latencies (two launches,
@@ -34,9 +42,10 @@ the gap to SDPA over a cached prefix grows with batch.
 
 The fused path covers hard top-1 (with or without the first-order lse correction, any
 lse_bias), groups of at most 512 key dimensions (head and kv_group granularity for head_dim
-128), T = 1 and a boolean key mask; everything else goes through the reference path
-(`Memory.prefix_state` + `state.merge_states`). `decode_reference` computes the same function
-with torch ops (CPU-testable; it is also what the tests compare the kernels with).
+128), keys in float32 / float16 / bfloat16 / float8 e4m3, T = 1 and a boolean key mask;
+everything else goes through the reference path (`Memory.prefix_state` +
+`state.merge_states`). `decode_reference` computes the same function with torch ops
+(CPU-testable; it is also what the tests compare the kernels with).
 `MEMDB_FUSED=0` in the environment or `set_enabled(False)` forces the reference path in
 `attention.memdb_attention`.
 """
@@ -51,24 +60,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from memdb_worker import fused_kernels as fk
+from memdb_worker.fused_kernels import HAVE_TRITON
 from memdb_worker.keys import apply_rope, undo_rope
-from memdb_worker.memory import correct_lse
+from memdb_worker.memory import KEY_DTYPES, STATE_DTYPES, correct_lse
 from memdb_worker.state import State, attention_state, merge_states
 
 if TYPE_CHECKING:
     from memdb_worker.memory import Memory
 
 logger = logging.getLogger(__name__)
-
-try:  # Triton is optional: without it (or on CPU) the reference path runs
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-    tl = None
-    HAVE_TRITON = False
 
 MAX_KEY_DIM = 512  # Dk the scan kernel takes (head_dim 128: head and kv_group granularity)
 _ENABLED = os.environ.get("MEMDB_FUSED", "1") != "0"
@@ -101,7 +102,7 @@ class FusedLayer:
     """One memory layer in the form the kernels read."""
 
     keys: torch.Tensor  # [I, M, Dk] contiguous: keys in the pre-RoPE query frame (T^T k)
-    inv_norm: torch.Tensor  # [I, M] float32, 1 / |k| of the memory's keys
+    inv_norm: torch.Tensor  # [I, M] float32, 1 / |k| of the memory's keys (x key_scale: fp8)
     bias: torch.Tensor | None  # [I, M] float32, -c . k (None when c = 0)
     out: torch.Tensor  # [I, M, h, d]
     lse: torch.Tensor  # [I, M, h] float32
@@ -110,6 +111,7 @@ class FusedLayer:
     # None when the memory has none; used only when a call asks for the correction
     q_mean: torch.Tensor | None = None
     k_bar: torch.Tensor | None = None
+    group_mean: bool = False  # lookup key = mean of the group's heads' queries (Dk = d)
 
 
 def supports(memory: Memory) -> bool:
@@ -119,10 +121,11 @@ def supports(memory: Memory) -> bool:
     return (
         memory.options.top_k == 1
         and (not memory.lse_corrected or _extras_fit(lay))
-        and ks.key_dim <= MAX_KEY_DIM
-        and ks.granularity != "kv_group_mean"  # its mean key: not in these kernels (reference)
+        and memory.key_dim <= MAX_KEY_DIM
         and ks.head_dim in (16, 32, 64, 128, 256)
-        and lay.keys.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and lay.keys.dtype in KEY_DTYPES
+        and lay.out.dtype in STATE_DTYPES
+        and not (memory.group_key == "mean" and ks.whiten is not None)
     )
 
 
@@ -151,8 +154,14 @@ def prepare_layer(memory: Memory, layer: int) -> FusedLayer:
     ks = memory.keyspace
     i_groups, m, dk = lay.keys.shape
     hpg, d = ks.heads_per_group, ks.head_dim
+    mean = memory.group_key == "mean"
+    if mean and ks.whiten is not None:
+        raise ValueError("the fused path takes group_key 'mean' without whitening only")
+    inv_norm = lay.inv_norm.float()
     if ks.mode == "pre_rope" and ks.whiten is None:
         keys, bias = lay.keys.contiguous(), None
+        if lay.key_scale is not None:  # cosine of the scaled keys from the stored ones
+            inv_norm = inv_norm * lay.key_scale.float()
     else:
         dev = lay.keys.device
         h = ks.num_heads
@@ -176,22 +185,26 @@ def prepare_layer(memory: Memory, layer: int) -> FusedLayer:
             mu = torch.zeros(h, d, dtype=torch.float64, device=dev)
         tmat = (w @ rot).view(i_groups, hpg, d, d)  # key_h = T_h q_pre - c_h
         c = torch.einsum("hed,hd->he", w, mu).view(i_groups, hpg, d)
-        k = lay.keys.double().view(i_groups, m, hpg, d)
+        if mean:  # key = T mean_j(q_j) - mean_j(c_j): one T per group (no whitening)
+            tmat, c = tmat[:, :1], c.mean(dim=1, keepdim=True)
+        k = lay.key_values().double().view(i_groups, m, -1, d)
         keys = torch.einsum("imje,ijed->imjd", k, tmat).reshape(i_groups, m, dk)
-        keys = keys.to(lay.keys.dtype).contiguous()
+        fp8 = lay.keys.dtype == torch.float8_e4m3fn  # transformed keys are no longer fp8-exact
+        keys = keys.to(torch.float16 if fp8 else lay.keys.dtype).contiguous()
         bias = -torch.einsum("imje,ije->im", k, c).float()
         if not bool(bias.abs().max() > 0):
             bias = None
     extras = _extras_fit(lay)
     fl = FusedLayer(
         keys=keys,
-        inv_norm=lay.inv_norm.float().contiguous(),
+        inv_norm=inv_norm.contiguous(),
         bias=None if bias is None else bias.contiguous(),
         out=lay.out.contiguous(),
         lse=lay.lse.float().contiguous(),
         heads_per_group=hpg,
         q_mean=lay.extras["q_mean"].contiguous() if extras else None,
         k_bar=lay.extras["k_bar"].contiguous() if extras else None,
+        group_mean=mean,
     )
     setattr(lay, _ATTR, fl)
     return fl
@@ -229,7 +242,10 @@ def decode_reference(
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos() * rope_scaling, emb.sin() * rope_scaling  # [B, d]
     q_pre = undo_rope(q[:, :, 0].float(), cos.unsqueeze(1), sin.unsqueeze(1))  # [B, H, d]
-    keys = q_pre.reshape(b, i_groups, dk)
+    if fl.group_mean:
+        keys = q_pre.reshape(b, i_groups, hpg, d).mean(dim=2)
+    else:
+        keys = q_pre.reshape(b, i_groups, dk)
     sims = torch.einsum("bik,imk->bim", keys, fl.keys.float())
     if fl.bias is not None:
         sims = sims + fl.bias
@@ -250,433 +266,6 @@ def decode_reference(
     merged = merge_states(live, State(mem_out, mem_lse))
     head_ids = ids.repeat_interleave(hpg, dim=1)  # [B, H]
     return merged.out.to(q.dtype).transpose(1, 2).contiguous(), head_ids
-
-
-# -- the kernels -------------------------------------------------------------------------------
-
-if HAVE_TRITON:
-
-    @triton.jit
-    def _scan(
-        pid,
-        q_ptr,
-        sq_b,
-        sq_h,
-        pos_ptr,
-        inv_freq_ptr,
-        rope_scaling,
-        keys_ptr,
-        inv_norm_ptr,
-        bias_ptr,
-        M,
-        best_s_ptr,
-        best_i_ptr,
-        B,
-        NG,
-        S,
-        tiles_per_split,
-        HAS_BIAS: tl.constexpr,
-        KEY_F32: tl.constexpr,
-        KEYS_A: tl.constexpr,
-        GEMV: tl.constexpr,
-        D: tl.constexpr,
-        HPG: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-    ):
-        DK: tl.constexpr = HPG * D
-        HALF: tl.constexpr = D // 2
-        i = pid % NG
-        rest = pid // NG
-        split = rest % S
-        bblk = rest // S
-        offs_b = bblk * BLOCK_B + tl.arange(0, BLOCK_B)
-        bmask = offs_b < B
-        kk = tl.arange(0, DK)
-        head = i * HPG + kk // D
-        dd = kk % D
-        partner = (dd + HALF) % D
-        sign = tl.where(dd < HALF, -1.0, 1.0)
-        qrow = q_ptr + offs_b.to(tl.int64)[:, None] * sq_b + head[None, :] * sq_h
-        x = tl.load(qrow + dd[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
-        xr = tl.load(qrow + partner[None, :], mask=bmask[:, None], other=0.0).to(tl.float32)
-        xr = xr * sign[None, :]  # rotate_half(x)
-        pos = tl.load(pos_ptr + offs_b, mask=bmask, other=0).to(tl.float32)
-        f = tl.load(inv_freq_ptr + (dd % HALF))
-        ang = pos[:, None] * f[None, :]
-        c = tl.cos(ang) * rope_scaling
-        s = tl.sin(ang) * rope_scaling
-        qpre = (x * c - xr * s) / (c * c + s * s)  # undo RoPE, [BLOCK_B, DK] float32
-        if KEY_F32 or GEMV:
-            q_hi = qpre
-            q_lo = qpre
-        else:
-            kdt = keys_ptr.dtype.element_ty
-            q_hi = qpre.to(kdt)
-            q_lo = (qpre - q_hi.to(tl.float32)).to(kdt)
-        q_hi_t = tl.trans(q_hi)  # [DK, BLOCK_B]
-        q_lo_t = tl.trans(q_lo)
-
-        # running maximum per (entry lane, row), reduced once after the loop (no per-tile
-        # cross-warp reduction); ties go to the smallest entry id
-        m_start = split * tiles_per_split * BLOCK_M
-        offs_m0 = tl.arange(0, BLOCK_M)
-        kbase = keys_ptr + i.to(tl.int64) * M * DK
-        if KEYS_A or GEMV:
-            run = tl.full([BLOCK_M, BLOCK_B], float("-inf"), tl.float32)
-            run_i = tl.zeros([BLOCK_M, BLOCK_B], tl.int32)
-        else:
-            run = tl.full([BLOCK_B, BLOCK_M], float("-inf"), tl.float32)
-            run_i = tl.zeros([BLOCK_B, BLOCK_M], tl.int32)
-        for tile in range(tiles_per_split):
-            m0 = m_start + tile * BLOCK_M
-            offs_m = m0 + offs_m0
-            mm = offs_m < M
-            kt = tl.load(kbase + offs_m[:, None] * DK + kk[None, :], mask=mm[:, None], other=0.0)
-            inv_n = tl.load(inv_norm_ptr + i * M + offs_m, mask=mm, other=0.0)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + i * M + offs_m, mask=mm, other=0.0)
-            if GEMV:  # few rows: float32 multiply-adds from registers, no tensor cores
-                sc = tl.sum(kt.to(tl.float32)[:, None, :] * qpre[None, :, :], axis=2)
-                if HAS_BIAS:
-                    sc = sc + bias[:, None]
-                sc = sc * inv_n[:, None]
-                sc = tl.where(mm[:, None], sc, float("-inf"))
-                upd = sc > run
-                run_i = tl.where(upd, offs_m[:, None], run_i)
-            elif KEYS_A:  # the key tile is the large operand: scores^T [BLOCK_M, BLOCK_B]
-                if KEY_F32:
-                    sc = tl.dot(kt, q_hi_t, input_precision="tf32x3")
-                else:
-                    sc = tl.dot(kt, q_hi_t) + tl.dot(kt, q_lo_t)
-                if HAS_BIAS:
-                    sc = sc + bias[:, None]
-                sc = sc * inv_n[:, None]
-                sc = tl.where(mm[:, None], sc, float("-inf"))
-                upd = sc > run
-                run_i = tl.where(upd, offs_m[:, None], run_i)
-            else:  # scores [BLOCK_B, BLOCK_M]
-                if KEY_F32:
-                    sc = tl.dot(q_hi, tl.trans(kt), input_precision="tf32x3")
-                else:
-                    ktt = tl.trans(kt)
-                    sc = tl.dot(q_hi, ktt) + tl.dot(q_lo, ktt)
-                if HAS_BIAS:
-                    sc = sc + bias[None, :]
-                sc = sc * inv_n[None, :]
-                sc = tl.where(mm[None, :], sc, float("-inf"))
-                upd = sc > run
-                run_i = tl.where(upd, offs_m[None, :], run_i)
-            run = tl.where(upd, sc, run)
-        if KEYS_A or GEMV:
-            best = tl.max(run, axis=0)
-            besti = tl.min(tl.where(run == best[None, :], run_i, 2147483647), axis=0)
-        else:
-            best = tl.max(run, axis=1)
-            besti = tl.min(tl.where(run == best[:, None], run_i, 2147483647), axis=1)
-        dst = (split * B + offs_b) * NG + i
-        tl.store(best_s_ptr + dst, best, mask=bmask)
-        tl.store(best_i_ptr + dst, besti, mask=bmask)
-
-    @triton.jit
-    def _live(
-        pid,
-        q_ptr,
-        sq_b,
-        sq_h,
-        k_ptr,
-        sk_b,
-        sk_h,
-        sk_n,
-        v_ptr,
-        sv_b,
-        sv_h,
-        sv_n,
-        mask_ptr,
-        sm_b,
-        sm_n,
-        N,
-        B,
-        H,
-        HKV,
-        SL,
-        live_split,
-        scale,
-        lo_ptr,
-        ll_ptr,
-        HAS_MASK: tl.constexpr,
-        IEEE: tl.constexpr,
-        LIVE_T: tl.constexpr,
-        D: tl.constexpr,
-        G: tl.constexpr,
-        GP: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        sl = pid % SL
-        rest = pid // SL
-        kh = rest % HKV
-        b = (rest // HKV).to(tl.int64)
-        offs_g = tl.arange(0, GP)
-        gm = offs_g < G
-        offs_d = tl.arange(0, D)
-        hq = kh * G + offs_g
-        q = tl.load(
-            q_ptr + b * sq_b + hq[:, None] * sq_h + offs_d[None, :], mask=gm[:, None], other=0.0
-        )
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        acc_t = tl.zeros([D, GP], tl.float32)
-        q_t = tl.trans(q)
-        n0 = sl * live_split
-        n_end = tl.minimum(n0 + live_split, N)
-        kbase = k_ptr + b * sk_b + kh * sk_h
-        vbase = v_ptr + b * sv_b + kh * sv_h
-        for start in range(n0, n_end, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            inb = offs_n < n_end
-            kt = tl.load(
-                kbase + offs_n.to(tl.int64)[:, None] * sk_n + offs_d[None, :],
-                mask=inb[:, None],
-                other=0.0,
-            )
-            vt = tl.load(
-                vbase + offs_n.to(tl.int64)[:, None] * sv_n + offs_d[None, :],
-                mask=inb[:, None],
-                other=0.0,
-            )
-            ok = inb
-            if HAS_MASK:
-                mv = tl.load(mask_ptr + b * sm_b + offs_n.to(tl.int64) * sm_n, mask=inb, other=0)
-                ok = ok & (mv != 0)
-            if LIVE_T:  # keys / values as the large operands: s^T [BLOCK_N, GP], acc^T [D, GP]
-                if IEEE:
-                    sc = tl.dot(kt, q_t, input_precision="ieee") * scale
-                else:
-                    sc = tl.dot(kt, q_t) * scale
-                sc = tl.where(ok[:, None], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(sc - m_safe[None, :])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                if IEEE:
-                    pv = tl.dot(tl.trans(vt.to(tl.float32)), p, input_precision="ieee")
-                else:
-                    pv = tl.dot(tl.trans(vt), p.to(vt.dtype))
-                acc_t = acc_t * alpha[None, :] + pv
-            else:
-                if IEEE:
-                    sc = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
-                else:
-                    sc = tl.dot(q, tl.trans(kt)) * scale
-                sc = tl.where(ok[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(sc - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE:
-                    pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(vt.dtype), vt)
-                acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        if LIVE_T:
-            acc = tl.trans(acc_t)
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        row = (sl * B + b) * H + hq
-        tl.store(ll_ptr + row, lse, mask=gm)
-        tl.store(lo_ptr + row[:, None] * D + offs_d[None, :], out, mask=gm[:, None])
-
-    @triton.jit
-    def _phase1(
-        n_scan,
-        q_ptr,
-        sq_b,
-        sq_h,
-        pos_ptr,
-        inv_freq_ptr,
-        rope_scaling,
-        keys_ptr,
-        inv_norm_ptr,
-        bias_ptr,
-        M,
-        best_s_ptr,
-        best_i_ptr,
-        B,
-        NG,
-        S,
-        tiles_per_split,
-        k_ptr,
-        sk_b,
-        sk_h,
-        sk_n,
-        v_ptr,
-        sv_b,
-        sv_h,
-        sv_n,
-        mask_ptr,
-        sm_b,
-        sm_n,
-        N,
-        H,
-        HKV,
-        SL,
-        live_split,
-        scale,
-        lo_ptr,
-        ll_ptr,
-        HAS_BIAS: tl.constexpr,
-        KEY_F32: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        IEEE: tl.constexpr,
-        KEYS_A: tl.constexpr,
-        LIVE_T: tl.constexpr,
-        GEMV: tl.constexpr,
-        D: tl.constexpr,
-        HPG: tl.constexpr,
-        G: tl.constexpr,
-        GP: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        if pid < n_scan:
-            _scan(
-                pid, q_ptr, sq_b, sq_h, pos_ptr, inv_freq_ptr, rope_scaling, keys_ptr,
-                inv_norm_ptr, bias_ptr, M, best_s_ptr, best_i_ptr, B, NG, S, tiles_per_split,
-                HAS_BIAS, KEY_F32, KEYS_A, GEMV, D, HPG, BLOCK_B, BLOCK_M,
-            )  # fmt: skip
-        else:
-            _live(
-                pid - n_scan, q_ptr, sq_b, sq_h, k_ptr, sk_b, sk_h, sk_n, v_ptr, sv_b, sv_h,
-                sv_n, mask_ptr, sm_b, sm_n, N, B, H, HKV, SL, live_split, scale, lo_ptr, ll_ptr,
-                HAS_MASK, IEEE, LIVE_T, D, G, GP, BLOCK_N,
-            )  # fmt: skip
-
-    @triton.jit
-    def _combine(
-        best_s_ptr,
-        best_i_ptr,
-        S,
-        B,
-        NG,
-        mem_out_ptr,
-        so_i,
-        so_m,
-        so_j,
-        mem_lse_ptr,
-        sl_i,
-        sl_m,
-        lse_bias,
-        q_ptr,
-        sq_b,
-        sq_h,
-        pos_ptr,
-        inv_freq_ptr,
-        rope_scaling,
-        qm_ptr,
-        sqm_i,
-        sqm_m,
-        sqm_j,
-        kb_ptr,
-        skb_i,
-        skb_m,
-        skb_j,
-        scale,
-        lo_ptr,
-        ll_ptr,
-        SL,
-        out_ptr,
-        sout_b,
-        sout_h,
-        ids_ptr,
-        H,
-        HKV,
-        D: tl.constexpr,
-        HPG: tl.constexpr,
-        G: tl.constexpr,
-        GP: tl.constexpr,
-        SP: tl.constexpr,
-        SLP: tl.constexpr,
-        CORRECT: tl.constexpr,
-    ):
-        HALF: tl.constexpr = D // 2
-        pid = tl.program_id(0)
-        kh = pid % HKV
-        b = pid // HKV
-        b64 = b.to(tl.int64)
-        offs_g = tl.arange(0, GP)
-        gm = offs_g < G
-        hq = kh * G + offs_g
-        grp = hq // HPG
-        j = hq % HPG
-        offs_d = tl.arange(0, D)
-        # top-1 entry over the scan slices (slices are in entry order: first maximum wins)
-        offs_s = tl.arange(0, SP)
-        sm = gm[:, None] & (offs_s < S)[None, :]
-        part = (offs_s[None, :] * B + b) * NG + grp[:, None]
-        ps = tl.load(best_s_ptr + part, mask=sm, other=float("-inf"))
-        pi = tl.load(best_i_ptr + part, mask=sm, other=0)
-        sel = tl.argmax(ps, axis=1)
-        ids = tl.sum(tl.where(offs_s[None, :] == sel[:, None], pi, 0), axis=1)
-        ids64 = ids.to(tl.int64)
-        mo = tl.load(
-            mem_out_ptr + grp[:, None] * so_i + ids64[:, None] * so_m + j[:, None] * so_j
-            + offs_d[None, :],
-            mask=gm[:, None],
-            other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        ml = tl.load(mem_lse_ptr + grp * sl_i + ids64 * sl_m + j, mask=gm, other=float("-inf"))
-        if CORRECT:  # first-order lse correction: + scale * (q_pre - q_mean) . k_bar
-            partner = (offs_d + HALF) % D
-            sign = tl.where(offs_d < HALF, -1.0, 1.0)
-            qrow = q_ptr + b64 * sq_b + hq[:, None] * sq_h
-            x = tl.load(qrow + offs_d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            xr = tl.load(qrow + partner[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            xr = xr * sign[None, :]  # rotate_half(x)
-            pos = tl.load(pos_ptr + b).to(tl.float32)
-            ang = pos * tl.load(inv_freq_ptr + (offs_d % HALF))
-            c = tl.cos(ang) * rope_scaling
-            s = tl.sin(ang) * rope_scaling
-            qpre = (x * c[None, :] - xr * s[None, :]) / (c * c + s * s)[None, :]  # undo RoPE
-            qm = tl.load(
-                qm_ptr + grp[:, None] * sqm_i + ids64[:, None] * sqm_m + j[:, None] * sqm_j
-                + offs_d[None, :],
-                mask=gm[:, None],
-                other=0.0,
-            ).to(tl.float32)  # fmt: skip
-            kb = tl.load(
-                kb_ptr + grp[:, None] * skb_i + ids64[:, None] * skb_m + j[:, None] * skb_j
-                + offs_d[None, :],
-                mask=gm[:, None],
-                other=0.0,
-            ).to(tl.float32)  # fmt: skip
-            ml = ml + scale * tl.sum((qpre - qm) * kb, axis=1)
-        ml = ml + lse_bias
-        # live slices, all at once: weights [SLP, GP], outputs [SLP, GP, D]
-        offs_l = tl.arange(0, SLP)
-        lmask = (offs_l < SL)[:, None] & gm[None, :]
-        lrow = (offs_l[:, None] * B + b) * H + hq[None, :]
-        ll = tl.load(ll_ptr + lrow, mask=lmask, other=float("-inf"))
-        lo = tl.load(lo_ptr + lrow[:, :, None] * D + offs_d[None, None, :],
-                     mask=lmask[:, :, None], other=0.0)  # fmt: skip
-        mx = tl.maximum(tl.max(ll, axis=0), ml)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        wl = tl.exp(ll - mx[None, :])
-        wm = tl.exp(ml - mx)
-        total = tl.sum(wl, axis=0) + wm
-        acc = wm[:, None] * mo + tl.sum(wl[:, :, None] * lo, axis=0)
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(
-            out_ptr + b64 * sout_b + hq[:, None] * sout_h + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=gm[:, None],
-        )
-        tl.store(ids_ptr + b64 * H + hq, ids, mask=gm)
 
 
 @dataclass(frozen=True)
@@ -768,7 +357,7 @@ def memory_attention(
     g = h // hkv
     i_groups, m, dk = fl.keys.shape
     hpg = fl.heads_per_group
-    if dk != hpg * d or i_groups * hpg != h:
+    if dk != (d if fl.group_mean else hpg * d) or i_groups * hpg != h:
         raise ValueError(f"memory keys {list(fl.keys.shape)} do not fit {h} heads of dim {d}")
     if lse_correction and (fl.q_mean is None or fl.k_bar is None):
         raise ValueError("lse_correction needs a memory layer with q_mean and k_bar")
@@ -834,12 +423,13 @@ def memory_attention(
     elif _only == "live":
         n_scan = 0
     gp = max(16, _pow2(g))
-    _phase1[(n_scan + n_live,)](
+    fk.phase1[(n_scan + n_live,)](
         n_scan, q2, q2.stride(0), q2.stride(1), pos, inv, float(rope_scaling),
         fl.keys, fl.inv_norm, bias, m, best_s, best_i, b, i_groups, s, tps,
         k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
         mk, sm_b, sm_n, n, h, hkv, sl, live_split, float(scale), lo, ll,
         HAS_BIAS=fl.bias is not None, KEY_F32=fl.keys.dtype == torch.float32,
+        KEY_FP8=fl.keys.dtype == torch.float8_e4m3fn, DK=dk, QH=hpg if fl.group_mean else 1,
         HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32,
         KEYS_A=config.keys_a, LIVE_T=config.live_t, GEMV=gemv,
         D=d, HPG=hpg, G=g, GP=gp, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -855,7 +445,7 @@ def memory_attention(
     else:
         qm = kb = ml  # unused without CORRECT
         qm_st = kb_st = (0, 0, 0)
-    _combine[(b * hkv,)](
+    fk.combine[(b * hkv,)](
         best_s, best_i, s, b, i_groups, mo, mo.stride(0), mo.stride(1), mo.stride(2),
         ml, ml.stride(0), ml.stride(1), float(lse_bias),
         q2, q2.stride(0), q2.stride(1), pos, inv, float(rope_scaling),

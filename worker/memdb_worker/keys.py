@@ -12,12 +12,11 @@ each optionally whitened per layer and head, `key <- S^-1/2 (key - mu)`, with `S
 moment (or, with centering, the covariance) of calibration keys, estimated at build time and
 stored with the memory. Keys are then grouped by the granularity:
 
-- `head`:          I = H groups, h = 1 head each, Dk = d
-- `kv_group`:      I = Hkv groups (the query heads sharing one KV head), h = H / Hkv,
-                   Dk = h * d (the group's heads' keys concatenated)
-- `kv_group_mean`: I = Hkv, h = H / Hkv, Dk = d: one key per KV group, the mean of its heads'
-                   keys (entries still hold a state per head: out [I, M, h, d])
-- `layer`:         I = 1, h = H, Dk = H * d
+- `head`:      I = H groups, h = 1 head each, Dk = d
+- `kv_group`:  I = Hkv groups (the query heads sharing one KV head), h = H / Hkv,
+               Dk = h * d (the group's heads' keys concatenated; a memory's group_key "mean"
+               averages them instead, Dk = d: see `memory.lookup_keys`)
+- `layer`:     I = 1, h = H, Dk = H * d
 
 This module knows nothing of memories, shards or the model beyond its RoPE parameters.
 """
@@ -34,9 +33,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 KeyMode = Literal["pre_rope", "rope_common"]
-Granularity = Literal["head", "kv_group", "kv_group_mean", "layer"]
+Granularity = Literal["head", "kv_group", "layer"]
 KEY_MODES: tuple[str, ...] = ("pre_rope", "rope_common")
-GRANULARITIES: tuple[str, ...] = ("head", "kv_group", "kv_group_mean", "layer")
+GRANULARITIES: tuple[str, ...] = ("head", "kv_group", "layer")
 
 
 @dataclass(frozen=True)
@@ -171,9 +170,7 @@ class KeySpace:
 
     @property
     def num_groups(self) -> int:  # I
-        if self.granularity in ("kv_group", "kv_group_mean"):
-            return self.num_kv_heads
-        return {"head": self.num_heads, "layer": 1}[self.granularity]
+        return {"head": self.num_heads, "kv_group": self.num_kv_heads, "layer": 1}[self.granularity]
 
     @property
     def heads_per_group(self) -> int:  # h
@@ -181,19 +178,7 @@ class KeySpace:
 
     @property
     def key_dim(self) -> int:  # Dk
-        if self.granularity == "kv_group_mean":
-            return self.head_dim
         return self.heads_per_group * self.head_dim
-
-    @property
-    def key_is_query(self) -> bool:
-        """Whether a key is the group's pre-RoPE queries themselves (so an entry's key, a mean
-        of member keys, is its mean query q_mean)."""
-        return (
-            self.mode == "pre_rope"
-            and self.whiten is None
-            and self.granularity in ("head", "kv_group", "layer")
-        )
 
     def rotate(self, q_pre: torch.Tensor) -> torch.Tensor:
         """Apply the key mode's rotation to q_pre [..., H, d] (identity for pre_rope)."""
@@ -214,8 +199,6 @@ class KeySpace:
             w = self.whiten[layer].to(x.device, torch.float32)  # [H, d, d]
             mu = self.whiten_mean[layer].to(x.device, torch.float32) if self.whiten_mean else 0.0
             x = torch.einsum("...hd,hed->...he", x - mu, w)
-        if self.granularity == "kv_group_mean":  # [..., H, d] -> [..., I, h, d] -> mean over h
-            return x.reshape(*x.shape[:-2], self.num_groups, self.heads_per_group, -1).mean(-2)
         return self.group(x)
 
     def group(self, x: torch.Tensor) -> torch.Tensor:

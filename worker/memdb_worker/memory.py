@@ -3,10 +3,18 @@
 A `Memory` holds, per layer, I index groups of M entries: lookup keys [I, M, Dk], the entries'
 states on the prefix (out [I, M, h, d], lse [I, M, h]) and optional extras: `q_mean`/`k_bar`
 [I, M, h, d] for the first-order lse correction (q_mean derived from the keys at load when the
-builder left it out), `key_scale` [I, M] of float8 keys, `whiten`/`whiten_mean` [H, d, d]/[H, d]
-for whitened keys. Tensors keep their stored dtypes (`formats`). Its common metadata (key mode,
-granularity, positions, RoPE, fingerprint, ...) comes from the builder and travels in every
-shard.
+builder left it out: metadata q_mean "keys"), `whiten`/`whiten_mean` [H, d, d]/[H, d] for
+whitened keys. Its common metadata (key mode, granularity, positions, RoPE, fingerprint, ...)
+comes from the builder and travels in every shard.
+
+Compact formats (the agreed tensor spec, `formats`): `keys` float32 | float16 | bfloat16 |
+float8_e4m3fn, with `key_scale` [I, M] float32 iff float8 (the key is `keys.float() *
+key_scale[..., None]`; it travels as a shard's `key_scale`); `out` and the extras float32 |
+float16 | bfloat16; `lse` float32. Tensors keep their stored dtypes on the device. Group keys
+(metadata "group_key"): "concat" (default) looks a group up with its heads' keys side by side
+(Dk = h * d); "mean" (granularity kv_group only; the builder's "kv_group_mean") with the mean of
+its heads' keys (Dk = d: one key of the head dimension per KV group), each head then
+reading its own stored state out[I, m, j].
 
 As a state source (`prefix_state`, see `attention.bind`) it turns the live queries into lookup
 keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer and group
@@ -33,14 +41,17 @@ from dataclasses import dataclass
 
 import torch
 
-from memdb.shards import Shard, check_consistent
-from memdb_worker.formats import KEY_SCALE, dequantize_keys, to_numpy, to_torch
+from memdb.shards import KEY_SCALE, Shard, check_consistent
+from memdb_worker.formats import to_numpy, to_torch
 from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
 
 logger = logging.getLogger(__name__)
 
 LSE_CORRECTION_EXTRAS = ("q_mean", "k_bar")  # the extra tensors of the first-order correction
+KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUP_KEYS = ("concat", "mean")
 
 
 @dataclass(frozen=True)
@@ -63,11 +74,70 @@ class DecodeOptions:
 class MemoryLayer:
     """One layer of a memory on the device."""
 
-    keys: torch.Tensor  # [I, M, Dk]
-    inv_norm: torch.Tensor  # [I, M] float32, 1 / |key|
+    keys: torch.Tensor  # [I, M, Dk] (float8 keys are scaled by key_scale)
+    inv_norm: torch.Tensor  # [I, M] float32, 1 / |key| (of the scaled key)
     out: torch.Tensor  # [I, M, h, d]
     lse: torch.Tensor  # [I, M, h] float32
     extras: dict[str, torch.Tensor]
+    key_scale: torch.Tensor | None = None  # [I, M] float32, iff keys are float8
+
+    def key_values(self) -> torch.Tensor:
+        """The keys as float32 [I, M, Dk] (float8 keys times their scale)."""
+        if self.key_scale is None:
+            return self.keys.float()
+        return self.keys.float() * self.key_scale.float().unsqueeze(-1)
+
+    def check(self) -> None:
+        """Raise ValueError unless the tensors follow the spec (module doc)."""
+        if self.keys.dtype not in KEY_DTYPES:
+            raise ValueError(f"keys are {self.keys.dtype}; use one of {KEY_DTYPES}")
+        fp8 = self.keys.dtype == torch.float8_e4m3fn
+        if fp8 != (self.key_scale is not None):
+            raise ValueError("key_scale [I, M] float32 is needed iff keys are float8_e4m3fn")
+        if self.key_scale is not None and (
+            self.key_scale.shape != self.keys.shape[:2] or self.key_scale.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"key_scale is {self.key_scale.dtype} {list(self.key_scale.shape)}; "
+                f"expected float32 {list(self.keys.shape[:2])}"
+            )
+        for name, t in (("out", self.out), *self.extras.items()):
+            if name in LSE_CORRECTION_EXTRAS + ("out",) and t.dtype not in STATE_DTYPES:
+                raise ValueError(f"{name} is {t.dtype}; use one of {STATE_DTYPES}")
+
+
+def layer_from_tensors(
+    keys: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, extras: dict[str, torch.Tensor]
+) -> MemoryLayer:
+    """A memory layer from a shard's tensors: `key_scale` moves out of the extras, the inverse
+    key norms are computed (of the scaled keys)."""
+    extras = dict(extras)
+    scale = extras.pop(KEY_SCALE, None)
+    lay = MemoryLayer(keys, keys.new_empty(0), out, lse.float(), extras, key_scale=scale)
+    lay.inv_norm = lay.key_values().norm(dim=-1).clamp_min(1e-30).reciprocal()
+    return lay
+
+
+def lookup_keys(
+    keyspace: KeySpace, group_key: str, q_pre: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """Lookup keys [n, I, Dk] of pre-RoPE queries [n, H, d]: the key space's keys, or with
+    group_key "mean" the mean of each group's heads' keys ([n, I, d])."""
+    keys = keyspace.keys(q_pre, layer)  # [n, I, h * d]
+    if group_key == "mean":
+        n, i, _ = keys.shape
+        keys = keys.view(n, i, keyspace.heads_per_group, -1).mean(dim=2)
+    return keys
+
+
+def group_key_of(metadata: Mapping[str, str], keyspace: KeySpace) -> str:
+    """The metadata's group key ("concat" by default), checked against the granularity."""
+    gk = metadata.get("group_key", "concat")
+    if gk not in GROUP_KEYS:
+        raise ValueError(f"unknown group_key {gk!r}; use one of {GROUP_KEYS}")
+    if gk == "mean" and keyspace.granularity != "kv_group":
+        raise ValueError("group_key 'mean' needs granularity 'kv_group'")
+    return gk
 
 
 class Memory:
@@ -84,6 +154,9 @@ class Memory:
         self.keyspace = keyspace
         self.metadata = dict(metadata)
         self.options = options or DecodeOptions()
+        self.group_key = group_key_of(self.metadata, keyspace)
+        for lay in layers:
+            lay.check()
         self.lse_corrected = check_options(
             self.options, budget=self.budget, num_layers=len(layers), extras=layers[0].extras
         )  # whether the first-order lse correction applies
@@ -106,33 +179,17 @@ class Memory:
                 raise ValueError(
                     f"shard {i} says it is layer {s.metadata['layer']}; pass shards in order"
                 )
+        meta = _current_metadata(meta)
         dev = torch.device(device)
-        layers = []
-        for s in shards:
-            keys = to_torch(s.keys, dev)
-            extras = {k: to_torch(v, dev) for k, v in s.extras.items()}
-            norm = keys.float().norm(dim=-1).clamp_min(1e-30)  # cosine: blind to key_scale
-            out = to_torch(s.out, dev)
-            if meta.get("q_mean") == "keys" and "k_bar" in extras:  # not stored: the entry key
-                q_mean = dequantize_keys(keys, extras.get(KEY_SCALE)).view(out.shape)
-                extras["q_mean"] = q_mean.to(out.dtype)
-            layers.append(
-                MemoryLayer(
-                    keys=keys,
-                    inv_norm=norm.reciprocal(),
-                    out=out,
-                    lse=to_torch(s.lse, dev).float(),
-                    extras=extras,
-                )
-            )
+        layers = [_layer(s, meta, dev) for s in shards]
         keyspace = keyspace_from_metadata(meta, [lay.extras for lay in layers])
-        if (
-            keyspace.num_groups != layers[0].keys.shape[0]
-            or keyspace.key_dim != layers[0].keys.shape[2]
-        ):
+        key_dim = keyspace.key_dim
+        if group_key_of(meta, keyspace) == "mean":
+            key_dim = keyspace.head_dim
+        if keyspace.num_groups != layers[0].keys.shape[0] or key_dim != layers[0].keys.shape[2]:
             raise ValueError(
                 f"metadata says granularity {keyspace.granularity!r} (I={keyspace.num_groups}, "
-                f"Dk={keyspace.key_dim}) but keys are {list(layers[0].keys.shape)}"
+                f"Dk={key_dim}) but keys are {list(layers[0].keys.shape)}"
             )
         return cls(layers, keyspace, meta, options)
 
@@ -151,6 +208,7 @@ class Memory:
                     lse=to_numpy(layer.lse),
                     extras={k: to_numpy(v) for k, v in self._stored_extras(layer).items()},
                     metadata={**self.metadata, "layer": str(i)},
+                    key_scale=None if layer.key_scale is None else to_numpy(layer.key_scale),
                 )
             )
         return shards
@@ -183,22 +241,24 @@ class Memory:
         return self.layers[0].keys.device
 
     def nbytes(self) -> int:
-        """Bytes of the memory as stored (keys, states, stored extras; `formats.memory_bytes`)."""
+        """Bytes of the memory as stored (keys, key_scale, states, stored extras;
+        `formats.memory_bytes`)."""
         return sum(
-            _bytes(layer.keys, layer.out, layer.lse, *self._stored_extras(layer).values())
-            for layer in self.layers
+            _bytes(*_tensors(lay), *self._stored_extras(lay).values()) for lay in self.layers
         )
 
     def device_nbytes(self) -> int:
         """Bytes the memory takes on its device (with extras derived at load, e.g. q_mean)."""
-        return sum(
-            _bytes(layer.keys, layer.out, layer.lse, *layer.extras.values())
-            for layer in self.layers
-        )
+        return sum(_bytes(*_tensors(lay), *lay.extras.values()) for lay in self.layers)
 
     def _stored_extras(self, layer: MemoryLayer) -> dict[str, torch.Tensor]:
         derived = {"q_mean"} if self.metadata.get("q_mean") == "keys" else set()
         return {k: v for k, v in layer.extras.items() if k not in derived}
+
+    @property
+    def key_dim(self) -> int:
+        """Dk of the stored keys (the head dim with group_key "mean")."""
+        return int(self.layers[0].keys.shape[2])
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ValueError unless the model has this memory's layers and heads."""
@@ -228,7 +288,7 @@ class Memory:
         """Top-k entries by cosine similarity: keys [n, I, Dk] -> (scores, ids) [n, I, k]."""
         lay = self.layers[layer]
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-        sims = torch.einsum("nik,imk->nim", unit, lay.keys.float()) * lay.inv_norm  # [n, I, M]
+        sims = torch.einsum("nik,imk->nim", unit, lay.key_values()) * lay.inv_norm  # [n, I, M]
         if k == 1:
             scores, ids = sims.max(dim=-1, keepdim=True)
             return scores, ids
@@ -240,7 +300,7 @@ class Memory:
         ks = self.keyspace
         lay = self.layers[query.layer]
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)  # [n, H, d]
-        keys = ks.keys(q_pre, query.layer)  # [n, I, Dk]
+        keys = lookup_keys(ks, self.group_key, q_pre, query.layer)  # [n, I, Dk]
         scores, ids = self.search(query.layer, keys, self.options.top_k)  # [n, I, k]
         groups = torch.arange(ks.num_groups, device=ids.device).view(1, -1, 1)
         lse = lay.lse[groups, ids]  # [n, I, k, h]
@@ -319,6 +379,33 @@ def hits_state(
     lse = lse.reshape(b, t, h).transpose(1, 2)  # [B, H, T]
     out = out.reshape(b, t, h, d).transpose(1, 2)  # [B, H, T, d]
     return State(out.contiguous(), lse.contiguous())
+
+
+def _layer(shard: Shard, meta: Mapping[str, str], device: torch.device) -> MemoryLayer:
+    """A shard's tensors on the device (private copies, stored dtypes); q_mean derived from the
+    keys where the builder left it out (metadata q_mean "keys": the entry key is the member
+    mean of the pre-RoPE queries, [I, M, h * d] = [I, M, h, d])."""
+    extras = {k: to_torch(v, device) for k, v in shard.extras.items()}
+    if shard.key_scale is not None:
+        extras[KEY_SCALE] = to_torch(shard.key_scale, device)
+    out = to_torch(shard.out, device)
+    lay = layer_from_tensors(to_torch(shard.keys, device), out, to_torch(shard.lse, device), extras)
+    if meta.get("q_mean") == "keys" and "k_bar" in lay.extras:
+        lay.extras["q_mean"] = lay.key_values().view(out.shape).to(out.dtype)
+    return lay
+
+
+def _current_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """Metadata of older builds in today's terms: granularity "kv_group_mean" is kv_group with
+    group_key "mean"."""
+    if meta.get("granularity") == "kv_group_mean":
+        return {**meta, "granularity": "kv_group", "group_key": "mean"}
+    return meta
+
+
+def _tensors(layer: MemoryLayer) -> tuple[torch.Tensor, ...]:
+    scale = () if layer.key_scale is None else (layer.key_scale,)
+    return (layer.keys, *scale, layer.out, layer.lse)
 
 
 def _bytes(*tensors: torch.Tensor) -> int:

@@ -145,7 +145,7 @@ def encode_chunk(
     device = next(model.parameters()).device
     x = torch.cat([sink, part]).to(device).unsqueeze(0)
     pos = torch.cat([torch.arange(s), torch.arange(n) + start]).to(device).unsqueeze(0)
-    out = model(x, position_ids=pos, use_cache=True)
+    out = model(x, position_ids=pos, use_cache=True, logits_to_keep=1)  # only the KV is kept
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     return ExactPrefix(
         keys=[layer.keys[:, :, s:] for layer in cache.layers],

@@ -31,6 +31,7 @@ from memdb_worker.cache import MemoryCache, Source
 from memdb_worker.config import WorkerConfig
 from memdb_worker.metrics import WorkerMetrics
 from memdb_worker.model import LoadedModel, load_model, model_fingerprint
+from memdb_worker.prefix_cache import PrefixCache
 from memdb_worker.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,10 @@ class WorkerRuntime:
             max_batch=config.max_batch,
             batch_wait_s=config.batch_wait_ms / 1000,
             live_positions=config.live_positions,
+            prefix_cache=PrefixCache(
+                model, config.prefix_cache_bytes, min_tokens=config.prefix_cache_min_tokens
+            ),
+            static_live=config.static_live_tokens,
         ).start()
         metrics = WorkerMetrics(cache.stats, lambda: scheduler.stats)
         return cls(config, model, tokenizer, fingerprint, _model_id(config), cache, scheduler,

@@ -15,6 +15,15 @@ incremental text (held back while it could be an incomplete character or the sta
 string), then a final event with the finish reason ("stop" or "length") or an error. The model
 is touched only by this thread (a binding is per model and not thread-safe).
 
+Prefix caching (`prefix_cache.PrefixCache`, optional): a request without a memory whose prompt
+starts with a cached prefix prefills only the rest of its prompt, bound to the cached KV (an
+`ExactPrefix`, shared by every row that names the same prefix); a long prompt not yet cached
+has its leading blocks encoded and cached first.
+
+Decode steps run transformers' forward eagerly (a DynamicCache per batch), or, with
+`static_live` > 0, through a static KV cache of that many live tokens per row for batches that
+allow it (`static_batch`: one source, top_p = 1; CUDA-graphed per batch bucket on CUDA).
+
 This module knows nothing of HTTP, memories' origin or the server.
 """
 
@@ -31,6 +40,8 @@ import torch
 from transformers import DynamicCache
 
 from memdb_worker.attention import LivePositions, StateSource, bind
+from memdb_worker.prefix_cache import PrefixCache
+from memdb_worker.static_batch import StaticBatch, StaticBatches
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +120,8 @@ class _Row:
         tokenizer_lock: threading.Lock | None = None,
     ) -> None:
         self.req = req
+        self.source = req.source  # or a cached prompt prefix (prefix_cache)
+        self.prompt = req.prompt_ids  # the tokens this row prefills
         self.tok = tokenizer
         self.tok_lock = tokenizer_lock or threading.Lock()
         self.ids: list[int] = []
@@ -224,8 +237,17 @@ class Scheduler:
         max_batch: int = 8,
         batch_wait_s: float = 0.005,
         live_positions: LivePositions = "after_prefix",
+        prefix_cache: PrefixCache | None = None,
+        static_live: int = 0,
     ) -> None:
         self.model = model
+        # automatic prefix caching of requests without a memory (needs positions after it)
+        self.prefix_cache = prefix_cache if live_positions == "after_prefix" else None
+        # static-cache decoding of batches that allow it (static_batch); 0: off
+        self.static = None
+        if static_live > 0:
+            self.static = StaticBatches(model, max_batch, static_live, live_positions)
+        self._held: list[GenerationRequest] = []  # taken, waiting for the running batch to end
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
@@ -309,6 +331,9 @@ class Scheduler:
         out: list[GenerationRequest] = []
         if limit <= 0:
             return out
+        if self._held:
+            out, self._held = self._held[:limit], self._held[limit:]
+            return [r for r in out if not r.cancelled.is_set()]
         if wait:
             try:
                 out.append(self._queue.get(timeout=0.1))
@@ -328,7 +353,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        active: _Batch | None = None
+        active: _Batch | StaticBatch | None = None
         while not self._stop.is_set():
             try:
                 if active is None:
@@ -349,36 +374,50 @@ class Scheduler:
             with torch.inference_mode():
                 return fn(arg)
         except Exception as exc:
-            rows = arg.rows if isinstance(arg, _Batch) else arg
+            rows = arg.rows if isinstance(arg, (_Batch, StaticBatch)) else arg
             logger.warning("a batch of %d failed: %s", len(rows), exc, exc_info=True)
             for r in rows:
                 (r if isinstance(r, _Row) else _Row(r, None, self.device)).fail(exc)
             return None
 
-    def _prefill(self, reqs: list[GenerationRequest]) -> _Batch:
+    def _prefill(self, reqs: list[GenerationRequest], static: bool = True) -> _Batch | StaticBatch:
+        """A new batch of these requests (a static one if allowed), prefilled."""
         dev = self.device
-        rows = [_Row(r, self.tokenizer, dev, self.tokenizer_lock) for r in reqs]
-        lengths = [len(r.prompt_ids) for r in reqs]
+        rows = self._rows(reqs)
+        st = self.stats
+        st.batches += 1
+        st.requests += len(rows)
+        st.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
+        st.batch_sizes = (st.batch_sizes + [len(rows)])[-1000:]
+        if static and self.static is not None and self.static.fits(rows):
+            return self.static.start(rows, self._sample)
+        lengths = [len(r.prompt) for r in rows]
         width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, width - lengths[i] :] = torch.tensor(r.prompt_ids)
+        for i, r in enumerate(rows):
+            ids[i, width - lengths[i] :] = torch.tensor(r.prompt)
             mask[i, width - lengths[i] :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(rows, ids, mask, pos, cache)
-        st = self.stats
-        st.batches += 1
-        st.requests += len(rows)
-        st.prompt_tokens += sum(lengths)
-        st.batch_sizes = (st.batch_sizes + [len(rows)])[-1000:]
         return _Batch(rows, cache, mask, pos[:, -1:], logits)
 
-    def _advance(self, b: _Batch) -> _Batch | None:
+    def _rows(self, reqs: list[GenerationRequest]) -> list[_Row]:
+        """Rows of new requests; those without a memory take a cached prompt prefix if any."""
+        rows = [_Row(r, self.tokenizer, self.device, self.tokenizer_lock) for r in reqs]
+        if self.prefix_cache is not None:
+            for row in rows:
+                if row.source is None:
+                    row.source, row.prompt = self.prefix_cache.split(row.prompt)
+        return rows
+
+    def _advance(self, b: _Batch | StaticBatch) -> _Batch | StaticBatch | None:
         """Sample and send one token per row, drop finished rows, run one decode step, then let
         waiting requests join. None when no row is left."""
+        if isinstance(b, StaticBatch):
+            return self._advance_static(b)
         dev = self.device
         nxt = self._sample(b.logits, b.rows)
         keep = []
@@ -406,13 +445,55 @@ class Scheduler:
         st.last_batch_size = len(b.rows)
         newcomers = self._take(self.max_batch - len(b.rows), wait=False)
         if newcomers:
-            joined = self._guarded(self._prefill, newcomers)  # a failure fails only them
+            # a failure fails only them; they join this eager batch
+            joined = self._guarded(lambda r: self._prefill(r, static=False), newcomers)
             if joined is not None:
                 b = b.merge(joined)
         return b
 
+    def _advance_static(self, b: StaticBatch) -> StaticBatch | None:
+        """`_advance` of a static batch: send the rows' tokens, drop finished rows, let waiting
+        requests of the same source join (others wait for the batch to end), one step."""
+        if not self._send(b):
+            return None
+        newcomers = self._take(self.max_batch - len(b.rows), wait=False)
+        if newcomers:
+            rows = self._rows(newcomers)
+            if self.static is not None and self.static.fits(rows, b.source, len(b.rows)):
+                st = self.stats
+                st.batches += 1
+                st.requests += len(rows)
+                st.prompt_tokens += sum(len(r.prompt_ids) for r in newcomers)
+                b.admit(rows, self._sample)
+                if not self._send(b, start=len(b.rows) - len(rows)):
+                    return None
+            else:
+                self._held = newcomers + self._held
+        b.step()
+        st = self.stats
+        st.steps += 1
+        st.step_rows += len(b.rows)
+        st.last_batch_size = len(b.rows)
+        return b
+
+    def _send(self, b: StaticBatch, start: int = 0) -> bool:
+        """Push each row's next token (rows from `start`), drop finished rows; any left?"""
+        keep = list(range(start))
+        for j in range(start, len(b.rows)):
+            row = b.rows[j]
+            if row.req.cancelled.is_set():
+                row.fail(RuntimeError("cancelled"))
+            else:
+                row.push(int(b.toks[j]), self.eos)
+                self.stats.generated_tokens += 1
+            if not row.done:
+                keep.append(j)
+        if len(keep) < len(b.rows):
+            b.keep(keep)
+        return bool(b.rows)
+
     def _forward(self, rows: list[_Row], ids, mask, pos, cache) -> torch.Tensor:
-        sources = [r.req.source for r in rows]
+        sources = [r.source for r in rows]
         binding: StateSource | list[StateSource | None] | None = sources
         if all(s is None for s in sources):
             binding = None

@@ -109,6 +109,7 @@ def _attention(
     # Chunk the queries so the score matrix [B, H, Tc, N] stays bounded.
     step = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * n))
     if step < t:
+        k, v = k.float(), v.float()  # once, not per chunk (a long prefix is GBs)
         parts = [
             _attention(
                 q[:, :, i : i + step],

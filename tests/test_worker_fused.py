@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from memdb_worker import fused
+from memdb_worker.formats import quantize_keys
 from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec, apply_rope, fit_whitening
 from memdb_worker.memory import KEY_SCALE, DecodeOptions, Memory, layer_from_tensors, lookup_keys
 from memdb_worker.state import attention_state, merge_states
@@ -72,7 +73,7 @@ def make_memory(
         dk = d
     lays = []
     for _ in range(layers):
-        keys, key_scale = quantized_keys(torch.randn(i, budget, dk, generator=g), key_dtype)
+        keys, key_scale = quantize_keys(torch.randn(i, budget, dk, generator=g), key_dtype)
         extras = {}
         if extras_dtype is not None:
             q_mean = torch.randn(i, budget, hpg, d, generator=g)
@@ -90,14 +91,6 @@ def make_memory(
             )
         )
     return Memory(lays, ks, {"prefix_length": "100", "group_key": group_key}, options)
-
-
-def quantized_keys(keys: torch.Tensor, dtype: torch.dtype):
-    """keys in `dtype`; float8 e4m3 with a per-entry scale (amax / 448), returned beside."""
-    if dtype != torch.float8_e4m3fn:
-        return keys.to(dtype), None
-    scale = keys.abs().amax(dim=-1).clamp_min(1e-12) / 448.0  # [I, M]
-    return (keys / scale.unsqueeze(-1)).to(dtype), scale.float()
 
 
 def make_inputs(memory: Memory, batch=3, live=40, dtype=torch.float32, device="cpu", seed=1,

@@ -252,12 +252,12 @@ def _cluster_layer(
         extras["whiten"] = ks.whiten[layer].numpy().astype(np.float32)
         extras["whiten_mean"] = ks.whiten_mean[layer].numpy().astype(np.float32)
     return Shard(
-        keys=stored_keys,
+        keys=to_numpy(stored_keys),
         out=to_numpy(out.to(state_dtype)),
         lse=lse.numpy().astype(np.float32),
         extras=extras,
         metadata={**meta, "layer": str(layer)},
-        key_scale=key_scale,
+        key_scale=None if key_scale is None else to_numpy(key_scale),
     )
 
 

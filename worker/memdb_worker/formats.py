@@ -73,17 +73,20 @@ def to_torch(a: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     return bits.view(_TORCH[name]).to(device)
 
 
-def quantize_keys(keys: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Keys [I, M, Dk] (float32) in a stored dtype: (keys, None), or for float8 (keys, key_scale
-    [I, M] float32) with key ~ keys.float() * key_scale."""
-    if dtype not in KEY_DTYPES:
-        raise ValueError(f"key dtype must be one of {KEY_DTYPES}, not {dtype!r}")
-    if dtype != "float8_e4m3fn":
-        return to_numpy(keys.to(_TORCH[dtype])), None
+def quantize_keys(
+    keys: torch.Tensor, dtype: str | torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keys [I, M, Dk] in a stored dtype, on their device: (keys, None), or for float8 (keys,
+    key_scale [I, M] float32) with key ~ keys.float() * key_scale[..., None]."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in KEY_DTYPES:
+        raise ValueError(f"key dtype must be one of {KEY_DTYPES}, not {name!r}")
+    if name != "float8_e4m3fn":
+        return keys.to(_TORCH[name]), None
     amax = keys.float().abs().amax(dim=-1)  # [I, M]
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (keys.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return to_numpy(q), scale.numpy().astype(np.float32)
+    return q, scale
 
 
 def memory_bytes(

@@ -22,7 +22,7 @@ from memdb_worker.formats import (
     to_torch,
 )
 from memdb_worker.keys import LayerQuery
-from memdb_worker.memory import Memory
+from memdb_worker.memory import Memory, group_key_of, keyspace_from_metadata
 from tests.tiny import tiny_llama
 
 VOCAB = 128
@@ -175,6 +175,8 @@ def test_shards_of_older_builds_with_granularity_kv_group_mean_load_as_group_key
         del s.metadata["group_key"]
     now, before = _round_trip(built), Memory.from_shards(old)
     assert before.group_key == "mean" and before.keyspace.granularity == "kv_group"
+    ks = keyspace_from_metadata(old[0].metadata, old)  # as remote lookups and append read it
+    assert group_key_of(old[0].metadata, ks) == "mean" and ks.key_dim == 2 * calib.head_dim
     sa, sb = now.prefix_state(_query(calib)), before.prefix_state(_query(calib))
     assert torch.equal(sa.lse, sb.lse) and torch.equal(sa.out, sb.out)
 

@@ -43,7 +43,7 @@ import torch
 
 from memdb.shards import KEY_SCALE, Shard, check_consistent
 from memdb_worker.formats import to_numpy, to_torch
-from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec
+from memdb_worker.keys import Granularity, KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ LSE_CORRECTION_EXTRAS = ("q_mean", "k_bar")  # the extra tensors of the first-or
 KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_KEYS = ("concat", "mean")
+# older builds wrote the group-mean key as this granularity: kv_group with group_key "mean"
+OLDER_MEAN_GRANULARITY = "kv_group_mean"
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def lookup_keys(
 
 def group_key_of(metadata: Mapping[str, str], keyspace: KeySpace) -> str:
     """The metadata's group key ("concat" by default), checked against the granularity."""
-    gk = metadata.get("group_key", "concat")
+    older = metadata.get("granularity") == OLDER_MEAN_GRANULARITY
+    gk = metadata.get("group_key", "mean" if older else "concat")
     if gk not in GROUP_KEYS:
         raise ValueError(f"unknown group_key {gk!r}; use one of {GROUP_KEYS}")
     if gk == "mean" and keyspace.granularity != "kv_group":
@@ -179,7 +182,6 @@ class Memory:
                 raise ValueError(
                     f"shard {i} says it is layer {s.metadata['layer']}; pass shards in order"
                 )
-        meta = _current_metadata(meta)
         dev = torch.device(device)
         layers = [_layer(s, meta, dev) for s in shards]
         keyspace = keyspace_from_metadata(meta, [lay.extras for lay in layers])
@@ -395,12 +397,8 @@ def _layer(shard: Shard, meta: Mapping[str, str], device: torch.device) -> Memor
     return lay
 
 
-def _current_metadata(meta: dict[str, str]) -> dict[str, str]:
-    """Metadata of older builds in today's terms: granularity "kv_group_mean" is kv_group with
-    group_key "mean"."""
-    if meta.get("granularity") == "kv_group_mean":
-        return {**meta, "granularity": "kv_group", "group_key": "mean"}
-    return meta
+def _granularity(name: str) -> Granularity:
+    return "kv_group" if name == OLDER_MEAN_GRANULARITY else name  # type: ignore[return-value]
 
 
 def _tensors(layer: MemoryLayer) -> tuple[torch.Tensor, ...]:
@@ -431,7 +429,7 @@ def keyspace_from_metadata(
             whiten_mean = [torch.as_tensor(e["whiten_mean"]).float() for e in extras]
         return KeySpace(
             mode=meta["key_mode"],  # type: ignore[arg-type]
-            granularity=meta["granularity"],  # type: ignore[arg-type]
+            granularity=_granularity(meta["granularity"]),
             num_heads=int(meta["num_heads"]),
             num_kv_heads=int(meta["num_kv_heads"]),
             head_dim=int(meta["head_dim"]),

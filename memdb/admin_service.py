@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 import memdb
-from memdb import auth
+from memdb import auth, failpoints
 from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
 from memdb.events import Event
 from memdb.index import build_layer_indices, resolve_kind
@@ -51,6 +51,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         header = self._header(next(iter(request_iterator), None))
         budget = self._upload_budget(tenant, header)
         blobs = self._receive_shards(request_iterator, header, budget)
+        failpoints.hit("put_received")
         shards = [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)]
         shape = check_consistent(shards)
         metric = header.metric or "cosine"
@@ -59,6 +60,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         indices = [build_layer_indices(_float_keys(s), kind, metric, self.rt.index_params)
                    for s in shards]  # fmt: skip
         self.rt.metrics.index_builds.inc(sum(len(i) for i in indices))
+        failpoints.hit("put_indexed")
         rec = self.rt.store.write_version(
             tenant,
             header.name,

@@ -94,9 +94,15 @@ def wait_ready(
 
 
 def start_server(
-    data_dir: Path, *, admin_key: str | None = DEFAULT_ADMIN_KEY, timeout: float = 60.0, **flags
+    data_dir: Path,
+    *,
+    admin_key: str | None = DEFAULT_ADMIN_KEY,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    **flags,
 ) -> ServerProcess:
-    """Start a server; admin_key=None lets it use (or generate) <data_dir>/admin.key."""
+    """Start a server; admin_key=None lets it use (or generate) <data_dir>/admin.key.
+    `env`: extra environment of the child (e.g. MEMDB_FAILPOINTS)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     ready = data_dir / f"ready-{time.monotonic_ns()}.json"
@@ -106,7 +112,7 @@ def start_server(
             "--ready-file", str(ready)]  # fmt: skip
     if admin_key is not None:
         args += ["--admin-key", admin_key]
-    proc = spawn(args + flag_args(flags), log_path)
+    proc = spawn(args + flag_args(flags), log_path, env)
     info = wait_ready(proc, ready, log_path, "memdb-server", timeout)
     if admin_key is None:
         admin_key = (data_dir / "admin.key").read_text().strip()

@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import lmdb
 
+from memdb import failpoints
 from memdb.durable import fsync_dir, make_dirs_durably
 from memdb.errors import (
     AlreadyExists,
@@ -532,9 +533,12 @@ class Store:
             rec = self._commit_version(txn, draft, mode, expected_version, shards, indices)
             if still_wanted is not None and not still_wanted():
                 raise Cancelled(f"upload of '{name}' was cancelled; nothing was written")
+            failpoints.hit("before_commit")
             return rec
 
+        failpoints.hit("before_write_txn")
         rec = self._write(commit, payload)
+        failpoints.hit("after_commit")
         log.info("stored %s/%s version %d (%d bytes)", tenant, name, rec.version, rec.bytes)
         return rec
 
@@ -576,6 +580,7 @@ class Store:
             for group, index in enumerate(indices[layer]):
                 key = item_key(tenant, name, version, layer, group)
                 txn.put(key, index, db=self._db["indices"])
+        failpoints.hit("after_shards_put")
         for old in dropped:
             self._delete_version(txn, tenant, name, old)
         txn.put(item_key(tenant, name, version), blob, db=self._db["versions"])
@@ -612,9 +617,11 @@ class Store:
             for db in ("versions", "shards", "indices"):
                 delete_range(txn, self._db[db], item_key(tenant, name))
             save_usage(txn, self._db, tenant, usage)
+            failpoints.hit("delete_before_commit")
             return current.version
 
         version = self._write(delete, delete=True)
+        failpoints.hit("delete_after_commit")
         log.info("deleted %s/%s (was at version %d)", tenant, name, version)
         return version
 

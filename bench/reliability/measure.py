@@ -1,0 +1,56 @@
+"""Measurements the campaign's parts share: server RSS, latency percentiles, call outcomes.
+
+Knows nothing of what is being measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import grpc
+import numpy as np
+import psutil
+
+from memdb.errors import MemdbError
+
+BAD_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (psutil; 0.0 if it is gone)."""
+    try:
+        return psutil.Process(pid).memory_info().rss / 1e6
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def p99_ms(seconds: list[float]) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1e3, 99)) if seconds else float("nan")
+
+
+def timed_call(fn: Callable[[], object], timeout_s: float) -> tuple[float, str]:
+    """(seconds, status name) of one call; a failed call counts its time too, and a timed-out
+    one counts `timeout_s`."""
+    start = time.perf_counter()
+    try:
+        fn()
+        code = "OK"
+    except MemdbError as exc:
+        code = exc.code.name
+    except grpc.RpcError as err:
+        code = err.code().name
+    took = time.perf_counter() - start
+    return (max(took, timeout_s) if code == "DEADLINE_EXCEEDED" else took), code
+
+
+class Report:
+    """Base of the parts' report dataclasses: `as_dict` for the JSON, long lists cut to 20."""
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("problems", "examples"):
+            if key in d:
+                d[key] = d[key][:20]
+        return d

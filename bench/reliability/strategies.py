@@ -1,0 +1,299 @@
+"""Hypothesis strategies for the server's inputs: protobuf requests from their descriptors,
+wire tensors, and well- and ill-formed safetensors shards.
+
+`message(descriptor, hints)` draws any message type field by field (scalars over their whole
+range plus the `hints`' known names and blobs, repeated and map fields, oneofs, nested
+messages to a bounded depth; `memdb.v1.Tensor` through `tensor()`). `shard_blob(hints)` draws
+the bytes of one layer's shard: valid ones, valid safetensors with wrong contents (shapes,
+dtypes including bf16 / fp8, extras, NaN), hand-made headers, truncations and bit flips.
+Knows nothing of servers; draws only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from hypothesis import strategies as st
+
+F = FieldDescriptor
+INT_RANGES = {
+    F.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+    F.TYPE_SINT32: (-(1 << 31), (1 << 31) - 1),
+    F.TYPE_SFIXED32: (-(1 << 31), (1 << 31) - 1),
+    F.TYPE_UINT32: (0, (1 << 32) - 1),
+    F.TYPE_FIXED32: (0, (1 << 32) - 1),
+    F.TYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+    F.TYPE_SINT64: (-(1 << 63), (1 << 63) - 1),
+    F.TYPE_SFIXED64: (-(1 << 63), (1 << 63) - 1),
+    F.TYPE_UINT64: (0, (1 << 64) - 1),
+    F.TYPE_FIXED64: (0, (1 << 64) - 1),
+}
+WIRE_DTYPES = ["float32", "float16", "int64", "int32", "bfloat16", "float64", "uint8", "", "f4"]
+ST_DTYPES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "U8": 1,
+    "BOOL": 1,
+    "C64": 8,
+    "XX": 1,
+}
+MAX_BLOB = 1 << 16
+
+
+@dataclass
+class Hints:
+    """Known values that lead draws past the first checks: names that exist, valid blobs."""
+
+    strings: list[str] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- protobuf messages
+
+
+def message(desc: Descriptor, hints: Hints, depth: int = 0) -> st.SearchStrategy:
+    """Messages of type `desc` with a random subset of fields set."""
+    if desc.full_name == "memdb.v1.Tensor":
+        return tensor()
+    cls = message_factory.GetMessageClass(desc)
+    optional = {
+        f.name: _field(f, hints, depth)
+        for f in desc.fields
+        if depth < 3 or f.type != F.TYPE_MESSAGE
+    }
+    return st.fixed_dictionaries({}, optional=optional).map(lambda kw: _build(cls, kw))
+
+
+def one_field(desc: Descriptor, hints: Hints) -> st.SearchStrategy:
+    """Messages of type `desc` with exactly one field set (to merge into a valid request)."""
+    cls = message_factory.GetMessageClass(desc)
+    return st.sampled_from(list(desc.fields)).flatmap(
+        lambda f: _field(f, hints, 0).map(lambda v: _build(cls, {f.name: v}))
+    )
+
+
+def _build(cls, values: dict):
+    msg = cls()
+    for name, value in values.items():
+        f = msg.DESCRIPTOR.fields_by_name[name]
+        target = getattr(msg, name) if f.is_repeated else None
+        if _is_map(f):
+            for k, v in value:
+                if f.message_type.fields_by_name["value"].type == F.TYPE_MESSAGE:
+                    target[k].CopyFrom(v)
+                else:
+                    target[k] = v
+        elif f.is_repeated and f.type == F.TYPE_MESSAGE:
+            for v in value:
+                target.add().CopyFrom(v)
+        elif f.is_repeated:
+            target.extend(value)
+        elif f.type == F.TYPE_MESSAGE:
+            getattr(msg, name).CopyFrom(value)
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def _is_map(f: FieldDescriptor) -> bool:
+    return f.type == F.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
+
+
+def _field(f: FieldDescriptor, hints: Hints, depth: int) -> st.SearchStrategy:
+    if _is_map(f):
+        key = _scalar(f.message_type.fields_by_name["key"], hints, depth)
+        value = _scalar(f.message_type.fields_by_name["value"], hints, depth)
+        return st.one_of(
+            st.lists(st.tuples(key, value), max_size=4),
+            st.lists(st.tuples(key, value), min_size=100, max_size=300),
+        )
+    one = _scalar(f, hints, depth)
+    if f.is_repeated:
+        return st.one_of(st.lists(one, max_size=4), st.lists(one, min_size=50, max_size=200))
+    return one
+
+
+def _scalar(f: FieldDescriptor, hints: Hints, depth: int) -> st.SearchStrategy:
+    if f.type == F.TYPE_MESSAGE:
+        return message(f.message_type, hints, depth + 1)
+    if f.type == F.TYPE_STRING:
+        return text(hints)
+    if f.type == F.TYPE_BYTES:
+        return st.one_of(st.binary(max_size=256), shard_blob(hints))
+    if f.type == F.TYPE_BOOL:
+        return st.booleans()
+    if f.type == F.TYPE_ENUM:
+        values = [v.number for v in f.enum_type.values]
+        return st.one_of(st.sampled_from(values), st.integers(-(1 << 31), (1 << 31) - 1))
+    if f.type in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
+        return st.floats(width=64 if f.type == F.TYPE_DOUBLE else 32)
+    lo, hi = INT_RANGES[f.type]
+    return st.one_of(
+        st.integers(max(lo, -4), min(hi, 8)),
+        st.integers(lo, hi),
+        st.sampled_from([v for v in (1 << 16, 1 << 31, 1 << 32, hi) if v <= hi]),
+    )
+
+
+def text(hints: Hints) -> st.SearchStrategy[str]:
+    """Short text, known names, names at and over the limits, control characters."""
+    special = [
+        "",
+        "a",
+        "x" * 128,
+        "x" * 129,
+        "x" * 300,
+        "y" * 10_000,
+        "../etc",
+        "a\0b",
+        "é" * 90,
+        "default",
+        "-bad",
+        ".",
+        "a b",
+    ]
+    return st.one_of(st.text(max_size=24), st.sampled_from(special + hints.strings))
+
+
+@st.composite
+def tensor(draw) -> object:
+    """A wire Tensor: any dtype name, shapes small, huge, negative or of many dimensions, and
+    bytes that match the shape or not."""
+    from memdb.v1 import memdb_pb2 as pb
+
+    dtype = draw(st.sampled_from(WIRE_DTYPES))
+    shape = draw(
+        st.one_of(
+            st.lists(st.integers(0, 6), max_size=4),
+            st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=5),
+            st.lists(st.sampled_from([1, 1 << 31, 1 << 32, 1 << 62]), min_size=1, max_size=4),
+            st.lists(st.just(1), min_size=60, max_size=70),
+        )
+    )
+    size = int(np.prod([max(s, 0) for s in shape], dtype=np.float64)) if shape else 1
+    numeric = np.dtype(dtype if dtype in WIRE_DTYPES[:4] else "float32")  # numpy has no bf16
+    item = numeric.itemsize
+    if size * item <= 4096 and draw(st.booleans()):
+        data = draw(
+            st.one_of(
+                st.binary(min_size=size * item, max_size=size * item),
+                st.just(np.ones(size, numeric).tobytes()),
+            )
+        )
+    else:
+        data = draw(st.binary(max_size=256))
+    return pb.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def shard_blob(hints: Hints) -> st.SearchStrategy[bytes]:
+    """One layer's bytes: valid, wrong contents, hand-made headers, truncated or flipped."""
+    valid = st.sampled_from(hints.blobs) if hints.blobs else st.just(b"")
+    return st.one_of(valid, wrong_contents(), crafted_header(), mutated(valid))
+
+
+@st.composite
+def wrong_contents(draw) -> bytes:
+    """Valid safetensors whose tensors break the shard rules (or just pass them)."""
+    i, m, dk, h, d = (
+        draw(st.integers(0, 3)),
+        draw(st.integers(0, 9)),
+        draw(st.integers(0, 5)),
+        draw(st.integers(0, 2)),
+        draw(st.integers(0, 3)),
+    )
+    dims = st.lists(st.integers(0, 4), max_size=5).map(tuple)
+    shapes = {"keys": (i, m, dk), "out": (i, m, h, d), "lse": (i, m, h)}
+    tensors = {}
+    for name in ("keys", "out", "lse", "k_bar", "q_mean"):
+        if name in shapes and draw(st.integers(0, 9)) == 0:
+            continue  # a required tensor missing
+        if name not in shapes and draw(st.booleans()):
+            continue
+        shape = draw(
+            st.one_of(st.just(shapes.get(name, (i, m, h, d))), dims, st.just((i, m + 1, h, d)))
+        )
+        dtype = draw(st.sampled_from(["float32", "float16", "float64", "int64", "uint8"]))
+        value = draw(st.sampled_from([0.5, np.nan, np.inf, -1.0]))
+        with np.errstate(invalid="ignore"):  # NaN cast to an integer dtype
+            tensors[name] = np.full(shape, value).astype(dtype)
+    if draw(st.booleans()):
+        return _typed_header(draw, tensors)
+    import safetensors.numpy as stnp
+
+    return stnp.save(
+        tensors,
+        metadata=draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2)),
+    )
+
+
+def _typed_header(draw, tensors: dict[str, np.ndarray]) -> bytes:
+    """The same tensors with some re-labelled to dtypes numpy lacks (bf16, fp8)."""
+    spec, data = {}, b""
+    for name, t in tensors.items():
+        dtype = draw(st.sampled_from(["F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"]))
+        raw = np.zeros(int(np.prod(t.shape)) * ST_DTYPES[dtype], np.uint8).tobytes()
+        spec[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    return _pack(spec, data)
+
+
+@st.composite
+def crafted_header(draw) -> bytes:
+    """A hand-made header: any dtype name, shapes and offsets that may not add up."""
+    spec, offset = {}, 0
+    for name in draw(
+        st.lists(st.sampled_from(["keys", "out", "lse", "k_bar", "x", ""]), unique=True, max_size=4)
+    ):
+        dtype = draw(st.sampled_from(list(ST_DTYPES)))
+        shape = draw(st.lists(st.one_of(st.integers(0, 4), st.integers(-1, 1 << 62)), max_size=4))
+        size = draw(
+            st.one_of(
+                st.just(int(np.prod(shape or [1], dtype=np.float64)) * ST_DTYPES[dtype]),
+                st.integers(0, 64),
+            )
+        )
+        size = min(max(size, 0), MAX_BLOB)
+        spec[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    if draw(st.booleans()):
+        spec["__metadata__"] = draw(st.sampled_from([{"a": 1}, "x", {"memdb.format": "9"}, []]))
+    data = draw(st.binary(min_size=min(offset, 4096), max_size=min(offset, 4096)))
+    blob = _pack(spec, data)
+    if draw(st.integers(0, 4)) == 0:  # a header length that lies
+        blob = struct.pack("<Q", draw(st.integers(0, (1 << 64) - 1))) + blob[8:]
+    return blob
+
+
+@st.composite
+def mutated(draw, base: st.SearchStrategy[bytes]) -> bytes:
+    blob = bytearray(draw(base))
+    if not blob:
+        return b""
+    if draw(st.booleans()):
+        return bytes(blob[: draw(st.integers(0, len(blob) - 1))])  # truncated
+    for _ in range(draw(st.integers(1, 8))):
+        blob[draw(st.integers(0, len(blob) - 1))] = draw(st.integers(0, 255))
+    return bytes(blob)
+
+
+def _pack(spec: dict, data: bytes) -> bytes:
+    header = json.dumps(spec).encode()
+    return struct.pack("<Q", len(header)) + header + data

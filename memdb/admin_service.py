@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import memdb
 from memdb import auth, failpoints
-from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
+from memdb.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 from memdb.events import Event
 from memdb.index import build_layer_indices, resolve_kind
 from memdb.records import check_metadata
@@ -200,6 +200,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         if name == auth.DEFAULT_TENANT:
             raise InvalidArgument("the 'default' tenant holds the root key and cannot be deleted")
         self.rt.store.delete_tenant(name, force=request.force)
+        self.rt.bus.end(Unauthenticated(f"tenant '{name}' was deleted"), tenant=name)
         self.rt.cache.invalidate_tenant(name)
         log.info("deleted tenant %s", name)
         return pb.DeleteTenantResponse()
@@ -241,6 +242,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         if rec is None or (not p.is_root and rec.tenant != p.tenant):
             raise NotFound(f"API key {request.key_id!r} not found")
         self.rt.store.delete_key(rec.key_id)
+        # its Watch streams end before this call returns (end_revoked_watches is the backstop)
+        self.rt.bus.end(
+            Unauthenticated(f"API key {rec.key_id} was revoked; this Watch stream is closed"),
+            key_id=rec.key_id,
+        )
         log.info("revoked key %s of tenant %s", rec.key_id, rec.tenant)
         return pb.RevokeApiKeyResponse()
 

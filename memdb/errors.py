@@ -64,6 +64,13 @@ class DeadlineExceeded(MemdbError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Aborted(MemdbError):
+    """The version a streamed read was reading was replaced or deleted during the call; a read
+    of the current version may simply be retried."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Cancelled(MemdbError):
     code = grpc.StatusCode.CANCELLED
 
@@ -84,6 +91,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MemdbError]] = {
         PermissionDenied,
         Unavailable,
         DeadlineExceeded,
+        Aborted,
         Cancelled,
         Internal,
     )

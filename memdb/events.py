@@ -136,10 +136,17 @@ class EventBus:
         with self._lock:
             return Counter((s.tenant, s.key_id) for s in self._subs)
 
-    def end(self, error: MemdbError | None, *, key_id: str | None = None) -> int:
-        """End the subscriptions of `key_id` (all if None) with `error`; returns how many."""
+    def end(
+        self, error: MemdbError | None, *, key_id: str | None = None, tenant: str | None = None
+    ) -> int:
+        """End the subscriptions of `key_id` and/or `tenant` (all if neither) with `error`;
+        returns how many. The end is queued before any event published after this call."""
         with self._lock:
-            subs = [s for s in self._subs if key_id is None or s.key_id == key_id]
+            subs = [
+                s
+                for s in self._subs
+                if (key_id is None or s.key_id == key_id) and (tenant is None or s.tenant == tenant)
+            ]
         for sub in subs:
             _on_loop(sub, sub._end, error)
         return len(subs)

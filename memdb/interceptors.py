@@ -248,7 +248,9 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         return kind(
             run.unary if not handler.response_streaming else run.stream,
             request_deserializer=_safe(handler.request_deserializer, method),
-            response_serializer=handler.response_serializer,
+            # sync handlers' answers are serialized in the executor (`_Run.serialize`): a large
+            # Lookup answer then never holds the event loop that health and Watch run on
+            response_serializer=handler.response_serializer if run.is_async else _as_bytes,
         )
 
 
@@ -279,6 +281,19 @@ class _Run:
         self.is_async = inspect.iscoroutinefunction(self.behavior) or inspect.isasyncgenfunction(
             self.behavior
         )
+        self._serializer = handler.response_serializer
+
+    def serialize(self, message: Any) -> Any:
+        """A sync handler's answer as wire bytes (run in the executor, not on the loop)."""
+        if message is None or message is _END or self._serializer is None:
+            return message
+        return self._serializer(message)
+
+    def _call(self, request: Any, call: Call) -> Any:
+        return self.serialize(self.behavior(request, call))
+
+    def _next(self, gen: Any) -> Any:
+        return self.serialize(next(gen, _END))
 
     def _enter_hooks(self, stack: ExitStack, call: Call) -> None:
         for hook in self.hooks:  # an error in one (e.g. auth) is handled by those entered
@@ -328,7 +343,7 @@ class _Run:
         uploads = self.uploads.hold() if self.request_streaming else contextlib.nullcontext()
         try:
             async with uploads, self.slots.hold():
-                future = self.executor.submit(ctx.run, self.behavior, request, call)
+                future = self.executor.submit(ctx.run, self._call, request, call)
                 return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             call.end()  # the handler sees is_active() False; its result is dropped
@@ -351,7 +366,7 @@ class _Run:
         try:
             while True:
                 async with self.slots.hold():
-                    future = self.executor.submit(ctx.run, next, gen, _END)
+                    future = self.executor.submit(ctx.run, self._next, gen)
                     message = await asyncio.wrap_future(future)
                 if message is _END:
                     return
@@ -387,6 +402,11 @@ class _Run:
             close()
         else:
             running.add_done_callback(close)
+
+
+def _as_bytes(message: bytes) -> bytes:
+    """The response serializer of sync handlers: their answers are bytes already."""
+    return message
 
 
 async def _checked(requests: AsyncIterator, method: str) -> AsyncIterator:

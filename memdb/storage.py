@@ -39,6 +39,7 @@ import lmdb
 from memdb import failpoints
 from memdb.durable import fsync_dir, make_dirs_durably
 from memdb.errors import (
+    Aborted,
     AlreadyExists,
     Cancelled,
     FailedPrecondition,
@@ -690,8 +691,8 @@ class Store:
         with self._rw.shared(), self._env.begin(buffers=True) as txn:
             view = txn.get(item_key(tenant, name, version, layer), db=self._db["shards"])
             if view is None:
-                raise NotFound(
-                    f"version {version} of prefix '{name}' is no longer stored (deleted, or "
-                    "replaced beyond the retained versions); fetch it again"
+                raise Aborted(
+                    f"version {version} of prefix '{name}' was replaced or deleted during this "
+                    "read (it is no longer retained); fetch it again"
                 )
             return bytes(view[start : start + size]), len(view)

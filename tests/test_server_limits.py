@@ -27,6 +27,7 @@ from memdb.errors import (
 )
 from memdb.process import server_process
 from memdb.server import run_server
+from memdb.shards import decode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
 from tests.test_server import FP, ROOT_KEY, make_shards, with_extras
@@ -332,7 +333,7 @@ def test_fetch_memory_chunks_are_never_below_64_kib(tmp_path):
             assert b"".join(c.data for c in chunks if c.layer == layer) == blob
 
 
-def test_fetch_memory_of_a_version_removed_mid_stream_is_not_found(tmp_path, monkeypatch):
+def test_fetch_memory_of_a_version_removed_mid_stream_is_aborted(tmp_path, monkeypatch):
     with serving(tmp_path, retain_versions=1) as (srv, root):
         root.put_prefix("x", make_shards(layers=2, m=1024), model_fingerprint=FP)
         store, updated, reads = srv.runtime.store, threading.Event(), []
@@ -356,8 +357,30 @@ def test_fetch_memory_of_a_version_removed_mid_stream_is_not_found(tmp_path, mon
         with pytest.raises(grpc.RpcError) as err:
             for _ in stream:
                 pass
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "version 1 of prefix 'x' is no longer stored" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        assert "version 1 of prefix 'x' was replaced or deleted" in err.value.details()
+
+
+def test_a_fetch_of_the_current_version_restarts_when_it_is_replaced_mid_stream(
+    tmp_path, monkeypatch
+):
+    with serving(tmp_path, retain_versions=1) as (srv, root):
+        root.put_prefix("x", make_shards(layers=2, m=1024), model_fingerprint=FP)
+        new = make_shards(layers=2, m=1024, seed=5)
+        store, reads = srv.runtime.store, []
+        read_chunk = store.read_shard_chunk
+
+        def update_before_the_second_read(*args):
+            reads.append(args)
+            if len(reads) == 2:  # retain_versions=1: the update drops version 1 mid-stream
+                root.put_prefix("x", new, model_fingerprint=FP, mode="update")
+            return read_chunk(*args)
+
+        monkeypatch.setattr(store, "read_shard_chunk", update_before_the_second_read)
+        info, blobs = root.fetch_memory_raw("x", model_fingerprint=FP)
+        assert info.version == 2
+        assert [decode_shard(b).out.tobytes() for b in blobs] == [s.out.tobytes() for s in new]
+        assert {args[2] for args in reads} == {1, 2}  # it did read version 1 first
 
 
 def _rss_mb(pid: int) -> float:

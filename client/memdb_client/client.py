@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memdb.errors import InvalidArgument, from_rpc_error
+from memdb.errors import Aborted, InvalidArgument, from_rpc_error
 from memdb.shards import Shard, decode_shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -32,6 +32,7 @@ from memdb_client.types import (
 )
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+FETCH_ATTEMPTS = 3  # a fetch of the current version restarts when it is replaced meanwhile
 MiB = 1 << 20
 _MODES = {"create": pb.PUT_MODE_CREATE, "update": pb.PUT_MODE_UPDATE, "upsert": pb.PUT_MODE_UPSERT}
 
@@ -161,7 +162,28 @@ class MemdbClient:
 
         `on_bytes(n)` is called as each chunk arrives; an interruption cancels the stream.
         `max_layers` stops (and cancels the stream) after that many layers, e.g. 1 to read a
-        memory's metadata without its tensors."""
+        memory's metadata without its tensors. The server streams each chunk from the store as
+        it sends it; when the version is replaced and dropped meanwhile (ABORTED) a fetch of
+        the current version (`version=0`) starts again, up to FETCH_ATTEMPTS times in all (a
+        deleted prefix then answers NOT_FOUND); `on_bytes` counts the bytes of every attempt."""
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                return self._fetch_once(name, model_fingerprint, version, timeout, on_bytes,
+                                        max_layers)  # fmt: skip
+            except Aborted:
+                if version or attempt == FETCH_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fetch_once(
+        self,
+        name: str,
+        model_fingerprint: str,
+        version: int,
+        timeout: float | None,
+        on_bytes: Callable[[int], None] | None,
+        max_layers: int | None,
+    ) -> tuple[PrefixInfo, list[bytes]]:
         req = pb.FetchMemoryRequest(name=name, model_fingerprint=model_fingerprint, version=version)
         info: PrefixInfo | None = None
         blobs: list[bytes] = []

@@ -6,8 +6,9 @@ Llama-3.1-8B-shaped attention (32 query heads, 8 KV heads, head dim 128, bf16, r
 live context C = 512 tokens, batch in {1, 8, 32}, prefix N in {1K ... 128K}, memory budget
 M in {1K, 4K, 8K}, pre-RoPE keys, in the memory formats of `FORMATS` ("<keys>/<granularity>",
 "+kbar" when q_mean / k_bar are stored and the first-order lse correction runs: e.g.
-"f32/head+kbar" is what the builder writes by default, "fp8/kv_group_mean+kbar" float8 keys with
-a per-entry scale, one key of the head dim per KV group, bf16 states). Side by side, in one run:
+"bf16/kv_group_mean" is what the builder writes by default (one key of the head dim per KV
+group, bf16 keys and states), "fp8/kv_group_mean+kbar" the same with float8 keys with a
+per-entry scale and the lse correction's extras). Side by side, in one run:
 
 - sdpa:   torch SDPA (FlashAttention backend where it is faster) over the cached prefix plus
           the live context, N + C keys per row (each row its own copy of the prefix);
@@ -141,6 +142,7 @@ def parse_format(fmt: str) -> dict:
 
 def make_memory(budget: int, layers: int = 1, seed: int = 0, fmt: str = "fp16/head"):
     """A random memory of the 8B shape on the device in format `fmt` (see `parse_format`)."""
+    from memdb_worker.formats import quantize_keys
     from memdb_worker.keys import KeySpace
     from memdb_worker.memory import KEY_SCALE, Memory, layer_from_tensors
 
@@ -156,32 +158,33 @@ def make_memory(budget: int, layers: int = 1, seed: int = 0, fmt: str = "fp16/he
 
     lays = []
     for _ in range(layers):
-        keys = randn(i, budget, dk)
-        extras = {}
-        if f["key_dtype"] == torch.float8_e4m3fn:
-            key_scale = keys.abs().amax(dim=-1).clamp_min(1e-12) / 448.0
-            keys = keys / key_scale.unsqueeze(-1)
-            extras[KEY_SCALE] = key_scale
+        keys, key_scale = quantize_keys(randn(i, budget, dk), f["key_dtype"])
+        extras = {} if key_scale is None else {KEY_SCALE: key_scale}
         if f["kbar"]:
             extras["q_mean"] = randn(i, budget, hpg, D).to(sd)
             extras["k_bar"] = randn(i, budget, hpg, D, scale=0.1).to(sd)
         out = randn(i, budget, hpg, D).to(sd)
         lse = randn(i, budget, hpg) * 2 + 8
-        lays.append(layer_from_tensors(keys.to(f["key_dtype"]), out, lse, extras))
+        lays.append(layer_from_tensors(keys, out, lse, extras))
     meta = {"prefix_length": "0", "group_key": f["group_key"]}
     return Memory(lays, ks, meta)
 
 
 def layer_bytes(fmt: str, budget: int) -> int:
     """Bytes per layer a memory of this format stores (keys, key_scale, out, lse, extras)."""
+    from memdb_worker.formats import memory_bytes
+
     f = parse_format(fmt)
     i = H if f["granularity"] == "head" else HKV
     dk = D if f["granularity"] == "head" or f["group_key"] == "mean" else (H // HKV) * D
-    kb = torch.empty(0, dtype=f["key_dtype"]).element_size()
-    sb = torch.empty(0, dtype=f["state_dtype"]).element_size()
-    scale = 4 if f["key_dtype"] == torch.float8_e4m3fn else 0
-    states = H * D * sb * (3 if f["kbar"] else 1) + H * 4  # out (+ q_mean, k_bar) and lse
-    return budget * (i * (dk * kb + scale) + states)
+    return memory_bytes(num_layers=1, num_groups=i, heads_per_group=H // i, key_dim=dk,
+                        head_dim=D, budget=budget, key_dtype=_name(f["key_dtype"]),
+                        out_dtype=_name(f["state_dtype"]), q_mean=f["kbar"],
+                        k_bar=f["kbar"])  # fmt: skip
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class Inputs:

@@ -1,9 +1,18 @@
-"""Build and decode options against the paper's plain recipe (DESIGN.md section 1, issue 3 part 5).
+"""Build and decode options chosen on a validation split, per byte (DESIGN.md section 8).
 
-`python -m bench.options` writes bench/results/options.json: for each option (one change from
-the plain default at a time, then the best combination), accuracy on test examples and the
-fidelity of bench.quality (rel_err, top1_agree, kl) at one budget. One calibration per data set
-and seed serves every option (it records k_bar so the lse correction can be built from it).
+`python -m bench.options` writes bench/results/options.json (top level `"split": "validation"`):
+for each data set, examples carved from train (`bench.quality.protocol.split_validation`, never
+demonstrations, traces or test examples: the demonstrations and calibration traces of this run
+are drawn from the rest of train), scored by ICL cut at several token counts (bytes = the cut's
+bfloat16 KV) and by memories of each variant and budget M (bytes as stored), with the fidelity
+of bench.quality (rel_err, top1_agree, kl against exact attention over the prefix). One
+calibration per data set and seed (recording k_bar) serves every variant.
+
+A variant's figure of merit is its accuracy minus ICL's accuracy at the same bytes (ICL
+interpolated between its cuts, `bench.quality.summary.icl_at_bytes`); the pick is the variant
+and M of the highest mean gain over the data sets (ties: fewer bytes). The builder's defaults
+cite what this file picked. Sink length is not swept here: a prefix that fits one chunk has no
+sink (the sink only changes chunks after the first, i.e. the 32K memory).
 """
 
 from __future__ import annotations
@@ -13,9 +22,9 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.quality import (
@@ -25,177 +34,236 @@ from bench.quality import (
     classify,
     exact_logp,
     fidelity,
+    icl_at_bytes,
     pad,
     plan_seed,
-    test_slices,
+    split_validation,
     write_json,
 )
+from bench.quality.protocol import VALIDATION_SEED
 
 logger = logging.getLogger("bench.options")
 
-PLAIN_BUILD = {
+BASE_BUILD = {
     "key_mode": "pre_rope",
     "whiten": False,
     "granularity": "head",
     "entry_state": "average",
     "lse_correction": False,
     "key_dtype": "float32",
+    "out_dtype": "float32",
+    "store_q_mean": True,
 }
-PLAIN_DECODE = {"top_k": 1, "lse_correction": False, "lse_bias": 0.0}
+BASE_DECODE = {"top_k": 1, "lse_correction": False, "lse_bias": 0.0}
+COMPACT = {"key_dtype": "float8_e4m3fn", "out_dtype": "bfloat16"}
+BF16 = {"key_dtype": "bfloat16", "out_dtype": "bfloat16"}
+EXTRAS = {"lse_correction": True, "store_q_mean": False}  # q_mean = the entry key
 
-# name -> (build overrides, decode overrides)
+# name -> (build overrides over BASE_BUILD, decode overrides over BASE_DECODE)
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "plain": ({}, {}),
-    "pre_rope+whiten": ({"whiten": True}, {}),
-    "rope_common": ({"key_mode": "rope_common"}, {}),
-    "rope_common+whiten": ({"key_mode": "rope_common", "whiten": True}, {}),
-    "kv_group": ({"granularity": "kv_group"}, {}),
-    "soft_top4": ({}, {"top_k": 4}),
-    "soft_top16": ({}, {"top_k": 16}),
-    "entry_centroid": ({"entry_state": "centroid"}, {}),
-    "lse_correction": ({"lse_correction": True}, {"lse_correction": True}),
-    "lse_bias+0.5": ({}, {"lse_bias": 0.5}),
-    "lse_bias-0.5": ({}, {"lse_bias": -0.5}),
-    "key_float16": ({"key_dtype": "float16"}, {}),
+    "plain_f32": ({}, {}),
+    "f32+lse_corr": ({"lse_correction": True}, {"lse_correction": True}),
+    "bf16": (BF16, {}),
+    "bf16+lse_corr": ({**BF16, **EXTRAS}, {"lse_correction": True}),
+    "fp8_bf16": (COMPACT, {}),
+    "fp8_bf16+lse_corr": ({**COMPACT, **EXTRAS}, {"lse_correction": True}),
+    "kvg_mean_bf16": ({**BF16, "granularity": "kv_group_mean"}, {}),
+    "kvg_mean_fp8_bf16": ({**COMPACT, "granularity": "kv_group_mean"}, {}),
+    "kvg_mean_bf16+lse_corr": (
+        {**BF16, "granularity": "kv_group_mean", "lse_correction": True},
+        {"lse_correction": True},
+    ),
+    "bf16_rope_common": ({**BF16, "key_mode": "rope_common"}, {}),
+    "bf16_top4": (BF16, {"top_k": 4}),
 }
+
+
+def variant_options(name: str, kmeans_iters: int, seed: int):
+    """(BuildOptions, DecodeOptions) of a variant."""
+    from memdb_worker.builder import BuildOptions
+    from memdb_worker.memory import DecodeOptions
+
+    build, decode = VARIANTS[name]
+    opts = BuildOptions(**{**BASE_BUILD, **build}, kmeans_iters=kmeans_iters, seed=seed)
+    return opts, DecodeOptions(**{**BASE_DECODE, **decode})
+
+
+def validation_plan(task: Task, seed: int, n_val: int, n_examples: int, prefix_tokens: int,
+                    num_traces: int) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+    """(validation rows, demonstrations, traces) as indices into task.train, disjoint."""
+    val, rest = split_validation(len(task.train), n_val)
+    pool = [task.train[i] for i in rest]
+    plan = plan_seed(pool, [len(task.demo_ids[i]) for i in rest], seed, prefix_tokens,
+                     prefix_tokens, num_traces, [])  # fmt: skip
+    demos, traces = [rest[i] for i in plan.demos], [rest[i] for i in plan.traces]
+    rows = val[:n_examples]
+    assert not (set(rows) & set(demos)) and not (set(rows) & set(traces))
+    assert not set(demos) & set(traces)
+    return rows, demos, traces
+
+
+def pick(summary: dict) -> dict:
+    """The (variant, M) of the highest mean gain over ICL at equal bytes (ties: fewer bytes)."""
+    cells = []
+    for key, cell in summary.items():
+        cells.append((-cell["gain_over_icl_equal_bytes"], cell["bytes"], key))
+    _, _, best = min(cells)
+    return {"cell": best, **summary[best]}
+
+
+def summarise(datasets: dict) -> dict:
+    """Per (variant, M): means over data sets and seeds of accuracy, gain, bytes, fidelity."""
+    out: dict = {}
+    keys = {k for ds in datasets.values() for k in ds["cells"]}
+    for key in sorted(keys):
+        cells = [ds["cells"][key] for ds in datasets.values() if key in ds["cells"]]
+        out[key] = {
+            f: float(np.mean([c[f] for c in cells]))
+            for f in (
+                "acc",
+                "icl_equal_bytes",
+                "gain_over_icl_equal_bytes",
+                "rel_err",
+                "top1_agree",
+                "kl",
+                "bytes",
+            )  # fmt: skip
+        }
+        out[key]["bytes"] = int(out[key]["bytes"])
+        out[key].update(variant=cells[0]["variant"], M=cells[0]["M"])
+    return out
+
+
+def run_dataset(model, tok, name: str, args, results: dict) -> None:
+    from memdb_worker.builder import BuildOptions, calibrate, cluster
+    from memdb_worker.formats import kv_bytes
+
+    task = Task(name, tok)
+    cfg = model.config
+    per_token = kv_bytes(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                         head_dim=cfg.hidden_size // cfg.num_attention_heads, tokens=1)  # fmt: skip
+    ds: dict = {"seeds": args.seeds, "icl": {}, "cells": {}, "per_seed": []}
+    results["datasets"][name] = ds
+    for seed in args.seeds:
+        rows_i, demos, traces_i = validation_plan(task, seed, args.validation_pool, args.examples,
+                                                  args.prefix_tokens, args.traces)  # fmt: skip
+        rows = [task.train[i] for i in rows_i]
+        gold = [task.label_index[r["label"]] for r in rows]
+        traces = [task.trace_ids(task.train[i]) for i in traces_i]
+        calib_opts = BuildOptions(**{**BASE_BUILD, "lse_correction": True},
+                                  kmeans_iters=args.kmeans_iters, seed=seed)  # fmt: skip
+        calib = calibrate(model, tok, task.prefix_ids(demos), traces, calib_opts, progress=False)
+        exact = calib.prefix
+        seqs = [task.trace_ids(r) for r in rows[: args.fidelity_examples]]
+        ref = exact_logp(model, *pad(seqs, next(model.parameters()).device), exact)
+        rec: dict = {"seed": seed, "n_validation": len(rows), "prefix_tokens": exact.token_count,
+                     "n_traces": len(traces), "n_records": calib.num_records, "icl": {},
+                     "cells": {}, "validation_rows": rows_i}  # fmt: skip
+        points = [(0.0, accuracy(classify(model, task, rows, None)[0], gold))]
+        rec["zero_shot"] = points[0][1]
+        for t in [*args.icl_cuts, exact.token_count]:
+            t = min(t, exact.token_count)
+            a = accuracy(classify(model, task, rows, exact.head(t))[0], gold)
+            rec["icl"][str(t)] = {"acc": a, "bytes": per_token * t}
+            points.append((float(per_token * t), a))
+            logger.info("%s seed %d ICL@%d (%.1f MB): %.3f", name, seed, t, per_token * t / 1e6, a)
+        for vname in args.variants:
+            for m in args.budgets:
+                t0 = time.perf_counter()
+                bopts, dopts = variant_options(vname, args.kmeans_iters, seed)
+                built = cluster(calib, m, bopts, progress=False)
+                mem = built.to_memory(next(model.parameters()).device, options=dopts)
+                a = accuracy(classify(model, task, rows, mem)[0], gold)
+                fid = fidelity(model, seqs, mem, exact, ref_logp=ref)
+                icl_eq, how = icl_at_bytes(points, built.nbytes())
+                cell = {"variant": vname, "M": m, "acc": a, "bytes": int(built.nbytes()),
+                        "icl_equal_bytes": icl_eq, "icl_how": how,
+                        "gain_over_icl_equal_bytes": a - icl_eq,
+                        "rel_err": fid["rel_err"], "top1_agree": fid["top1_agree"],
+                        "kl": fid["kl"], "seconds": time.perf_counter() - t0}  # fmt: skip
+                rec["cells"][f"{vname}@{m}"] = cell
+                logger.info("%s seed %d %s@%d: acc %.3f (ICL at %.1f MB: %.3f) rel_err %.3f "
+                            "top1 %.3f kl %.3f, %.0f s", name, seed, vname, m, a,
+                            cell["bytes"] / 1e6, icl_eq, fid["rel_err"], fid["top1_agree"],
+                            fid["kl"], cell["seconds"])  # fmt: skip
+                ds["per_seed"] = [*[r for r in ds["per_seed"] if r["seed"] != seed], rec]
+                ds["cells"] = _mean_cells(ds["per_seed"])
+                results["summary"] = summarise(results["datasets"])
+                results["picked"] = pick(results["summary"])
+                write_json(args.out, results)
+                del built, mem
+
+
+def _mean_cells(per_seed: list[dict]) -> dict:
+    keys = {k for r in per_seed for k in r["cells"]}
+    out = {}
+    for key in keys:
+        cells = [r["cells"][key] for r in per_seed if key in r["cells"]]
+        out[key] = {**cells[0], **{f: float(np.mean([c[f] for c in cells])) for f in (
+            "acc", "icl_equal_bytes", "gain_over_icl_equal_bytes", "rel_err", "top1_agree",
+            "kl", "bytes")}}  # fmt: skip
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="*", default=["trec"])
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--prefix-tokens", type=int, default=4096)
-    p.add_argument("--tests", type=int, default=60)
+    p.add_argument("--budgets", type=int, nargs="*", default=[128, 256, 512])
+    p.add_argument("--icl-cuts", type=int, nargs="*", default=[128, 256, 512, 1024])
+    p.add_argument("--prefix-tokens", type=int, default=2048)
+    p.add_argument("--examples", type=int, default=40, help="validation examples scored")
+    p.add_argument("--validation-pool", type=int, default=200, help="examples carved from train")
     p.add_argument("--traces", type=int, default=300)
-    p.add_argument("--fidelity-examples", type=int, default=12)
+    p.add_argument("--fidelity-examples", type=int, default=8)
     p.add_argument("--kmeans-iters", type=int, default=10)
-    p.add_argument("--variants", nargs="*", default=None)
-    p.add_argument("--combo", nargs="*", default=None, help="variant names to combine at the end")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--model", default="default", help="a model name, .gguf file or folder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
     p.add_argument("--out", type=Path, default=RESULTS / "options.json")
     args = p.parse_args(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout
     )
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 
-    from memdb_worker.builder import BuildOptions, calibrate, cluster
-    from memdb_worker.memory import DecodeOptions
-    from memdb_worker.model import load_model
+    from bench.quality.run import machine
+    from memdb_worker.model import describe_model, load_model
 
-    model, tok = load_model("default", device="cpu", dtype=torch.float32)
-    variants = dict(VARIANTS)
-    if args.variants:
-        variants = {k: v for k, v in variants.items() if k in args.variants or k == "plain"}
-    if args.combo:
-        b, d = {}, {}
-        for name in args.combo:
-            b.update(VARIANTS[name][0])
-            d.update(VARIANTS[name][1])
-        variants["combo:" + "+".join(args.combo)] = (b, d)
+    model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
+    t0 = time.perf_counter()
     results = {
-        "command": "python -m bench.options "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "split": "validation",
+        "validation": {"seed": VALIDATION_SEED, "pool": args.validation_pool,
+                       "examples": args.examples, "carved_by": "bench.quality.protocol."
+                       "split_validation (disjoint from this run's demonstrations and traces)"},
+        "command": "python -m bench.options " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "budget": args.budget,
+        "model": describe_model(args.model),
+        "machine": machine(),
         "prefix_tokens": args.prefix_tokens,
-        "plain": {"build": PLAIN_BUILD, "decode": PLAIN_DECODE},
-        "variants": {k: {"build": v[0], "decode": v[1]} for k, v in variants.items()},
+        "budgets": args.budgets,
+        "rule": "pick = the (variant, M) of the highest mean accuracy gain over ICL at equal "
+        "bytes (ICL interpolated between cuts), ties to fewer bytes",
+        "base": {"build": BASE_BUILD, "decode": BASE_DECODE},
+        "variants": {k: {"build": VARIANTS[k][0], "decode": VARIANTS[k][1]} for k in args.variants},
         "datasets": {},
-    }
+    }  # fmt: skip
     for name in args.datasets:
-        task = Task(name, tok)
-        slices = test_slices(len(task.test), args.seeds, args.tests)
-        res: dict = {}
-        for seed in args.seeds:
-            plan = plan_seed(
-                task.train,
-                [len(x) for x in task.demo_ids],
-                seed,
-                args.prefix_tokens,
-                args.prefix_tokens,
-                args.traces,
-                slices[seed],
-            )
-            rows = [task.test[i] for i in plan.test]
-            gold = [task.label_index[r["label"]] for r in rows]
-            traces = [task.trace_ids(task.train[i]) for i in plan.traces]
-            base = BuildOptions(**PLAIN_BUILD, kmeans_iters=args.kmeans_iters, seed=seed)
-            calib = calibrate(
-                model,
-                tok,
-                task.prefix_ids(plan.demos),
-                traces,
-                BuildOptions(**{**asdict(base), "lse_correction": True}),
-                progress=False,
-            )
-            exact = calib.prefix
-            seqs = [task.trace_ids(r) for r in rows[: args.fidelity_examples]]
-            ids, mask = pad(seqs)
-            ref = exact_logp(model, ids, mask, exact)
-            icl_m = accuracy(
-                classify(model, task, rows, exact.head(min(args.budget, exact.token_count)))[0],
-                gold,
-            )
-            icl_full = accuracy(classify(model, task, rows, exact)[0], gold)
-            res.setdefault("icl_at_budget", []).append(icl_m)
-            res.setdefault("icl_full", []).append(icl_full)
-            logger.info(
-                "%s seed %d: icl@%d %.3f icl_full %.3f", name, seed, args.budget, icl_m, icl_full
-            )
-            built_cache: dict = {}
-            for vname, (bo, do) in variants.items():
-                bopts = BuildOptions(**{**asdict(base), **bo})
-                key = tuple(sorted(asdict(bopts).items()))
-                t = time.perf_counter()
-                if key not in built_cache:
-                    built_cache[key] = cluster(calib, args.budget, bopts, progress=False)
-                built = built_cache[key]
-                mem = built.to_memory(options=DecodeOptions(**{**PLAIN_DECODE, **do}))
-                preds = classify(model, task, rows, mem)
-                fid = fidelity(model, seqs, mem, exact, ref_logp=ref)
-                r = res.setdefault(
-                    vname,
-                    {
-                        "acc": [],
-                        "acc_norm": [],
-                        "rel_err": [],
-                        "top1_agree": [],
-                        "kl": [],
-                        "per_layer_rel_err": [],
-                        "bytes": [],
-                        "seconds": [],
-                    },
-                )
-                r["acc"].append(accuracy(preds[0], gold))
-                r["acc_norm"].append(accuracy(preds[1], gold))
-                for k in ("rel_err", "top1_agree", "kl", "per_layer_rel_err"):
-                    r[k].append(fid[k])
-                r["bytes"].append(int(built.nbytes()))
-                r["seconds"].append(time.perf_counter() - t)
-                logger.info(
-                    "%s seed %d %-20s acc %.3f rel_err %.4f top1 %.3f kl %.4f",
-                    name,
-                    seed,
-                    vname,
-                    r["acc"][-1],
-                    fid["rel_err"],
-                    fid["top1_agree"],
-                    fid["kl"],
-                )
-            results["datasets"][name] = {"n_test_per_seed": len(rows), "seeds": args.seeds, **res}
-            write_json(args.out, results)
-    print(f"\n{'variant':<34}" + "".join(f"{n:>40}" for n in results["datasets"]))
-    for vname in variants:
-        line = f"{vname:<34}"
-        for name in results["datasets"]:
-            r = results["datasets"][name][vname]
-            m = {k: sum(r[k]) / len(r[k]) for k in ("acc", "rel_err", "top1_agree", "kl")}
-            line += (
-                f"   acc {m['acc']:.3f} err {m['rel_err']:.4f} top1 {m['top1_agree']:.3f}"
-                f" kl {m['kl']:.4f}"
-            )
-        print(line)
+        run_dataset(model, tok, name, args, results)
+    results["wall_s"] = time.perf_counter() - t0
+    write_json(args.out, results)
+    print(f"\n{'cell':<28}{'acc':>7}{'ICL=B':>7}{'gain':>7}{'MB':>8}{'err':>7}{'top1':>7}{'kl':>7}")
+    for key, c in sorted(
+        results["summary"].items(), key=lambda kv: -kv[1]["gain_over_icl_equal_bytes"]
+    ):
+        print(f"{key:<28}{c['acc']:7.3f}{c['icl_equal_bytes']:7.3f}"
+              f"{c['gain_over_icl_equal_bytes']:7.3f}{c['bytes'] / 1e6:8.1f}{c['rel_err']:7.3f}"
+              f"{c['top1_agree']:7.3f}{c['kl']:7.3f}")  # fmt: skip
+    print(f"picked: {results['picked']['cell']}")
     return 0
 
 

@@ -103,6 +103,7 @@ def synthetic_memory(model, budget: int, prefix_tokens: int, fmt: str = "f32/hea
                      seed: int = 0):  # fmt: skip
     """A memory of the model's shape in format `fmt` (random entries, pre-RoPE keys), made on
     the model's device with the metadata the builder writes (prefix_length = prefix_tokens)."""
+    from memdb_worker.formats import quantize_keys
     from memdb_worker.keys import KeySpace, RopeSpec
     from memdb_worker.memory import KEY_SCALE, Memory, layer_from_tensors
 
@@ -123,18 +124,14 @@ def synthetic_memory(model, budget: int, prefix_tokens: int, fmt: str = "f32/hea
     lse0 = float(torch.log(torch.tensor(float(max(prefix_tokens, 2)))))  # ~ N similar scores
     layers = []
     for _ in range(cfg.num_hidden_layers):
-        keys = randn(i, budget, dk)
-        extras = {}
-        if f["key_dtype"] == torch.float8_e4m3fn:
-            scale = keys.abs().amax(dim=-1).clamp_min(1e-12) / 448.0
-            keys = keys / scale.unsqueeze(-1)
-            extras[KEY_SCALE] = scale
+        keys, key_scale = quantize_keys(randn(i, budget, dk), f["key_dtype"])
+        extras = {} if key_scale is None else {KEY_SCALE: key_scale}
         if f["kbar"]:
             extras["q_mean"] = randn(i, budget, hpg, d).to(f["state_dtype"])
             extras["k_bar"] = randn(i, budget, hpg, d, scale=0.1).to(f["state_dtype"])
         out = randn(i, budget, hpg, d, scale=0.1).to(f["state_dtype"])
         lse = randn(i, budget, hpg, scale=0.5) + lse0
-        layers.append(layer_from_tensors(keys.to(f["key_dtype"]), out, lse, extras))
+        layers.append(layer_from_tensors(keys, out, lse, extras))
     rope_meta = {"inv_freq": [float(x) for x in rope.inv_freq.tolist()],
                  "attention_scaling": rope.attention_scaling}  # fmt: skip
     meta = {**ks.metadata(), "prefix_length": str(prefix_tokens), "budget": str(budget),

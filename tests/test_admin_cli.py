@@ -458,7 +458,10 @@ def _trec_args(n_prefix=8, n_traces=4):
 @pytest.mark.model
 def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli, tmp_path):
     model, tok = model_in_cli
-    ins = run(server, "--json", "prefix", "insert", "trec", *_trec_args(), "--budget", "8")
+    # one entry per head with q_mean: what `prefix append` needs (the default kv_group_mean
+    # memories keep no per-head entry queries)
+    head = ["--granularity", "head", "--lse-correction"]
+    ins = run(server, "--json", "prefix", "insert", "trec", *_trec_args(), *head, "--budget", "8")
     assert ins.exit_code == 0, ins.stderr
     v1 = json.loads(ins.stdout)
     assert (v1["version"], v1["budget"], v1["num_layers"], v1["num_groups"]) == (1, 8, 30, 9)
@@ -470,8 +473,9 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
     )
 
     upd = run(
-        server, "--json", "prefix", "update", "trec", *_trec_args(), "--budget", "16", "--seed", "1"
-    )
+        server, "--json", "prefix", "update", "trec", *_trec_args(), *head, "--budget", "16",
+        "--seed", "1",
+    )  # fmt: skip
     assert upd.exit_code == 0, upd.stderr
     v2 = json.loads(upd.stdout)
     assert (v2["version"], v2["budget"], v2["build_params"]["seed"]) == (2, 16, "1")
@@ -552,8 +556,9 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     at its true positions after A instead (the live queries move with it)."""
     from memdb_client import build
     from memdb_worker.append import entry_queries
-    from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
+    from memdb_worker.builder import build_memory, calibrate, cluster
     from memdb_worker.memory import keyspace_from_metadata
+    from tests.tiny import reference_options
 
     model, tok = model_in_cli
     a = tok("The secret password is zebra. Remember it well, the password is zebra.").input_ids
@@ -565,7 +570,7 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     a, b = a[:n], b[:n]
     traces = [[t] for t in tok(" what opens the door", add_special_tokens=False).input_ids]
     m = len(traces)
-    opts = BuildOptions(chunk_tokens=n, sink_tokens=0)
+    opts = reference_options(chunk_tokens=n, sink_tokens=0)
     ref = build_memory(model, tok, a + b, traces, m, opts, progress=False)
     base = build_memory(model, tok, a, traces, m, opts, progress=False)
     got = build.append_chunk(model, tok, base.shards, b, chunk_tokens=n, progress=False)
@@ -574,15 +579,15 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     np.testing.assert_allclose(got.shards[0].out, ref.shards[0].out, atol=1e-5)
     np.testing.assert_allclose(got.shards[0].lse, ref.shards[0].lse, atol=1e-5)
     # within the context: B at its true positions, the queries after the whole prefix
-    base = build_memory(model, tok, a, traces, m, progress=False)
+    base = build_memory(model, tok, a, traces, m, reference_options(), progress=False)
     got = build.append_chunk(model, tok, base.shards, b, progress=False)
     assert got.metadata["prefix_length"] == str(2 * n) and got.query_position == 2 * n
 
     # every key mode gives back the entries' exact queries (the inputs of the merge)
-    calib = calibrate(model, tok, a, traces, BuildOptions(), progress=False)
+    calib = calibrate(model, tok, a, traces, reference_options(), progress=False)
     for opts in (
-        BuildOptions(key_mode="rope_common", whiten=True, granularity="kv_group"),
-        BuildOptions(whiten=True, whiten_center=True, granularity="layer"),
+        reference_options(key_mode="rope_common", whiten=True, granularity="kv_group"),
+        reference_options(whiten=True, whiten_center=True, granularity="layer"),
     ):
         mem = cluster(calib, m, opts, progress=False)
         ks = keyspace_from_metadata(mem.shards[0].metadata, mem.shards)

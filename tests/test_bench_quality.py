@@ -67,6 +67,8 @@ def _seed_record(seed, base):
     return {
         "seed": seed,
         "n_test": 10,
+        "prefix_tokens": 2000,
+        "kv_bytes_per_token": 100,
         "acc": {
             "zero_shot": 0.1,
             "icl_full": base,
@@ -100,7 +102,13 @@ def test_results_format_and_writer(tmp_path):
     assert ds["memory"]["1024"] == pytest.approx(0.5)
     assert ds["spread"]["memory"]["1024"]["min"] == pytest.approx(0.4)
     assert set(ds["fidelity"]["512"]) >= {"rel_err", "top1_agree", "kl"}
-    assert ds["bytes"]["512"] == {"memory": 5120, "kv_prefix": 5000}
+    assert ds["bytes"]["kv_full"] == 200_000  # 100 B per token x 2000 prefix tokens
+    assert ds["bytes"]["icl"] == {"512": 51_200, "1024": 102_400}
+    assert ds["bytes"]["memory"] == {"512": 5120, "1024": 10240}
+    # memories smaller than ICL@512: ICL interpolated between zero-shot (0 B) and ICL@512
+    row = ds["equal_bytes"][0]
+    assert row["M"] == 512 and row["bytes"] == 5120 and row["icl_how"] == "interpolated"
+    assert row["icl"] == pytest.approx(0.1 + (0.25 - 0.1) * 5120 / 51_200)
     assert ds["build_s"]["1024"] == 1.0
     results = {"model": "m", "datasets": {"toy": ds}}
     out = tmp_path / "quality.json"
@@ -146,3 +154,94 @@ def test_merge_runs_of_different_seeds():
     assert toy["seeds"] == [0, 1, 2] and toy["n_test"] == 30
     assert toy["icl_full"] == pytest.approx(0.6)
     assert [p["command"] for p in merged["parts"]] == ["a", "b"]
+
+
+def test_equal_bytes_interpolates_icl_between_cuts_by_hand():
+    # 100 B per token; ICL@512 = 51,200 B -> 0.2, ICL@1024 = 102,400 B -> 0.4, full 2000
+    # tokens = 200,000 B -> 0.8, zero-shot 0.1 at 0 B
+    summary = {
+        "zero_shot": 0.1,
+        "icl_full": 0.8,
+        "icl": {"512": 0.2, "1024": 0.4},
+        "memory": {"256": 0.5, "512": 0.6, "1024": 0.7, "2048": 0.9},
+        "bytes": {
+            "kv_full": 200_000,
+            "icl": {"512": 51_200, "1024": 102_400},
+            "memory": {"256": 25_600, "512": 76_800, "1024": 150_000, "2048": 300_000},
+        },
+    }
+    rows = {r["M"]: r for r in q.equal_bytes(summary)}
+    assert rows[256]["icl"] == pytest.approx(0.15)  # halfway from 0 B (0.1) to 51,200 B (0.2)
+    assert rows[512]["icl"] == pytest.approx(0.3)  # halfway from 51,200 (0.2) to 102,400 (0.4)
+    assert rows[1024]["icl"] == pytest.approx(0.4 + 0.4 * 47_600 / 97_600)
+    assert rows[2048]["icl"] == 0.8 and rows[2048]["icl_how"] == "full prefix"
+    assert {rows[m]["icl_how"] for m in (256, 512, 1024)} == {"interpolated"}
+    assert rows[2048]["bytes_vs_kv_full"] == pytest.approx(1.5)
+    assert q.icl_at_bytes([(0, 0.1), (51_200, 0.2)], 51_200) == (0.2, "measured")
+
+
+def test_old_records_get_bf16_kv_bytes_from_their_float32_kv():
+    rec = _seed_record(0, 0.5)
+    del rec["kv_bytes_per_token"]
+    for m in rec["bytes"]:
+        rec["bytes"][m]["kv_prefix"] = 2000 * 200  # float32 KV: 2 x the bf16 bytes per token
+    assert q.bytes_summary([rec], [512, 1024])["kv_full"] == 200_000
+
+
+def test_rebuild_summary_recomputes_bytes_from_records_without_a_model():
+    ms = [512, 1024]
+    ds = q.dataset_summary([_seed_record(0, 0.4), _seed_record(1, 0.6)], ms, 20)
+    stale = {k: v for k, v in ds.items() if k not in ("bytes", "equal_bytes")}
+    results = {"model": "m", "config": {"budgets": ms}, "notes": {"a": "b"},
+               "datasets": {"toy": stale}}  # fmt: skip
+    rebuilt = q.rebuild_summary(results, "python -m bench.quality --rebuild-summary")
+    toy = rebuilt["datasets"]["toy"]
+    assert toy["bytes"] == ds["bytes"] and toy["equal_bytes"] == ds["equal_bytes"]
+    assert rebuilt["defaults_from"] == "bench/results/options.json"
+    assert rebuilt["notes"] == {"a": "b"} and "summary_rebuilt" in rebuilt
+
+
+def test_validation_split_is_disjoint_from_demonstrations_traces_and_fixed():
+    train = _rows({"a": 100, "b": 100, "c": 100})
+    val, rest = q.split_validation(len(train), 40)
+    assert len(val) == 40 and sorted(val + rest) == list(range(300))
+    assert q.split_validation(len(train), 40) == (val, rest)  # seeded, not per run
+    pool = [train[i] for i in rest]
+    plan = q.plan_seed(pool, [10] * len(pool), 0, 305, 905, 50, [])
+    used = {rest[i] for i in plan.demos32k + plan.traces}  # back to indices of train
+    assert len(plan.traces) == 50 and len(plan.demos32k) == 90
+    assert not used & set(val)
+    with pytest.raises(ValueError, match="cannot carve"):
+        q.split_validation(10, 10)
+
+
+def test_notes_are_key_text_pairs():
+    from bench.quality.run import parse_notes
+
+    assert parse_notes(["sink=not settled", "a=b=c"]) == {"sink": "not settled", "a": "b=c"}
+    with pytest.raises(ValueError, match="KEY=TEXT"):
+        parse_notes(["no equals sign"])
+
+
+def test_options_pick_the_best_gain_at_equal_bytes_then_fewer_bytes():
+    from bench.options import pick
+
+    summary = {
+        "a@128": {"gain_over_icl_equal_bytes": 0.05, "bytes": 10},
+        "b@128": {"gain_over_icl_equal_bytes": 0.10, "bytes": 30},
+        "c@128": {"gain_over_icl_equal_bytes": 0.10, "bytes": 20},
+    }
+    assert pick(summary)["cell"] == "c@128"
+
+
+def test_options_validation_rows_are_never_demonstrations_or_traces():
+    from types import SimpleNamespace
+
+    from bench.options import validation_plan
+
+    train = _rows({"a": 60, "b": 60, "c": 60})
+    task = SimpleNamespace(train=train, demo_ids=[[1] * 10 for _ in train])
+    rows, demos, traces = validation_plan(task, 0, 50, 40, 305, 60)
+    assert len(rows) == 40 and len(demos) == 30 and len(traces) == 60
+    assert not set(rows) & (set(demos) | set(traces)) and not set(demos) & set(traces)
+    assert set(rows) <= set(q.split_validation(len(train), 50)[0])

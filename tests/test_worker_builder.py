@@ -88,7 +88,8 @@ def test_reservoir_caps_records_and_shards_validate(tiny):
     assert calib.q_pre[0].shape == (50, 4, 8) and calib.lse[1].shape == (50, 4)
     assert (calib.positions >= len(PREFIX)).all() and (calib.positions < len(PREFIX) + 20).all()
     for opts, (i, h, dk) in [
-        (BuildOptions(), (4, 1, 8)),
+        (BuildOptions(), (2, 2, 8)),  # the defaults: kv_group_mean
+        (BuildOptions(granularity="head"), (4, 1, 8)),
         (
             BuildOptions(granularity="kv_group", key_dtype="float16", out_dtype="float16"),
             (2, 2, 16),
@@ -97,7 +98,7 @@ def test_reservoir_caps_records_and_shards_validate(tiny):
             BuildOptions(granularity="layer", entry_state="centroid", lse_correction=True),
             (1, 4, 32),
         ),
-        (BuildOptions(key_mode="rope_common", whiten=True), (4, 1, 8)),
+        (BuildOptions(key_mode="rope_common", whiten=True, granularity="head"), (4, 1, 8)),
     ]:
         built = cluster(calib, 12, opts, progress=False)
         shape = check_consistent(built.shards)
@@ -153,12 +154,15 @@ def test_smollm2_shards_have_the_model_shapes(smollm2, smol_built):
     model, _ = smollm2
     assert len(smol_built.shards) == 30
     for s in smol_built.shards:
-        assert s.keys.shape == (9, 16, 64) and s.keys.dtype == np.float32
-        assert s.out.shape == (9, 16, 1, 64) and s.lse.shape == (9, 16, 1)
+        # the defaults: one bfloat16 key per KV group (3), a bfloat16 state per head (3 each)
+        assert s.keys.shape == (3, 16, 64) and s.keys.dtype.name == "bfloat16"
+        assert s.out.shape == (3, 16, 3, 64) and s.lse.shape == (3, 16, 3)
+        assert s.out.dtype.name == "bfloat16" and not s.extras
         assert np.isfinite(s.out).all() and np.isfinite(s.lse).all()
     meta = smol_built.metadata
     assert meta["model_fingerprint"] == model_fingerprint(model)
-    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "head"
+    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "kv_group"
+    assert meta["group_key"] == "mean"  # the builder's kv_group_mean
     assert smol_built.token_count == int(meta["prefix_length"]) > 50
 
 
@@ -191,7 +195,7 @@ def test_smollm2_kv_group_build(smollm2):
 def test_more_centroids_than_distinct_queries_leaves_no_empty_entry(tiny):
     trace = _traces(1, 10, 5)[0]
     calib = calibrate(tiny, None, PREFIX, [trace] * 5, progress=False)  # 50 records, 10 distinct
-    built = cluster(calib, 20, BuildOptions(seed=1), progress=False)
+    built = cluster(calib, 20, BuildOptions(seed=1, granularity="head"), progress=False)
     for layer, s in enumerate(built.shards):
         encode_shard(s)  # finite everywhere
         distinct = calib.lse[layer][:10]  # [10, H]; records repeat every 10

@@ -15,12 +15,12 @@ from memdb.errors import FailedPrecondition, NotFound, Unavailable
 from memdb.server import run_server
 from memdb_client import MemdbClient
 from memdb_worker.attention import bind
-from memdb_worker.builder import BuildOptions, build_memory
+from memdb_worker.builder import build_memory
 from memdb_worker.cache import MemoryCache, RemoteMemory
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.model import model_fingerprint
 from memdb_worker.scheduler import GenerationRequest, SamplingParams, Scheduler
-from tests.tiny import tiny_llama
+from tests.tiny import reference_options, tiny_llama
 
 VOCAB = 256
 ROOT_KEY = "test-root-key"
@@ -39,7 +39,7 @@ def built(tiny):
     for _ in range(2):
         prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
         traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(3)]
-        opts = BuildOptions(lse_correction=False)  # plain memories (no q_mean / k_bar)
+        opts = reference_options(lse_correction=False)  # plain memories (no q_mean / k_bar)
         out.append(build_memory(tiny, None, prefix, traces, 8, opts, progress=False))
     return out
 
@@ -51,7 +51,7 @@ def built_lse(tiny):
     g = torch.Generator().manual_seed(2)
     prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
     traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(3)]
-    return build_memory(tiny, None, prefix, traces, 8, BuildOptions(), progress=False)
+    return build_memory(tiny, None, prefix, traces, 8, reference_options(), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from memdb_worker.attention import bind
-from memdb_worker.builder import BuildOptions, build_memory
+from memdb_worker.builder import build_memory
 from memdb_worker.memory import DecodeOptions
 from memdb_worker.prefix import encode_prefix
+from tests.tiny import reference_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -61,7 +62,8 @@ def test_float32_exact_memory_on_cuda(data):
     model = _model(torch.float32, layers=3, hidden=256, inter=512, heads=8, kv=2, head_dim=32)
     prefix, trace = data
     full = _logits(model, prefix + trace)[len(prefix) :]
-    built = build_memory(model, None, prefix, [trace], budget=len(trace), progress=False)
+    built = build_memory(model, None, prefix, [trace], budget=len(trace),
+                         options=reference_options(), progress=False)  # fmt: skip
     memory = built.to_memory("cuda")
     assert memory.device.type == "cuda"
     with bind(model, memory):
@@ -74,7 +76,7 @@ def test_bf16_exact_memory_8b_shape(llama8b_shaped, data):
     prefix, trace = data
     full = _logits(model, prefix + trace)[len(prefix) :]
     plain = _logits(model, trace)
-    opts = BuildOptions(granularity="kv_group", key_mode="rope_common", whiten=True)
+    opts = reference_options(granularity="kv_group", key_mode="rope_common", whiten=True)
     built = build_memory(
         model, None, prefix, [trace], budget=len(trace), options=opts, progress=False
     )
@@ -115,6 +117,8 @@ def test_kmeans_build_on_cuda(llama8b_shaped, data):
     model = llama8b_shaped
     prefix, trace = data
     built = build_memory(model, None, prefix, [trace, trace[::-1]], budget=16, progress=False)
-    assert built.shards[1].keys.shape == (32, 16, 128)
+    # the default format: one head-dim key per KV group (8 of them), bf16
+    assert built.shards[1].keys.shape == (8, 16, 128)
+    assert built.shards[1].keys.dtype.name == "bfloat16"
     with bind(model, built.to_memory("cuda")):
         assert torch.isfinite(_logits(model, trace)).all()

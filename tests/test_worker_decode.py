@@ -8,11 +8,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from memdb.shards import decode_shard, encode_shard
 from memdb_worker.attention import bind, current_binding, install
-from memdb_worker.builder import BuildOptions, build_memory
+from memdb_worker.builder import build_memory
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.prefix import encode_chunk, encode_prefix
 from memdb_worker.scoring import next_token_logprobs, score_continuations, score_pairs
-from tests.tiny import tiny_llama
+from tests.tiny import reference_options, tiny_llama
 
 VOCAB = 256
 
@@ -40,17 +40,17 @@ def max_rel(a, b):
 
 
 EXACT_OPTIONS = {
-    "paper": (BuildOptions(), "after_prefix"),
-    "zero_positions": (BuildOptions(), "zero"),
-    "kv_group": (BuildOptions(granularity="kv_group"), "after_prefix"),
+    "paper": (reference_options(), "after_prefix"),
+    "zero_positions": (reference_options(), "zero"),
+    "kv_group": (reference_options(granularity="kv_group"), "after_prefix"),
     "layer_rope_whiten": (
-        BuildOptions(granularity="layer", key_mode="rope_common", whiten=True),
+        reference_options(granularity="layer", key_mode="rope_common", whiten=True),
         "after_prefix",
     ),
-    "whiten_centered": (BuildOptions(whiten=True, whiten_center=True), "zero"),
-    "centroid": (BuildOptions(entry_state="centroid"), "after_prefix"),
-    "lse_correction": (BuildOptions(lse_correction=True), "after_prefix"),
-    "float16": (BuildOptions(key_dtype="float16"), "after_prefix"),
+    "whiten_centered": (reference_options(whiten=True, whiten_center=True), "zero"),
+    "centroid": (reference_options(entry_state="centroid"), "after_prefix"),
+    "lse_correction": (reference_options(lse_correction=True), "after_prefix"),
+    "float16": (reference_options(key_dtype="float16"), "after_prefix"),
 }
 
 
@@ -85,7 +85,7 @@ def test_exact_prefix_source_equals_prefix_in_prompt(tiny, data):
 )
 def test_chunked_prefix_calibration_matches_chunked_decoding(tiny, data, sink, chunks, end):
     prefix, trace = data
-    options = BuildOptions(chunk_tokens=16, sink_tokens=sink)
+    options = reference_options(chunk_tokens=16, sink_tokens=sink)
     exact = encode_prefix(tiny, prefix, chunk_tokens=16, sink_tokens=sink)
     assert list(exact.chunk_lengths) == chunks and exact.prefix_length == end
     with bind(tiny, exact):
@@ -189,9 +189,8 @@ def test_mixed_batch_rows_follow_their_own_source(tiny, data):
 
 def test_memory_round_trips_through_shard_bytes(tiny, data):
     prefix, trace = data
-    built = build_memory(
-        tiny, None, prefix, [trace], budget=6, options=BuildOptions(whiten=True), progress=False
-    )
+    opts = reference_options(whiten=True)
+    built = build_memory(tiny, None, prefix, [trace], budget=6, options=opts, progress=False)
     memory = built.to_memory()
     blobs = [encode_shard(s) for s in memory.to_shards()]
     again = Memory.from_shards([decode_shard(b) for b in blobs])
@@ -207,7 +206,7 @@ def test_memory_round_trips_through_shard_bytes(tiny, data):
 
 def test_soft_top_k_and_decode_options(tiny, data):
     prefix, trace = data
-    plain_build = BuildOptions(lse_correction=False)  # the last check needs a memory without k_bar
+    plain_build = reference_options(lse_correction=False)  # the last check: a memory without k_bar
     built = build_memory(tiny, None, prefix, [trace], budget=8, options=plain_build, progress=False)
     memory = built.to_memory()
     with bind(tiny, memory):

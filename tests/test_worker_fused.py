@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from memdb_worker import fused
+from memdb_worker.formats import quantize_keys
 from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec, apply_rope, fit_whitening
 from memdb_worker.memory import KEY_SCALE, DecodeOptions, Memory, layer_from_tensors, lookup_keys
 from memdb_worker.state import attention_state, merge_states
@@ -72,7 +73,7 @@ def make_memory(
         dk = d
     lays = []
     for _ in range(layers):
-        keys, key_scale = quantized_keys(torch.randn(i, budget, dk, generator=g), key_dtype)
+        keys, key_scale = quantize_keys(torch.randn(i, budget, dk, generator=g), key_dtype)
         extras = {}
         if extras_dtype is not None:
             q_mean = torch.randn(i, budget, hpg, d, generator=g)
@@ -90,14 +91,6 @@ def make_memory(
             )
         )
     return Memory(lays, ks, {"prefix_length": "100", "group_key": group_key}, options)
-
-
-def quantized_keys(keys: torch.Tensor, dtype: torch.dtype):
-    """keys in `dtype`; float8 e4m3 with a per-entry scale (amax / 448), returned beside."""
-    if dtype != torch.float8_e4m3fn:
-        return keys.to(dtype), None
-    scale = keys.abs().amax(dim=-1).clamp_min(1e-12) / 448.0  # [I, M]
-    return (keys / scale.unsqueeze(-1)).to(dtype), scale.float()
 
 
 def make_inputs(memory: Memory, batch=3, live=40, dtype=torch.float32, device="cpu", seed=1,
@@ -297,7 +290,7 @@ cases = [
 cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
 for i, kw in enumerate(cases):
     mem = make_memory(**kw, budget=70, layers=1, seed=i)
-    # (the interpreter's bf16 products are unreliable: float32 and float16 here, bf16 on CUDA)
+    # (float32 and float16 here; bf16 keys: the default-build case below, and on CUDA)
     for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16),
                                (70, True, torch.float32)):
         q, k, v, m, pos = make_inputs(mem, batch=batch, live=37, dtype=dtype, mask=mask)
@@ -350,7 +343,7 @@ print("OK")
 
 _INTERPRETER_COMPACT_CASE = r"""
 # compact formats in the kernels: float8 keys with a per-entry scale, group-mean keys, bf16
-# states (keys in float8 or float16 here: the interpreter's bf16 products are unreliable)
+# states (bf16 keys: the default-build case below)
 cases = [
     dict(key_dtype=torch.float8_e4m3fn, out_dtype=torch.float16, extras_dtype=torch.float16),
     dict(granularity="kv_group", group_key="mean", key_dtype=torch.float16,
@@ -372,6 +365,45 @@ for i, kw in enumerate(cases):
         assert torch.equal(ids.long(), want_ids), (kw, batch)
         err = _rel(got, want)
         assert err < 1e-3, (kw, batch, err)
+print("OK")
+"""
+
+
+_INTERPRETER_DEFAULT_BUILD_CASE = r"""
+# exactly what the builder writes by default (BuildOptions(): bfloat16 keys and states, one
+# group-mean key per KV group, no lse-correction extras), through shards, in the kernels,
+# against the worker's torch reference path (Memory.prefix_state + live attention, merged)
+from memdb.shards import decode_shard, encode_shard
+from memdb_worker.builder import BuildOptions, calibrate, cluster
+from memdb_worker.memory import Memory
+from test_worker_fused import reference_path
+from tiny import tiny_llama
+
+model = tiny_llama(128)
+g = torch.Generator().manual_seed(3)
+traces = [torch.randint(3, 128, (10,), generator=g).tolist() for _ in range(6)]
+opts = BuildOptions(max_records=60, seed=0)
+calib = calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
+built = cluster(calib, 24, opts, progress=False)
+mem = Memory.from_shards([decode_shard(encode_shard(s)) for s in built.shards])
+lay = mem.layers[0]
+assert lay.keys.dtype == torch.bfloat16 and lay.out.dtype == torch.bfloat16
+assert mem.group_key == "mean" and mem.key_dim == calib.head_dim
+assert not lay.extras and lay.key_scale is None and not mem.lse_corrected
+assert fused.supports(mem)
+cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
+scale = calib.head_dim ** -0.5
+for layer in range(mem.num_layers):
+    for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16)):
+        q, k, v, m, pos = make_inputs(mem, batch=batch, live=21, dtype=dtype, mask=mask,
+                                      seed=layer + 1)
+        args = (q, k, v, m, pos, *fused_args(mem, layer), scale, fused.lse_bias(mem, layer))
+        path, path_ids = reference_path(mem, layer, q, k, v, m, pos, scale)
+        got, ids = fused.memory_attention(*args, config=cfg, return_ids=True)
+        assert got.shape == path.shape and got.dtype == path.dtype
+        assert torch.equal(ids.long(), path_ids), (layer, batch)
+        err = _rel(got, path)
+        assert err < 2e-3, (layer, batch, err)
 print("OK")
 """
 
@@ -558,3 +590,8 @@ def test_bind_decode_uses_fused_path_and_matches_reference(extras_dtype):
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
 def test_kernels_with_compact_formats_under_triton_interpreter():
     _run_under_interpreter(_INTERPRETER_COMPACT_CASE)
+
+
+@pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
+def test_kernels_read_the_builders_default_format_under_triton_interpreter():
+    _run_under_interpreter(_INTERPRETER_DEFAULT_BUILD_CASE)

@@ -27,3 +27,13 @@ def tiny_llama(vocab: int, **config) -> LlamaForCausalLM:
         }
     )
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def reference_options(**over):
+    """BuildOptions of the float32 reference recipe (one entry per head, float32 keys and
+    states, the lse correction's extras): what the exactness tests compare; `over` on top."""
+    from memdb_worker.builder import BuildOptions
+
+    base = {"granularity": "head", "key_dtype": "float32", "out_dtype": "float32",
+            "lse_correction": True}  # fmt: skip
+    return BuildOptions(**{**base, **over})

@@ -157,7 +157,11 @@ build_options = _options(
         default=None,
         help="Whiten with the covariance (keys centered).",
     ),
-    click.option("--granularity", default=None, help="head (default), kv_group or layer."),
+    click.option(
+        "--granularity",
+        default=None,
+        help="head, kv_group, kv_group_mean (one head_dim key per KV group) or layer.",
+    ),
     click.option(
         "--entry-state",
         default=None,
@@ -168,8 +172,13 @@ build_options = _options(
         default=None,
         help="Store k_bar for the first-order lse correction.",
     ),
-    click.option("--key-dtype", default=None, help="float32 (default) or float16."),
-    click.option("--out-dtype", default=None, help="float32 (default) or float16."),
+    click.option(
+        "--store-q-mean/--no-store-q-mean",
+        default=None,
+        help="Store q_mean (--no-store-q-mean: it is the entry key, pre_rope keys only).",
+    ),
+    click.option("--key-dtype", default=None, help="float32, float16, bfloat16 or float8_e4m3fn."),
+    click.option("--out-dtype", default=None, help="float32, float16 or bfloat16."),
     click.option("--kmeans-iters", type=click.IntRange(min=1), default=None),
     click.option("--seed", type=int, default=None, help="Seed of sampling and k-means."),
     click.option(
@@ -203,6 +212,7 @@ _BUILDER_FIELDS = (
     "granularity",
     "entry_state",
     "lse_correction",
+    "store_q_mean",
     "key_dtype",
     "out_dtype",
     "kmeans_iters",

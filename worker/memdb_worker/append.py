@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memdb.shards import Shard
-from memdb_worker.keys import KeySpace, apply_rope, undo_rope
+from memdb_worker.keys import KeySpace, apply_rope, rope_transpose, undo_rope
 from memdb_worker.memory import keyspace_from_metadata
 from memdb_worker.prefix import (
     ExactPrefix,
@@ -115,14 +115,15 @@ def append_chunk(
             has_kbar = "k_bar" in s.extras
             if has_kbar:
                 st, kb = new.state_and_key_mean(layer, q_post)
-                kb = undo_rope(kb.cpu(), cos_p, sin_p)  # the builder stores k_bar pre-RoPE
+                kb = rope_transpose(kb.cpu(), cos_p, sin_p)  # as the builder stores k_bar
             else:
                 st, kb = new.state(layer, q_post), None
             st = State(st.out.cpu(), st.lse.cpu())
             old_out = to_heads(torch.from_numpy(s.out.astype("float32")))
             old_lse = to_heads(torch.from_numpy(s.lse.astype("float32"))[..., None])[..., 0]
             if has_kbar:
-                old_out = torch.cat([old_out, to_heads(torch.from_numpy(s.extras["k_bar"]))], -1)
+                kb_old = torch.from_numpy(s.extras["k_bar"].astype("float32"))
+                old_out = torch.cat([old_out, to_heads(kb_old)], -1)
                 new_out = torch.cat([st.out, kb], dim=-1)
             else:
                 new_out = st.out
@@ -184,6 +185,13 @@ def entry_queries(s: Shard, ks: KeySpace, layer: int) -> torch.Tensor:
     hg, d = ks.heads_per_group, ks.head_dim
     if "q_mean" in s.extras:
         return torch.from_numpy(s.extras["q_mean"].astype("float32"))
+    if s.keys.shape[2] != hg * d:  # group_key "mean": one key for the group's heads
+        raise ValueError(
+            "appending needs each head's entry query: a memory with group_key 'mean' keeps them "
+            "only with lse_correction (q_mean); rebuild it from the whole prefix instead"
+        )
+    if s.key_scale is not None:
+        raise ValueError("appending to float8 keys without q_mean is not supported; rebuild")
     x = torch.from_numpy(s.keys.astype("float32")).reshape(ng, m, hg, d)  # grouped per head
     x = x.permute(1, 0, 2, 3).reshape(m, ng * hg, d)  # [M, H, d] key space, per head
     if ks.whiten is not None:

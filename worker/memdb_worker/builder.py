@@ -1,14 +1,15 @@
 """The memory builder: calibration over traces, clustering, and the shards of a memory.
 
 `build_memory` = `calibrate` + `cluster` (split so a benchmark can cluster one calibration at
-several budgets and options):
+several budgets and options); the options are `build_options.BuildOptions`:
 
-1. `calibrate`: encode the prefix (`prefix.encode_prefix`, chunked past the context), then run
-   every trace *after* it (the prefix's keys/values are reused, never recomputed; a chunked
-   prefix is attended as the concatenation of its chunks, i.e. the merge of their states) with
-   live positions right after the prefix. At every layer, for the recorded trace tokens, keep the
+1. `calibrate` (module `calibration`, re-exported here): encode the prefix
+   (`prefix.encode_prefix`, chunked past the context), then run every trace *after* it (the
+   prefix's keys/values are reused, never recomputed; a chunked prefix is attended as the
+   concatenation of its chunks, i.e. the merge of their states) with live positions right
+   after the prefix. At every layer, for the recorded trace tokens, keep the
    pre-RoPE query and the exact state on the prefix only (out, lse; and the attention-weighted
-   mean key `k_bar` when the lse correction is asked for).
+   mean key pulled back to the pre-RoPE query, `k_bar`, when the lse correction is asked for).
    Memory stays bounded: traces run in small batches and only a uniform sample of at most
    `max_records` trace tokens is kept (reservoir sampling over the stream of tokens, seeded),
    optionally after keeping at most `max_tokens_per_trace` random tokens of each trace. The
@@ -34,113 +35,34 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from memdb.shards import Shard
-from memdb_worker.attention import bind
-from memdb_worker.keys import (
-    GRANULARITIES,
-    KEY_MODES,
-    Granularity,
-    KeyMode,
-    KeySpace,
-    LayerQuery,
-    RopeSpec,
-    apply_rope,
-    fit_whitening,
-    undo_rope,
-)
-from memdb_worker.memory import DecodeOptions, Memory
-from memdb_worker.model import model_fingerprint
-from memdb_worker.prefix import DEFAULT_SINK_TOKENS, ExactPrefix, encode_prefix
-from memdb_worker.state import State, aggregate_states
+from memdb_worker.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
+from memdb_worker.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
+from memdb_worker.formats import quantize_keys, to_numpy
+from memdb_worker.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
+from memdb_worker.memory import DecodeOptions, Memory, lookup_keys
+from memdb_worker.prefix import ExactPrefix
+from memdb_worker.state import aggregate_states
 
 logger = logging.getLogger(__name__)
 
-EntryState = Literal["average", "centroid"]
-# BuildOptions fields spent by `calibrate` (the others are read by `cluster`; `seed` by both)
-CALIBRATION_FIELDS = (
-    "chunk_tokens",
-    "sink_tokens",
-    "max_records",
-    "max_tokens_per_trace",
-    "trace_batch_size",
-)
-_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Every choice of a build; the defaults are the paper's plain recipe except `lse_correction`
-    (on: bench.options measured it the one option that improved every fidelity figure)."""
-
-    # lookup keys (keys.py)
-    key_mode: KeyMode = "pre_rope"
-    whiten: bool = False
-    whiten_center: bool = False  # whiten with the covariance (keys centered) not the 2nd moment
-    common_position: int | None = None  # rope_common: None = the position right after the prefix
-    granularity: Granularity = "head"
-    # entries
-    entry_state: EntryState = "average"  # Eq. 5 member averages, or recomputed at the centroid
-    lse_correction: bool = True  # store q_mean and k_bar for the first-order lse correction
-    key_dtype: Literal["float32", "float16"] = "float32"
-    out_dtype: Literal["float32", "float16"] = "float32"
-    # clustering
-    kmeans_iters: int = 20
-    seed: int = 0
-    # calibration
-    chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
-    sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends
-    max_records: int = 16384  # trace tokens kept (reservoir sample)
-    max_tokens_per_trace: int | None = None  # None: every token of every trace
-    trace_batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.key_mode not in KEY_MODES:
-            raise ValueError(f"key_mode must be one of {KEY_MODES}, not {self.key_mode!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}")
-        if self.entry_state not in ("average", "centroid"):
-            raise ValueError("entry_state must be 'average' or 'centroid'")
-        if self.key_dtype not in _DTYPES or self.out_dtype not in _DTYPES:
-            raise ValueError("key_dtype and out_dtype must be 'float32' or 'float16'")
-        if self.sink_tokens < 0:
-            raise ValueError("sink_tokens must be >= 0")
-        if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
-            raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
-
-
-@dataclass
-class Calibration:
-    """What calibration recorded: per layer, the records of the sampled trace tokens."""
-
-    q_pre: list[torch.Tensor]  # per layer [N, H, d] pre-RoPE queries
-    out: list[torch.Tensor]  # per layer [N, H, d] exact output on the prefix
-    lse: list[torch.Tensor]  # per layer [N, H] exact lse on the prefix
-    k_bar: list[torch.Tensor] | None  # per layer [N, H, d] (pre-RoPE frame) or None
-    positions: torch.Tensor  # [N] RoPE position of each record
-    prefix: ExactPrefix
-    rope: RopeSpec
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    fingerprint: str
-    options: BuildOptions
-    trace_count: int = 0
-    trace_tokens: int = 0  # tokens of all traces (before sampling)
-    seconds: float = 0.0
-
-    @property
-    def num_records(self) -> int:
-        return int(self.positions.numel())
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.q_pre)
+__all__ = [
+    "CALIBRATION_FIELDS",
+    "BuildOptions",
+    "BuiltMemory",
+    "Calibration",
+    "EntryState",
+    "build_memory",
+    "calibrate",
+    "cluster",
+    "tokenize_prefix",
+    "tokenize_traces",
+]
 
 
 @dataclass
@@ -165,9 +87,11 @@ class BuiltMemory:
         return self.metadata["model_fingerprint"]
 
     def nbytes(self) -> int:
+        """Bytes of the shards' tensors as stored (`formats.memory_bytes`)."""
         total = 0
         for s in self.shards:
-            for a in (s.keys, s.out, s.lse, *s.extras.values()):
+            scale = () if s.key_scale is None else (s.key_scale,)
+            for a in (s.keys, *scale, s.out, s.lse, *s.extras.values()):
                 total += a.nbytes
         return total
 
@@ -190,202 +114,6 @@ def build_memory(
     options = options or BuildOptions()
     calib = calibrate(model, tokenizer, prefix, traces, options, progress=progress)
     return cluster(calib, budget, options, progress=progress)
-
-
-# -- calibration --------------------------------------------------------------------------------
-
-
-def tokenize_prefix(tokenizer, prefix: str | Sequence[int]) -> list[int]:
-    """Token ids of the prefix (text gets the tokenizer's special tokens, e.g. BOS)."""
-    if isinstance(prefix, str):
-        if tokenizer is None:
-            raise ValueError("a text prefix needs a tokenizer")
-        return list(tokenizer(prefix).input_ids)
-    return [int(t) for t in prefix]
-
-
-def tokenize_traces(tokenizer, traces: Sequence[str | Sequence[int]]) -> list[list[int]]:
-    """Token ids of traces (they follow the prefix: no special tokens added); empty ones dropped."""
-    out = []
-    for t in traces:
-        if isinstance(t, str):
-            if tokenizer is None:
-                raise ValueError("text traces need a tokenizer")
-            ids = list(tokenizer(t, add_special_tokens=False).input_ids)
-        else:
-            ids = [int(x) for x in t]
-        if ids:
-            out.append(ids)
-    return out
-
-
-@torch.inference_mode()
-def calibrate(
-    model: torch.nn.Module,
-    tokenizer,
-    prefix: str | Sequence[int] | ExactPrefix,
-    traces: Sequence[str | Sequence[int]],
-    options: BuildOptions | None = None,
-    progress: bool = True,
-) -> Calibration:
-    """Encode the prefix, run the traces after it, record queries and exact prefix states.
-
-    `prefix` may also be an already encoded `ExactPrefix` (e.g. from `encode_prefix`), which is
-    used as is (not re-encoded; `options.chunk_tokens` is then moot).
-    """
-    options = options or BuildOptions()
-    t0 = time.perf_counter()
-    encoded = prefix if isinstance(prefix, ExactPrefix) else None
-    prefix_ids = [] if encoded is not None else tokenize_prefix(tokenizer, prefix)
-    trace_ids = tokenize_traces(tokenizer, traces)
-    if not trace_ids:
-        raise ValueError("no calibration traces (or all of them are empty)")
-    rng = np.random.default_rng(options.seed)
-    selections = [_select_tokens(len(ids), options.max_tokens_per_trace, rng) for ids in trace_ids]
-    total = sum(len(s) for s in selections)
-    cap = min(options.max_records, total)
-
-    cfg = model.config
-    h = int(cfg.num_attention_heads)
-    hkv = int(cfg.num_key_value_heads)
-    d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // h)
-    num_layers = int(cfg.num_hidden_layers)
-    pre = (
-        encoded
-        if encoded is not None
-        else encode_prefix(
-            model,
-            prefix_ids,
-            options.chunk_tokens,
-            progress=progress,
-            sink_tokens=options.sink_tokens,
-        )  # fmt: skip
-    )
-    rec = _Recorder(pre, num_layers, cap, h, d, options.lse_correction)
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(trace_ids)), key=lambda i: -len(trace_ids[i]))
-    reservoir = _Reservoir(cap, rng)
-    bar = tqdm(total=len(order), desc="calibration traces", unit="trace", disable=not progress)
-    body = getattr(model, "model", model)  # the decoder stack: no LM head needed
-    with bind(model, rec, live_positions="after_prefix"):
-        for start in range(0, len(order), options.trace_batch_size):
-            batch = order[start : start + options.trace_batch_size]
-            width = max(len(trace_ids[i]) for i in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            rows, cols = [], []
-            for r, i in enumerate(batch):
-                ids[r, : len(trace_ids[i])] = torch.tensor(trace_ids[i])
-                mask[r, : len(trace_ids[i])] = 1
-                rows += [r] * len(selections[i])
-                cols += selections[i]
-            keep, slots = reservoir.offer(len(rows))
-            rec.begin(
-                torch.tensor(rows, dtype=torch.long)[keep].to(device),
-                torch.tensor(cols, dtype=torch.long)[keep].to(device),
-                torch.tensor(slots, dtype=torch.long).to(device),
-            )
-            pos = torch.arange(width).unsqueeze(0).expand(len(batch), width)
-            body(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=pos.to(device),
-                use_cache=False,
-            )
-            bar.update(len(batch))
-    bar.close()
-    seconds = time.perf_counter() - t0
-    logger.info(
-        "calibration: %d traces, %d tokens, %d records kept, %.1f s",
-        len(trace_ids),
-        total,
-        cap,
-        seconds,
-    )
-    return Calibration(
-        q_pre=rec.q_pre,
-        out=rec.out,
-        lse=rec.lse,
-        k_bar=rec.k_bar,
-        positions=rec.positions,
-        prefix=pre,
-        rope=RopeSpec.from_model(model),
-        num_heads=h,
-        num_kv_heads=hkv,
-        head_dim=d,
-        fingerprint=model_fingerprint(model),
-        options=options,
-        trace_count=len(trace_ids),
-        trace_tokens=sum(len(t) for t in trace_ids),
-        seconds=seconds,
-    )
-
-
-def _select_tokens(n: int, cap: int | None, rng: np.random.Generator) -> list[int]:
-    if cap is None or n <= cap:
-        return list(range(n))
-    return sorted(int(i) for i in rng.choice(n, size=cap, replace=False))
-
-
-class _Reservoir:
-    """Uniform sample of at most `cap` items of a stream (algorithm R), one batch at a time."""
-
-    def __init__(self, cap: int, rng: np.random.Generator) -> None:
-        self.cap, self.rng, self.seen = cap, rng, 0
-
-    def offer(self, n: int) -> tuple[list[int], list[int]]:
-        """For n new items: indices of those kept and their slots (unique; later items win)."""
-        slot_of: dict[int, int] = {}
-        for j in range(n):
-            if self.seen < self.cap:
-                slot = self.seen
-            else:
-                slot = int(self.rng.integers(0, self.seen + 1))
-                if slot >= self.cap:
-                    slot = -1
-            if slot >= 0:
-                slot_of[slot] = j
-            self.seen += 1
-        pairs = sorted((j, s) for s, j in slot_of.items())
-        return [j for j, _ in pairs], [s for _, s in pairs]
-
-
-class _Recorder:
-    """State source for calibration: exact prefix states, recorded for the selected tokens."""
-
-    def __init__(self, prefix: ExactPrefix, layers: int, cap: int, h: int, d: int, kbar: bool):
-        self.prefix = prefix
-        self.q_pre = [torch.zeros(cap, h, d) for _ in range(layers)]
-        self.out = [torch.zeros(cap, h, d) for _ in range(layers)]
-        self.lse = [torch.zeros(cap, h) for _ in range(layers)]
-        self.k_bar = [torch.zeros(cap, h, d) for _ in range(layers)] if kbar else None
-        self.positions = torch.zeros(cap, dtype=torch.long)
-        self.rows = self.cols = self.slots = torch.zeros(0, dtype=torch.long)
-
-    @property
-    def prefix_length(self) -> int:
-        return self.prefix.prefix_length
-
-    def begin(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
-        self.rows, self.cols, self.slots = rows, cols, slots
-
-    def prefix_state(self, query: LayerQuery) -> State:
-        layer = query.layer
-        if self.k_bar is not None:
-            state, k_bar = self.prefix.state_and_key_mean(layer, query.q)
-        else:
-            state, k_bar = self.prefix.state(layer, query.q), None
-        if self.slots.numel():
-            r, c, s = self.rows, self.cols, self.slots.cpu()
-            self.q_pre[layer][s] = query.q_pre[r, :, c].cpu()  # [n, H, d]
-            self.out[layer][s] = state.out[r, :, c].cpu()
-            self.lse[layer][s] = state.lse[r, :, c].cpu()
-            if self.k_bar is not None and k_bar is not None:
-                self.k_bar[layer][s] = query.unrope(k_bar)[r, :, c].cpu()
-            if layer == 0:
-                self.positions[s] = query.positions[r, c].cpu()
-        return state
 
 
 # -- clustering ---------------------------------------------------------------------------------
@@ -419,7 +147,7 @@ def cluster(
     common = pre.prefix_length if options.common_position is None else options.common_position
     ks = KeySpace(
         mode=options.key_mode,
-        granularity=options.granularity,
+        granularity=options.keyspace_granularity,
         num_heads=calib.num_heads,
         num_kv_heads=calib.num_kv_heads,
         head_dim=calib.head_dim,
@@ -486,8 +214,8 @@ def _cluster_layer(
 ) -> Shard:
     ng, hg, d = ks.num_groups, ks.heads_per_group, ks.head_dim
     q_pre = calib.q_pre[layer]  # [N, H, d]
-    keys = ks.keys(q_pre, layer)  # [N, I, Dk]
-    entry_keys = torch.zeros(ng, budget, ks.key_dim)
+    keys = lookup_keys(ks, options.group_key, q_pre, layer)  # [N, I, Dk]
+    entry_keys = torch.zeros(ng, budget, keys.shape[-1])
     out = torch.zeros(ng, budget, hg, d)
     lse = torch.zeros(ng, budget, hg)
     q_mean = torch.zeros(ng, budget, hg, d)
@@ -513,19 +241,23 @@ def _cluster_layer(
                 k_bar[i] = e_val[..., d:]
     if options.entry_state == "centroid":
         out, lse, k_bar = _centroid_states(calib.prefix, calib.rope, layer, q_mean, pos_mean)
+    stored_keys, key_scale = quantize_keys(entry_keys, options.key_dtype)
+    state_dtype = getattr(torch, options.out_dtype)
     extras: dict[str, np.ndarray] = {}
     if options.lse_correction:
-        extras["q_mean"] = q_mean.numpy().astype(np.float32)
-        extras["k_bar"] = k_bar.numpy().astype(np.float32)
+        if options.store_q_mean:
+            extras["q_mean"] = to_numpy(q_mean.to(state_dtype))
+        extras["k_bar"] = to_numpy(k_bar.to(state_dtype))
     if ks.whiten is not None:
         extras["whiten"] = ks.whiten[layer].numpy().astype(np.float32)
         extras["whiten_mean"] = ks.whiten_mean[layer].numpy().astype(np.float32)
     return Shard(
-        keys=entry_keys.numpy().astype(_DTYPES[options.key_dtype]),
-        out=out.numpy().astype(_DTYPES[options.out_dtype]),
+        keys=to_numpy(stored_keys),
+        out=to_numpy(out.to(state_dtype)),
         lse=lse.numpy().astype(np.float32),
         extras=extras,
         metadata={**meta, "layer": str(layer)},
+        key_scale=None if key_scale is None else to_numpy(key_scale),
     )
 
 
@@ -583,7 +315,7 @@ def _centroid_states(
     dev = prefix.keys[layer].device
     q_post = apply_rope(q, cos, sin).unsqueeze(0).to(dev)  # [1, H, M, d]
     state, kb = prefix.state_and_key_mean(layer, q_post)
-    kb = undo_rope(kb[0].cpu(), cos, sin)  # [H, M, d]
+    kb = rope_transpose(kb[0].cpu(), cos, sin)  # [H, M, d] the lse gradient in q_pre, / s
     out = state.out[0].cpu().view(ng, hg, m, d).permute(0, 2, 1, 3)
     lse = state.lse[0].cpu().view(ng, hg, m).permute(0, 2, 1)
     k_bar = kb.view(ng, hg, m, d).permute(0, 2, 1, 3)
@@ -610,8 +342,11 @@ def _metadata(
     )
     return {
         **ks.metadata(),
+        "group_key": options.group_key,
         "entry_state": options.entry_state,
         "lse_correction": "1" if options.lse_correction else "0",
+        # "keys": q_mean is the entry key (dequantized), not stored (memory.Memory derives it)
+        "q_mean": "keys" if options.lse_correction and not options.store_q_mean else "stored",
         "budget": str(budget),
         "num_layers": str(calib.num_layers),
         "prefix_length": str(pre.prefix_length),

@@ -93,9 +93,17 @@ class RemoteMemory:
         self.timeout = timeout
         self.options = options or DecodeOptions()
         self.group_key = group_key_of(self.metadata, keyspace)
+        if metadata.get("q_mean") == "keys" and "k_bar" in extras and self.options.lse_correction:
+            raise ValueError(
+                f"memory '{name}' keeps q_mean as its keys (store_q_mean=False), which Lookup does "
+                "not return: remote lookups cannot apply its lse correction; use the cache mode"
+            )
         self.lse_corrected = check_options(
             self.options, budget=budget, num_layers=num_layers, extras=extras
         )
+        if metadata.get("q_mean") == "keys" and "k_bar" in extras and not self.lse_corrected:
+            logger.warning("memory '%s': remote lookups answer without its lse correction "
+                           "(q_mean is its keys; the cache mode applies it)", name)  # fmt: skip
         self.lookups = 0
 
     @property
@@ -376,7 +384,7 @@ class MemoryCache:
             name, model_fingerprint=self.model_fingerprint, on_bytes=guard
         )
         source = Memory.from_shards(fetched.shards, self.device, self.decode_options)
-        return source, fetched.info.version, source.nbytes()
+        return source, fetched.info.version, source.device_nbytes()
 
     def _load_remote(self, client: MemdbClient, name: str) -> tuple[Source, int, int]:
         """A RemoteMemory: only layer 0 is fetched, for the metadata (key space, positions)."""

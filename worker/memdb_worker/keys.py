@@ -13,7 +13,9 @@ moment (or, with centering, the covariance) of calibration keys, estimated at bu
 stored with the memory. Keys are then grouped by the granularity:
 
 - `head`:      I = H groups, h = 1 head each, Dk = d
-- `kv_group`:  I = Hkv groups (the query heads sharing one KV head), h = H / Hkv, Dk = h * d
+- `kv_group`:  I = Hkv groups (the query heads sharing one KV head), h = H / Hkv,
+               Dk = h * d (the group's heads' keys concatenated; a memory's group_key "mean"
+               averages them instead, Dk = d: see `memory.lookup_keys`)
 - `layer`:     I = 1, h = H, Dk = H * d
 
 This module knows nothing of memories, shards or the model beyond its RoPE parameters.
@@ -80,6 +82,17 @@ def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
+def rope_transpose(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The transpose of `apply_rope` (its Jacobian, a * R): pulls a gradient g [..., d] with
+    respect to the post-RoPE vector back to the pre-RoPE one.
+
+    transformers scales cos and sin by the attention scaling a (YaRN, longrope), so
+    apply_rope(x) = a * R x and the pull-back is a * R^T g = a^2 * undo_rope(g): equal to
+    `undo_rope` only when a = 1.
+    """
+    return g * cos - rotate_half(g) * sin
+
+
 @dataclass
 class LayerQuery:
     """The queries of one attention call, as the attention function sees them.
@@ -109,6 +122,12 @@ class LayerQuery:
         """Bring vectors [B, H, T, d] from the post-RoPE frame of these queries to pre-RoPE."""
         cos, sin = self._cos_sin
         return undo_rope(x.float(), cos, sin)
+
+    def pull_back(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradients [B, H, T, d] with respect to these post-RoPE queries, as gradients with
+        respect to the pre-RoPE queries `q_pre` (`rope_transpose`)."""
+        cos, sin = self._cos_sin
+        return rope_transpose(g.float(), cos, sin)
 
     def select(self, rows: torch.Tensor) -> LayerQuery:
         """The same queries for a subset of batch rows."""

@@ -2,16 +2,18 @@
 
 A `Memory` holds, per layer, I index groups of M entries: lookup keys [I, M, Dk], the entries'
 states on the prefix (out [I, M, h, d], lse [I, M, h]) and optional extras: `q_mean`/`k_bar`
-[I, M, h, d] for the first-order lse correction, `whiten`/`whiten_mean` [H, d, d]/[H, d] for
+[I, M, h, d] for the first-order lse correction (q_mean derived from the keys at load when the
+builder left it out: metadata q_mean "keys"), `whiten`/`whiten_mean` [H, d, d]/[H, d] for
 whitened keys. Its common metadata (key mode, granularity, positions, RoPE, fingerprint, ...)
 comes from the builder and travels in every shard.
 
-Compact formats (the agreed tensor spec): `keys` float32 | float16 | bfloat16 | float8_e4m3fn,
-with `key_scale` [I, M] float32 iff float8 (the key is `keys.float() * key_scale[..., None]`;
-it travels as the extra tensor "key_scale" of a shard); `out` and the extras float32 | float16 |
-bfloat16; `lse` float32. Group keys (metadata "group_key"): "concat" (default) looks a group
-up with its heads' keys side by side (Dk = h * d); "mean" (granularity kv_group only) with the
-mean of its heads' keys (Dk = d: one key of the head dimension per KV group), each head then
+Compact formats (the agreed tensor spec, `formats`): `keys` float32 | float16 | bfloat16 |
+float8_e4m3fn, with `key_scale` [I, M] float32 iff float8 (the key is `keys.float() *
+key_scale[..., None]`; it travels as a shard's `key_scale`); `out` and the extras float32 |
+float16 | bfloat16; `lse` float32. Tensors keep their stored dtypes on the device. Group keys
+(metadata "group_key"): "concat" (default) looks a group up with its heads' keys side by side
+(Dk = h * d); "mean" (granularity kv_group only; the builder's "kv_group_mean") with the mean of
+its heads' keys (Dk = d: one key of the head dimension per KV group), each head then
 reading its own stored state out[I, m, j].
 
 As a state source (`prefix_state`, see `attention.bind`) it turns the live queries into lookup
@@ -37,20 +39,21 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from memdb.shards import Shard, check_consistent
-from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec
+from memdb.shards import KEY_SCALE, Shard, check_consistent
+from memdb_worker.formats import to_numpy, to_torch
+from memdb_worker.keys import Granularity, KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
 
 logger = logging.getLogger(__name__)
 
 LSE_CORRECTION_EXTRAS = ("q_mean", "k_bar")  # the extra tensors of the first-order correction
-KEY_SCALE = "key_scale"  # the per-entry scale of float8 keys (an extra tensor in shards)
 KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_KEYS = ("concat", "mean")
+# older builds wrote the group-mean key as this granularity: kv_group with group_key "mean"
+OLDER_MEAN_GRANULARITY = "kv_group_mean"
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ def lookup_keys(
 
 def group_key_of(metadata: Mapping[str, str], keyspace: KeySpace) -> str:
     """The metadata's group key ("concat" by default), checked against the granularity."""
-    gk = metadata.get("group_key", "concat")
+    older = metadata.get("granularity") == OLDER_MEAN_GRANULARITY
+    gk = metadata.get("group_key", "mean" if older else "concat")
     if gk not in GROUP_KEYS:
         raise ValueError(f"unknown group_key {gk!r}; use one of {GROUP_KEYS}")
     if gk == "mean" and keyspace.granularity != "kv_group":
@@ -179,14 +183,7 @@ class Memory:
                     f"shard {i} says it is layer {s.metadata['layer']}; pass shards in order"
                 )
         dev = torch.device(device)
-        layers = []
-        for s in shards:
-            extras = {k: _tensor(v, dev) for k, v in s.extras.items()}
-            layers.append(
-                layer_from_tensors(
-                    _tensor(s.keys, dev), _tensor(s.out, dev), _tensor(s.lse, dev), extras
-                )  # fmt: skip
-            )
+        layers = [_layer(s, meta, dev) for s in shards]
         keyspace = keyspace_from_metadata(meta, [lay.extras for lay in layers])
         key_dim = keyspace.key_dim
         if group_key_of(meta, keyspace) == "mean":
@@ -206,16 +203,14 @@ class Memory:
         """The shards this memory was loaded from (same arrays, same metadata)."""
         shards = []
         for i, layer in enumerate(self.layers):
-            extras = dict(layer.extras)
-            if layer.key_scale is not None:
-                extras[KEY_SCALE] = layer.key_scale
             shards.append(
                 Shard(
-                    keys=layer.keys.cpu().numpy(),
-                    out=layer.out.cpu().numpy(),
-                    lse=layer.lse.cpu().numpy(),
-                    extras={k: v.cpu().numpy() for k, v in extras.items()},
+                    keys=to_numpy(layer.keys),
+                    out=to_numpy(layer.out),
+                    lse=to_numpy(layer.lse),
+                    extras={k: to_numpy(v) for k, v in self._stored_extras(layer).items()},
                     metadata={**self.metadata, "layer": str(i)},
+                    key_scale=None if layer.key_scale is None else to_numpy(layer.key_scale),
                 )
             )
         return shards
@@ -248,13 +243,19 @@ class Memory:
         return self.layers[0].keys.device
 
     def nbytes(self) -> int:
-        """Bytes of every tensor of the memory (keys, states, extras)."""
-        total = 0
-        for layer in self.layers:
-            scale = () if layer.key_scale is None else (layer.key_scale,)
-            for t in (layer.keys, *scale, layer.out, layer.lse, *layer.extras.values()):
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of the memory as stored (keys, key_scale, states, stored extras;
+        `formats.memory_bytes`)."""
+        return sum(
+            _bytes(*_tensors(lay), *self._stored_extras(lay).values()) for lay in self.layers
+        )
+
+    def device_nbytes(self) -> int:
+        """Bytes the memory takes on its device (with extras derived at load, e.g. q_mean)."""
+        return sum(_bytes(*_tensors(lay), *lay.extras.values()) for lay in self.layers)
+
+    def _stored_extras(self, layer: MemoryLayer) -> dict[str, torch.Tensor]:
+        derived = {"q_mean"} if self.metadata.get("q_mean") == "keys" else set()
+        return {k: v for k, v in layer.extras.items() if k not in derived}
 
     @property
     def key_dim(self) -> int:
@@ -337,7 +338,10 @@ def correct_lse(
     """The first-order lse correction of hits: lse + scaling * (q_pre - q_mean) . k_bar.
 
     lse [n, I, k, h] of the hits, q_pre [n, I, h, d] the live pre-RoPE queries by group,
-    q_mean and k_bar [n, I, k, h, d] the hits' stored rows.
+    q_mean and k_bar [n, I, k, h, d] the hits' stored rows. `scaling * k_bar` is the gradient
+    of the entry's lse with respect to q_pre: the builder stores the attention-weighted mean
+    key pulled back through RoPE (`keys.rope_transpose`, a * R^T k for RoPE's attention
+    scaling a), so no factor of a appears here (tests/test_worker_lse_correction.py).
     """
     return lse + scaling * ((q_pre.unsqueeze(2) - q_mean.float()) * k_bar.float()).sum(-1)
 
@@ -379,9 +383,31 @@ def hits_state(
     return State(out.contiguous(), lse.contiguous())
 
 
-def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    # a private, writable copy (decoded shards may be read-only views of a blob)
-    return torch.from_numpy(np.array(a, copy=True)).to(device)
+def _layer(shard: Shard, meta: Mapping[str, str], device: torch.device) -> MemoryLayer:
+    """A shard's tensors on the device (private copies, stored dtypes); q_mean derived from the
+    keys where the builder left it out (metadata q_mean "keys": the entry key is the member
+    mean of the pre-RoPE queries, [I, M, h * d] = [I, M, h, d])."""
+    extras = {k: to_torch(v, device) for k, v in shard.extras.items()}
+    if shard.key_scale is not None:
+        extras[KEY_SCALE] = to_torch(shard.key_scale, device)
+    out = to_torch(shard.out, device)
+    lay = layer_from_tensors(to_torch(shard.keys, device), out, to_torch(shard.lse, device), extras)
+    if meta.get("q_mean") == "keys" and "k_bar" in lay.extras:
+        lay.extras["q_mean"] = lay.key_values().view(out.shape).to(out.dtype)
+    return lay
+
+
+def _granularity(name: str) -> Granularity:
+    return "kv_group" if name == OLDER_MEAN_GRANULARITY else name  # type: ignore[return-value]
+
+
+def _tensors(layer: MemoryLayer) -> tuple[torch.Tensor, ...]:
+    scale = () if layer.key_scale is None else (layer.key_scale,)
+    return (layer.keys, *scale, layer.out, layer.lse)
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def keyspace_from_metadata(
@@ -403,7 +429,7 @@ def keyspace_from_metadata(
             whiten_mean = [torch.as_tensor(e["whiten_mean"]).float() for e in extras]
         return KeySpace(
             mode=meta["key_mode"],  # type: ignore[arg-type]
-            granularity=meta["granularity"],  # type: ignore[arg-type]
+            granularity=_granularity(meta["granularity"]),
             num_heads=int(meta["num_heads"]),
             num_kv_heads=int(meta["num_kv_heads"]),
             head_dim=int(meta["head_dim"]),

@@ -1,0 +1,344 @@
+"""Summaries of bench.quality: per data set means and spreads over seeds, the bytes of every
+method, accuracy at equal bytes, merges of runs, and the tables.
+
+Everything here is computed from the per-seed records a run writes, so `python -m bench.quality
+--rebuild-summary` recomputes the summaries of recorded results without running a model. This
+module knows nothing of models or of how the records were measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULTS_FROM = "bench/results/options.json"  # the validation JSON the defaults come from
+VIEWS = {
+    "equal_bytes": "primary: memory vs ICL at equal bytes (ICL's accuracy at the memory's bytes, "
+    "interpolated linearly in bytes between measured ICL cuts; see icl_how)",
+    "icl / memory per M": "secondary, count-equal: ICL given M tokens vs a memory of M entries "
+    "per group (not equal bytes)",
+}
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=0)),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
+
+
+def dataset_summary(
+    per_seed: Sequence[dict], budgets: Sequence[int], n_test: int, extra: dict | None = None
+) -> dict:
+    """Results of one data set in the required format from per-seed records.
+
+    A per-seed record: {"seed", "n_test", "prefix_tokens", "kv_bytes_per_token", "acc":
+    {"zero_shot", "icl_full", "memory_32k", "icl": {M}, "memory": {M}} (and "acc_norm" alike),
+    "fidelity": {M: {...}}, "bytes": {M: {"memory", "kv_prefix"}}, "build_s": {M: s}}.
+    """
+
+    def acc(rec: dict, key: str, m: int | None = None, which: str = "acc") -> float:
+        v = rec[which][key]
+        return float(v[str(m)] if m is not None else v)
+
+    out: dict = {"n_test": int(n_test)}
+    spread: dict = {}
+    with32 = [r for r in per_seed if "memory_32k" in r["acc"]]
+    out["memory_32k_seeds"] = [r["seed"] for r in with32]
+    out["memory_32k_n_test"] = int(sum(r["n_test"] for r in with32))
+    for which, suffix in (("acc", ""), ("acc_norm", "_norm")):
+        for key in ("zero_shot", "icl_full", "memory_32k"):
+            recs = with32 if key == "memory_32k" else per_seed
+            if not recs:
+                out[key + suffix] = None  # not measured (time budget); see memory_32k_seeds
+                continue
+            s = mean_std([acc(r, key, which=which) for r in recs])
+            out[key + suffix] = s["mean"]
+            spread[key + suffix] = s
+        long_keys = {k for r in with32 for k in r["acc"] if k.startswith("memory_32k_")}
+        long_keys |= {k for r in with32 for k in r["acc"] if k == "icl_32k"}
+        for key in sorted(long_keys):
+            vals = [acc(r, key, which=which) for r in with32 if key in r["acc"]]
+            out[key + suffix] = float(np.mean(vals))
+            spread[key + suffix] = mean_std(vals)
+        if with32:  # ICL full on exactly the examples memory_32k was scored on
+            s = mean_std([acc(r, "icl_full", which=which) for r in with32])
+            out["icl_full_on_32k_seeds" + suffix] = s["mean"]
+        for key in ("icl", "memory"):
+            out[key + suffix] = {}
+            spread[key + suffix] = {}
+            for m in budgets:
+                s = mean_std([acc(r, key, m, which) for r in per_seed])
+                out[key + suffix][str(m)] = s["mean"]
+                spread[key + suffix][str(m)] = s
+    fid: dict = {}
+    for m in budgets:
+        recs = [r["fidelity"][str(m)] for r in per_seed]
+        fid[str(m)] = {
+            k: float(np.mean([x[k] for x in recs])) for k in ("rel_err", "top1_agree", "kl")
+        }
+        fid[str(m)]["per_layer_rel_err"] = np.mean(
+            [x["per_layer_rel_err"] for x in recs], axis=0
+        ).tolist()
+    out["fidelity"] = fid
+    out["bytes"] = bytes_summary(per_seed, budgets)
+    out["equal_bytes"] = equal_bytes(out)
+    out["build_s"] = {
+        str(m): float(np.mean([r["build_s"][str(m)] for r in per_seed])) for m in budgets
+    }
+    out["append"] = _append_summary(per_seed)
+    out["spread"] = spread
+    out["seeds"] = [r["seed"] for r in per_seed]
+    out["per_seed"] = list(per_seed)
+    if extra:
+        out.update(extra)
+    return out
+
+
+def kv_bytes_per_token(rec: dict) -> int:
+    """Bytes of one prefix token's KV in bfloat16 for a per-seed record: recorded as
+    "kv_bytes_per_token", or (records written before it) half the float32 KV bytes of the
+    prefix ("kv_prefix", ExactPrefix.nbytes) per prefix token."""
+    if "kv_bytes_per_token" in rec:
+        return int(rec["kv_bytes_per_token"])
+    kv32 = next(iter(rec["bytes"].values()))["kv_prefix"]
+    per_token, rest = divmod(int(kv32), 2 * int(rec["prefix_tokens"]))
+    if rest:
+        raise ValueError(f"seed {rec['seed']}: kv_prefix {kv32} B is not 4 x KV values per token")
+    return per_token
+
+
+def bytes_summary(per_seed: Sequence[dict], budgets: Sequence[int]) -> dict:
+    """Bytes of every method (means over seeds): the full prefix's KV in bfloat16, ICL cut at T
+    tokens (its KV in bfloat16), each memory as stored, the 32K memory as stored."""
+    per_token = [kv_bytes_per_token(r) for r in per_seed]
+    tokens = [int(r["prefix_tokens"]) for r in per_seed]
+    out: dict = {
+        "kv_full": int(np.mean([b * t for b, t in zip(per_token, tokens, strict=True)])),
+        "kv_bytes_per_token": int(np.mean(per_token)),
+        "icl": {
+            str(m): int(np.mean([b * min(m, t) for b, t in zip(per_token, tokens, strict=True)]))
+            for m in budgets
+        },
+        "memory": {
+            str(m): int(np.mean([r["bytes"][str(m)]["memory"] for r in per_seed])) for m in budgets
+        },
+    }
+    with32 = [r for r in per_seed if "bytes_32k" in r]
+    if with32:
+        out["memory_32k"] = int(np.mean([r["bytes_32k"]["memory"] for r in with32]))
+        out["kv_32k"] = int(
+            np.mean([kv_bytes_per_token(r) * r["prefix32k_tokens"] for r in with32])
+        )
+    return out
+
+
+def icl_at_bytes(points: Sequence[tuple[float, float]], nbytes: float) -> tuple[float, str]:
+    """ICL accuracy at `nbytes` from measured (bytes, accuracy) points, the last one the whole
+    prefix: linear interpolation in bytes between neighbours ("interpolated"), the point itself
+    ("measured"), or the whole prefix's accuracy beyond it ("full prefix": no more KV to give)."""
+    pts = sorted(points)
+    if nbytes >= pts[-1][0]:
+        return pts[-1][1], "measured" if nbytes == pts[-1][0] else "full prefix"
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= nbytes <= x1:
+            if nbytes in (x0, x1):
+                return (y0 if nbytes == x0 else y1), "measured"
+            return y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0), "interpolated"
+    raise ValueError(f"{nbytes} bytes is below every ICL point {pts}")
+
+
+def equal_bytes(summary: dict) -> list[dict]:
+    """One row per memory budget: the memory's bytes and accuracy, and ICL's accuracy at the
+    same bytes (`icl_at_bytes` over zero-shot at 0 bytes, the ICL cuts and ICL full)."""
+    b = summary["bytes"]
+    points = [(0.0, summary["zero_shot"])]
+    points += [(float(b["icl"][m]), summary["icl"][m]) for m in summary["icl"]]
+    points.append((float(b["kv_full"]), summary["icl_full"]))
+    rows = []
+    for m, acc in summary["memory"].items():
+        icl, how = icl_at_bytes(points, b["memory"][m])
+        nbytes = b["memory"][m]
+        rows.append({"M": int(m), "bytes": nbytes, "icl": icl, "memory": acc, "icl_how": how,
+                     "bytes_vs_kv_full": nbytes / b["kv_full"]})  # fmt: skip
+    return rows
+
+
+def rebuild_summary(results: dict, command: str) -> dict:
+    """The same results with every data set's summary recomputed from its per-seed records
+    (bytes, equal_bytes, means, spreads); top-level fields kept, the rebuild recorded."""
+    out = {k: v for k, v in results.items() if k != "datasets"}
+    budgets = [int(m) for m in results["config"]["budgets"]]
+    out["datasets"] = {}
+    for name, ds in results["datasets"].items():
+        recs = ds["per_seed"]
+        extra = {"num_labels": ds.get("num_labels")}
+        summary = dataset_summary(recs, budgets, sum(r["n_test"] for r in recs), extra)
+        summary["wall_s"] = ds.get("wall_s", 0.0)
+        out["datasets"][name] = summary
+    out["defaults_from"] = DEFAULTS_FROM
+    out["views"] = VIEWS
+    out["summary_rebuilt"] = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return out
+
+
+def _append_summary(per_seed: Sequence[dict]) -> dict:
+    """Append vs rebuild per budget: mean accuracies and fidelity over the seeds that ran it."""
+    out: dict = {}
+    budgets = sorted({m for r in per_seed for m in r.get("append", {})}, key=int)
+    for m in budgets:
+        recs = [r["append"][m] for r in per_seed if m in r.get("append", {})]
+        row: dict = {"seeds": [r["seed"] for r in per_seed if m in r.get("append", {})]}
+        for key in ("half", "append", "rebuilt"):
+            accs = [x[f"acc_{key}"] for x in recs if x.get(f"acc_{key}") is not None]
+            fids = [x[f"fidelity_{key}"] for x in recs if x.get(f"fidelity_{key}")]
+            row[f"acc_{key}"] = float(np.mean(accs)) if accs else None
+            row[f"fidelity_{key}"] = {
+                k: float(np.mean([f[k] for f in fids])) for k in ("rel_err", "top1_agree", "kl")
+            } if fids else None  # fmt: skip
+        row["append_s"] = float(np.mean([x["append_s"] for x in recs]))
+        out[m] = row
+    return out
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically (a partial file never replaces a good one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def merge_results(parts: Sequence[dict]) -> dict:
+    """Merge runs that measured different seeds (same config otherwise): per data set the union
+    of per-seed records (a seed measured twice: the record with memory_32k, else the first),
+    summarised again. Top-level fields come from the first part; "parts" lists every command."""
+    out = {k: v for k, v in parts[0].items() if k != "datasets"}
+    keys = ("command", "date", "machine", "model", "wall_s", "notes")
+    out["parts"] = [{k: p.get(k) for k in keys if p.get(k) is not None} for p in parts]
+    budgets = [int(m) for m in parts[0]["config"]["budgets"]]
+    names: list[str] = []
+    for p in parts:
+        names += [n for n in p["datasets"] if n not in names]
+    out["datasets"] = {}
+    for name in names:
+        by_seed: dict[int, dict] = {}
+        extra: dict = {}
+        wall = 0.0
+        for p in parts:
+            ds = p["datasets"].get(name)
+            if not ds:
+                continue
+            extra.setdefault("num_labels", ds.get("num_labels"))
+            wall += ds.get("wall_s", 0.0)
+            for rec in ds["per_seed"]:
+                old = by_seed.get(rec["seed"])
+                if old is None or ("memory_32k" in rec["acc"] and "memory_32k" not in old["acc"]):
+                    by_seed[rec["seed"]] = rec
+        recs = [by_seed[s] for s in sorted(by_seed)]
+        summary = dataset_summary(recs, budgets, sum(r["n_test"] for r in recs), extra)
+        summary["wall_s"] = wall
+        out["datasets"][name] = summary
+    return out
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.0f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.1f} MB"
+
+
+def bytes_table(results: dict) -> str:
+    """The primary table: per data set and memory budget, the memory's bytes and accuracy
+    against ICL's accuracy at the same bytes (interpolated between ICL cuts, marked *)."""
+    names = list(results["datasets"])
+    ms = sorted({row["M"] for r in results["datasets"].values() for row in r["equal_bytes"]})
+    head = "| data set | full KV (bf16) | ICL full | " + " | ".join(
+        f"M={m}: bytes, memory / ICL at equal bytes" for m in ms
+    )
+    lines = [head + " |", "|" + "---|" * (3 + len(ms))]
+    for name in names:
+        r = results["datasets"][name]
+        rows = {row["M"]: row for row in r["equal_bytes"]}
+        cells = [name, _mb(r["bytes"]["kv_full"]), f"{r['icl_full']:.3f}"]
+        for m in ms:
+            row = rows.get(m)
+            if row is None:
+                cells.append("n/a")
+                continue
+            mark = {"interpolated": "*", "full prefix": " (full)", "measured": ""}[row["icl_how"]]
+            cells.append(f"{_mb(row['bytes'])}: {row['memory']:.3f} / {row['icl']:.3f}{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\n\\* ICL interpolated linearly in bytes between measured cuts; (full): the memory is "
+        "larger than the whole prefix's KV, compared with ICL full."
+    )
+    return "\n".join(lines)
+
+
+def markdown_table(results: dict) -> str:
+    """The README tables: accuracy at equal bytes (primary), then accuracy (mean ± std over
+    seeds) per method and budget M (secondary: equal count, not equal bytes), then fidelity."""
+
+    def f(r: dict, key: str, m: str | None = None) -> str:
+        v = r.get(key) if m is None else r.get(key, {}).get(m)
+        if v is None:
+            return "n/a"
+        sp = r.get("spread", {}).get(key, {})
+        sp = sp.get(m, {}) if m is not None else sp
+        return f"{v:.3f}" + (f" ± {sp['std']:.3f}" if "std" in sp else "")
+
+    names = list(results["datasets"])
+    ms = sorted({m for r in results["datasets"].values() for m in r["icl"]}, key=int)
+    head = (
+        "| data set | n | zero-shot | "
+        + " | ".join([f"ICL@{m} | memory@{m}" for m in ms] + ["ICL full", "memory 32K"])
+        + " |"
+    )
+    lines = [bytes_table(results), "", "Count-equal view (M tokens vs M entries; not equal bytes):"]
+    lines += ["", head, "|" + "---|" * (3 + 2 * len(ms) + 2)]
+    for name in names:
+        r = results["datasets"][name]
+        cells = [name, str(r["n_test"]), f(r, "zero_shot")]
+        for m in ms:
+            cells += [f(r, "icl", m), f(r, "memory", m)]
+        cells += [f(r, "icl_full"), f(r, "memory_32k")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| data set | " + " | ".join(f"M={m}: rel err / top-1 / KL" for m in ms) + " |"]
+    lines.append("|" + "---|" * (1 + len(ms)))
+    for name in names:
+        fid = results["datasets"][name]["fidelity"]
+        cells = [
+            f"{fid[m]['rel_err']:.3f} / {fid[m]['top1_agree']:.3f} / {fid[m]['kl']:.3f}" for m in ms
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(results: dict) -> None:
+    for name, r in results["datasets"].items():
+        ms = list(r["icl"])
+        sp = r["spread"]
+        print(f"\n{name} (n={r['n_test']}, labels={r.get('num_labels')})")
+        m32 = r.get("memory_32k")
+        m32s = "n/a" if m32 is None else f"{m32:.3f}±{sp['memory_32k']['std']:.3f}"
+        print(
+            f"  zero-shot {r['zero_shot']:.3f}  icl_full {r['icl_full']:.3f}"
+            f"±{sp['icl_full']['std']:.3f}  memory_32k {m32s} (seeds {r['memory_32k_seeds']})"
+        )
+        for m in ms:
+            f = r["fidelity"][m]
+            print(
+                f"  M={m:>5}: icl {r['icl'][m]:.3f}±{sp['icl'][m]['std']:.3f}  memory "
+                f"{r['memory'][m]:.3f}±{sp['memory'][m]['std']:.3f}  rel_err {f['rel_err']:.3f} "
+                f"top1 {f['top1_agree']:.3f} kl {f['kl']:.4f}"
+            )

@@ -1,0 +1,103 @@
+"""The options of a memory build (`BuildOptions`): one frozen, validated dataclass read by
+`calibration` (the calibration fields) and `builder` (the rest). Knows nothing of models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from memdb_worker.formats import KEY_DTYPES, OUT_DTYPES
+from memdb_worker.keys import GRANULARITIES, KEY_MODES, Granularity, KeyMode
+from memdb_worker.prefix import DEFAULT_SINK_TOKENS
+
+EntryState = Literal["average", "centroid"]
+# "kv_group_mean": the key space's kv_group with one key per group, the mean of its heads' keys
+# (written to shards as granularity "kv_group" + group_key "mean", see `memory.lookup_keys`)
+BuildGranularity = Granularity | Literal["kv_group_mean"]
+BUILD_GRANULARITIES: tuple[str, ...] = (*GRANULARITIES, "kv_group_mean")
+# BuildOptions fields spent by `calibrate` (the others are read by `cluster`; `seed` by both)
+CALIBRATION_FIELDS = (
+    "chunk_tokens",
+    "sink_tokens",
+    "max_records",
+    "max_tokens_per_trace",
+    "trace_batch_size",
+)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Every choice of a build. The defaults are what validation picked per byte:
+    bench/results/options.json ("split": "validation"; trec, 40 examples carved from train, a
+    2K-token prefix, SmolLM2) ranks variant "kvg_mean_bf16" at M = 512 first by accuracy gain
+    over ICL at equal bytes: 0.575 against ICL's 0.456 interpolated at its 24.1 MB (ICL over
+    the whole prefix, 47.1 MB: 0.725), top-1 agreement 0.902, rel. error 0.181. Hence one
+    head_dim key per KV group (the mean of its heads' keys), bfloat16 keys and states, no lse
+    correction extras (with them, at M = 128 in bf16: top-1 0.927 but gain 0.050). The rest
+    is the paper's plain recipe (pre-RoPE keys, Eq. 5 member averages). One data set and 40
+    examples: differences under ~0.08 are within noise."""
+
+    # lookup keys (keys.py)
+    key_mode: KeyMode = "pre_rope"
+    whiten: bool = False
+    whiten_center: bool = False  # whiten with the covariance (keys centered) not the 2nd moment
+    common_position: int | None = None  # rope_common: None = the position right after the prefix
+    granularity: BuildGranularity = "kv_group_mean"
+    # entries
+    entry_state: EntryState = "average"  # Eq. 5 member averages, or recomputed at the centroid
+    lse_correction: bool = False  # store q_mean and k_bar for the first-order lse correction
+    store_q_mean: bool = True  # False: leave q_mean out where it equals the entry key
+    key_dtype: Literal["float32", "float16", "bfloat16", "float8_e4m3fn"] = "bfloat16"
+    out_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"  # out, q_mean, k_bar
+    # clustering
+    kmeans_iters: int = 20
+    seed: int = 0
+    # calibration
+    chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
+    sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends
+    max_records: int = 16384  # trace tokens kept (reservoir sample)
+    max_tokens_per_trace: int | None = None  # None: every token of every trace
+    trace_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {KEY_MODES}, not {self.key_mode!r}")
+        if self.granularity not in BUILD_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {BUILD_GRANULARITIES}")
+        if self.entry_state not in ("average", "centroid"):
+            raise ValueError("entry_state must be 'average' or 'centroid'")
+        if self.key_dtype not in KEY_DTYPES:
+            raise ValueError(f"key_dtype must be one of {KEY_DTYPES}, not {self.key_dtype!r}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, not {self.out_dtype!r}")
+        if not self.store_q_mean and not self.q_mean_from_keys:
+            raise ValueError(
+                "store_q_mean=False needs q_mean to equal the entry key: lse_correction with "
+                "average entries, pre_rope keys, no whitening, granularity head, kv_group or layer"
+            )
+        if self.sink_tokens < 0:
+            raise ValueError("sink_tokens must be >= 0")
+        if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
+            raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
+
+    @property
+    def keyspace_granularity(self) -> Granularity:
+        """The key space's granularity (kv_group_mean is kv_group with group_key "mean")."""
+        return "kv_group" if self.granularity == "kv_group_mean" else self.granularity
+
+    @property
+    def group_key(self) -> str:
+        """The memory's group key: "mean" for kv_group_mean, else "concat"."""
+        return "mean" if self.granularity == "kv_group_mean" else "concat"
+
+    @property
+    def q_mean_from_keys(self) -> bool:
+        """Whether an entry's q_mean is its key (member averages of unwhitened pre-RoPE
+        queries, concatenated per group), so that it need not be stored."""
+        return (
+            self.lse_correction
+            and self.entry_state == "average"
+            and self.key_mode == "pre_rope"
+            and not self.whiten
+            and self.granularity in ("head", "kv_group", "layer")
+        )

@@ -184,7 +184,8 @@ def rebuild_summary(results: dict, command: str) -> dict:
         summary = dataset_summary(recs, budgets, sum(r["n_test"] for r in recs), extra)
         summary["wall_s"] = ds.get("wall_s", 0.0)
         out["datasets"][name] = summary
-    out["defaults_from"] = DEFAULTS_FROM
+    # the run's own provenance: a run built before validation chose the defaults says so (None)
+    out["defaults_from"] = results.get("defaults_from")
     out["views"] = VIEWS
     out["summary_rebuilt"] = {
         "command": command,

@@ -388,7 +388,7 @@ def layer_rows(results: dict, bw: float, configs: dict, ns, ms, batches, formats
             for (fmt, m), (mt, mg, floor, nbytes) in mem_t.items():
                 row = {
                     "N": n, "M": m, "batch": batch, "scope": "layer", "memory_format": fmt,
-                    "memory_bytes": nbytes, "prefix_kv_bytes": 2 * HKV * n * D * 2,
+                    "memory_bytes": nbytes, "prefix_kv_bytes": prefix_kv_bytes(n),
                     "sdpa_us": sdpa_us, "shared_us": shared_us, "shared_flash_us": flash_us,
                     "memory_us": mt, "floor_us": floor, "shared_floor_us": shared_floor,
                     "sdpa_eager_us": sdpa_eager, "memory_eager_us": mg,
@@ -406,6 +406,13 @@ def layer_rows(results: dict, bw: float, configs: dict, ns, ms, batches, formats
             log(f"layer B={batch} N={n}: sdpa {sd_txt} us, shared {shared_us:.1f} us "
                 f"(floor {shared_floor:.1f}; flash form {fl_txt})")  # fmt: skip
     torch.cuda.empty_cache()
+
+
+def prefix_kv_bytes(n: int) -> int:
+    """Bytes of one layer's KV of an n-token prefix in bf16 (`formats.kv_bytes`)."""
+    from memdb_worker.formats import kv_bytes
+
+    return kv_bytes(num_layers=1, num_kv_heads=HKV, head_dim=D, tokens=n)
 
 
 def table(rows, scope) -> str:

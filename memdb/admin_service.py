@@ -79,8 +79,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self.rt.cache.invalidate(tenant, header.name)
         self.rt.bus.publish(Event("put", tenant, rec.name, rec.version, rec.model_fingerprint,
                                   rec.updated_at))  # fmt: skip
-        log.info("stored %s/%s version %d (%d bytes)", tenant, rec.name, rec.version, rec.bytes)
-        return prefix_info(rec)
+        return prefix_info(rec)  # the store logged the write
 
     def _header(self, first: pb.PutPrefixRequest | None) -> pb.PutPrefixHeader:
         if first is None or first.WhichOneof("kind") != "header":

@@ -235,12 +235,19 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         self._slots = slots
         self._uploads = uploads
         self._idle_timeout = idle_timeout
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
+        wrapped = self._wrapped.get(method)  # a method's wrapping depends on the method alone
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         hooks = [h for h in self._hooks if h.applies(method)]
         run = _Run(method, hooks, self._executor, handler)
         run.slots, run.uploads, run.idle_timeout = self._slots, self._uploads, self._idle_timeout

@@ -134,7 +134,11 @@ def record_to_json(rec: TenantRecord | KeyRecord | PrefixRecord) -> bytes:
 
 def record_from_json(cls: type[T], blob: bytes) -> T:
     """The inverse of `record_to_json`; fields unknown to `cls` are ignored."""
-    data = json.loads(blob)
+    return record_from_dict(cls, json.loads(blob))
+
+
+def record_from_dict(cls: type[T], data: dict) -> T:
+    """A record from its parsed JSON (for callers that read more fields of the same object)."""
     known = {f.name for f in dataclasses.fields(cls)}
     data = {k: v for k, v in data.items() if k in known}
     if cls is PrefixRecord:

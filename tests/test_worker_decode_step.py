@@ -108,6 +108,17 @@ def test_bucket_and_capacity(setup):
         dec.step(1)
 
 
+def test_a_slot_emptied_by_compact_never_fills_the_bucket_before_its_rows(setup):
+    model, prompts, sources = setup
+    dec = StaticDecoder(model, max_batch=2, max_live=8, source=None)
+    dec.prefill([0, 1], [[5, 6], [5, 6, 7, 8, 9, 10]])  # slot 1 is nearly full
+    dec.compact([0])  # its row left: slot 1 pads the bucket from now on
+    assert dec.host_lengths == [2, 0] and dec.lengths.tolist() == [2, 0]
+    for _ in range(5):  # the row in slot 0 decodes on; the padding slot never fills first
+        dec.step(2)
+    assert dec.host_lengths == [7, 5]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("way", ["neither", "memory", "prefix"])
 def test_graphed_step_generates_the_eager_tokens_on_cuda(way):

@@ -71,6 +71,7 @@ from memdb.records import (
     item_key,
     next_version,
     prefix_key,
+    record_from_dict,
     record_from_json,
     record_to_json,
     version_gone,
@@ -580,7 +581,8 @@ def _encode_entry(rec: PrefixRecord, blobs: dict) -> bytes:
 
 
 def _decode_entry(value: bytes) -> tuple[PrefixRecord, dict]:
-    return record_from_json(PrefixRecord, value), json.loads(value)["blobs"]
+    data = json.loads(value)  # parsed once: the record and its blob references
+    return record_from_dict(PrefixRecord, data), data["blobs"]
 
 
 def _entry_bytes(kv: KV) -> int:

@@ -82,10 +82,6 @@ def cmp_mod(key: bytes, revision: int, *, result: str = "EQUAL", end: bytes | No
     return c
 
 
-def cmp_exists(key: bytes) -> dict:
-    return {"key": b64(key), "target": "VERSION", "result": "GREATER", "version": "0"}
-
-
 def op_put(key: bytes, value: bytes, lease: int = 0) -> dict:
     req = {"key": b64(key), "value": b64(value)}
     if lease:

@@ -165,6 +165,15 @@ class StaticDecoder:
                 for x in (self.lengths, self.tokens, self.next, self.temps):
                     x[i] = x[j]
                 self.host_lengths[i] = self.host_lengths[j]
+        self.free(len(keep))
+
+    @torch.inference_mode()
+    def free(self, first: int = 0) -> None:
+        """Slots [first, max_batch) hold no row: empty them, as in a new decoder (padding
+        slots of a bucket then never reach max_live before the rows do)."""
+        self.lengths[first:] = 0
+        for i in range(first, len(self.host_lengths)):
+            self.host_lengths[i] = 0
 
     # -- the step -----------------------------------------------------------------------------
 

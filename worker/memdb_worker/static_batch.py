@@ -105,7 +105,9 @@ class StaticBatches:
 
     def start(self, rows: Sequence, sample: Sampler) -> StaticBatch:
         """A new static batch of these rows (prefilled)."""
-        batch = StaticBatch(self._decoder(rows[0].source), self.graphed)
+        dec = self._decoder(rows[0].source)
+        dec.free()  # a reused decoder keeps nothing of its last batch
+        batch = StaticBatch(dec, self.graphed)
         batch.admit(rows, sample)
         return batch
 

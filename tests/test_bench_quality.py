@@ -145,8 +145,8 @@ def test_test_slices_depend_on_the_seed_not_on_the_seed_list():
 
 def test_merge_runs_of_different_seeds():
     ms = [512, 1024]
-    a = {"model": "m", "config": {"budgets": ms}, "command": "a", "datasets": {}}
-    b = {"model": "m", "config": {"budgets": ms}, "command": "b", "datasets": {}}
+    a = {"model": "m", "config": {"budgets": ms, "seeds": [0, 1]}, "command": "a", "datasets": {}}
+    b = {"model": "m", "config": {"budgets": ms, "seeds": [2]}, "command": "b", "datasets": {}}
     a["datasets"]["toy"] = q.dataset_summary([_seed_record(0, 0.4), _seed_record(1, 0.6)], ms, 20)
     b["datasets"]["toy"] = q.dataset_summary([_seed_record(2, 0.8)], ms, 10)
     merged = q.merge_results([a, b])
@@ -154,6 +154,7 @@ def test_merge_runs_of_different_seeds():
     assert toy["seeds"] == [0, 1, 2] and toy["n_test"] == 30
     assert toy["icl_full"] == pytest.approx(0.6)
     assert [p["command"] for p in merged["parts"]] == ["a", "b"]
+    assert merged["config"]["seeds"] == [0, 1, 2] and a["config"]["seeds"] == [0, 1]
 
 
 def test_equal_bytes_interpolates_icl_between_cuts_by_hand():

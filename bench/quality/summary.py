@@ -224,10 +224,17 @@ def write_json(path: Path, obj: dict) -> None:
 def merge_results(parts: Sequence[dict]) -> dict:
     """Merge runs that measured different seeds (same config otherwise): per data set the union
     of per-seed records (a seed measured twice: the record with memory_32k, else the first),
-    summarised again. Top-level fields come from the first part; "parts" lists every command."""
+    summarised again. Top-level fields come from the first part, except the config's seeds and
+    seeds_32k (the union over parts); "parts" lists every command."""
     out = {k: v for k, v in parts[0].items() if k != "datasets"}
     keys = ("command", "date", "machine", "model", "wall_s", "notes")
     out["parts"] = [{k: p.get(k) for k in keys if p.get(k) is not None} for p in parts]
+    if "config" in out:  # the merged seeds are every part's (a run per seed: config says its own)
+        out["config"] = dict(out["config"])
+        for key in ("seeds", "seeds_32k"):
+            if any(key in p.get("config", {}) for p in parts):
+                got = {s for p in parts for s in p.get("config", {}).get(key, ())}
+                out["config"][key] = sorted(got)
     budgets = [int(m) for m in parts[0]["config"]["budgets"]]
     names: list[str] = []
     for p in parts:

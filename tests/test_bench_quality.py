@@ -157,6 +157,28 @@ def test_merge_runs_of_different_seeds():
     assert merged["config"]["seeds"] == [0, 1, 2] and a["config"]["seeds"] == [0, 1]
 
 
+def test_targets_and_32k_table_from_the_summaries():
+    from bench.quality.summary import long_table, targets
+
+    ms = [512, 1024]
+    recs = [_seed_record(0, 0.4), _seed_record(1, 0.6)]  # memory 0.5, ICL cuts 0.25, full 0.5
+    for r in recs:
+        r["acc"]["icl_32k"] = r["acc_norm"]["icl_32k"] = 0.52  # the memory (0.5) is 2 points below
+        r["bytes_32k"] = {"memory": 20_000, "kv_prefix": 0}
+        r["prefix32k_tokens"] = 1000  # 100 B per token: KV 100,000 B, the memory 20%
+    ds = q.dataset_summary(recs, ms, 20)
+    lines = targets({"datasets": {"toy": ds}})
+    assert lines[0].endswith("1 of 1 sets (toy 2/2): met.")  # memory 0.5 > ICL at equal bytes
+    assert "1 of 1 (toy 100% (M=512))" in lines[1]  # 5,120 B <= 25% of 200,000 B, 0.5 / 0.5
+    assert "within 3 points" in lines[2] and "1 of 1" in lines[2] and "20.0%" in lines[2]
+    assert lines[3].endswith("1 of 1 (toy 0.100 / 0.900): met.")
+    assert "0.0 MB / 0.1 MB (20.0%)" in long_table({"datasets": {"toy": ds}})
+    for r in recs:
+        r["acc"]["icl_32k"] = r["acc_norm"]["icl_32k"] = 0.6
+    lines = targets({"datasets": {"toy": q.dataset_summary(recs, ms, 20)}})
+    assert "0 of 1" in lines[2] and lines[2].endswith("not met.")
+
+
 def test_equal_bytes_interpolates_icl_between_cuts_by_hand():
     # 100 B per token; ICL@512 = 51,200 B -> 0.2, ICL@1024 = 102,400 B -> 0.4, full 2000
     # tokens = 200,000 B -> 0.8, zero-shot 0.1 at 0 B

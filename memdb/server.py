@@ -186,18 +186,23 @@ class _GrpcThread:
                 key=lambda: f"tenant '{_tenant()}'",
             ),  # fmt: skip
         ]
+        shares = TimeShares(
+            c.tenant_cpu_share * len(os.sched_getaffinity(0)),
+            c.tenant_share_burst_s,
+            c.share_window_s,
+            _tenant,
+        )
+        rt.metrics.gauge("memdb_share_waits", "jobs that waited for their tenant's time share "
+                         "(tenant_cpu_share)", lambda: shares.waits)  # fmt: skip
+        rt.metrics.gauge("memdb_share_wait_seconds", "seconds jobs waited for their tenant's "
+                         "time share", lambda: shares.waited_s)  # fmt: skip
         dispatcher = Dispatcher(
             hooks,
             rt.executor,
             slots=Slots(c.max_tenant_jobs, _tenant),
             uploads=Slots(min(c.max_uploads, c.max_workers - 1), lambda: None),
             idle_timeout=c.stream_idle_timeout_s,
-            shares=TimeShares(
-                c.tenant_cpu_share * len(os.sched_getaffinity(0)),
-                c.tenant_share_burst_s,
-                c.share_window_s,
-                _tenant,
-            ),
+            shares=shares,
         )
         self.server = server = grpc.aio.server(
             interceptors=[dispatcher],

@@ -48,7 +48,8 @@ class TimeShares:
         self._key = key
         self._clock, self._sleep = clock, sleep
         self._buckets: dict[Hashable, _Bucket] = {}
-        self.waits = 0  # jobs that waited for their share (for metrics and tests)
+        self.waits = 0  # jobs that waited for their share (a metric)
+        self.waited_s = 0.0  # seconds they waited in all (a metric)
 
     def contended(self, key: Hashable, now: float) -> bool:
         """Whether a tenant other than `key` is active at `now`."""
@@ -95,12 +96,14 @@ class TimeShares:
         b.seen_at = now
         b.jobs += 1
         try:
-            waited = False
+            asked, naps = self._clock(), 0
             while (wait := self.wait_s(key)) > 0:
-                waited = True
+                naps += 1
                 await self._sleep(min(wait, self._until_alone(key, self._clock()) + 1e-4))
-            self.waits += waited
             start = self._clock()
+            if naps:
+                self.waits += 1
+                self.waited_s += start - asked
             try:
                 yield
             finally:

@@ -69,9 +69,15 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
     (LMDB, FAISS) runs in a bounded thread pool (`max_workers`), so the caller's thread stays
     free (sync tests call the server from it)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    set_threads(config.faiss_threads)
+    log.info("FAISS uses %d thread(s) per search", set_threads(config.faiss_threads))
     store, bus = open_backend(config, _watch_limits(config))
-    executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="memdb-rpc")
+    # OpenMP's thread count is per calling thread: each pool thread sets its own
+    executor = ThreadPoolExecutor(
+        max_workers=config.max_workers,
+        thread_name_prefix="memdb-rpc",
+        initializer=set_threads,
+        initargs=(config.faiss_threads,),
+    )
     rt = Runtime(
         config=config,
         store=store,

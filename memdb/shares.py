@@ -5,9 +5,14 @@ executor, to its tenant's token bucket. The bucket fills at `share` seconds per 
 `burst_s`; a job may start while its tenant's bucket is above zero, and its time is taken out
 when it ends (the bucket may go below zero: a long job is paid for by waiting after it).
 
+While its bucket is below half full (it has been using its share), a tenant runs one job at
+a time: several of its jobs at once would take every core, and the others' jobs would wait
+for the interpreter behind them.
+
 The bucket only binds while another tenant is active (had a job waiting, running or started in
 the last `window_s` seconds): a tenant alone has the whole server, and a debt run up alone is
-forgiven at its next job. A job that must wait does so on the event loop, holding no thread.
+forgiven at its next job. A job that must wait does so on the event loop, holding no thread,
+behind the tenant's earlier waiting jobs (first in, first out).
 
 Knows nothing of gRPC, auth or what the jobs do: `key()` (called in the call's context) names
 the tenant, the clock and the sleep are injectable for tests.
@@ -17,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -28,6 +34,8 @@ class _Bucket:
     filled_at: float  # when `tokens` was last brought up to date
     seen_at: float  # when the tenant last asked for a job
     jobs: int = 0  # jobs running or waiting
+    running: int = 0  # jobs running
+    line: deque = field(default_factory=deque)  # tickets of its jobs waiting, first in first
 
 
 class TimeShares:
@@ -48,6 +56,7 @@ class TimeShares:
         self._key = key
         self._clock, self._sleep = clock, sleep
         self._buckets: dict[Hashable, _Bucket] = {}
+        self.poll_s = 0.002  # how often a job waiting for its tenant's running job looks again
         self.waits = 0  # jobs that waited for their share (a metric)
         self.waited_s = 0.0  # seconds they waited in all (a metric)
 
@@ -78,12 +87,14 @@ class TimeShares:
         if b is None:
             return 0.0
         self._fill(b, now)
-        if b.tokens > 0:
-            return 0.0
         if not self.contended(key, now):
             b.tokens = max(b.tokens, 0.0)  # alone: a debt run up alone is forgiven
             return 0.0
-        return -b.tokens / self.share + 1e-4
+        if b.tokens <= 0:
+            return -b.tokens / self.share + 1e-4
+        if b.running and b.tokens < self.burst_s / 2:
+            return self.poll_s  # using its share: one job at a time (checked again soon)
+        return 0.0
 
     @asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -96,17 +107,16 @@ class TimeShares:
         b.seen_at = now
         b.jobs += 1
         try:
-            asked, naps = self._clock(), 0
-            while (wait := self.wait_s(key)) > 0:
-                naps += 1
-                await self._sleep(min(wait, self._until_alone(key, self._clock()) + 1e-4))
-            start = self._clock()
-            if naps:
+            asked = self._clock()
+            if await self._wait_turn(key, b):
                 self.waits += 1
-                self.waited_s += start - asked
+                self.waited_s += self._clock() - asked
+            start = self._clock()
+            b.running += 1
             try:
                 yield
             finally:
+                b.running -= 1
                 end = self._clock()
                 self._fill(b, end)
                 b.tokens -= end - start
@@ -114,6 +124,25 @@ class TimeShares:
             b.jobs -= 1
             b.seen_at = self._clock()
             self._forget_idle(b.seen_at)
+
+    async def _wait_turn(self, key: Hashable, b: _Bucket) -> bool:
+        """Wait until this job may start: first in its tenant's line and within its share.
+        Returns whether it waited."""
+        ticket = object()
+        b.line.append(ticket)
+        naps = 0
+        try:
+            while True:
+                if b.line[0] is not ticket:
+                    nap = self.poll_s  # an earlier job of the tenant goes first
+                elif (wait := self.wait_s(key)) > 0:
+                    nap = min(wait, self._until_alone(key, self._clock()) + 1e-4)
+                else:
+                    return naps > 0
+                naps += 1
+                await self._sleep(nap)
+        finally:
+            b.line.remove(ticket)
 
     def _forget_idle(self, now: float) -> None:
         """Drop tenants idle for a while with full buckets (they start afresh as new ones)."""

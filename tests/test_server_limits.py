@@ -617,3 +617,14 @@ def test_a_tenant_waits_for_its_share_only_while_another_tenant_is_active(tmp_pa
             assert _metric(srv.metrics_address, "memdb_share_wait_seconds") > waited_s + 0.2
     # its debt would take far longer at its share: it waited until `other` went idle (0.5 s)
     assert 0.2 < waited < 5.0, waited
+
+
+def test_every_pool_thread_searches_with_the_configured_faiss_threads(tmp_path):
+    import faiss
+
+    with serving(tmp_path, faiss_threads=1, max_workers=4) as (srv, _root):
+        pool = srv.runtime.executor
+        counts = {pool.submit(faiss.omp_get_max_threads).result() for _ in range(16)}
+    # OpenMP keeps the count per thread: set only in the main thread, a pool thread would
+    # search with every core
+    assert counts == {1}

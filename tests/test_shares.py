@@ -27,6 +27,7 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         self.now += seconds
         self.slept += seconds
+        await asyncio.sleep(0)  # let other waiting jobs look again
 
 
 def shares(
@@ -120,6 +121,33 @@ def test_a_debt_run_up_alone_is_forgiven():
     asyncio.run(main())
     # only the last solo job (1 s, less 0.5 s of refill at 0.25 s/s) is paid for, not all 10
     assert 0 < clock.slept < 1.0 / 0.25
+
+
+def test_a_tenants_waiting_jobs_start_first_in_first_out_one_at_a_time():
+    clock = Clock()
+    s = shares(clock, window_s=100.0)  # the victim stays active throughout
+    started: list[int] = []
+    running = 0
+    most = 0
+
+    async def numbered(i: int) -> None:
+        nonlocal running, most
+        TENANT.set("noisy")
+        async with s.hold():
+            started.append(i)
+            running += 1
+            most = max(most, running)
+            await clock.sleep(0.05)  # the job's work, while the others look again
+            running -= 1
+
+    async def main() -> None:
+        await job(s, clock, "victim", 0.001)
+        await job(s, clock, "noisy", 0.5)  # in debt: the next jobs must wait
+        await asyncio.gather(*(numbered(i) for i in range(6)))
+
+    asyncio.run(main())
+    assert started == list(range(6))
+    assert most == 1  # over its share, the tenant runs one job at a time
 
 
 def test_idle_tenants_are_forgotten():

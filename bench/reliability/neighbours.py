@@ -20,9 +20,14 @@ from pathlib import Path
 from bench.reliability.measure import Report, p99_ms, timed_call
 from bench.reliability.memories import FP, Shape, queries_of, tagged_memory
 from bench.reliability.tenants import make_tenant
+from memdb.config import ServerConfig
 from memdb.process import start_server
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+
+# the server settings that bound one tenant's load on the others (recorded with the result)
+ISOLATION_SETTINGS = ("tenant_cpu_share", "tenant_share_burst_s", "share_window_s",
+                      "max_tenant_jobs", "max_lookup_answer_bytes", "faiss_threads")  # fmt: skip
 
 VICTIM = Shape(layers=1, groups=1, m=1024, dk=32, h=2, d=16)
 NOISY = Shape(layers=1, groups=1, m=4096, dk=32, h=2, d=16)
@@ -40,6 +45,7 @@ class NeighbourReport(Report):
     victim_calls: int = 0
     victim_failures: dict[str, int] = field(default_factory=dict)
     noisy: dict = field(default_factory=dict)
+    server_settings: dict = field(default_factory=dict)  # the isolation settings it ran with
     seconds: float = 0.0
 
 
@@ -125,11 +131,17 @@ def run(
     heavy_k: int = 64,
     deadline_s: float = 2.0,
     max_calls: int = 2000,
+    server_flags: dict | None = None,
 ) -> NeighbourReport:
     report = NeighbourReport()
     t0 = time.monotonic()
     failures: Counter[str] = Counter()
-    server = start_server(Path(data_dir), log_level="WARNING")
+    flags = dict(server_flags or {})
+    defaults = ServerConfig()
+    report.server_settings = {
+        name: flags.get(name, getattr(defaults, name)) for name in ISOLATION_SETTINGS
+    }
+    server = start_server(Path(data_dir), log_level="WARNING", **flags)
     try:
         with MemdbClient(server.address, server.admin_key) as root:
             victim_key = make_tenant(root, "nb-victim", roles=("writer", "reader"))

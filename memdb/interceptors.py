@@ -368,7 +368,11 @@ class _Run:
         try:
             async with uploads, self.slots.hold():
                 future = self.executor.submit(ctx.run, self._call, request, call)
-                return await asyncio.wrap_future(future)
+                response = await asyncio.wrap_future(future)
+            if self.shares is not None and not self.request_streaming:
+                # sending the answer costs the server too (a copy per byte): charged when done
+                context.add_done_callback(self.shares.charge_from(time.monotonic()))
+            return response
         except asyncio.CancelledError:
             call.end()  # the handler sees is_active() False; its result is dropped
             if isinstance(request, _SyncRequests):

@@ -125,6 +125,20 @@ class TimeShares:
             b.seen_at = self._clock()
             self._forget_idle(b.seen_at)
 
+    def charge_from(self, now: float) -> Callable[[], None]:
+        """A callable that, called later, charges the time since `now` to the calling
+        context's tenant (what a job's answer costs after it: sending it)."""
+        key = self._key()
+
+        def charge(*_: object) -> None:
+            b = self._buckets.get(key)
+            if b is not None:
+                end = self._clock()
+                self._fill(b, end)
+                b.tokens -= max(0.0, end - now)
+
+        return charge
+
     async def _wait_turn(self, key: Hashable, b: _Bucket) -> bool:
         """Wait until this job may start: first in its tenant's line and within its share.
         Returns whether it waited."""

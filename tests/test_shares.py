@@ -150,6 +150,28 @@ def test_a_tenants_waiting_jobs_start_first_in_first_out_one_at_a_time():
     assert most == 1  # over its share, the tenant runs one job at a time
 
 
+def test_what_a_job_costs_after_it_is_charged_to_its_tenant():
+    clock = Clock()
+    s = shares(clock, share=0.25, burst_s=0.05, window_s=100.0)
+
+    async def main() -> None:
+        await job(s, clock, "victim", 0.001)
+        TENANT.set("noisy")
+        async with s.hold():
+            clock.now += 0.01  # the job
+        charge = s.charge_from(clock.now)
+        clock.now += 0.3  # its answer is sent
+        charge()
+        before = clock.slept
+        await job(s, clock, "noisy", 0.01)
+        return clock.slept - before
+
+    waited = asyncio.run(main())
+    # bucket: 0.05 - 0.01 (job), refilled to the 0.05 burst while sending, less 0.3 for the
+    # sending: -0.25, paid back at 0.25 s/s (without the charge: no wait)
+    assert waited == pytest.approx(0.25 / 0.25, rel=0.01)
+
+
 def test_idle_tenants_are_forgotten():
     clock = Clock()
     s = shares(clock)

@@ -46,10 +46,14 @@ class ServerConfig(BaseSettings):
     max_tenant_jobs: int = Field(
         16, ge=1, description="blocking jobs of one tenant at once; more wait, holding no thread"
     )
+    # 0.02: `python -m bench.reliability.share_sweep` on 2 cores (bench/results/
+    # neighbour_shares.json): the other tenant's p99 ratio 1.5 at 0.02 and 0.05, 6.6 at 0.1,
+    # 8.6-10.8 at 0.25, while the noisy tenant got 46-54 heavy Lookups through at every share
+    # (it runs whenever it has used no more than the others: memdb.shares)
     tenant_cpu_share: float = Field(
-        0.25, gt=0,
-        description="share of the server's CPUs (in job time) one tenant's blocking work may "
-        "use while another tenant is active; a tenant alone is not limited",
+        0.02, gt=0,
+        description="share of the server's CPUs (in job time) the heaviest tenant's blocking "
+        "work is held to while other tenants are active; a tenant alone is not limited",
     )  # fmt: skip
     tenant_share_burst_s: float = Field(
         0.05, ge=0, description="seconds of work a tenant may start at once above its share"

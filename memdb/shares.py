@@ -9,7 +9,11 @@ While its bucket is below half full (it has been using its share), a tenant runs
 a time: several of its jobs at once would take every core, and the others' jobs would wait
 for the interpreter behind them.
 
-The bucket only binds while another tenant is active (had a job waiting, running or started in
+The bucket binds only a tenant that has used more than some other active tenant lately (job
+time, decaying over `window_s`): the lightest tenant is never held back, so a tenant whose
+light calls fit no share still goes first.
+
+It binds only while another tenant is active (had a job waiting, running or started in
 the last `window_s` seconds): a tenant alone has the whole server, and a debt run up alone is
 forgiven at its next job. A job that must wait does so on the event loop, holding no thread,
 behind the tenant's earlier waiting jobs (first in, first out).
@@ -21,6 +25,7 @@ the tenant, the clock and the sleep are injectable for tests.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -36,6 +41,8 @@ class _Bucket:
     jobs: int = 0  # jobs running or waiting
     running: int = 0  # jobs running
     line: deque = field(default_factory=deque)  # tickets of its jobs waiting, first in first
+    used: float = 0.0  # job seconds, decaying with time constant window_s
+    used_at: float = 0.0  # when `used` was last brought up to date
 
 
 class TimeShares:
@@ -80,6 +87,25 @@ class TimeShares:
         b.tokens = min(self.burst_s, b.tokens + (now - b.filled_at) * self.share)
         b.filled_at = now
 
+    def _usage(self, b: _Bucket, now: float) -> float:
+        b.used *= math.exp(-max(0.0, now - b.used_at) / self.window_s)
+        b.used_at = now
+        return b.used
+
+    def _spend(self, b: _Bucket, seconds: float, now: float) -> None:
+        self._fill(b, now)
+        b.tokens -= seconds
+        b.used = self._usage(b, now) + seconds
+
+    def _lightest(self, key: Hashable, b: _Bucket, now: float) -> bool:
+        """Whether the tenant has used no more than every other active tenant lately."""
+        mine = self._usage(b, now)
+        return all(
+            mine <= self._usage(o, now)
+            for k, o in self._buckets.items()
+            if k != key and (o.jobs > 0 or now - o.seen_at < self.window_s)
+        )
+
     def wait_s(self, key: Hashable) -> float:
         """Seconds the tenant's next job would wait now (0: it may start)."""
         now = self._clock()
@@ -90,6 +116,8 @@ class TimeShares:
         if not self.contended(key, now):
             b.tokens = max(b.tokens, 0.0)  # alone: a debt run up alone is forgiven
             return 0.0
+        if self._lightest(key, b, now):
+            return 0.0  # the lightest active tenant is never held back
         if b.tokens <= 0:
             return -b.tokens / self.share + 1e-4
         if b.running and b.tokens < self.burst_s / 2:
@@ -118,8 +146,7 @@ class TimeShares:
             finally:
                 b.running -= 1
                 end = self._clock()
-                self._fill(b, end)
-                b.tokens -= end - start
+                self._spend(b, end - start, end)
         finally:
             b.jobs -= 1
             b.seen_at = self._clock()
@@ -134,8 +161,7 @@ class TimeShares:
             b = self._buckets.get(key)
             if b is not None:
                 end = self._clock()
-                self._fill(b, end)
-                b.tokens -= max(0.0, end - now)
+                self._spend(b, max(0.0, end - now), end)
 
         return charge
 

@@ -172,6 +172,26 @@ def test_what_a_job_costs_after_it_is_charged_to_its_tenant():
     assert waited == pytest.approx(0.25 / 0.25, rel=0.01)
 
 
+def test_the_lightest_tenant_is_never_held_back_even_over_its_share():
+    clock = Clock()
+    s = shares(clock, share=0.01, burst_s=0.001, window_s=1.0)  # 10 ms of work per second
+    victim_slept = 0.0
+
+    async def main() -> None:
+        nonlocal victim_slept
+        while clock.now < 5.0:
+            await job(s, clock, "noisy", 0.02)  # the heavier: held to its share
+            for _ in range(5):
+                before = clock.slept
+                await job(s, clock, "victim", 0.002)  # 10x its share, but the lighter
+                victim_slept += clock.slept - before
+
+    asyncio.run(main())
+    assert s._buckets["victim"].tokens < 0  # far over its share: only lightness lets it run
+    assert victim_slept == 0.0
+    assert clock.slept > 0  # the noisy tenant was held
+
+
 def test_idle_tenants_are_forgotten():
     clock = Clock()
     s = shares(clock)

@@ -59,7 +59,7 @@ class ServerConfig(BaseSettings):
         0.05, ge=0, description="seconds of work a tenant may start at once above its share"
     )
     share_window_s: float = Field(
-        1.0, gt=0, description="a tenant with a job in the last this many seconds is active"
+        0.1, gt=0, description="a tenant with a job in the last this many seconds is active"
     )
     max_uploads: int = Field(
         16,

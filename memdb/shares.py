@@ -10,12 +10,13 @@ a time: several of its jobs at once would take every core, and the others' jobs 
 for the interpreter behind them.
 
 The bucket binds only a tenant that has used more than some other active tenant lately (job
-time, decaying over `window_s`): the lightest tenant is never held back, so a tenant whose
+time, decaying over `usage_tau_s`): the lightest tenant is never held back, so a tenant whose
 light calls fit no share still goes first.
 
-It binds only while another tenant is active (had a job waiting, running or started in
-the last `window_s` seconds): a tenant alone has the whole server, and a debt run up alone is
-forgiven at its next job. A job that must wait does so on the event loop, holding no thread,
+It binds only while another tenant is active (had a job waiting or running, or one that ended
+in the last `window_s` seconds: short, so that a tenant's occasional call holds the others back
+only briefly): a tenant alone has the whole server, and a debt run up alone is forgiven at its
+next job. A job that must wait does so on the event loop, holding no thread,
 behind the tenant's earlier waiting jobs (first in, first out).
 
 Knows nothing of gRPC, auth or what the jobs do: `key()` (called in the call's context) names
@@ -41,7 +42,7 @@ class _Bucket:
     jobs: int = 0  # jobs running or waiting
     running: int = 0  # jobs running
     line: deque = field(default_factory=deque)  # tickets of its jobs waiting, first in first
-    used: float = 0.0  # job seconds, decaying with time constant window_s
+    used: float = 0.0  # job seconds, decaying with time constant usage_tau_s
     used_at: float = 0.0  # when `used` was last brought up to date
 
 
@@ -56,10 +57,12 @@ class TimeShares:
         key: Callable[[], Hashable],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        usage_tau_s: float = 1.0,
     ) -> None:
         if not 0 < share:
             raise ValueError(f"share must be > 0 (seconds per second), got {share}")
         self.share, self.burst_s, self.window_s = share, burst_s, window_s
+        self.usage_tau_s = usage_tau_s
         self._key = key
         self._clock, self._sleep = clock, sleep
         self._buckets: dict[Hashable, _Bucket] = {}
@@ -88,7 +91,7 @@ class TimeShares:
         b.filled_at = now
 
     def _usage(self, b: _Bucket, now: float) -> float:
-        b.used *= math.exp(-max(0.0, now - b.used_at) / self.window_s)
+        b.used *= math.exp(-max(0.0, now - b.used_at) / self.usage_tau_s)
         b.used_at = now
         return b.used
 

@@ -192,6 +192,27 @@ def test_the_lightest_tenant_is_never_held_back_even_over_its_share():
     assert clock.slept > 0  # the noisy tenant was held
 
 
+def test_another_tenants_occasional_call_holds_a_heavy_tenant_back_only_briefly():
+    clock = Clock()
+    s = shares(clock, share=0.01, burst_s=0.001, window_s=0.1)
+    worked = 0.0
+
+    async def main() -> None:
+        nonlocal worked
+        next_call = 0.0
+        while clock.now < 20.0:
+            if clock.now >= next_call:  # the other tenant: one small call every 5 s
+                await job(s, clock, "other", 0.001)
+                next_call += 5.0
+            await job(s, clock, "heavy", 0.05)
+            worked += 0.05
+
+    asyncio.run(main())
+    # held only while `other` counts as active (0.1 s after each of its 4 calls)
+    assert worked / clock.now > 0.95
+    assert clock.slept == pytest.approx(4 * 0.1, abs=0.1)
+
+
 def test_idle_tenants_are_forgotten():
     clock = Clock()
     s = shares(clock)

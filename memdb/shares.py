@@ -14,8 +14,8 @@ time, decaying over `usage_tau_s`): the lightest tenant is never held back, so a
 light calls fit no share still goes first.
 
 It binds only while another tenant is active (had a job waiting or running, or one that ended
-in the last `window_s` seconds: short, so that a tenant's occasional call holds the others back
-only briefly): a tenant alone has the whole server, and a debt run up alone is forgiven at its
+in the last `window_s` seconds; so one call of another tenant holds a heavy tenant back for up
+to `window_s`): a tenant alone has the whole server, and a debt run up alone is forgiven at its
 next job. A job that must wait does so on the event loop, holding no thread,
 behind the tenant's earlier waiting jobs (first in, first out).
 

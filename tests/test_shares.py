@@ -192,7 +192,7 @@ def test_the_lightest_tenant_is_never_held_back_even_over_its_share():
     assert clock.slept > 0  # the noisy tenant was held
 
 
-def test_another_tenants_occasional_call_holds_a_heavy_tenant_back_only_briefly():
+def test_another_tenants_occasional_call_holds_a_heavy_tenant_back_for_a_window():
     clock = Clock()
     s = shares(clock, share=0.01, burst_s=0.001, window_s=0.1)
     worked = 0.0
@@ -208,7 +208,7 @@ def test_another_tenants_occasional_call_holds_a_heavy_tenant_back_only_briefly(
             worked += 0.05
 
     asyncio.run(main())
-    # held only while `other` counts as active (0.1 s after each of its 4 calls)
+    # held only while `other` counts as active (window_s = 0.1 s after each of its 4 calls)
     assert worked / clock.now > 0.95
     assert clock.slept == pytest.approx(4 * 0.1, abs=0.1)
 

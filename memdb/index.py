@@ -438,10 +438,12 @@ def _is_gpu(index: faiss.Index) -> bool:
     return hasattr(faiss, "GpuIndex") and isinstance(index, faiss.GpuIndex)
 
 
-def set_threads(n: int = 0) -> None:
-    """FAISS (OpenMP) threads per search; 0 = DEFAULT_THREADS (capped at the CPU count)."""
+def set_threads(n: int = 0) -> int:
+    """FAISS (OpenMP) threads per search of the calling thread (OpenMP keeps the setting per
+    thread: a pool sets it in each of its threads); 0 = DEFAULT_THREADS (capped at the CPU
+    count). Returns the count set."""
     n = n or min(DEFAULT_THREADS, os.cpu_count() or 1)
     if n < 1:
         raise InvalidArgument(f"FAISS threads must be at least 1, got {n}")
     faiss.omp_set_num_threads(n)
-    log.info("FAISS uses %d thread(s) per search", n)
+    return n

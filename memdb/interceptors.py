@@ -8,7 +8,8 @@ manager around the whole call, streams included), then runs the servicer:
   call is one job, a streamed response one job per message, so a slow reader of a stream holds
   no thread between messages; a streamed request is read on the event loop and handed over;
   each job first takes one of its key's `Slots` (per tenant): one tenant cannot queue the
-  executor full;
+  executor full; and, but for uploads, waits for its tenant's time share (`shares.TimeShares`):
+  while tenants contend, one cannot take the server's time from the others;
 - an async handler (Watch, health, reflection) runs on the event loop and holds no thread.
 
 Requests that cannot be deserialized become INVALID_ARGUMENT (one rate-limited log line, no
@@ -28,7 +29,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
-from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    ExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from typing import Any
 
 import grpc
@@ -41,6 +48,7 @@ from memdb.errors import (
     ResourceExhausted,
     to_status,
 )
+from memdb.shares import TimeShares
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +237,12 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         slots: Slots,
         uploads: Slots,
         idle_timeout: float,
+        shares: TimeShares | None = None,
     ) -> None:
         self._hooks = hooks
         self._executor = executor
         self._slots = slots
+        self._shares = shares
         self._uploads = uploads
         self._idle_timeout = idle_timeout
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -251,6 +261,7 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         hooks = [h for h in self._hooks if h.applies(method)]
         run = _Run(method, hooks, self._executor, handler)
         run.slots, run.uploads, run.idle_timeout = self._slots, self._uploads, self._idle_timeout
+        run.shares = self._shares
         kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
         return kind(
             run.unary if not handler.response_streaming else run.stream,
@@ -275,6 +286,7 @@ class _Run:
     slots: Slots  # per tenant, every job
     uploads: Slots  # in all, jobs that read a streamed request (they hold a thread throughout)
     idle_timeout: float  # seconds a streamed request may send nothing
+    shares: TimeShares | None  # per tenant, jobs of calls without a streamed request
 
     def __init__(self, method: str, hooks: list[Hook], executor, handler) -> None:
         self.method = method
@@ -301,6 +313,9 @@ class _Run:
 
     def _next(self, gen: Any) -> Any:
         return self.serialize(next(gen, _END))
+
+    def _share(self) -> AbstractAsyncContextManager:
+        return self.shares.hold() if self.shares is not None else contextlib.nullcontext()
 
     def _enter_hooks(self, stack: ExitStack, call: Call) -> None:
         for hook in self.hooks:  # an error in one (e.g. auth) is handled by those entered
@@ -347,11 +362,17 @@ class _Run:
                 call.fail(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
                 raise
         ctx = contextvars.copy_context()  # holds what the hooks set (the caller's identity)
-        uploads = self.uploads.hold() if self.request_streaming else contextlib.nullcontext()
+        # an upload's job waits for the network as much as it works: it is bounded by
+        # `uploads`, not charged to the tenant's time share
+        uploads = self.uploads.hold() if self.request_streaming else self._share()
         try:
             async with uploads, self.slots.hold():
                 future = self.executor.submit(ctx.run, self._call, request, call)
-                return await asyncio.wrap_future(future)
+                response = await asyncio.wrap_future(future)
+            if self.shares is not None and not self.request_streaming:
+                # sending the answer costs the server too (a copy per byte): charged when done
+                context.add_done_callback(self.shares.charge_from(time.monotonic()))
+            return response
         except asyncio.CancelledError:
             call.end()  # the handler sees is_active() False; its result is dropped
             if isinstance(request, _SyncRequests):
@@ -372,7 +393,7 @@ class _Run:
         future = None
         try:
             while True:
-                async with self.slots.hold():
+                async with self._share(), self.slots.hold():
                     future = self.executor.submit(ctx.run, self._next, gen)
                     message = await asyncio.wrap_future(future)
                 if message is _END:

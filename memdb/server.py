@@ -44,6 +44,7 @@ from memdb.interceptors import CallCap, Dispatcher, ErrorHook, Slots
 from memdb.memory_service import MemoryServicer, end_revoked_watches
 from memdb.metrics import MetricsHook, ServerMetrics
 from memdb.runtime import Runtime
+from memdb.shares import TimeShares
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,15 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
     (LMDB, FAISS) runs in a bounded thread pool (`max_workers`), so the caller's thread stays
     free (sync tests call the server from it)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    set_threads(config.faiss_threads)
+    log.info("FAISS uses %d thread(s) per search", set_threads(config.faiss_threads))
     store, bus = open_backend(config, _watch_limits(config))
-    executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="memdb-rpc")
+    # OpenMP's thread count is per calling thread: each pool thread sets its own
+    executor = ThreadPoolExecutor(
+        max_workers=config.max_workers,
+        thread_name_prefix="memdb-rpc",
+        initializer=set_threads,
+        initargs=(config.faiss_threads,),
+    )
     rt = Runtime(
         config=config,
         store=store,
@@ -185,12 +192,23 @@ class _GrpcThread:
                 key=lambda: f"tenant '{_tenant()}'",
             ),  # fmt: skip
         ]
+        shares = TimeShares(
+            c.tenant_cpu_share * len(os.sched_getaffinity(0)),
+            c.tenant_share_burst_s,
+            c.share_window_s,
+            _tenant,
+        )
+        rt.metrics.gauge("memdb_share_waits", "jobs that waited for their tenant's time share "
+                         "(tenant_cpu_share)", lambda: shares.waits)  # fmt: skip
+        rt.metrics.gauge("memdb_share_wait_seconds", "seconds jobs waited for their tenant's "
+                         "time share", lambda: shares.waited_s)  # fmt: skip
         dispatcher = Dispatcher(
             hooks,
             rt.executor,
             slots=Slots(c.max_tenant_jobs, _tenant),
             uploads=Slots(min(c.max_uploads, c.max_workers - 1), lambda: None),
             idle_timeout=c.stream_idle_timeout_s,
+            shares=shares,
         )
         self.server = server = grpc.aio.server(
             interceptors=[dispatcher],

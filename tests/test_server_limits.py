@@ -579,3 +579,52 @@ def test_health_watch_streams_the_status(tmp_path):
         )
         assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
         stream.cancel()
+
+
+# ---------------------------------------------------------------- time shares
+
+
+def _metric(metrics: str, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_a_tenant_waits_for_its_share_only_while_another_tenant_is_active(tmp_path):
+    # a tiny share and burst: a job of a tenant leaves it in debt for seconds
+    with serving(tmp_path, tenant_cpu_share=1e-4, tenant_share_burst_s=1e-3,
+                 share_window_s=0.5) as (srv, root):  # fmt: skip
+        for tenant in ("busy", "other"):
+            root.create_tenant(tenant)
+            key, _ = root.create_api_key("writer", tenant=tenant)
+            with MemdbClient(root.address, key, timeout=20) as w:
+                w.put_prefix("p", make_shards(layers=1), model_fingerprint=FP)
+        busy, other = _reader(root, "busy"), _reader(root, "other")
+        q = np.ones((4, 2, 16), np.float32)
+        with busy, other:
+            time.sleep(0.6)  # the setup's calls (other tenants', some held back) are old
+            waits = _metric(srv.metrics_address, "memdb_share_waits")
+            waited_s = _metric(srv.metrics_address, "memdb_share_wait_seconds")
+            for _ in range(10):  # alone: never held back, however far in debt
+                busy.lookup("p", 0, q, model_fingerprint=FP)
+            assert _metric(srv.metrics_address, "memdb_share_waits") == waits
+            other.lookup("p", 0, q, model_fingerprint=FP)  # another tenant is now active
+            start = time.monotonic()
+            busy.lookup("p", 0, q, model_fingerprint=FP)
+            waited = time.monotonic() - start
+            assert _metric(srv.metrics_address, "memdb_share_waits") == waits + 1
+            assert _metric(srv.metrics_address, "memdb_share_wait_seconds") > waited_s + 0.2
+    # its debt would take far longer at its share: it waited until `other` went idle (0.5 s)
+    assert 0.2 < waited < 5.0, waited
+
+
+def test_every_pool_thread_searches_with_the_configured_faiss_threads(tmp_path):
+    import faiss
+
+    with serving(tmp_path, faiss_threads=1, max_workers=4) as (srv, _root):
+        pool = srv.runtime.executor
+        counts = {pool.submit(faiss.omp_get_max_threads).result() for _ in range(16)}
+    # OpenMP keeps the count per thread: set only in the main thread, a pool thread would
+    # search with every core
+    assert counts == {1}

@@ -32,6 +32,7 @@ from memdb.shards import decode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
 from tests.test_server import FP, ROOT_KEY, make_shards, with_extras
+from tests.test_server_process import _metric
 
 
 @contextmanager
@@ -582,13 +583,6 @@ def test_health_watch_streams_the_status(tmp_path):
 
 
 # ---------------------------------------------------------------- time shares
-
-
-def _metric(metrics: str, name: str) -> float:
-    text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
-    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
 
 
 def test_a_tenant_waits_for_its_share_only_while_another_tenant_is_active(tmp_path):

@@ -17,7 +17,7 @@ from tests.test_server import FP, make_shards
 
 def _metric(address: str, name: str) -> float:
     text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
-    m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
     assert m, f"{name} not in metrics"
     return float(m.group(1))
 

@@ -15,13 +15,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.reliability import fuzz, history, isolation, kills, neighbours, soak
-from bench.server import machine
+from bench.reliability.measure import write_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PARTS = ("kills", "history", "fuzz", "isolation", "neighbours", "soak")
@@ -123,19 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
             for line in results[part].get("problems", []) + results[part].get("examples", []):
                 print("  ", line[:300], flush=True)
             print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
-    out = {
-        **headline(results),
-        "parts": results,
-        "sizes": size,
-        "seed": args.seed,
-        "seconds": time.monotonic() - t0,
-        "command": "python -m bench.reliability "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    out = write_results(
+        args.out,
+        {
+            **headline(results),
+            "parts": results,
+            "sizes": size,
+            "seed": args.seed,
+            "seconds": time.monotonic() - t0,
+        },
+        "python -m bench.reliability",
+        argv,
+    )
     print(json.dumps(headline(results)))
     print(f"wrote {args.out}")
     return out

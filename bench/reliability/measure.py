@@ -5,9 +5,12 @@ Knows nothing of what is being measured.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -54,3 +57,20 @@ class Report:
             if key in d:
                 d[key] = d[key][:20]
         return d
+
+
+def write_results(path: Path, results: dict, command: str, argv: list[str] | None) -> dict:
+    """`results` with the command that made them, the machine and the date, written to `path`
+    as JSON; returns what was written."""
+    from bench.server import machine
+
+    args = argv if argv is not None else sys.argv[1:]
+    out = {
+        **results,
+        "command": f"{command} {' '.join(args)}".strip(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out

@@ -16,14 +16,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.reliability
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.reliability import neighbours
 from bench.reliability.__main__ import RESULTS, SIZES
-from bench.server import machine
+from bench.reliability.measure import write_results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,18 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for share, rows in runs.items()
     }
-    out = {
-        "summary": summary,
-        "runs": runs,
-        "size": {k: size[k] for k in ("phase_s", "streams", "threads", "heavy_q")},
-        "seconds": time.monotonic() - t0,
-        "command": "python -m bench.reliability.share_sweep "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    out = write_results(
+        args.out,
+        {
+            "summary": summary,
+            "runs": runs,
+            "size": {k: size[k] for k in ("phase_s", "streams", "threads", "heavy_q")},
+            "seconds": time.monotonic() - t0,
+        },
+        "python -m bench.reliability.share_sweep",
+        argv,
+    )
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
     return out

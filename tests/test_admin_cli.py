@@ -322,9 +322,14 @@ def test_ctrl_c_during_upload_cancels_it_and_stores_nothing(server, tmp_path, mo
             time.sleep(1.0)  # hold the rest of the stream back meanwhile
 
     monkeypatch.setattr(output.ByteProgress, "update", ctrl_c_after_first_chunk)
-    before = run_json(server, "status")["stats"]["num_prefixes"]
-    fail(run(server, "prefix", "import", str(tar)), 130, "interrupted")
-    time.sleep(1.5)  # let the held-back sender notice the cancellation
+    # Ctrl-C's own handler, also where the runner ignores SIGINT (a background job's does)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = run_json(server, "status")["stats"]["num_prefixes"]
+        fail(run(server, "prefix", "import", str(tar)), 130, "interrupted")
+        time.sleep(1.5)  # let the held-back sender notice the cancellation
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert "intr" not in names(server)
     assert run_json(server, "status")["stats"]["num_prefixes"] == before
@@ -347,6 +352,8 @@ def test_sigint_to_a_real_process_mid_upload_leaves_no_trace(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            # SIGINT as at a terminal, also where the runner ignores it (a background job's does)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert p.stderr is not None
         line = p.stderr.readline()

@@ -178,6 +178,30 @@ def test_aggregate_empty_cluster_is_neutral():
     assert torch.allclose(got_lse[0], torch.zeros(1)) and torch.allclose(got_out[0], out[0])
 
 
+@pytest.mark.parametrize(
+    "b,kb,h,hkv,t,n,dtype",
+    [
+        (1, 1, 9, 3, 7, 2500, torch.float32),  # SmolLM2's GQA on a long prefix
+        (4, 1, 6, 2, 5, 33, torch.float32),  # keys shared by the batch (folded)
+        (3, 3, 4, 4, 6, 40, torch.float32),  # keys per row
+        (2, 2, 6, 3, 3, 50, torch.bfloat16),
+    ],
+)
+def test_the_fused_cpu_path_equals_the_scores_path(monkeypatch, b, kb, h, hkv, t, n, dtype):
+    assert st._CPU_FLASH is not None  # the pinned torch has the fused kernel
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, h, t, 16, generator=g).to(dtype)
+    k = torch.randn(kb, hkv, n, 16, generator=g).to(dtype)
+    v = torch.randn(kb, hkv, n, 16, generator=g).to(dtype)
+    fused = attention_state(q, k, v, SCALE)
+    monkeypatch.setattr(st, "_CPU_FLASH", None)
+    scores = attention_state(q, k, v, SCALE)
+    ref = reference_state(q.float(), [(k.float(), v.float())], SCALE)
+    assert fused.out.shape == scores.out.shape and fused.lse.shape == scores.lse.shape
+    assert rel_err(fused.out, scores.out) < 1e-5 and rel_err(fused.lse, scores.lse) < 1e-6
+    assert rel_err(scores.out, ref.out) < 1e-5 and rel_err(scores.lse, ref.lse) < 1e-6
+
+
 def test_keys_shared_by_the_batch():
     g = torch.Generator().manual_seed(5)
     q = torch.randn(3, 6, 4, 16, generator=g)

@@ -58,10 +58,9 @@ class ServerConfig(BaseSettings):
     tenant_share_burst_s: float = Field(
         0.05, ge=0, description="seconds of work a tenant may start at once above its share"
     )
-    # 1.0: the window bench/results/neighbour_shares.json was measured with. A run of the same
-    # sweep with 0.1 (stopped, its JSON not kept) gave the noisy tenant 62-64 heavy Lookups
-    # instead of 46-54 and the other tenant a p99 ratio of 3.4-4.9 at tenant_cpu_share 0.02.
-    # The cost: one call of another tenant holds a heavy one back for up to 1 s.
+    # 1.0: the window bench/results/neighbour_shares.json was measured with (no shorter window
+    # has a kept measurement). The cost: one call of another tenant holds a heavy one back for
+    # up to 1 s.
     share_window_s: float = Field(
         1.0, gt=0, description="a tenant with a job in the last this many seconds is active"
     )

@@ -371,7 +371,7 @@ class _Run:
                 response = await asyncio.wrap_future(future)
             if self.shares is not None and not self.request_streaming:
                 # sending the answer costs the server too (a copy per byte): charged when done
-                context.add_done_callback(self.shares.charge_from(time.monotonic()))
+                context.add_done_callback(self.shares.charge_from_now())
             return response
         except asyncio.CancelledError:
             call.end()  # the handler sees is_active() False; its result is dropped

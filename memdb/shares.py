@@ -69,6 +69,7 @@ class TimeShares:
         self.poll_s = 0.002  # how often a job waiting for its tenant's running job looks again
         self.waits = 0  # jobs that waited for their share (a metric)
         self.waited_s = 0.0  # seconds they waited in all (a metric)
+        self._swept_at = -math.inf  # when idle tenants were last looked for
 
     def contended(self, key: Hashable, now: float) -> bool:
         """Whether a tenant other than `key` is active at `now`."""
@@ -155,10 +156,10 @@ class TimeShares:
             b.seen_at = self._clock()
             self._forget_idle(b.seen_at)
 
-    def charge_from(self, now: float) -> Callable[[], None]:
-        """A callable that, called later, charges the time since `now` to the calling
-        context's tenant (what a job's answer costs after it: sending it)."""
-        key = self._key()
+    def charge_from_now(self) -> Callable[[], None]:
+        """A callable that, called later, charges the time since now to the calling context's
+        tenant (what a job's answer costs after it: sending it)."""
+        key, now = self._key(), self._clock()
 
         def charge(*_: object) -> None:
             b = self._buckets.get(key)
@@ -188,7 +189,11 @@ class TimeShares:
             b.line.remove(ticket)
 
     def _forget_idle(self, now: float) -> None:
-        """Drop tenants idle for a while with full buckets (they start afresh as new ones)."""
+        """Drop tenants idle for a while with full buckets (they start afresh as new ones); a
+        sweep over every tenant, so at most once per window, not at every job's end."""
+        if now - self._swept_at < self.window_s:
+            return
+        self._swept_at = now
         idle = []
         for k, b in self._buckets.items():
             self._fill(b, now)

@@ -159,7 +159,7 @@ def test_what_a_job_costs_after_it_is_charged_to_its_tenant():
         TENANT.set("noisy")
         async with s.hold():
             clock.now += 0.01  # the job
-        charge = s.charge_from(clock.now)
+        charge = s.charge_from_now()
         clock.now += 0.3  # its answer is sent
         charge()
         before = clock.slept

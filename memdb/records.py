@@ -316,6 +316,17 @@ def draft_version(
     )
 
 
+class VersionReads:
+    """Single-layer reads of every backend, from its `read_version`."""
+
+    def get_shard(self, tenant: str, name: str, version: int, layer: int) -> bytes:
+        return self.read_version(tenant, name, version, layers=[layer]).shard(layer)  # type: ignore[attr-defined]
+
+    def get_index(self, tenant: str, name: str, version: int, layer: int, group: int) -> bytes:
+        snap = self.read_version(tenant, name, version, layers=[layer])  # type: ignore[attr-defined]
+        return snap.index(layer, group)
+
+
 class VersionWriter:
     """`write_version` of every backend: the checks and the draft are shared here, storing it
     is the backend's `_store_version`."""

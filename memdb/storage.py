@@ -52,6 +52,7 @@ from memdb.records import (
     PrefixRecord,
     TenantRecord,
     Usage,
+    VersionReads,
     VersionSnapshot,
     VersionWriter,
     check_expected,
@@ -97,7 +98,7 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- the store
 
 
-class Store(VersionWriter):
+class Store(VersionWriter, VersionReads):
     """The LMDB store of one server. Thread-safe; one instance per environment and process."""
 
     def __init__(
@@ -449,12 +450,6 @@ class Store(VersionWriter):
         if blob is None:  # every record of a version is written in the transaction that lists it
             raise NotFound(f"{db} record {key!r} is missing; the store is damaged")
         return blob
-
-    def get_shard(self, tenant: str, name: str, version: int, layer: int) -> bytes:
-        return self.read_version(tenant, name, version, layers=[layer]).shard(layer)
-
-    def get_index(self, tenant: str, name: str, version: int, layer: int, group: int) -> bytes:
-        return self.read_version(tenant, name, version, layers=[layer]).index(layer, group)
 
     # ------------------------------------------------------------ prefixes: write
 

@@ -60,6 +60,7 @@ from memdb.records import (
     PrefixRecord,
     TenantRecord,
     Usage,
+    VersionReads,
     VersionSnapshot,
     VersionWriter,
     check_expected,
@@ -85,7 +86,7 @@ MAX_ATTEMPTS = 64  # compare-and-swap retries of one change before giving up (Un
 T = TypeVar("T")
 
 
-class ClusterStore(VersionWriter):
+class ClusterStore(VersionWriter, VersionReads):
     """The store of one server node of a cluster. Thread-safe."""
 
     def __init__(
@@ -370,12 +371,6 @@ class ClusterStore(VersionWriter):
         except NotFound:
             raise version_gone(name, version) from None
         return shard[start : start + size], len(shard)
-
-    def get_shard(self, tenant: str, name: str, version: int, layer: int) -> bytes:
-        return self.read_version(tenant, name, version, layers=[layer]).shard(layer)
-
-    def get_index(self, tenant: str, name: str, version: int, layer: int, group: int) -> bytes:
-        return self.read_version(tenant, name, version, layers=[layer]).index(layer, group)
 
     # ------------------------------------------------------------ prefixes: write
 

@@ -152,15 +152,14 @@ def _attention(
 def _cpu_flash_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> State:
     """The state from torch's fused CPU attention kernel, which returns the log-sum-exp too and
     never materializes the scores (pinned equal to the scores path by the tests)."""
-    b, h, t, _ = q.shape
-    g = h // k.shape[1]
-    kf, vf = k.float(), v.float()
-    if g > 1:  # GQA: query head h reads key/value head h // g
-        kf, vf = kf.repeat_interleave(g, dim=1), vf.repeat_interleave(g, dim=1)
-    if kf.shape[0] != b:
-        kf, vf = kf.expand(b, -1, -1, -1), vf.expand(b, -1, -1, -1)
-    out, lse = _CPU_FLASH(q.float(), kf, vf, 0.0, False, attn_mask=None, scale=scale)
-    return State(out, lse.view(b, h, t))
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    # GQA: query head h reads key/value head h // g, so a group's queries are one row block of
+    # its key/value head (no copy of the keys per query head)
+    qf = q.float().reshape(b, hkv, (h // hkv) * t, d)
+    kf, vf = k.float().expand(b, -1, -1, -1), v.float().expand(b, -1, -1, -1)
+    out, lse = _CPU_FLASH(qf, kf, vf, 0.0, False, attn_mask=None, scale=scale)
+    return State(out.reshape(b, h, t, d), lse.reshape(b, h, t))
 
 
 # torch's fused CPU attention with log-sum-exp (a private aten op: absent, the scores path serves)

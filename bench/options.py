@@ -75,6 +75,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     ),
     "bf16_rope_common": ({**BF16, "key_mode": "rope_common"}, {}),
     "bf16_top4": (BF16, {"top_k": 4}),
+    # fitted key/value rows per KV head (memdb_worker.fitted): M rows cost one token of KV each
+    "fitted_bf16": ({**BF16, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
+    "fitted_fp8_bf16": ({**COMPACT, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
 }
 
 

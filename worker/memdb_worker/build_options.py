@@ -10,7 +10,7 @@ from memdb_worker.formats import KEY_DTYPES, OUT_DTYPES
 from memdb_worker.keys import GRANULARITIES, KEY_MODES, Granularity, KeyMode
 from memdb_worker.prefix import DEFAULT_SINK_TOKENS
 
-EntryState = Literal["average", "centroid"]
+EntryState = Literal["average", "centroid", "fitted"]
 # "kv_group_mean": the key space's kv_group with one key per group, the mean of its heads' keys
 # (written to shards as granularity "kv_group" + group_key "mean", see `memory.lookup_keys`)
 BuildGranularity = Granularity | Literal["kv_group_mean"]
@@ -44,7 +44,8 @@ class BuildOptions:
     common_position: int | None = None  # rope_common: None = the position right after the prefix
     granularity: BuildGranularity = "kv_group_mean"
     # entries
-    entry_state: EntryState = "average"  # Eq. 5 member averages, or recomputed at the centroid
+    # Eq. 5 member averages, recomputed at the centroid, or fitted key/value rows (fitted.py)
+    entry_state: EntryState = "average"
     lse_correction: bool = False  # store q_mean and k_bar for the first-order lse correction
     store_q_mean: bool = True  # False: leave q_mean out where it equals the entry key
     key_dtype: Literal["float32", "float16", "bfloat16", "float8_e4m3fn"] = "bfloat16"
@@ -52,6 +53,9 @@ class BuildOptions:
     # clustering
     kmeans_iters: int = 20
     seed: int = 0
+    # fitted entries (entry_state "fitted", fitted.py): Adam steps of the biases, values' ridge
+    fit_steps: int = 60
+    fit_ridge: float = 1e-3
     # calibration
     chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
     sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends
@@ -64,8 +68,20 @@ class BuildOptions:
             raise ValueError(f"key_mode must be one of {KEY_MODES}, not {self.key_mode!r}")
         if self.granularity not in BUILD_GRANULARITIES:
             raise ValueError(f"granularity must be one of {BUILD_GRANULARITIES}")
-        if self.entry_state not in ("average", "centroid"):
-            raise ValueError("entry_state must be 'average' or 'centroid'")
+        if self.entry_state not in ("average", "centroid", "fitted"):
+            raise ValueError("entry_state must be 'average', 'centroid' or 'fitted'")
+        if self.fitted and (
+            self.granularity != "kv_group_mean"
+            or self.key_mode != "pre_rope"
+            or self.whiten
+            or self.lse_correction
+        ):
+            raise ValueError(
+                "entry_state 'fitted' keeps key/value rows per KV head: use granularity "
+                "'kv_group_mean', key_mode 'pre_rope', no whitening and no lse_correction"
+            )
+        if self.fit_steps < 0 or self.fit_ridge < 0:
+            raise ValueError("fit_steps and fit_ridge must be >= 0")
         if self.key_dtype not in KEY_DTYPES:
             raise ValueError(f"key_dtype must be one of {KEY_DTYPES}, not {self.key_dtype!r}")
         if self.out_dtype not in OUT_DTYPES:
@@ -79,6 +95,11 @@ class BuildOptions:
             raise ValueError("sink_tokens must be >= 0")
         if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
             raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
+
+    @property
+    def fitted(self) -> bool:
+        """Whether entries are fitted key/value rows (fitted.py), not states of clusters."""
+        return self.entry_state == "fitted"
 
     @property
     def keyspace_granularity(self) -> Granularity:

@@ -20,6 +20,9 @@ several budgets and options); the options are `build_options.BuildOptions`:
    averaged in log space, logsumexp - log n; out = the Z-weighted mean of members' outputs), or
    states recomputed at the centroid query. With M equal to the number of records every record
    is its own entry (no clustering: the memory holds exact states of exact queries).
+   With entry_state "fitted" (`fitted`), no clustering either: per layer and KV head, M of the
+   prefix's key rows (those the calibration queries attend most), biases and values fitted so
+   that attention over them reproduces the records' exact states.
 
 Deterministic for a given seed (sampling and k-means seeds derive from `BuildOptions.seed`).
 This module knows nothing of storage or serving; it emits `memdb.shards.Shard`s.
@@ -43,6 +46,7 @@ from tqdm.auto import tqdm
 from memdb.shards import Shard
 from memdb_worker.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb_worker.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
+from memdb_worker.fitted import fit_group
 from memdb_worker.formats import quantize_keys, to_numpy
 from memdb_worker.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
 from memdb_worker.memory import DecodeOptions, Memory, lookup_keys
@@ -135,7 +139,12 @@ def cluster(
     n = calib.num_records
     if budget < 1:
         raise ValueError("the budget M must be >= 1")
-    if budget > n:
+    if options.fitted and budget > calib.prefix.token_count:
+        raise ValueError(
+            f"budget M={budget} exceeds the prefix's {calib.prefix.token_count} tokens: fitted "
+            "entries are at most one row per prefix token (its whole KV)"
+        )
+    if budget > n and not options.fitted:
         raise ValueError(
             f"budget M={budget} exceeds the {n} calibration tokens recorded "
             f"({calib.trace_count} traces of {calib.trace_tokens} tokens, max_records="
@@ -164,7 +173,10 @@ def cluster(
 
     def one(layer: int) -> Shard:
         with torch.inference_mode():  # thread-local: pool threads need it too
-            shard = _cluster_layer(calib, ks, layer, budget, options, meta)
+            if options.fitted:
+                shard = _fit_layer(calib, layer, budget, options, meta)
+            else:
+                shard = _cluster_layer(calib, ks, layer, budget, options, meta)
         bar.update()
         return shard
 
@@ -256,6 +268,46 @@ def _cluster_layer(
         out=to_numpy(out.to(state_dtype)),
         lse=lse.numpy().astype(np.float32),
         extras=extras,
+        metadata={**meta, "layer": str(layer)},
+        key_scale=None if key_scale is None else to_numpy(key_scale),
+    )
+
+
+def _fit_layer(
+    calib: Calibration, layer: int, budget: int, options: BuildOptions, meta: dict[str, str]
+) -> Shard:
+    """Fitted rows of every KV head of a layer (`fitted.fit_group`): keys [Hkv, M, d], values
+    as out [Hkv, M, 1, d], biases as lse [Hkv, M, 1]."""
+    pre = calib.prefix
+    hkv, d = calib.num_kv_heads, calib.head_dim
+    hg = calib.num_heads // hkv
+    dev = pre.keys[layer].device
+    cos, sin = calib.rope.cos_sin(calib.positions)  # [N, d]
+    q = apply_rope(calib.q_pre[layer], cos.unsqueeze(1), sin.unsqueeze(1))  # [N, H, d] post-RoPE
+    keys = torch.zeros(hkv, budget, d)
+    values = torch.zeros(hkv, budget, 1, d)
+    bias = torch.zeros(hkv, budget, 1)
+    for g in range(hkv):
+        heads = slice(g * hg, (g + 1) * hg)
+        k, v, b = fit_group(
+            pre.keys[layer][0, g],
+            pre.values[layer][0, g],
+            q[:, heads].reshape(-1, d).to(dev),
+            calib.out[layer][:, heads].reshape(-1, d).to(dev),
+            calib.lse[layer][:, heads].reshape(-1).to(dev),
+            budget,
+            pre.scaling,
+            steps=options.fit_steps,
+            ridge=options.fit_ridge,
+            seed=_seed(options.seed, layer, g),
+        )
+        keys[g], values[g, :, 0], bias[g, :, 0] = k.cpu(), v.cpu(), b.cpu()
+    stored_keys, key_scale = quantize_keys(keys, options.key_dtype)
+    return Shard(
+        keys=to_numpy(stored_keys),
+        out=to_numpy(values.to(getattr(torch, options.out_dtype))),
+        lse=bias.numpy().astype(np.float32),
+        extras={},
         metadata={**meta, "layer": str(layer)},
         key_scale=None if key_scale is None else to_numpy(key_scale),
     )

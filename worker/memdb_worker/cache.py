@@ -399,6 +399,12 @@ class MemoryCache:
                 "the per-layer whitening (serve it with --memory-mode cache and a budget that "
                 "holds it)"
             )
+        if meta.get("entry_state") == "fitted":
+            raise FailedPrecondition(
+                f"memory '{name}' has fitted entries: they are attended as a whole on the "
+                "worker, not looked up remotely (serve it with --memory-mode cache and a budget "
+                "that holds it)"
+            )
         keyspace = keyspace_from_metadata(meta, [shard])
         source = RemoteMemory(
             self.client, name, info.version, self.model_fingerprint, keyspace, meta,

@@ -119,7 +119,8 @@ def supports(memory: Memory) -> bool:
     ks = memory.keyspace
     lay = memory.layers[0]
     return (
-        memory.options.top_k == 1
+        not memory.fitted
+        and memory.options.top_k == 1
         and (not memory.lse_corrected or _extras_fit(lay))
         and memory.key_dim <= MAX_KEY_DIM
         and ks.head_dim in (16, 32, 64, 128, 256)

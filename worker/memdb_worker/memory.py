@@ -26,6 +26,11 @@ keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer
 - lse_correction: lse <- lse + s * k_bar . (q_pre - q_mean), when the memory stores k_bar;
 - lse_bias: a constant added to every entry's lse (against prefix decay), or one per layer.
 
+A memory built with entry_state "fitted" (`fitted`) is not looked up: its layer holds M
+key/value rows per KV head (keys [Hkv, M, d] post-RoPE, out [Hkv, M, 1, d] the values, lse
+[Hkv, M, 1] a bias added to the scores) and a live query's state is attention over all of
+them; only `lse_bias` of the decode options applies.
+
 `DecodeOptions` are chosen at decode time (`with_options` shares the tensors). Everything after
 the search (correction, bias, soft top-k) is `hits_state`, shared with the worker's remote
 lookups (`cache.RemoteMemory`) so that both answer alike. This module knows nothing of how
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from memdb.shards import KEY_SCALE, Shard, check_consistent
+from memdb_worker.fitted import fitted_state
 from memdb_worker.formats import to_numpy, to_torch
 from memdb_worker.keys import Granularity, KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
@@ -160,6 +166,8 @@ class Memory:
         self.group_key = group_key_of(self.metadata, keyspace)
         for lay in layers:
             lay.check()
+        if self.fitted:
+            check_fitted(self.options, layers[0], keyspace, self.group_key)
         self.lse_corrected = check_options(
             self.options, budget=self.budget, num_layers=len(layers), extras=layers[0].extras
         )  # whether the first-order lse correction applies
@@ -242,6 +250,12 @@ class Memory:
     def device(self) -> torch.device:
         return self.layers[0].keys.device
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the entries are fitted key/value rows (`fitted`), answered by attention
+        over all of them rather than by a lookup."""
+        return self.metadata.get("entry_state") == "fitted"
+
     def nbytes(self) -> int:
         """Bytes of the memory as stored (keys, key_scale, states, stored extras;
         `formats.memory_bytes`)."""
@@ -301,6 +315,12 @@ class Memory:
         b, h, t, d = query.q.shape
         ks = self.keyspace
         lay = self.layers[query.layer]
+        if self.fitted:
+            st = fitted_state(query.q, lay.key_values(), lay.out[:, :, 0], lay.lse[:, :, 0],
+                              query.scaling)  # fmt: skip
+            bias = self.options.lse_bias
+            bias = bias[query.layer] if isinstance(bias, tuple) else bias
+            return State(st.out, st.lse + bias) if bias else st
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)  # [n, H, d]
         keys = lookup_keys(ks, self.group_key, q_pre, query.layer)  # [n, I, Dk]
         scores, ids = self.search(query.layer, keys, self.options.top_k)  # [n, I, k]
@@ -326,6 +346,25 @@ def check_options(
     if options.lse_correction and not has_kbar:
         raise ValueError("lse_correction needs a memory built with lse_correction=True (k_bar)")
     return has_kbar if options.lse_correction is None else options.lse_correction
+
+
+def check_fitted(
+    options: DecodeOptions, layer: MemoryLayer, keyspace: KeySpace, group_key: str
+) -> None:
+    """Raise ValueError unless a fitted memory (entry_state "fitted") has its shapes (keys
+    [Hkv, M, d], out [Hkv, M, 1, d], lse [Hkv, M, 1]) and asks for no lookup option."""
+    want = (keyspace.num_kv_heads, keyspace.head_dim)
+    if keyspace.granularity != "kv_group" or group_key != "mean":
+        raise ValueError("a fitted memory has granularity 'kv_group' and group_key 'mean'")
+    if (layer.keys.shape[0], layer.keys.shape[2]) != want or layer.out.shape[2] != 1:
+        raise ValueError(
+            f"a fitted memory holds keys [Hkv, M, d], out [Hkv, M, 1, d]: got keys "
+            f"{list(layer.keys.shape)}, out {list(layer.out.shape)} for Hkv, d = {want}"
+        )
+    if options.top_k != 1 or options.lse_correction:
+        raise ValueError(
+            "a fitted memory attends over all its rows: top_k and lse_correction do not apply"
+        )
 
 
 def correct_lse(

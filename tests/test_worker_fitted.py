@@ -1,0 +1,153 @@
+"""Fitted entries (memdb_worker.fitted): the fit's parts against exact computations, the builder's
+fitted memories on a tiny random Llama (exact with every prefix token kept, shards that round-trip
+through the server's encoding), and on the real SmolLM2 against the paper's entries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memdb.shards import decode_shard, encode_shard
+from memdb_worker import fitted
+from memdb_worker.attention import bind
+from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
+from memdb_worker.memory import DecodeOptions, Memory
+from memdb_worker.prefix import encode_prefix
+from memdb_worker.state import attention_state
+from tests.tiny import tiny_llama
+
+VOCAB = 128
+PREFIX = list(range(3, 43))
+FITTED = {"entry_state": "fitted", "key_dtype": "float32", "out_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      max_position_embeddings=128, pad_token_id=None)  # fmt: skip
+
+
+def _traces(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fitted_state_is_attention_with_the_bias_added_to_the_scores():
+    q = _rand(2, 4, 3, 8, seed=1)  # [B, H, T, d], 2 KV heads
+    keys, values, bias = _rand(2, 5, 8, seed=2), _rand(2, 5, 8, seed=3), _rand(2, 5, seed=4)
+    st = fitted.fitted_state(q, keys, values, bias, 0.3)
+    kh = keys.repeat_interleave(2, dim=0)  # [H, M, d]
+    scores = 0.3 * torch.einsum("bhtd,hmd->bhtm", q, kh) + bias.repeat_interleave(2, 0)[:, None]
+    want_out = torch.einsum("bhtm,hmd->bhtd", scores.softmax(-1), values.repeat_interleave(2, 0))
+    torch.testing.assert_close(st.lse, scores.logsumexp(-1))
+    torch.testing.assert_close(st.out, want_out)
+
+
+def test_every_prefix_key_kept_is_exact_attention():
+    k, v, q = _rand(12, 8, seed=1), _rand(12, 8, seed=2), _rand(30, 8, seed=3)
+    exact = attention_state(q[None, None], k[None, None], v[None, None], 0.35)
+    keys, values, bias = fitted.fit_group(k, v, q, exact.out[0, 0], exact.lse[0, 0], 12, 0.35)
+    st = fitted.fitted_state(q[None, None], keys[None], values[None], bias[None], 0.35)
+    torch.testing.assert_close(st.out, exact.out)
+    torch.testing.assert_close(st.lse, exact.lse)
+
+
+def test_values_solve_the_ridge_least_squares_in_any_row_blocks(monkeypatch):
+    q, keys = _rand(50, 6, seed=1), _rand(7, 6, seed=2)
+    out, bias, prior = _rand(50, 4, seed=3), _rand(7, seed=4), _rand(7, 4, seed=5)
+    p = torch.softmax(0.4 * q @ keys.T + bias, -1).double()  # [n, M]
+    lam = 0.1 * 50 / 7
+    want = torch.linalg.solve(p.T @ p + lam * torch.eye(7, dtype=torch.float64),
+                              p.T @ out.double() + lam * prior.double())  # fmt: skip
+    monkeypatch.setattr(fitted, "ROW_BLOCK", 8)  # 7 blocks, the last one short
+    got = fitted.fit_values(q, out, keys, bias, prior, 0.4, ridge=0.1)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_values_of_states_made_by_known_rows_are_recovered():
+    q, keys, values = _rand(200, 6, seed=1), _rand(5, 6, seed=2), _rand(5, 4, seed=3)
+    out = torch.softmax(0.5 * q @ keys.T, -1) @ values
+    got = fitted.fit_values(q, out, keys, torch.zeros(5), torch.zeros(5, 4), 0.5, ridge=0.0)
+    torch.testing.assert_close(got, values, rtol=1e-4, atol=1e-4)
+
+
+def test_biases_carry_the_mass_of_keys_left_out():
+    # every key twice in the prefix: half of them with bias log 2 is the same attention
+    q, keys = _rand(300, 6, seed=1), _rand(8, 6, seed=2)
+    lse = torch.logsumexp(0.5 * q @ keys.T + math.log(2.0), -1)
+    bias = fitted.fit_biases(q, lse, keys, 0.5, steps=300, lr=0.05)
+    torch.testing.assert_close(bias, torch.full((8,), math.log(2.0)), rtol=0, atol=0.02)
+
+
+def test_the_keys_kept_are_those_the_queries_attend_most():
+    u = torch.nn.functional.normalize(_rand(6, seed=5), dim=0)
+    q = 0.3 * _rand(40, 6, seed=1) + 2 * u
+    keys = _rand(10, 6, seed=2)
+    keys[3] = 3 * u  # every query's favourite
+    mass = fitted.attention_mass(q, keys, 0.5)
+    torch.testing.assert_close(mass.sum(), torch.tensor(40.0))
+    k_sel, _, _ = fitted.fit_group(keys, _rand(10, 4, seed=3), q, _rand(40, 4, seed=4),
+                                   torch.zeros(40), 1, 0.5)  # fmt: skip
+    torch.testing.assert_close(k_sel[0], keys[3])
+
+
+def test_a_fitted_budget_past_the_prefix_or_a_lookup_option_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="kv_group_mean"):
+        BuildOptions(entry_state="fitted", granularity="head")
+    with pytest.raises(ValueError, match="exceeds the prefix's 40 tokens"):
+        build_memory(tiny, None, PREFIX, _traces(8, 15, 0), budget=41,
+                     options=BuildOptions(**FITTED), progress=False)  # fmt: skip
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 0), budget=8,
+                         options=BuildOptions(**FITTED), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="top_k and lse_correction do not apply"):
+        built.to_memory(options=DecodeOptions(top_k=2))
+
+
+def test_a_fitted_memory_of_the_whole_prefix_decodes_as_the_prefix(tiny):
+    traces = _traces(8, 15, 1)
+    built = build_memory(tiny, None, PREFIX, traces, budget=len(PREFIX),
+                         options=BuildOptions(**FITTED), progress=False)  # fmt: skip
+    ids = torch.tensor(_traces(2, 12, 5))
+    with bind(tiny, built.to_memory()):
+        got = tiny(ids).logits
+    with bind(tiny, encode_prefix(tiny, PREFIX)):
+        want = tiny(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fitted_shards_round_trip_through_the_server_encoding(tiny):
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 2), budget=10,
+                         options=BuildOptions(entry_state="fitted"), progress=False)  # fmt: skip
+    s = built.shards[0]
+    assert s.keys.shape == (2, 10, 8) and s.out.shape == (2, 10, 1, 8) and s.lse.shape == (2, 10, 1)
+    back = [decode_shard(encode_shard(x)) for x in built.shards]
+    mem, again = built.to_memory(), Memory.from_shards(back)
+    assert again.fitted and again.nbytes() == mem.nbytes() == built.nbytes()
+    ids = torch.tensor(_traces(1, 10, 6))
+    with bind(tiny, mem):
+        a = tiny(ids).logits
+    with bind(tiny, again):
+        b = tiny(ids).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_fitted_rows_fit_the_calibration_better_than_the_prefix_cut_to_as_many_tokens(tiny):
+    traces = _traces(24, 15, 3)
+    calib = calibrate(tiny, None, PREFIX, traces, BuildOptions(**FITTED), progress=False)
+    mem = cluster(calib, 10, BuildOptions(**FITTED), progress=False).to_memory()
+    cut = calib.prefix.head(10)
+    ids = torch.tensor(_traces(4, 12, 7))
+    with bind(tiny, calib.prefix):
+        want = tiny(ids).logits.log_softmax(-1)
+    errs = []
+    for source in (mem, cut):
+        with bind(tiny, source):
+            got = tiny(ids).logits.log_softmax(-1)
+        errs.append(float((got - want).abs().mean()))
+    assert errs[0] < 0.5 * errs[1], errs

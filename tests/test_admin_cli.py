@@ -465,8 +465,8 @@ def _trec_args(n_prefix=8, n_traces=4):
 @pytest.mark.model
 def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli, tmp_path):
     model, tok = model_in_cli
-    # one entry per head with q_mean: what `prefix append` needs (the default kv_group_mean
-    # memories keep no per-head entry queries)
+    # one entry per head with q_mean: `prefix append`'s exact path (default-format memories get
+    # estimated per-head queries: test_append_to_a_memory_built_with_default_options)
     head = ["--granularity", "head", "--lse-correction"]
     ins = run(server, "--json", "prefix", "insert", "trec", *_trec_args(), *head, "--budget", "8")
     assert ins.exit_code == 0, ins.stderr
@@ -527,6 +527,27 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
     assert_same_lookups(
         lookups(server, "trec", fp, [0, 29], qs), lookups(server2, "trec", fp, [0, 29], qs)
     )
+
+
+@pytest.mark.model
+def test_append_to_a_memory_built_with_default_options(server, model_in_cli):
+    """The README's flow: `prefix insert` with the builder's defaults (group-mean keys, bfloat16,
+    no q_mean), then `prefix append`: a new version with the same keys and grown states."""
+    ins = run_json(server, "prefix", "insert", "trec-default", *_trec_args(), "--budget", "8")
+    assert (ins["num_groups"], ins["key_dim"]) == (3, 64)  # one head_dim key per KV group
+    app = run_json(
+        server, "prefix", "append", "trec-default", "-p", str(TREC), "--prefix-skip", "100",
+        "--prefix-limit", "3",
+    )  # fmt: skip
+    assert app["version"] == 2 and app["token_count"] > ins["token_count"]
+    with MemdbClient(server.address, ROOT) as c:
+        fp = app["model_fingerprint"]
+        old = c.fetch_memory("trec-default", model_fingerprint=fp, version=1).shards
+        new = c.fetch_memory("trec-default", model_fingerprint=fp, version=2).shards
+    assert not old[0].extras and not new[0].extras and new[0].out.dtype == old[0].out.dtype
+    assert all(np.array_equal(a.keys, b.keys) for a, b in zip(old, new, strict=True))
+    assert all((b.lse >= a.lse).all() for a, b in zip(old, new, strict=True))  # more keys
+    assert not np.allclose(old[5].out.astype(np.float32), new[5].out.astype(np.float32))
 
 
 @pytest.mark.model

@@ -6,14 +6,25 @@ new chunk is encoded after the prefix's sink tokens (its first tokens, stored in
 true positions (right after the stored prefix, so the new text has the same distances to the
 live tokens as in a rebuilt prefix; past the context it restarts after the sink, like the
 builder's later chunks). Then, at every layer, each stored entry's query gets its exact state on
-the chunk, which is merged with the stored state by the online-softmax identity. The entry's
-query is recovered from the stored key in every key mode: the mean pre-RoPE query `q_mean` when
-the memory stores it, else the key with its whitening (stored per layer) inverted and, for
-`rope_common`, the common rotation undone. Keys do not change. What an append cannot know is
-each entry's members: the state on the new chunk is that of the entry's mean query (exact for
-`centroid` entries; for Eq. 5 `average` entries the members' own states would be Z-averaged
-instead), and the traces' queries are not re-run with the new text in context (a rebuild would
-see it).
+the chunk, which is merged with the stored state by the online-softmax identity. Keys do not
+change.
+
+The entry's per-head query comes from what is stored: the mean pre-RoPE query `q_mean` when the
+memory stores it (lse_correction builds: exact), else the key, dequantized (float8 keys times
+their key_scale), its whitening (stored per layer) inverted and, for `rope_common`, the common
+rotation undone (exact up to the key's dtype). A group-mean key (group_key "mean", the default
+format "kv_group_mean" without lse_correction) holds only the mean over a KV group's heads of
+their queries: there each head's query is *estimated* from it (`head_queries`: a ridge
+regression of each head's query on its group's mean query, fitted on the appended text's own
+queries while it is encoded; the estimates average to the stored key exactly). The state on the
+new chunk is then that of an estimated query, an error the other formats do not have
+(bench/results/append_default_cpu.json: append against a rebuild in the default format).
+Whitened group-mean keys (one whitening per head, averaged) are refused.
+
+What an append cannot know in any format is each entry's members: the state on the new chunk is
+that of the entry's mean query (exact for `centroid` entries; for Eq. 5 `average` entries the
+members' own states would be Z-averaged instead), and the traces' queries are not re-run with
+the new text in context (a rebuild would see it).
 
 Knows nothing of servers or files: it maps stored shards and new text to new shards.
 """
@@ -23,14 +34,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from memdb.shards import Shard
+from memdb_worker.attention import bind
+from memdb_worker.head_queries import HeadQueryFit, QueryStats
 from memdb_worker.keys import KeySpace, apply_rope, rope_transpose, undo_rope
-from memdb_worker.memory import keyspace_from_metadata
+from memdb_worker.memory import group_key_of, keyspace_from_metadata
 from memdb_worker.prefix import (
     ExactPrefix,
     default_chunk_tokens,
@@ -87,10 +101,20 @@ def append_chunk(
     if not ids:
         raise ValueError("the text to append is empty")
 
+    stats = None  # group-mean keys: the new text's queries fit each head's entry query
+    if group_key_of(meta, ks) == "mean" and "q_mean" not in shards[0].extras:
+        if ks.whiten is not None:
+            raise ValueError(
+                "appending to whitened group-mean keys without q_mean is not supported: rebuild "
+                "the memory from the whole prefix (or build it with lse_correction)"
+            )
+        stats = QueryStats(len(shards), kv_heads, ks.heads_per_group, d)
+
     old_chunks = json.loads(meta.get("chunk_lengths", "[]"))
     old_len = int(meta.get("prefix_length", "0"))
-    new = _encode_new(model, ids, json.loads(meta.get("sink_ids", "[]")), old_len, chunk_tokens,
-                      progress)  # fmt: skip
+    sink = json.loads(meta.get("sink_ids", "[]"))
+    with bind(model, stats, live_positions="zero") if stats else nullcontext():
+        new = _encode_new(model, ids, sink, old_len, chunk_tokens, progress)
     prefix_length = max(old_len, new.prefix_length)
     if query_position is None:
         query_position = prefix_length + _mean_trace_offset(meta)
@@ -110,7 +134,8 @@ def append_chunk(
     with torch.inference_mode():
         for layer in bar:
             s = shards[layer]
-            q_pre = to_heads(entry_queries(s, ks, layer))  # [1, H, M, d] pre-RoPE
+            fit = stats.fit(layer) if stats is not None else None
+            q_pre = to_heads(entry_queries(s, ks, layer, fit))  # [1, H, M, d] pre-RoPE
             q_post = apply_rope(q_pre, cos_p, sin_p).to(new.keys[layer].device)
             has_kbar = "k_bar" in s.extras
             if has_kbar:
@@ -179,29 +204,35 @@ def _encode_new(
     )
 
 
-def entry_queries(s: Shard, ks: KeySpace, layer: int) -> torch.Tensor:
-    """Each entry's mean pre-RoPE query [I, M, h, d] (float32)."""
-    ng, m = s.keys.shape[:2]
-    hg, d = ks.heads_per_group, ks.head_dim
+def entry_queries(
+    s: Shard, ks: KeySpace, layer: int, fit: HeadQueryFit | None = None
+) -> torch.Tensor:
+    """Each entry's mean pre-RoPE query [I, M, h, d] (float32): the stored q_mean, else from the
+    key (module doc); group-mean keys need `fit`, which estimates each head's query."""
     if "q_mean" in s.extras:
         return torch.from_numpy(s.extras["q_mean"].astype("float32"))
-    if s.keys.shape[2] != hg * d:  # group_key "mean": one key for the group's heads
-        raise ValueError(
-            "appending needs each head's entry query: a memory with group_key 'mean' keeps them "
-            "only with lse_correction (q_mean); rebuild it from the whole prefix instead"
-        )
-    if s.key_scale is not None:
-        raise ValueError("appending to float8 keys without q_mean is not supported; rebuild")
-    x = torch.from_numpy(s.keys.astype("float32")).reshape(ng, m, hg, d)  # grouped per head
-    x = x.permute(1, 0, 2, 3).reshape(m, ng * hg, d)  # [M, H, d] key space, per head
+    ng, m, dk = s.keys.shape
+    hg, d = ks.heads_per_group, ks.head_dim
+    hk = dk // d  # heads per key: h side by side, or 1 for a group-mean key
+    x = torch.from_numpy(s.keys.astype("float32"))  # [I, M, Dk]
+    if s.key_scale is not None:  # float8: the key is keys * key_scale (memory.MemoryLayer)
+        x = x * torch.from_numpy(s.key_scale.astype("float32")).unsqueeze(-1)
+    x = x.reshape(ng, m, hk, d).permute(1, 0, 2, 3).reshape(m, ng * hk, d)  # [M, I * hk, d]
     if ks.whiten is not None:
+        if hk != hg:
+            raise ValueError("whitened group-mean keys cannot be turned back into queries")
         w = ks.whiten[layer].double()  # key = W (x - mu)
         mu = ks.whiten_mean[layer].double() if ks.whiten_mean is not None else 0.0
         x = (torch.linalg.solve(w, x.double().permute(1, 2, 0)).permute(2, 0, 1) + mu).float()
     if ks.mode == "rope_common":
         cos, sin = ks.rope.cos_sin(torch.tensor(ks.common_position))
         x = undo_rope(x, cos, sin)
-    return x.reshape(m, ng, hg, d).permute(1, 0, 2, 3).contiguous()
+    x = x.reshape(m, ng, hk, d).permute(1, 0, 2, 3).contiguous()  # [I, M, hk, d]
+    if hk == hg:
+        return x
+    if fit is None:
+        raise ValueError("a group-mean key holds no per-head query: pass the fit (head_queries)")
+    return fit.head_queries(x[:, :, 0])
 
 
 def _mean_trace_offset(meta: dict[str, str]) -> int:

@@ -151,3 +151,27 @@ def test_fitted_rows_fit_the_calibration_better_than_the_prefix_cut_to_as_many_t
             got = tiny(ids).logits.log_softmax(-1)
         errs.append(float((got - want).abs().mean()))
     assert errs[0] < 0.5 * errs[1], errs
+
+
+@pytest.mark.parametrize("key_dtype", ["float32", "float8_e4m3fn"])
+def test_appending_to_a_fitted_memory_adds_the_chunk_rows_exactly(tiny, key_dtype):
+    from memdb_worker.append import append_chunk
+    from memdb_worker.prefix import ExactPrefix, encode_chunk
+
+    opts = BuildOptions(**{**FITTED, "key_dtype": key_dtype})
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 4), budget=len(PREFIX),
+                         options=opts, progress=False)  # fmt: skip
+    more = list(range(50, 70))
+    app = append_chunk(tiny, None, built.shards, more, progress=False)
+    mem = Memory.from_shards(app.shards)
+    assert mem.budget == len(PREFIX) + len(more) and mem.token_count == len(PREFIX) + len(more)
+    first = encode_prefix(tiny, PREFIX)
+    want = ExactPrefix.join([first, encode_chunk(tiny, more, list(first.sink_ids), len(PREFIX))])
+    assert mem.prefix_length == want.prefix_length
+    ids = torch.tensor(_traces(2, 10, 8))
+    with bind(tiny, mem):
+        got = tiny(ids).logits
+    with bind(tiny, want):
+        exact = tiny(ids).logits
+    tol = 1e-4 if key_dtype == "float32" else 0.1
+    torch.testing.assert_close(got, exact, rtol=tol, atol=tol)

@@ -26,6 +26,9 @@ that of the entry's mean query (exact for `centroid` entries; for Eq. 5 `average
 members' own states would be Z-averaged instead), and the traces' queries are not re-run with
 the new text in context (a rebuild would see it).
 
+A memory of fitted rows (entry_state "fitted", `fitted`) takes the new chunk's own keys and
+values as extra rows (bias 0): exact for the chunk, M grows by its length (`_append_rows`).
+
 Knows nothing of servers or files: it maps stored shards and new text to new shards.
 """
 
@@ -37,11 +40,13 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from memdb.shards import Shard
 from memdb_worker.attention import bind
+from memdb_worker.formats import quantize_keys, to_numpy, to_torch
 from memdb_worker.head_queries import HeadQueryFit, QueryStats
 from memdb_worker.keys import KeySpace, apply_rope, rope_transpose, undo_rope
 from memdb_worker.memory import group_key_of, keyspace_from_metadata
@@ -100,6 +105,9 @@ def append_chunk(
         ids = [int(t) for t in text]
     if not ids:
         raise ValueError("the text to append is empty")
+
+    if meta.get("entry_state") == "fitted":
+        return _append_rows(model, shards, ids, meta, chunk_tokens, progress)
 
     stats = None  # group-mean keys: the new text's queries fit each head's entry query
     if group_key_of(meta, ks) == "mean" and "q_mean" not in shards[0].extras:
@@ -180,6 +188,51 @@ def append_chunk(
     for i, s in enumerate(out_shards):
         s.metadata = {**meta, "layer": str(i)}
     return Appended(out_shards, meta, len(ids), token_count, int(query_position))
+
+
+def _append_rows(
+    model,
+    shards: Sequence[Shard],
+    ids: list[int],
+    meta: dict[str, str],
+    chunk_tokens: int | None,
+    progress: bool,
+) -> Appended:
+    """A fitted memory (entry_state "fitted") plus a chunk: its rows and the chunk's own keys
+    and values (bias 0), so attention over them is the exact merge of the fitted prefix and the
+    chunk. The chunk is kept whole (M grows by its tokens); a rebuild fits it down."""
+    old_len = int(meta.get("prefix_length", "0"))
+    sink = json.loads(meta.get("sink_ids", "[]"))
+    new = _encode_new(model, ids, sink, old_len, chunk_tokens, progress)
+    out_shards = []
+    for layer, s in enumerate(shards):
+        keys, scale = quantize_keys(new.keys[layer][0].float().cpu(), s.keys.dtype.name)
+        values = new.values[layer][0].float().cpu().unsqueeze(2)  # [Hkv, n, 1, d]
+        key_scale = None
+        if scale is not None:
+            key_scale = np.concatenate([s.key_scale, to_numpy(scale)], axis=1)
+        out_shards.append(
+            Shard(
+                keys=np.concatenate([s.keys, to_numpy(keys)], axis=1),
+                out=np.concatenate([s.out, to_numpy(values.to(to_torch(s.out[:0]).dtype))], 1),
+                lse=np.concatenate([s.lse, np.zeros(values.shape[:3], np.float32)], axis=1),
+                extras={},
+                metadata={},
+                key_scale=key_scale,
+            )
+        )
+    prefix_length = max(old_len, new.prefix_length)
+    token_count = int(meta.get("token_count", "0")) + len(ids)
+    meta.update(
+        budget=str(out_shards[0].keys.shape[1]),
+        token_count=str(token_count),
+        prefix_length=str(prefix_length),
+        chunk_lengths=json.dumps(json.loads(meta["chunk_lengths"]) + list(new.chunk_lengths)),
+        appended_chunks=json.dumps(json.loads(meta.get("appended_chunks", "[]")) + [len(ids)]),
+    )
+    for i, sh in enumerate(out_shards):
+        sh.metadata = {**meta, "layer": str(i)}
+    return Appended(out_shards, meta, len(ids), token_count, prefix_length)
 
 
 def _encode_new(

@@ -8,10 +8,15 @@ bfloat16 KV) and by memories of each variant and budget M (bytes as stored), wit
 of bench.quality (rel_err, top1_agree, kl against exact attention over the prefix). One
 calibration per data set and seed (recording k_bar) serves every variant.
 
-A variant's figure of merit is its accuracy minus ICL's accuracy at the same bytes (ICL
-interpolated between its cuts, `bench.quality.summary.icl_at_bytes`); the pick is the variant
-and M of the highest mean gain over the data sets (ties: fewer bytes). The builder's defaults
-cite what this file picked. Sink length is not swept here: a prefix that fits one chunk has no
+A cell's figure of merit is its accuracy minus ICL's accuracy at the same bytes (ICL
+interpolated between its cuts, `bench.quality.summary.icl_at_bytes`). The pick is a *format*
+(the builder's defaults; M is the user's byte budget, not a default): the variant of the highest
+gain averaged over the data sets and every budget swept (ties: fewer bytes). The rule until
+2026-11-30 picked the single best (variant, M) cell, which rewards a byte size where ICL
+happens to be weak rather than a variant (on sst2 every memory scored as ICL over the whole
+prefix, 0.475, and the cell whose bytes met ICL's dip to 0.475 won). `--resummarise FILE`
+applies the current rule to a finished run's cells. The builder's defaults cite what this file
+picked. Sink length is not swept here: a prefix that fits one chunk has no
 sink (the sink only changes chunks after the first, i.e. the 32K memory).
 """
 
@@ -105,13 +110,41 @@ def validation_plan(task: Task, seed: int, n_val: int, n_examples: int, prefix_t
     return rows, demos, traces
 
 
+RULE = (
+    "pick = the variant of the highest accuracy gain over ICL at equal bytes (ICL interpolated "
+    "between cuts), averaged over data sets and budgets; ties to fewer bytes"
+)
+
+
 def pick(summary: dict) -> dict:
-    """The (variant, M) of the highest mean gain over ICL at equal bytes (ties: fewer bytes)."""
-    cells = []
-    for key, cell in summary.items():
-        cells.append((-cell["gain_over_icl_equal_bytes"], cell["bytes"], key))
-    _, _, best = min(cells)
-    return {"cell": best, **summary[best]}
+    """The variant of the highest gain over ICL at equal bytes averaged over its cells (every
+    data set and budget), ties to fewer bytes; with its per-M cells."""
+    by_variant: dict[str, list[dict]] = {}
+    for cell in summary.values():
+        by_variant.setdefault(cell["variant"], []).append(cell)
+    ranked = sorted(
+        (-float(np.mean([c["gain_over_icl_equal_bytes"] for c in cells])),
+         float(np.mean([c["bytes"] for c in cells])), name)
+        for name, cells in by_variant.items()
+    )  # fmt: skip
+    ranking = [{"variant": v, "mean_gain": -g, "mean_bytes": int(b)} for g, b, v in ranked]
+    best = ranking[0]["variant"]
+    cells = {f"{best}@{c['M']}": c for c in sorted(by_variant[best], key=lambda c: c["M"])}
+    return {"variant": best, "mean_gain": ranking[0]["mean_gain"], "cells": cells,
+            "ranking": ranking}  # fmt: skip
+
+
+def resummarise(path: Path, command: str) -> dict:
+    """A finished run's summary and pick again under the current rule (its cells unchanged)."""
+    import json
+
+    results = json.loads(path.read_text())
+    results["summary"] = summarise(results["datasets"])
+    results["picked"] = pick(results["summary"])
+    results["rule"] = RULE
+    results["resummarised_by"] = command
+    write_json(path, results)
+    return results
 
 
 def summarise(datasets: dict) -> dict:
@@ -224,7 +257,17 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default", help="a model name, .gguf file or folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
     p.add_argument("--out", type=Path, default=RESULTS / "options.json")
+    p.add_argument(
+        "--resummarise",
+        type=Path,
+        default=None,
+        help="apply the current pick rule to this finished run's JSON (rewrites it)",
+    )
     args = p.parse_args(argv)
+    if args.resummarise is not None:
+        cmd = "python -m bench.options " + " ".join(sys.argv[1:] if argv is None else argv)
+        _print_pick(resummarise(args.resummarise, cmd))
+        return 0
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
@@ -249,8 +292,7 @@ def main(argv=None) -> int:
         "machine": machine(),
         "prefix_tokens": args.prefix_tokens,
         "budgets": args.budgets,
-        "rule": "pick = the (variant, M) of the highest mean accuracy gain over ICL at equal "
-        "bytes (ICL interpolated between cuts), ties to fewer bytes",
+        "rule": RULE,
         "base": {"build": BASE_BUILD, "decode": BASE_DECODE},
         "variants": {k: {"build": VARIANTS[k][0], "decode": VARIANTS[k][1]} for k in args.variants},
         "datasets": {},
@@ -266,8 +308,15 @@ def main(argv=None) -> int:
         print(f"{key:<28}{c['acc']:7.3f}{c['icl_equal_bytes']:7.3f}"
               f"{c['gain_over_icl_equal_bytes']:7.3f}{c['bytes'] / 1e6:8.1f}{c['rel_err']:7.3f}"
               f"{c['top1_agree']:7.3f}{c['kl']:7.3f}")  # fmt: skip
-    print(f"picked: {results['picked']['cell']}")
+    _print_pick(results)
     return 0
+
+
+def _print_pick(results: dict) -> None:
+    for r in results["picked"]["ranking"]:
+        mb = r["mean_bytes"] / 1e6
+        print(f"{r['variant']:<24} mean gain {r['mean_gain']:+.3f} ({mb:.1f} MB)")
+    print(f"picked: {results['picked']['variant']}")
 
 
 if __name__ == "__main__":

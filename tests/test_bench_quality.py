@@ -250,15 +250,21 @@ def test_notes_are_key_text_pairs():
         parse_notes(["no equals sign"])
 
 
-def test_options_pick_the_best_gain_at_equal_bytes_then_fewer_bytes():
+def test_options_pick_the_variant_of_the_best_mean_gain_over_budgets_then_fewer_bytes():
     from bench.options import pick
 
-    summary = {
-        "a@128": {"gain_over_icl_equal_bytes": 0.05, "bytes": 10},
-        "b@128": {"gain_over_icl_equal_bytes": 0.10, "bytes": 30},
-        "c@128": {"gain_over_icl_equal_bytes": 0.10, "bytes": 20},
-    }
-    assert pick(summary)["cell"] == "c@128"
+    def cell(variant, m, gain, nbytes):
+        return {"variant": variant, "M": m, "gain_over_icl_equal_bytes": gain, "bytes": nbytes}
+
+    summary = {  # "a" has the single best cell but the worse mean; "b" and "c" tie, c is smaller
+        "a@128": cell("a", 128, 0.30, 10), "a@512": cell("a", 512, -0.30, 40),
+        "b@128": cell("b", 128, 0.05, 30), "b@512": cell("b", 512, 0.05, 90),
+        "c@128": cell("c", 128, 0.00, 20), "c@512": cell("c", 512, 0.10, 60),
+    }  # fmt: skip
+    got = pick(summary)
+    assert got["variant"] == "c" and list(got["cells"]) == ["c@128", "c@512"]
+    assert [r["variant"] for r in got["ranking"]] == ["c", "b", "a"]
+    assert got["mean_gain"] == pytest.approx(0.05)
 
 
 def test_options_validation_rows_are_never_demonstrations_or_traces():

@@ -34,6 +34,6 @@ def reference_options(**over):
     states, the lse correction's extras): what the exactness tests compare; `over` on top."""
     from memdb_worker.builder import BuildOptions
 
-    base = {"granularity": "head", "key_dtype": "float32", "out_dtype": "float32",
-            "lse_correction": True}  # fmt: skip
+    base = {"entry_state": "average", "granularity": "head", "key_dtype": "float32",
+            "out_dtype": "float32", "lse_correction": True}  # fmt: skip
     return BuildOptions(**{**base, **over})

@@ -114,13 +114,19 @@ def tokenize(tokenizer, prefix: str, traces: Sequence[str]) -> Tokenized:
 
 
 def check_budget(tok: Tokenized, budget: int, options) -> int:
-    """The number of calibration records the build will keep; BuildError if budget exceeds it."""
+    """The number of calibration records the build will keep; BuildError if budget exceeds it
+    (the records, or for fitted entries the prefix's tokens)."""
     per = options.max_tokens_per_trace
     total = sum(len(t) if per is None else min(len(t), per) for t in tok.traces)
     records = min(options.max_records, total)
     if budget < 1:
         raise BuildError("--budget must be at least 1")
-    if budget > records:
+    if options.fitted and budget > len(tok.prefix):
+        raise BuildError(
+            f"budget M={budget} exceeds the prefix's {len(tok.prefix)} tokens: fitted entries are "
+            "at most one row per prefix token; lower --budget"
+        )
+    if budget > records and not options.fitted:
         raise BuildError(
             f"budget M={budget} exceeds the {records} calibration tokens ({len(tok.traces)} "
             f"traces, {tok.trace_tokens} tokens, max_records={options.max_records}); add "

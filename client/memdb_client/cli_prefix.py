@@ -165,7 +165,9 @@ build_options = _options(
     click.option(
         "--entry-state",
         default=None,
-        help="average (Eq. 5, default) or centroid (state of the centroid query).",
+        help="average (Eq. 5), centroid (state of the centroid query) or fitted (key/value rows "
+        "per KV head fitted to the calibration states; --budget rows, at most the prefix's "
+        "tokens).",
     ),
     click.option(
         "--lse-correction/--no-lse-correction",

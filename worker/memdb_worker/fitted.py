@@ -82,9 +82,9 @@ def fit_values(
     gram = torch.zeros(m, m, dtype=torch.float64, device=keys.device)
     rhs = torch.zeros(m, out.shape[-1], dtype=torch.float64, device=keys.device)
     for i in range(0, q.shape[0], ROW_BLOCK):
-        p = torch.softmax(scale * q[i : i + ROW_BLOCK] @ keys.T + bias, dim=-1).double()
-        gram += p.T @ p
-        rhs += p.T @ out[i : i + ROW_BLOCK].double()
+        p = torch.softmax(scale * q[i : i + ROW_BLOCK] @ keys.T + bias, dim=-1)  # [rows, M]
+        gram += (p.T @ p).double()  # float32 products (fast), float64 sums and solve
+        rhs += (p.T @ out[i : i + ROW_BLOCK]).double()
     lam = ridge * q.shape[0] / m
     gram.diagonal().add_(lam)
     rhs += lam * prior.double()

@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefix32k-tokens", type=int, default=None)
     p.add_argument("--fidelity-examples", type=int, default=None)
     p.add_argument("--records-factor", type=float, default=None)
+    p.add_argument("--records-factor-32k", type=float, default=None)
     p.add_argument("--kmeans-iters", type=int, default=None)
     p.add_argument("--chunk-tokens", type=int, default=None, help="32K prefix chunk size")
     p.add_argument(
@@ -214,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prefix32k_tokens": args.prefix32k_tokens,
         "fidelity_examples": args.fidelity_examples,
         "records_factor": args.records_factor,
+        "records_factor_32k": args.records_factor_32k,
         "kmeans_iters": args.kmeans_iters,
         "chunk_tokens": args.chunk_tokens,
         "icl_32k": args.icl_32k or None,

@@ -137,11 +137,11 @@ start() {
             # the other end of the data sets (the merge keeps one record per seed)
             local d=$Q/done
             mkdir -p "$d/pid"
-            mv "$Q"/out/qwen_s?.json "$Q"/out/smol_s?.json "$d/" 2>/dev/null || true
-            mv "$Q"/out/*_s?.pid "$d/pid/" 2>/dev/null || true
+            mv "$Q"/out/qwen_s?.json "$d/" 2>/dev/null || true
+            mv "$Q"/out/qwen_s?.pid "$d/pid/" 2>/dev/null || true
             export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
             args=(-m bench.quality --device "${DEVICE:-cuda}" --threads 8 --model qwen2.5-coder-0.5b
-                  --icl-32k --prefix32k-tokens 32000 --budget-32k 1920 --sinks-32k 0
+                  --icl-32k --prefix32k-tokens 32000 ${QWEN_32K:---budget-32k 1920} --sinks-32k 0
                   --append-budgets --time-budget "$budget" --note "$note" ${EXTRA:-})
             CUDA_VISIBLE_DEVICES=1 setsid nohup python3 "${args[@]}" --seeds 0 1 --seeds-32k 0 1 \
                 --resume "$d/qwen_s0.json" "$d/qwen_s1.json" --out "$Q/out/qwen_a.json" \
@@ -165,8 +165,10 @@ start() {
     esac
     for s in "${seeds[@]}"; do
         if [ "$kind" = qwen ] && [ "${QWEN_GPU_PER_SEED:-0}" = 1 ]; then gpu=$((s + 1)); fi
+        local s32=("$s")  # NO_32K=1: phase 1 only (the 32K phase later, e.g. qwen32k)
+        if [ "${NO_32K:-0}" = 1 ]; then s32=(); fi
         CUDA_VISIBLE_DEVICES=$gpu setsid nohup nice -n $((s * 5)) python3 -m bench.quality \
-            --device "${DEVICE:-cuda}" --threads 8 "${args[@]}" ${EXTRA:-} --seeds "$s" --seeds-32k "$s" \
+            --device "${DEVICE:-cuda}" --threads 8 "${args[@]}" ${EXTRA:-} --seeds "$s" --seeds-32k "${s32[@]}" \
             --append-budgets --time-budget "$budget" --out "$Q/out/${kind}_s$s.json" \
             --note "$note" >"$Q/out/${kind}_s$s.log" 2>&1 </dev/null &
         echo "$!" >"$Q/out/${kind}_s$s.pid"

@@ -369,21 +369,25 @@ print("OK")
 """
 
 
-_INTERPRETER_DEFAULT_BUILD_CASE = r"""
-# exactly what the builder writes by default (BuildOptions(): bfloat16 keys and states, one
-# group-mean key per KV group, no lse-correction extras), through shards, in the kernels,
-# against the worker's torch reference path (Memory.prefix_state + live attention, merged)
+_INTERPRETER_LOOKUP_BUILD_CASE = r"""
+# exactly what the builder writes for looked-up entries with the lookup defaults (LOOKUP, the
+# builder's default until 2026-11-30: bfloat16 keys and states, one group-mean key per KV group,
+# no lse-correction extras), through shards, in the kernels, against the worker's torch
+# reference path (Memory.prefix_state + live attention, merged)
 from memdb.shards import decode_shard, encode_shard
 from memdb_worker.builder import BuildOptions, calibrate, cluster
 from memdb_worker.memory import Memory
 from test_worker_fused import reference_path
-from tiny import tiny_llama
+from tiny import LOOKUP, tiny_llama
 
 model = tiny_llama(128)
 g = torch.Generator().manual_seed(3)
 traces = [torch.randint(3, 128, (10,), generator=g).tolist() for _ in range(6)]
-opts = BuildOptions(max_records=60, seed=0)
+opts = BuildOptions(**LOOKUP, max_records=60, seed=0)
 calib = calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
+# the builder's defaults (fitted rows, attended as a whole) are not for the kernels
+fitted = cluster(calib, 24, BuildOptions(), progress=False).to_memory()
+assert fitted.fitted and not fused.supports(fitted)
 built = cluster(calib, 24, opts, progress=False)
 mem = Memory.from_shards([decode_shard(encode_shard(s)) for s in built.shards])
 lay = mem.layers[0]
@@ -593,5 +597,5 @@ def test_kernels_with_compact_formats_under_triton_interpreter():
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
-def test_kernels_read_the_builders_default_format_under_triton_interpreter():
-    _run_under_interpreter(_INTERPRETER_DEFAULT_BUILD_CASE)
+def test_kernels_read_the_builders_lookup_format_and_refuse_its_defaults_under_interpreter():
+    _run_under_interpreter(_INTERPRETER_LOOKUP_BUILD_CASE)

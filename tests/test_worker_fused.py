@@ -290,7 +290,7 @@ cases = [
 cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
 for i, kw in enumerate(cases):
     mem = make_memory(**kw, budget=70, layers=1, seed=i)
-    # (float32 and float16 here; bf16 keys: the default-build case below, and on CUDA)
+    # (float32 and float16 here; bf16 keys: the lookup-build case below, and on CUDA)
     for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16),
                                (70, True, torch.float32)):
         q, k, v, m, pos = make_inputs(mem, batch=batch, live=37, dtype=dtype, mask=mask)
@@ -343,7 +343,7 @@ print("OK")
 
 _INTERPRETER_COMPACT_CASE = r"""
 # compact formats in the kernels: float8 keys with a per-entry scale, group-mean keys, bf16
-# states (bf16 keys: the default-build case below)
+# states (bf16 keys: the lookup-build case below)
 cases = [
     dict(key_dtype=torch.float8_e4m3fn, out_dtype=torch.float16, extras_dtype=torch.float16),
     dict(granularity="kv_group", group_key="mean", key_dtype=torch.float16,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from memdb.shards import Shard
+from memdb.shards import Shard, encode_shard
 from memdb_worker import head_queries
 from memdb_worker.append import append_chunk, entry_queries
 from memdb_worker.attention import bind
@@ -76,6 +76,9 @@ def test_a_group_mean_memory_accepts_an_append(tiny, key_dtype):
     assert got.token_count == len(PREFIX) + len(CHUNK)
     for old, new in zip(base.shards, got.shards, strict=True):
         np.testing.assert_array_equal(old.keys, new.keys)
+        if key_dtype == "float8_e4m3fn":  # float8 keys keep their per-entry scale
+            np.testing.assert_array_equal(old.key_scale, new.key_scale)
+        encode_shard(new)  # the server's validation (dtypes, the scale of float8 keys)
         assert new.out.dtype == old.out.dtype and np.isfinite(new.lse).all()
         assert not np.allclose(old.lse, new.lse)
         assert (new.lse >= old.lse).all()  # more keys: logaddexp only grows

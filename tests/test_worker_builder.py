@@ -55,9 +55,16 @@ def _same(a, b):
     )
 
 
-def test_builder_is_deterministic_for_a_seed(tiny):
+# the builder's defaults (fitted rows) and looked-up entries (k-means clusters)
+ENTRY_FORMATS = pytest.mark.parametrize("fmt", [{}, {"entry_state": "average"}],
+                                        ids=["fitted", "average"])  # fmt: skip
+
+
+@ENTRY_FORMATS
+def test_builder_is_deterministic_for_a_seed(tiny, fmt):
     traces = _traces(12, 15, 1)
-    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5)
+    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5,
+                        **fmt)  # fmt: skip
     a = build_memory(tiny, None, PREFIX, traces, budget=16, options=opts, progress=False)
     b = build_memory(tiny, None, PREFIX, traces, budget=16, options=opts, progress=False)
     other = dataclasses.replace(opts, seed=4)
@@ -66,11 +73,13 @@ def test_builder_is_deterministic_for_a_seed(tiny):
     assert not _same(a, c)
 
 
-def test_layers_clustered_in_parallel_equal_one_at_a_time(tiny, monkeypatch):
+@ENTRY_FORMATS
+def test_layers_clustered_in_parallel_equal_one_at_a_time(tiny, monkeypatch, fmt):
     from memdb_worker import builder
 
     traces = _traces(12, 15, 1)
-    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5)
+    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5,
+                        **fmt)  # fmt: skip
     calib = calibrate(tiny, None, PREFIX, traces, opts, progress=False)
     monkeypatch.setattr(builder, "_cluster_workers", lambda n: 1)
     serial = cluster(calib, 16, opts, progress=False)

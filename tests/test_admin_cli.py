@@ -465,9 +465,10 @@ def _trec_args(n_prefix=8, n_traces=4):
 @pytest.mark.model
 def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli, tmp_path):
     model, tok = model_in_cli
-    # one entry per head with q_mean: `prefix append`'s exact path (default-format memories get
-    # estimated per-head queries: test_append_to_a_memory_built_with_default_options)
-    head = ["--granularity", "head", "--lse-correction"]
+    # looked-up entries, one per head with q_mean: `prefix append`'s exact path (group-mean
+    # memories get estimated per-head queries, test_worker_append.py; the defaults, fitted rows,
+    # take the chunk's rows: test_append_to_a_memory_built_with_default_options)
+    head = ["--entry-state", "average", "--granularity", "head", "--lse-correction"]
     ins = run(server, "--json", "prefix", "insert", "trec", *_trec_args(), *head, "--budget", "8")
     assert ins.exit_code == 0, ins.stderr
     v1 = json.loads(ins.stdout)
@@ -488,7 +489,7 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
     assert (v2["version"], v2["budget"], v2["build_params"]["seed"]) == (2, 16, "1")
 
     fail(
-        run(server, "prefix", "update", "trec", *_trec_args(), "--budget", "999"),
+        run(server, "prefix", "update", "trec", *_trec_args(), *head, "--budget", "999"),
         2,
         "budget M=999 exceeds the",
         "calibration tokens",
@@ -531,23 +532,40 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
 
 @pytest.mark.model
 def test_append_to_a_memory_built_with_default_options(server, model_in_cli):
-    """The README's flow: `prefix insert` with the builder's defaults (group-mean keys, bfloat16,
-    no q_mean), then `prefix append`: a new version with the same keys and grown states."""
+    """The README's flow: `prefix insert` with the builder's defaults (fitted rows per KV head,
+    float8 keys, bfloat16 values), then `prefix append`: a new version whose rows are the old
+    ones and the appended text's own keys and values (bias 0). A budget past the prefix's
+    tokens is bad input (exit 2) before anything is built or stored."""
     ins = run_json(server, "prefix", "insert", "trec-default", *_trec_args(), "--budget", "8")
-    assert (ins["num_groups"], ins["key_dim"]) == (3, 64)  # one head_dim key per KV group
+    assert (ins["num_groups"], ins["key_dim"], ins["budget"]) == (3, 64, 8)  # rows per KV head
+    n = ins["token_count"]
+    fail(
+        run(server, "prefix", "insert", "trec-over", *_trec_args(), "--budget", str(n + 1)),
+        2,
+        f"budget M={n + 1} exceeds the prefix's {n} tokens",
+        "lower --budget",
+    )
+    assert "trec-over" not in names(server)
     app = run_json(
         server, "prefix", "append", "trec-default", "-p", str(TREC), "--prefix-skip", "100",
         "--prefix-limit", "3",
     )  # fmt: skip
-    assert app["version"] == 2 and app["token_count"] > ins["token_count"]
+    added = app["token_count"] - n
+    assert app["version"] == 2 and added > 0 and app["budget"] == 8 + added
     with MemdbClient(server.address, ROOT) as c:
         fp = app["model_fingerprint"]
         old = c.fetch_memory("trec-default", model_fingerprint=fp, version=1).shards
         new = c.fetch_memory("trec-default", model_fingerprint=fp, version=2).shards
-    assert not old[0].extras and not new[0].extras and new[0].out.dtype == old[0].out.dtype
-    assert all(np.array_equal(a.keys, b.keys) for a, b in zip(old, new, strict=True))
-    assert all((b.lse >= a.lse).all() for a, b in zip(old, new, strict=True))  # more keys
-    assert not np.allclose(old[5].out.astype(np.float32), new[5].out.astype(np.float32))
+    assert old[0].metadata["entry_state"] == new[0].metadata["entry_state"] == "fitted"
+    for a, b in zip(old, new, strict=True):
+        assert a.keys.dtype.name == b.keys.dtype.name == "float8_e4m3fn" and not b.extras
+        assert a.out.dtype.name == b.out.dtype.name == "bfloat16"
+        assert a.keys.shape == (3, 8, 64) and b.keys.shape == (3, 8 + added, 64)
+        assert a.out.shape == (3, 8, 1, 64) and b.lse.shape == (3, 8 + added, 1)
+        for x, y in ((a.keys, b.keys), (a.key_scale, b.key_scale), (a.out, b.out),
+                     (a.lse, b.lse)):  # fmt: skip
+            assert np.array_equal(x, y[:, :8])  # the fitted rows, as they were
+        assert (b.lse[:, 8:] == 0).all()  # the appended tokens' rows: their own KV, bias 0
 
 
 @pytest.mark.model

@@ -1,6 +1,7 @@
-"""Appending to memories of the default format (group-mean keys, no q_mean): each head's entry
-query estimated by `head_queries` (tiny random Llama; the exact formats and SmolLM2 are in
-test_admin_cli.py)."""
+"""Appending to looked-up memories of the group-mean format (kv_group_mean keys, no q_mean; the
+builder's default until 2026-11-30): each head's entry query estimated by `head_queries` (tiny
+random Llama; the exact formats and SmolLM2 are in test_admin_cli.py, fitted memories in
+test_worker_fitted.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from memdb.shards import Shard
+from memdb.shards import Shard, encode_shard
 from memdb_worker import head_queries
 from memdb_worker.append import append_chunk, entry_queries
 from memdb_worker.attention import bind
@@ -18,7 +19,7 @@ from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.head_queries import HeadQueryFit, QueryStats
 from memdb_worker.memory import keyspace_from_metadata
 from memdb_worker.prefix import encode_chunk
-from tests.tiny import tiny_llama
+from tests.tiny import LOOKUP, lookup_options, tiny_llama
 
 VOCAB = 128
 PREFIX = list(range(3, 83))
@@ -26,9 +27,9 @@ CHUNK = [
     int(t) for t in torch.randint(3, VOCAB, (120,), generator=torch.Generator().manual_seed(5))
 ]
 BUDGET = 24
-# the default format (kv_group_mean, no lse correction) in float32, so that only the head
+# the group-mean format (kv_group_mean, no lse correction) in float32, so that only the head
 # queries differ from the exact path
-F32 = {"key_dtype": "float32", "out_dtype": "float32"}
+F32 = {**LOOKUP, "key_dtype": "float32", "out_dtype": "float32"}
 
 
 def _traces(n: int = 12, length: int = 12) -> list[list[int]]:
@@ -58,7 +59,7 @@ def tied():
 
 
 def _without_q_mean(shards: list[Shard]) -> list[Shard]:
-    """The same memory as the default format stores it: no lse-correction extras."""
+    """The same memory as the group-mean format stores it: no lse-correction extras."""
     return [dataclasses.replace(s, extras={}) for s in shards]
 
 
@@ -67,14 +68,17 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("key_dtype", ["bfloat16", "float8_e4m3fn"])
-def test_a_default_format_memory_accepts_an_append(tiny, key_dtype):
-    opts = BuildOptions(key_dtype=key_dtype)  # the builder's defaults otherwise
+def test_a_group_mean_memory_accepts_an_append(tiny, key_dtype):
+    opts = lookup_options(key_dtype=key_dtype)  # the looked-up format's defaults otherwise
     base = build_memory(tiny, None, PREFIX, _traces(), BUDGET, opts, progress=False)
     assert base.shards[0].metadata["group_key"] == "mean" and not base.shards[0].extras
     got = append_chunk(tiny, None, base.shards, CHUNK, progress=False)
     assert got.token_count == len(PREFIX) + len(CHUNK)
     for old, new in zip(base.shards, got.shards, strict=True):
         np.testing.assert_array_equal(old.keys, new.keys)
+        if key_dtype == "float8_e4m3fn":  # float8 keys keep their per-entry scale
+            np.testing.assert_array_equal(old.key_scale, new.key_scale)
+        encode_shard(new)  # the server's validation (dtypes, the scale of float8 keys)
         assert new.out.dtype == old.out.dtype and np.isfinite(new.lse).all()
         assert not np.allclose(old.lse, new.lse)
         assert (new.lse >= old.lse).all()  # more keys: logaddexp only grows
@@ -103,7 +107,7 @@ def test_head_queries_are_exact_where_heads_are_linear_in_their_group_mean(tied)
 
 
 def _append_errors(model) -> tuple[float, float]:
-    """(appended, not appended): the relative error of the default-format memory's out, after
+    """(appended, not appended): the relative error of the group-mean memory's out, after
     appending CHUNK, against the exact-query append (the same entries with q_mean stored)."""
     opts = BuildOptions(lse_correction=True, **F32)
     mem = build_memory(model, None, PREFIX, _traces(), BUDGET, opts, progress=False)
@@ -114,9 +118,7 @@ def _append_errors(model) -> tuple[float, float]:
     return float(err), float(stale)
 
 
-def test_default_format_append_is_exact_where_heads_are_linear_in_their_group_mean(
-    tied, monkeypatch
-):
+def test_group_mean_append_is_exact_where_heads_are_linear_in_their_group_mean(tied, monkeypatch):
     """Without the ridge prior the whole append equals the exact-query one on the tied model;
     with it (the default) it stays close."""
     err, stale = _append_errors(tied)

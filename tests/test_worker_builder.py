@@ -15,7 +15,7 @@ from memdb.shards import check_consistent, decode_shard, encode_shard
 from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.model import model_fingerprint
 from memdb_worker.scoring import score_continuations
-from tests.tiny import tiny_llama
+from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 128
 
@@ -34,9 +34,14 @@ def _traces(n, length, seed):
 PREFIX = list(range(3, 43))
 
 
-def test_budget_larger_than_calibration_is_a_clear_error(tiny):
+def test_budget_larger_than_calibration_or_prefix_is_a_clear_error(tiny):
+    # looked-up entries: at most one per calibration token
     with pytest.raises(ValueError, match="exceeds the 20 calibration tokens"):
-        build_memory(tiny, None, PREFIX, _traces(2, 10, 0), budget=21, progress=False)
+        build_memory(tiny, None, PREFIX, _traces(2, 10, 0), budget=21, options=lookup_options(),
+                     progress=False)  # fmt: skip
+    # fitted rows (the defaults): at most one per prefix token
+    with pytest.raises(ValueError, match="exceeds the prefix's 40 tokens"):
+        build_memory(tiny, None, PREFIX, _traces(2, 10, 0), budget=41, progress=False)
     with pytest.raises(ValueError, match="no calibration traces"):
         build_memory(tiny, None, PREFIX, [[]], budget=1, progress=False)
 
@@ -50,9 +55,16 @@ def _same(a, b):
     )
 
 
-def test_builder_is_deterministic_for_a_seed(tiny):
+# the builder's defaults (fitted rows) and looked-up entries (k-means clusters)
+ENTRY_FORMATS = pytest.mark.parametrize("fmt", [{}, {"entry_state": "average"}],
+                                        ids=["fitted", "average"])  # fmt: skip
+
+
+@ENTRY_FORMATS
+def test_builder_is_deterministic_for_a_seed(tiny, fmt):
     traces = _traces(12, 15, 1)
-    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5)
+    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5,
+                        **fmt)  # fmt: skip
     a = build_memory(tiny, None, PREFIX, traces, budget=16, options=opts, progress=False)
     b = build_memory(tiny, None, PREFIX, traces, budget=16, options=opts, progress=False)
     other = dataclasses.replace(opts, seed=4)
@@ -61,11 +73,13 @@ def test_builder_is_deterministic_for_a_seed(tiny):
     assert not _same(a, c)
 
 
-def test_layers_clustered_in_parallel_equal_one_at_a_time(tiny, monkeypatch):
+@ENTRY_FORMATS
+def test_layers_clustered_in_parallel_equal_one_at_a_time(tiny, monkeypatch, fmt):
     from memdb_worker import builder
 
     traces = _traces(12, 15, 1)
-    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5)
+    opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5,
+                        **fmt)  # fmt: skip
     calib = calibrate(tiny, None, PREFIX, traces, opts, progress=False)
     monkeypatch.setattr(builder, "_cluster_workers", lambda n: 1)
     serial = cluster(calib, 16, opts, progress=False)
@@ -88,17 +102,18 @@ def test_reservoir_caps_records_and_shards_validate(tiny):
     assert calib.q_pre[0].shape == (50, 4, 8) and calib.lse[1].shape == (50, 4)
     assert (calib.positions >= len(PREFIX)).all() and (calib.positions < len(PREFIX) + 20).all()
     for opts, (i, h, dk) in [
-        (BuildOptions(), (2, 2, 8)),  # the defaults: kv_group_mean
-        (BuildOptions(granularity="head"), (4, 1, 8)),
+        (BuildOptions(), (2, 1, 8)),  # the defaults: fitted rows per KV head
+        (lookup_options(), (2, 2, 8)),  # looked-up entries: kv_group_mean
+        (lookup_options(granularity="head"), (4, 1, 8)),
         (
-            BuildOptions(granularity="kv_group", key_dtype="float16", out_dtype="float16"),
+            lookup_options(granularity="kv_group", key_dtype="float16", out_dtype="float16"),
             (2, 2, 16),
         ),
         (
-            BuildOptions(granularity="layer", entry_state="centroid", lse_correction=True),
+            lookup_options(granularity="layer", entry_state="centroid", lse_correction=True),
             (1, 4, 32),
         ),
-        (BuildOptions(key_mode="rope_common", whiten=True, granularity="head"), (4, 1, 8)),
+        (lookup_options(key_mode="rope_common", whiten=True, granularity="head"), (4, 1, 8)),
     ]:
         built = cluster(calib, 12, opts, progress=False)
         shape = check_consistent(built.shards)
@@ -111,8 +126,13 @@ def test_reservoir_caps_records_and_shards_validate(tiny):
         blobs = [encode_shard(s) for s in built.shards]  # validates dtypes and finiteness
         again = decode_shard(blobs[1])
         assert again.metadata["layer"] == "1" and again.metadata["budget"] == "12"
+        assert again.metadata["entry_state"] == opts.entry_state
         params = json.loads(again.metadata["build_params"])
         assert params["granularity"] == opts.granularity and params["calibration_records"] == 50
+        # the defaults' keys are float8 with a float32 scale per row [I, M]
+        fp8 = opts.key_dtype == "float8_e4m3fn"
+        assert (again.keys.dtype.name == "float8_e4m3fn") == fp8
+        assert (again.key_scale.shape if fp8 else again.key_scale) == ((i, 12) if fp8 else None)
 
 
 def test_fingerprint_is_stable_across_loads_and_sees_a_changed_weight(tiny, tmp_path):
@@ -154,15 +174,17 @@ def test_smollm2_shards_have_the_model_shapes(smollm2, smol_built):
     model, _ = smollm2
     assert len(smol_built.shards) == 30
     for s in smol_built.shards:
-        # the defaults: one bfloat16 key per KV group (3), a bfloat16 state per head (3 each)
-        assert s.keys.shape == (3, 16, 64) and s.keys.dtype.name == "bfloat16"
-        assert s.out.shape == (3, 16, 3, 64) and s.lse.shape == (3, 16, 3)
+        # the defaults: 16 fitted rows per KV head (3): float8 keys with a float32 scale per
+        # row, bfloat16 values, a float32 bias per row (lse)
+        assert s.keys.shape == (3, 16, 64) and s.keys.dtype.name == "float8_e4m3fn"
+        assert s.key_scale.shape == (3, 16) and s.key_scale.dtype.name == "float32"
+        assert s.out.shape == (3, 16, 1, 64) and s.lse.shape == (3, 16, 1)
         assert s.out.dtype.name == "bfloat16" and not s.extras
-        assert np.isfinite(s.out).all() and np.isfinite(s.lse).all()
+        assert np.isfinite(s.out.astype(np.float32)).all() and np.isfinite(s.lse).all()
     meta = smol_built.metadata
     assert meta["model_fingerprint"] == model_fingerprint(model)
-    assert meta["key_mode"] == "pre_rope" and meta["granularity"] == "kv_group"
-    assert meta["group_key"] == "mean"  # the builder's kv_group_mean
+    assert meta["entry_state"] == "fitted" and meta["key_mode"] == "pre_rope"
+    assert meta["granularity"] == "kv_group" and meta["group_key"] == "mean"
     assert smol_built.token_count == int(meta["prefix_length"]) > 50
 
 
@@ -183,7 +205,7 @@ def test_smollm2_memory_moves_the_output_toward_the_prefix(smollm2, smol_built):
 @pytest.mark.model
 def test_smollm2_kv_group_build(smollm2):
     model, tok = smollm2
-    opts = BuildOptions(granularity="kv_group", key_mode="rope_common", whiten=True)
+    opts = lookup_options(granularity="kv_group", key_mode="rope_common", whiten=True)
     built = build_memory(
         model, tok, SECRET_PREFIX, SECRET_TRACES[:2], budget=8, options=opts, progress=False
     )
@@ -195,7 +217,7 @@ def test_smollm2_kv_group_build(smollm2):
 def test_more_centroids_than_distinct_queries_leaves_no_empty_entry(tiny):
     trace = _traces(1, 10, 5)[0]
     calib = calibrate(tiny, None, PREFIX, [trace] * 5, progress=False)  # 50 records, 10 distinct
-    built = cluster(calib, 20, BuildOptions(seed=1, granularity="head"), progress=False)
+    built = cluster(calib, 20, lookup_options(seed=1, granularity="head"), progress=False)
     for layer, s in enumerate(built.shards):
         encode_shard(s)  # finite everywhere
         distinct = calib.lse[layer][:10]  # [10, H]; records repeat every 10

@@ -15,7 +15,7 @@ from memdb.errors import FailedPrecondition, NotFound, Unavailable
 from memdb.server import run_server
 from memdb_client import MemdbClient
 from memdb_worker.attention import bind
-from memdb_worker.builder import build_memory
+from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.cache import MemoryCache, RemoteMemory
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.model import model_fingerprint
@@ -46,8 +46,8 @@ def built(tiny):
 
 @pytest.fixture(scope="module")
 def built_lse(tiny):
-    """A memory of the tiny model built with the default options: it stores q_mean and k_bar
-    for the first-order lse correction."""
+    """A memory of the tiny model built with the reference options (looked-up entries): it
+    stores q_mean and k_bar for the first-order lse correction."""
     g = torch.Generator().manual_seed(2)
     prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
     traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(3)]
@@ -148,6 +148,21 @@ def test_errors_unknown_memory_other_model_unreachable_server(server, root, tiny
         cache.close()
 
 
+def test_remote_mode_refuses_a_fitted_memory_that_cache_mode_holds(server, root, tiny):
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(3, VOCAB, (40,), generator=g).tolist()
+    traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(3)]
+    fitted = build_memory(tiny, None, prefix, traces, 8, BuildOptions(), progress=False)
+    fp = model_fingerprint(tiny)
+    put(root, "fitted", fitted, fp)  # the builder's defaults: fitted rows
+    with make_cache(server, fp, mode="cache") as cache:
+        got = cache.get("fitted")
+        assert isinstance(got, Memory) and got.fitted
+    with make_cache(server, fp, mode="remote") as cache:
+        with pytest.raises(FailedPrecondition, match="fitted entries.*--memory-mode cache"):
+            cache.get("fitted")
+
+
 def test_remote_mode_gives_the_same_tokens_as_cache_mode(server, root, tiny, built):
     fp = model_fingerprint(tiny)
     put(root, "remote-eq", built[0], fp)
@@ -186,7 +201,7 @@ def test_remote_mode_applies_the_lse_correction_and_options_like_cache_mode(
         with make_cache(server, fp, mode=mode, decode_options=options) as cache:
             source = sources[mode] = cache.get("remote-lse")
             assert isinstance(source, RemoteMemory if mode == "remote" else Memory)
-            assert source.lse_corrected  # a default build: the lse correction applies
+            assert source.lse_corrected  # a reference build: the lse correction applies
             with bind(tiny, source):
                 logits[mode] = tiny(prompt).logits
                 tokens[mode] = tiny.generate(prompt, **gen)

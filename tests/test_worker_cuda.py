@@ -10,7 +10,7 @@ from memdb_worker.attention import bind
 from memdb_worker.builder import build_memory
 from memdb_worker.memory import DecodeOptions
 from memdb_worker.prefix import encode_prefix
-from tests.tiny import reference_options
+from tests.tiny import lookup_options, reference_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -92,10 +92,9 @@ def test_bf16_exact_memory_8b_shape(llama8b_shaped, data):
 def test_bf16_generate_batch2_with_cache(llama8b_shaped, data):
     model = llama8b_shaped
     prefix, trace = data
-    built = build_memory(
-        model, None, prefix, [trace, trace[::-1]], budget=len(trace), progress=False
-    )
-    memory = built.to_memory("cuda", DecodeOptions(top_k=2))
+    built = build_memory(model, None, prefix, [trace, trace[::-1]], budget=len(trace),
+                         options=lookup_options(), progress=False)  # fmt: skip
+    memory = built.to_memory("cuda", DecodeOptions(top_k=2))  # top-k: looked-up entries
     p1, p2 = trace[:7], trace[10:22]
     ids = torch.zeros(2, 12, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -116,9 +115,26 @@ def test_kmeans_build_on_cuda(llama8b_shaped, data):
     pytest.importorskip("faiss")
     model = llama8b_shaped
     prefix, trace = data
-    built = build_memory(model, None, prefix, [trace, trace[::-1]], budget=16, progress=False)
-    # the default format: one head-dim key per KV group (8 of them), bf16
+    built = build_memory(model, None, prefix, [trace, trace[::-1]], budget=16,
+                         options=lookup_options(), progress=False)  # fmt: skip
+    # the looked-up format: one head-dim key per KV group (8 of them), bf16
     assert built.shards[1].keys.shape == (8, 16, 128)
     assert built.shards[1].keys.dtype.name == "bfloat16"
     with bind(model, built.to_memory("cuda")):
         assert torch.isfinite(_logits(model, trace)).all()
+
+
+def test_fitted_build_on_cuda(llama8b_shaped, data):
+    model = llama8b_shaped
+    prefix, trace = data
+    built = build_memory(model, None, prefix, [trace, trace[::-1]], budget=16, progress=False)
+    # the defaults: 16 fitted rows per KV head (8), float8 keys, bf16 values, a bias per row
+    s = built.shards[1]
+    assert s.keys.shape == (8, 16, 128) and s.keys.dtype.name == "float8_e4m3fn"
+    assert s.out.shape == (8, 16, 1, 128) and s.lse.shape == (8, 16, 1)
+    memory = built.to_memory("cuda")
+    assert memory.fitted
+    plain = _logits(model, trace)
+    with bind(model, memory):
+        got = _logits(model, trace)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)

@@ -1,10 +1,11 @@
 """The static-cache decode step (worker/memdb_worker/decode_step.py).
 
 On CPU: its eager step generates the tokens the worker's scheduler generates (transformers'
-forward with a DynamicCache, `attention.bind`), greedy, for neither / a memory / the exact prefix
-(prefix-cached), with the batch padded to a bucket. On CUDA (skipped without a GPU): the graphed
-step generates the tokens of the eager step, through the fused memory path and the shared-prefix
-kernels, at several buckets.
+forward with a DynamicCache, `attention.bind`), greedy, for neither / a memory of looked-up
+entries / a memory of fitted rows (the builder's defaults) / the exact prefix (prefix-cached),
+with the batch padded to a bucket. On CUDA (skipped without a GPU): the graphed step generates
+the tokens of the eager step, through the fused memory path and the shared-prefix kernels, at
+several buckets.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.decode_step import StaticDecoder, bucket
 from memdb_worker.prefix import encode_prefix
 from memdb_worker.scheduler import GenerationRequest, SamplingParams, Scheduler
-from tests.tiny import tiny_llama
+from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 256
 NEW = 6
+WAYS = ["neither", "memory", "fitted", "prefix"]  # memory: looked-up entries; fitted: rows
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,13 @@ def setup():
     traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(4)]
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3)]
     built = build_memory(model, None, prefix, traces, budget=16,
-                         options=BuildOptions(lse_correction=True), progress=False)  # fmt: skip
-    sources = {"neither": None, "memory": built.to_memory(), "prefix": encode_prefix(model, prefix)}
+                         options=lookup_options(lse_correction=True), progress=False)  # fmt: skip
+    # the builder's defaults: fitted rows (attended as a whole, the reference path on CPU)
+    fitted = build_memory(model, None, prefix, traces, budget=16, options=BuildOptions(),
+                          progress=False)  # fmt: skip
+    assert fitted.to_memory().fitted
+    sources = {"neither": None, "memory": built.to_memory(), "fitted": fitted.to_memory(),
+               "prefix": encode_prefix(model, prefix)}  # fmt: skip
     return model, prompts, sources
 
 
@@ -77,7 +84,7 @@ def static_tokens(dec: StaticDecoder, prompts, graphed=False) -> list[list[int]]
     return out
 
 
-@pytest.mark.parametrize("way", ["neither", "memory", "prefix"])
+@pytest.mark.parametrize("way", WAYS)
 def test_static_step_generates_the_schedulers_tokens(setup, way):
     model, prompts, sources = setup
     want = scheduler_tokens(model, prompts, sources[way])
@@ -92,6 +99,7 @@ def test_ways_generate_differently(setup):
     model, prompts, sources = setup
     toks = {w: static_tokens(StaticDecoder(model, 4, 32, s), prompts) for w, s in sources.items()}
     assert toks["neither"] != toks["prefix"] and toks["memory"] != toks["neither"]
+    assert toks["fitted"] != toks["neither"]
 
 
 def test_bucket_and_capacity(setup):
@@ -180,7 +188,7 @@ def run_scheduler(model, prompts, maxes, source, static_live):
     return got, sched
 
 
-@pytest.mark.parametrize("way", ["neither", "memory", "prefix"])
+@pytest.mark.parametrize("way", WAYS)
 def test_scheduler_static_batches_generate_the_eager_tokens(setup, way, monkeypatch):
     from memdb_worker.static_batch import StaticBatch
 

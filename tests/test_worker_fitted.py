@@ -98,8 +98,11 @@ def test_the_keys_kept_are_those_the_queries_attend_most():
 
 
 def test_a_fitted_budget_past_the_prefix_or_a_lookup_option_is_a_clear_error(tiny):
-    with pytest.raises(ValueError, match="kv_group_mean"):
-        BuildOptions(entry_state="fitted", granularity="head")
+    for lookup_only in ({"granularity": "head"}, {"key_mode": "rope_common"}, {"whiten": True},
+                        {"lse_correction": True}):  # fmt: skip
+        with pytest.raises(ValueError, match="pass entry_state='average'"):
+            BuildOptions(**lookup_only)  # the defaults are fitted
+        assert BuildOptions(entry_state="average", **lookup_only).entry_state == "average"
     with pytest.raises(ValueError, match="exceeds the prefix's 40 tokens"):
         build_memory(tiny, None, PREFIX, _traces(8, 15, 0), budget=41,
                      options=BuildOptions(**FITTED), progress=False)  # fmt: skip

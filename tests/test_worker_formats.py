@@ -23,7 +23,7 @@ from memdb_worker.formats import (
 )
 from memdb_worker.keys import LayerQuery
 from memdb_worker.memory import Memory, group_key_of, keyspace_from_metadata
-from tests.tiny import tiny_llama
+from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 128
 M = 12
@@ -64,7 +64,7 @@ def calib():
     model = tiny_llama(VOCAB)
     g = torch.Generator().manual_seed(3)
     traces = [torch.randint(3, VOCAB, (10,), generator=g).tolist() for _ in range(6)]
-    opts = BuildOptions(max_records=60, seed=0, lse_correction=True)
+    opts = lookup_options(max_records=60, seed=0, lse_correction=True)
     return calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
 
 
@@ -98,9 +98,9 @@ def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
 ):
     if not store_q_mean and fmt["granularity"] == "kv_group_mean":
         with pytest.raises(ValueError, match="store_q_mean=False needs"):
-            BuildOptions(store_q_mean=False, lse_correction=True, **fmt)
+            lookup_options(store_q_mean=False, lse_correction=True, **fmt)
         return
-    opts = BuildOptions(store_q_mean=store_q_mean, lse_correction=True, **fmt)
+    opts = lookup_options(store_q_mean=store_q_mean, lse_correction=True, **fmt)
     built = cluster(calib, M, opts, progress=False)
     h, hkv, d = calib.num_heads, calib.num_kv_heads, calib.head_dim
     i, hg, dk = {"head": (h, 1, d), "kv_group_mean": (hkv, h // hkv, d),
@@ -142,9 +142,9 @@ def test_compact_formats_load_through_shards_with_the_spec_shapes_and_bytes(
 
 
 def test_q_mean_left_out_is_recovered_from_the_keys_exactly(calib):
-    with_q = _round_trip(cluster(calib, M, BuildOptions(**F32), progress=False))
+    with_q = _round_trip(cluster(calib, M, lookup_options(**F32), progress=False))
     without = _round_trip(
-        cluster(calib, M, BuildOptions(**F32, store_q_mean=False), progress=False)
+        cluster(calib, M, lookup_options(**F32, store_q_mean=False), progress=False)
     )
     for a, b in zip(with_q.layers, without.layers, strict=True):
         assert torch.equal(a.extras["q_mean"], b.extras["q_mean"])
@@ -155,7 +155,7 @@ def test_q_mean_left_out_is_recovered_from_the_keys_exactly(calib):
 
 
 def test_kv_group_mean_key_is_the_mean_of_the_group_heads_keys(calib):
-    opts = BuildOptions(**{**F32, "granularity": "kv_group_mean"})
+    opts = lookup_options(**{**F32, "granularity": "kv_group_mean"})
     built = cluster(calib, M, opts, progress=False)
     for s in built.shards:  # written as main's Memory reads it: kv_group, group_key "mean"
         assert (s.metadata["granularity"], s.metadata["group_key"]) == ("kv_group", "mean")
@@ -167,7 +167,7 @@ def test_kv_group_mean_key_is_the_mean_of_the_group_heads_keys(calib):
 
 def test_shards_of_older_builds_with_granularity_kv_group_mean_load_as_group_key_mean(calib):
     built = cluster(
-        calib, M, BuildOptions(**{**F32, "granularity": "kv_group_mean"}), progress=False
+        calib, M, lookup_options(**{**F32, "granularity": "kv_group_mean"}), progress=False
     )
     old = [dataclasses.replace(s, metadata={**s.metadata, "granularity": "kv_group_mean"})
            for s in built.shards]  # fmt: skip
@@ -182,7 +182,7 @@ def test_shards_of_older_builds_with_granularity_kv_group_mean_load_as_group_key
 
 
 def test_shards_refuse_fp8_keys_without_a_scale_and_a_scale_without_fp8(calib):
-    built = cluster(calib, M, BuildOptions(key_dtype="float8_e4m3fn"), progress=False)
+    built = cluster(calib, M, BuildOptions(), progress=False)  # the defaults: fp8 fitted rows
     s = built.shards[0]
     with pytest.raises(InvalidArgument, match="'key_scale'.*absent"):
         encode_shard(dataclasses.replace(s, key_scale=None))
@@ -207,7 +207,7 @@ def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
     from memdb_worker.keys import apply_rope
 
     n = calib.num_records
-    opts = BuildOptions(**{**F32, "granularity": granularity})
+    opts = lookup_options(**{**F32, "granularity": granularity})
     memory = _round_trip(cluster(calib, n, opts, progress=False))
     layer, pos = 1, calib.positions[:5]
     cos, sin = calib.rope.cos_sin(pos)
@@ -222,7 +222,7 @@ def test_remote_lookups_refuse_the_correction_of_a_memory_without_q_mean(calib):
     from memdb_worker.cache import RemoteMemory
     from memdb_worker.memory import DecodeOptions
 
-    opts = BuildOptions(**F32, store_q_mean=False)
+    opts = lookup_options(**F32, store_q_mean=False)
     memory = _round_trip(cluster(calib, M, opts, progress=False))
     kw = dict(budget=M, num_layers=memory.num_layers, extras=["k_bar"])
     args = (lambda: None, "m", 1, "fp", memory.keyspace, memory.metadata)

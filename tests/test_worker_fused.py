@@ -290,7 +290,7 @@ cases = [
 cfg = fused.Config(block_m=16, block_n=16, scan_programs_per_sm=2, live_programs_per_sm=1)
 for i, kw in enumerate(cases):
     mem = make_memory(**kw, budget=70, layers=1, seed=i)
-    # (float32 and float16 here; bf16 keys: the default-build case below, and on CUDA)
+    # (float32 and float16 here; bf16 keys: the lookup-build case below, and on CUDA)
     for batch, mask, dtype in ((3, False, torch.float32), (2, True, torch.float16),
                                (70, True, torch.float32)):
         q, k, v, m, pos = make_inputs(mem, batch=batch, live=37, dtype=dtype, mask=mask)
@@ -343,7 +343,7 @@ print("OK")
 
 _INTERPRETER_COMPACT_CASE = r"""
 # compact formats in the kernels: float8 keys with a per-entry scale, group-mean keys, bf16
-# states (bf16 keys: the default-build case below)
+# states (bf16 keys: the lookup-build case below)
 cases = [
     dict(key_dtype=torch.float8_e4m3fn, out_dtype=torch.float16, extras_dtype=torch.float16),
     dict(granularity="kv_group", group_key="mean", key_dtype=torch.float16,
@@ -369,21 +369,25 @@ print("OK")
 """
 
 
-_INTERPRETER_DEFAULT_BUILD_CASE = r"""
-# exactly what the builder writes by default (BuildOptions(): bfloat16 keys and states, one
-# group-mean key per KV group, no lse-correction extras), through shards, in the kernels,
-# against the worker's torch reference path (Memory.prefix_state + live attention, merged)
+_INTERPRETER_LOOKUP_BUILD_CASE = r"""
+# exactly what the builder writes for looked-up entries with the lookup defaults (LOOKUP, the
+# builder's default until 2026-11-30: bfloat16 keys and states, one group-mean key per KV group,
+# no lse-correction extras), through shards, in the kernels, against the worker's torch
+# reference path (Memory.prefix_state + live attention, merged)
 from memdb.shards import decode_shard, encode_shard
 from memdb_worker.builder import BuildOptions, calibrate, cluster
 from memdb_worker.memory import Memory
 from test_worker_fused import reference_path
-from tiny import tiny_llama
+from tiny import LOOKUP, tiny_llama
 
 model = tiny_llama(128)
 g = torch.Generator().manual_seed(3)
 traces = [torch.randint(3, 128, (10,), generator=g).tolist() for _ in range(6)]
-opts = BuildOptions(max_records=60, seed=0)
+opts = BuildOptions(**LOOKUP, max_records=60, seed=0)
 calib = calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
+# the builder's defaults (fitted rows, attended as a whole) are not for the kernels
+fitted = cluster(calib, 24, BuildOptions(), progress=False).to_memory()
+assert fitted.fitted and not fused.supports(fitted)
 built = cluster(calib, 24, opts, progress=False)
 mem = Memory.from_shards([decode_shard(encode_shard(s)) for s in built.shards])
 lay = mem.layers[0]
@@ -593,5 +597,5 @@ def test_kernels_with_compact_formats_under_triton_interpreter():
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
-def test_kernels_read_the_builders_default_format_under_triton_interpreter():
-    _run_under_interpreter(_INTERPRETER_DEFAULT_BUILD_CASE)
+def test_kernels_read_the_builders_lookup_format_and_refuse_its_defaults_under_interpreter():
+    _run_under_interpreter(_INTERPRETER_LOOKUP_BUILD_CASE)

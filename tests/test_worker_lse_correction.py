@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from memdb_worker.builder import BuildOptions, calibrate, cluster
+from memdb_worker.builder import calibrate, cluster
 from memdb_worker.keys import RopeSpec, apply_rope
 from memdb_worker.memory import correct_lse
-from tests.tiny import tiny_llama
+from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 128
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
@@ -23,8 +23,8 @@ def yarn_calibration():
     model = tiny_llama(VOCAB, rope_scaling=YARN)
     g = torch.Generator().manual_seed(5)
     traces = [torch.randint(3, VOCAB, (12,), generator=g).tolist() for _ in range(6)]
-    opts = BuildOptions(max_records=64, lse_correction=True, seed=0, granularity="head",
-                        key_dtype="float32", out_dtype="float32")  # fmt: skip
+    opts = lookup_options(max_records=64, lse_correction=True, seed=0, granularity="head",
+                          key_dtype="float32", out_dtype="float32")  # fmt: skip
     return calibrate(model, None, list(range(3, 60)), traces, opts, progress=False)
 
 

@@ -5,7 +5,8 @@ one looking it up remotely per layer) serving the OpenAI-compatible API.
 Checks: both replicas give the tokens of in-process decoding with the memory; an update reaches
 both (poll, ~1 s); a delete gives 404; concurrent requests are batched; with the server killed,
 plain requests are still served and memory requests get 503, then recover after the server
-restarts on the same data dir; the `openai` client works unchanged.
+restarts on the same data dir; the `openai` client works unchanged; a memory of the builder's
+defaults (fitted rows) is served by the caching replica and refused by the remote one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from memdb_worker.builder import BuildOptions, build_memory
 from memdb_worker.model import model_fingerprint
 from memdb_worker.process import launch_worker, wait_worker
 from memdb_worker.scheduler import SamplingParams, Scheduler
+from tests.tiny import LOOKUP
 
 pytestmark = pytest.mark.model
 
@@ -43,13 +45,14 @@ def _rows(dataset: str, split: str = "train") -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _build(model, tok, dataset: str, seed: int):
+def _build(model, tok, dataset: str, seed: int, lookup: bool = True):
     rng = random.Random(seed)
     rows = rng.sample(_rows(dataset), 20)
     prefix = "".join(TEMPLATE.format(**r) for r in rows[:10])
     traces = [TEMPLATE.format(**r).rstrip("\n") for r in rows[10:]]
-    # the default build (k_bar, lse correction): the remote replica gets the extras via Lookup
-    opts = BuildOptions(seed=seed)
+    # looked-up entries (LOOKUP), which the remote replica looks up per layer; else the
+    # builder's defaults (fitted rows, attended as a whole: cache mode only)
+    opts = BuildOptions(**LOOKUP, seed=seed) if lookup else BuildOptions(seed=seed)
     return build_memory(model, tok, prefix, traces, 16, opts, progress=False)
 
 
@@ -198,6 +201,36 @@ def test_model_mismatch_is_409(stack, refs):
                                token_count=b.token_count, mode="upsert")  # fmt: skip
     r = complete(stack["workers"][0].url, refs[0], memory="other-model")
     assert r.status_code == 409 and "built for model" in r.json()["error"]["message"]
+
+
+def test_a_fitted_memory_is_served_from_the_cache_and_refused_by_remote_lookups(stack, smollm2):
+    """The builder's defaults (fitted rows): the caching replica answers like in-process
+    decoding with the memory; the remote replica refuses it (409) and says to cache it."""
+    model, tok = smollm2
+    built = _build(model, tok, "trec", 2, lookup=False)
+    assert built.metadata["entry_state"] == "fitted"
+    stack["writer"].put_prefix("fitted", built.shards, model_fingerprint=stack["fp"],
+                               token_count=built.token_count, mode="upsert")  # fmt: skip
+    sched = Scheduler(model, tok).start()
+    try:  # a question where the memory changes the answer, so the check below can fail
+        p, mem = SamplingParams(4, stop=("\n",)), built.to_memory()
+        for q in _rows("trec", "test")[:12]:
+            ids = tok(QUERY.format(**q)).input_ids
+            want = sched.generate(ids, p, mem)[0]
+            if want != sched.generate(ids, p, None)[0]:
+                break
+        else:
+            pytest.fail("no question where the fitted memory changes the answer")
+    finally:
+        sched.stop()
+    cached, remote = stack["workers"]
+    r = complete(cached.url, QUERY.format(**q), memory="fitted")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+    r = complete(remote.url, QUERY.format(**q), memory="fitted")
+    assert r.status_code == 409, r.text
+    msg = r.json()["error"]["message"]
+    assert "fitted entries" in msg and "--memory-mode cache" in msg
 
 
 def test_concurrent_requests_are_batched_with_the_same_answers(stack, refs):

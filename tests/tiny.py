@@ -29,6 +29,12 @@ def tiny_llama(vocab: int, **config) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
+# the looked-up entries' format (the builder's default until 2026-11-30): Eq. 5 member averages
+# per cluster of calibration queries, bfloat16 keys; pass it (or entry_state "average") where a
+# test is about lookups (search, fused kernels, lse correction, granularities, key modes, q_mean)
+LOOKUP = {"entry_state": "average", "key_dtype": "bfloat16"}
+
+
 def reference_options(**over):
     """BuildOptions of the float32 reference recipe (one entry per head, float32 keys and
     states, the lse correction's extras): what the exactness tests compare; `over` on top."""
@@ -37,3 +43,10 @@ def reference_options(**over):
     base = {"entry_state": "average", "granularity": "head", "key_dtype": "float32",
             "out_dtype": "float32", "lse_correction": True}  # fmt: skip
     return BuildOptions(**{**base, **over})
+
+
+def lookup_options(**over):
+    """BuildOptions of the looked-up entries' format (`LOOKUP`), `over` on top."""
+    from memdb_worker.builder import BuildOptions
+
+    return BuildOptions(**{**LOOKUP, **over})

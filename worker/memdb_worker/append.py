@@ -175,6 +175,7 @@ def append_chunk(
                     lse=lse.numpy().astype("float32"),
                     extras=extras,
                     metadata={},
+                    key_scale=s.key_scale,  # the keys are kept: float8 keys keep their scale
                 )
             )
     token_count = int(meta.get("token_count", "0")) + len(ids)

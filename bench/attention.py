@@ -6,9 +6,10 @@ Llama-3.1-8B-shaped attention (32 query heads, 8 KV heads, head dim 128, bf16, r
 live context C = 512 tokens, batch in {1, 8, 32}, prefix N in {1K ... 128K}, memory budget
 M in {1K, 4K, 8K}, pre-RoPE keys, in the memory formats of `FORMATS` ("<keys>/<granularity>",
 "+kbar" when q_mean / k_bar are stored and the first-order lse correction runs: e.g.
-"bf16/kv_group_mean" is what the builder writes by default (one key of the head dim per KV
-group, bf16 keys and states), "fp8/kv_group_mean+kbar" the same with float8 keys with a
-per-entry scale and the lse correction's extras). Side by side, in one run:
+"bf16/kv_group_mean" is the looked-up format the builder wrote by default until fitted rows
+(one key of the head dim per KV group, bf16 keys and states; fitted rows have no fused
+kernel), "fp8/kv_group_mean+kbar" the same with float8 keys with a per-entry scale and the lse
+correction's extras). Side by side, in one run:
 
 - sdpa:   torch SDPA (FlashAttention backend where it is faster) over the cached prefix plus
           the live context, N + C keys per row (each row its own copy of the prefix);

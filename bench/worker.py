@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             model, tok = load_model("default")
             fp = model_fingerprint(model)
-            built = build_memory(model, tok, prefix, traces, budget, BuildOptions(seed=0))
+            # looked-up entries (not the default fitted rows): the remote-mode row looks them
+            # up per layer, which fitted rows (attended whole on the worker) do not allow
+            opts = BuildOptions(seed=0, entry_state="average", key_dtype="bfloat16")
+            built = build_memory(model, tok, prefix, traces, budget, opts)
             build_s = time.perf_counter() - t0
             with MemdbClient(server.address, server.admin_key) as c:
                 c.put_prefix(NAME, built.shards, model_fingerprint=fp,

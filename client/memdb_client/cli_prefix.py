@@ -539,11 +539,14 @@ def prefix_append(app: App, name: str, query_position, **kw):
         query_position=query_position,
         progress=app.progress,
     )
-    app.note(
-        f"merged {res.tokens} new tokens into {len(res.shards)} layers "
-        f"(queries at position {res.query_position}); the prefix now has "
-        f"{res.token_count} tokens"
-    )
+    if res.metadata.get("entry_state") == "fitted":
+        how = f"added the {res.tokens} new tokens as rows of {len(res.shards)} layers"
+    else:
+        how = (
+            f"merged {res.tokens} new tokens into {len(res.shards)} layers "
+            f"(queries at position {res.query_position})"
+        )
+    app.note(f"{how}; the prefix now has {res.token_count} tokens")
     params = dict(info.build_params)
     params.update(build.server_params(res.metadata, {}))
     for k in ("calibration_records", "trace_count", "trace_tokens"):  # keep the original values

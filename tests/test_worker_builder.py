@@ -15,20 +15,18 @@ from memdb.shards import check_consistent, decode_shard, encode_shard
 from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.model import model_fingerprint
 from memdb_worker.scoring import score_continuations
-from tests.tiny import lookup_options, tiny_llama
+from tests.tiny import lookup_options, random_traces, small_llama
 
 VOCAB = 128
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_llama(VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      max_position_embeddings=128, pad_token_id=None)  # fmt: skip
+    return small_llama()
 
 
 def _traces(n, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+    return random_traces(n, length, seed, VOCAB)
 
 
 PREFIX = list(range(3, 43))

@@ -16,7 +16,7 @@ from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.memory import DecodeOptions, Memory
 from memdb_worker.prefix import encode_prefix
 from memdb_worker.state import attention_state
-from tests.tiny import tiny_llama
+from tests.tiny import random_traces, small_llama
 
 VOCAB = 128
 PREFIX = list(range(3, 43))
@@ -25,13 +25,11 @@ FITTED = {"entry_state": "fitted", "key_dtype": "float32", "out_dtype": "float32
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_llama(VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      max_position_embeddings=128, pad_token_id=None)  # fmt: skip
+    return small_llama()
 
 
 def _traces(n, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+    return random_traces(n, length, seed, VOCAB)
 
 
 def _rand(*shape, seed=0):

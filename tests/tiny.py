@@ -50,3 +50,18 @@ def lookup_options(**over):
     from memdb_worker.builder import BuildOptions
 
     return BuildOptions(**{**LOOKUP, **over})
+
+
+SMALL_VOCAB = 128
+
+
+def small_llama() -> LlamaForCausalLM:
+    """The builder tests' smaller tiny Llama: 2 layers, hidden 32, vocab SMALL_VOCAB."""
+    return tiny_llama(SMALL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      max_position_embeddings=128, pad_token_id=None)  # fmt: skip
+
+
+def random_traces(n: int, length: int, seed: int, vocab: int = SMALL_VOCAB) -> list[list[int]]:
+    """n seeded random token sequences (ids 3.. vocab-1) of `length` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]

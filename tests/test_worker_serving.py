@@ -229,6 +229,7 @@ def test_a_fitted_memory_is_served_from_the_cache_and_refused_by_remote_lookups(
     assert r.json()["choices"][0]["text"] == want
     r = complete(remote.url, QUERY.format(**q), memory="fitted")
     assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "memory_not_remote"
     msg = r.json()["error"]["message"]
     assert "fitted entries" in msg and "--memory-mode cache" in msg
 

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from memdb import errors
+from memdb_worker.cache import NotRemote
 from memdb_worker.metrics import CONTENT_TYPE
 from memdb_worker.runtime import WorkerRuntime
 from memdb_worker.scheduler import GenerationRequest, SamplingParams, TokenEvent
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (errors.NotFound, 404, "not_found"),
+    (NotRemote, 409, "memory_not_remote"),  # before its base class FailedPrecondition
     (errors.FailedPrecondition, 409, "model_mismatch"),
     (errors.Unavailable, 503, "memdb_unavailable"),
     (errors.DeadlineExceeded, 503, "memdb_unavailable"),

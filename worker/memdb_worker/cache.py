@@ -56,6 +56,11 @@ from memdb_worker.state import State
 
 logger = logging.getLogger(__name__)
 
+
+class NotRemote(FailedPrecondition):
+    """A memory that remote mode cannot serve (whitened keys, fitted rows): cache it instead."""
+
+
 CacheMode = Literal["cache", "remote"]
 ClientFactory = Callable[[], MemdbClient]
 
@@ -394,13 +399,13 @@ class MemoryCache:
         shard = decode_shard(blobs[0], where="layer 0")
         meta = {k: v for k, v in shard.metadata.items() if k != "layer"}
         if meta.get("whiten", "0") == "1":
-            raise FailedPrecondition(
+            raise NotRemote(
                 f"memory '{name}' has whitened keys: remote mode cannot whiten queries without "
                 "the per-layer whitening (serve it with --memory-mode cache and a budget that "
                 "holds it)"
             )
         if meta.get("entry_state") == "fitted":
-            raise FailedPrecondition(
+            raise NotRemote(
                 f"memory '{name}' has fitted entries: they are attended as a whole on the "
                 "worker, not looked up remotely (serve it with --memory-mode cache and a budget "
                 "that holds it)"

@@ -198,6 +198,8 @@ class LoadedLayer:
     nbytes: int = 0  # 0 = estimate from the arrays and indices
     model_fingerprint: str = ""
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [I, M, ...]
+    # the shard's metadata "entry_state": "fitted" rows are attended whole, never looked up
+    entry_state: str = ""
 
     def __post_init__(self) -> None:
         if not self.nbytes:
@@ -323,6 +325,7 @@ def load_layer(
         shard.lse,
         model_fingerprint=model_fingerprint,
         extras=shard.extras,
+        entry_state=shard.metadata.get("entry_state", ""),
     )
 
 

@@ -17,7 +17,12 @@ import numpy as np
 
 from memdb import auth
 from memdb.config import ServerConfig
-from memdb.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from memdb.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from memdb.events import Event
 from memdb.index import LoadedLayer, load_layer
 from memdb.records import PrefixRecord, VersionSnapshot
@@ -49,6 +54,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         )  # fmt: skip
         version = rec.version
         check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
+        if layer.entry_state == "fitted":
+            raise FailedPrecondition(
+                f"memory '{name}' holds fitted rows (entry_state 'fitted'), which are attended "
+                "as a whole, not looked up: fetch it with FetchMemory (a worker's cache mode)"
+            )
         extras = _extra_names(request, rec.extra_tensors, name)
         queries = self._queries(request)
         self._check_cost(layer, queries.shape[0], k, request.include_states, extras)

@@ -155,6 +155,19 @@ def test_lookup_returns_the_requested_extras_of_the_hits_as_stored(root):
     root.delete_prefix("ext")
 
 
+def test_lookup_of_fitted_rows_is_refused_and_fetch_serves_them(root):
+    shards = make_shards(groups=2, m=8, dk=8, h=1, d=8, seed=3)
+    for s in shards:
+        s.metadata["entry_state"] = "fitted"
+    root.put_prefix("fitted", shards, model_fingerprint=FP)
+    q = np.ones((1, 2, 8), np.float32)
+    with pytest.raises(FailedPrecondition, match=r"fitted rows.*FetchMemory"):
+        root.lookup("fitted", 1, q, model_fingerprint=FP)
+    fetched = root.fetch_memory("fitted", model_fingerprint=FP).shards
+    np.testing.assert_array_equal(fetched[1].out, shards[1].out)
+    root.delete_prefix("fitted")
+
+
 def test_lookup_of_an_unknown_extra_is_invalid_argument(root):
     root.put_prefix("ext-bad", with_extras(make_shards()), model_fingerprint=FP)
     root.put_prefix("ext-none", make_shards(), model_fingerprint=FP)

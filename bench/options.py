@@ -23,6 +23,7 @@ sink (the sink only changes chunks after the first, i.e. the 32K memory).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -80,7 +81,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     ),
     "bf16_rope_common": ({**BF16, "key_mode": "rope_common"}, {}),
     "bf16_top4": (BF16, {"top_k": 4}),
-    # fitted key/value rows per KV head (memdb_worker.fitted): M rows cost one token of KV each
+    # fitted key/value rows per KV head (memdb_worker.fitted): a row costs about one token of KV
     "fitted_bf16": ({**BF16, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
     "fitted_fp8_bf16": ({**COMPACT, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
 }
@@ -136,8 +137,6 @@ def pick(summary: dict) -> dict:
 
 def resummarise(path: Path, command: str) -> dict:
     """A finished run's summary and pick again under the current rule (its cells unchanged)."""
-    import json
-
     results = json.loads(path.read_text())
     results["summary"] = summarise(results["datasets"])
     results["picked"] = pick(results["summary"])

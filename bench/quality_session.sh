@@ -9,6 +9,7 @@
 #   device:  bash bench/quality_session.sh piece .gpu/pNN     (append, unpack what is complete)
 #            bash bench/quality_session.sh start smol|qwen|qwen32k|options END_EPOCH [SEEDS...]
 #            bash bench/quality_session.sh poll MAX_SECONDS [UNTIL_EPOCH]
+# (each start runs from a private copy of the tree: `snapshot`)
 #
 # Runs: one process per seed (the seed's phase 1 then its 32K memories); smol on GPU 0, qwen on
 # GPU 1 (CUDA_VISIBLE_DEVICES), seeds after the first at lower CPU priority. Each gets
@@ -112,11 +113,23 @@ env_setup() {
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 }
 
+snapshot() {
+    # The device copies the working tree again at every call: a process that imports a module
+    # while a later call rewrites it can read a half-written file (two runs died so on
+    # 2026-11-30). Each start runs from its own copy, which no later call touches.
+    local dir
+    dir=$Q/repo-$(date +%s%N)
+    mkdir -p "$dir"
+    cp -r bench worker client memdb proto pyproject.toml "$dir/"
+    cd "$dir"
+}
+
 start() {
     local kind=${1:?smol|qwen} end=${2:?END_EPOCH}
     shift 2
     local seeds=("$@")
     [ ${#seeds[@]} -gt 0 ] || seeds=(0 1 2)
+    snapshot
     env_setup
     local budget=$((end - $(date +%s)))
     local note="defaults=validation pick, bench/results/options.json"

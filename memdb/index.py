@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from memdb.errors import InvalidArgument
-from memdb.shards import Shard, decode_shard
+from memdb.shards import Shard, decode_shard, holds_fitted_rows
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ class LoadedLayer:
     nbytes: int = 0  # 0 = estimate from the arrays and indices
     model_fingerprint: str = ""
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [I, M, ...]
-    # the shard's metadata "entry_state": "fitted" rows are attended whole, never looked up
-    entry_state: str = ""
+    fitted: bool = False  # shards.holds_fitted_rows: rows attended whole, never looked up
 
     def __post_init__(self) -> None:
         if not self.nbytes:
@@ -325,7 +324,7 @@ def load_layer(
         shard.lse,
         model_fingerprint=model_fingerprint,
         extras=shard.extras,
-        entry_state=shard.metadata.get("entry_state", ""),
+        fitted=holds_fitted_rows(shard.metadata),
     )
 
 

@@ -54,7 +54,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         )  # fmt: skip
         version = rec.version
         check_fingerprint(layer.model_fingerprint, request.model_fingerprint, name)
-        if layer.entry_state == "fitted":
+        if layer.fitted:
             raise FailedPrecondition(
                 f"memory '{name}' holds fitted rows (entry_state 'fitted'), which are attended "
                 "as a whole, not looked up: fetch it with FetchMemory (a worker's cache mode)"

@@ -106,6 +106,12 @@ class Shard:
         return keys
 
 
+def holds_fitted_rows(metadata: dict[str, str]) -> bool:
+    """Whether a shard's metadata marks fitted rows (entry_state "fitted", written by the
+    worker's builder): rows attended as a whole by a worker, never looked up (no Lookup)."""
+    return metadata.get("entry_state") == "fitted"
+
+
 def encode_shard(shard: Shard) -> bytes:
     """Serialize a shard to safetensors bytes (validates it first)."""
     tensors = {"keys": shard.keys, "out": shard.out, "lse": shard.lse, **shard.extras}

@@ -176,3 +176,17 @@ def test_appending_to_a_fitted_memory_adds_the_chunk_rows_exactly(tiny, key_dtyp
         exact = tiny(ids).logits
     tol = 1e-4 if key_dtype == "float32" else 0.1
     torch.testing.assert_close(got, exact, rtol=tol, atol=tol)
+
+
+def test_a_fitted_memory_adds_the_layers_lse_bias_and_nothing_else(tiny):
+    from memdb_worker.keys import LayerQuery, RopeSpec
+
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 9), budget=12,
+                         options=BuildOptions(**FITTED), progress=False)  # fmt: skip
+    mem = built.to_memory()
+    q = LayerQuery(layer=1, q=_rand(1, 4, 3, 8, seed=6), positions=torch.arange(3)[None] + 40,
+                   scaling=0.35, rope=RopeSpec.from_model(tiny), num_kv_heads=2)  # fmt: skip
+    base = mem.prefix_state(q)
+    biased = mem.with_options(DecodeOptions(lse_bias=(0.0, 0.7))).prefix_state(q)
+    torch.testing.assert_close(biased.lse, base.lse + 0.7)
+    torch.testing.assert_close(biased.out, base.out)

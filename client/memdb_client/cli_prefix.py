@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from memdb.errors import NotFound
-from memdb.shards import encode_shard
+from memdb.shards import encode_shard, holds_fitted_rows
 from memdb_client import output, portable
 from memdb_client.cli import EXIT_CODES, App, Failure, json_option, pass_app
 from memdb_client.inputs import DEFAULT_TEMPLATE, INPUT_FORMATS, Source, read_source, unescape
@@ -539,7 +539,7 @@ def prefix_append(app: App, name: str, query_position, **kw):
         query_position=query_position,
         progress=app.progress,
     )
-    if res.metadata.get("entry_state") == "fitted":
+    if holds_fitted_rows(res.metadata):
         how = f"added the {res.tokens} new tokens as rows of {len(res.shards)} layers"
     else:
         how = (

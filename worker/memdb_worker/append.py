@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memdb.shards import Shard
+from memdb.shards import Shard, holds_fitted_rows
 from memdb_worker.attention import bind
-from memdb_worker.formats import quantize_keys, to_numpy, to_torch
+from memdb_worker.formats import quantize_keys, to_numpy
 from memdb_worker.head_queries import HeadQueryFit, QueryStats
 from memdb_worker.keys import KeySpace, apply_rope, rope_transpose, undo_rope
 from memdb_worker.memory import group_key_of, keyspace_from_metadata
@@ -106,7 +106,7 @@ def append_chunk(
     if not ids:
         raise ValueError("the text to append is empty")
 
-    if meta.get("entry_state") == "fitted":
+    if holds_fitted_rows(meta):
         return _append_rows(model, shards, ids, meta, chunk_tokens, progress)
 
     stats = None  # group-mean keys: the new text's queries fit each head's entry query
@@ -118,7 +118,6 @@ def append_chunk(
             )
         stats = QueryStats(len(shards), kv_heads, ks.heads_per_group, d)
 
-    old_chunks = json.loads(meta.get("chunk_lengths", "[]"))
     old_len = int(meta.get("prefix_length", "0"))
     sink = json.loads(meta.get("sink_ids", "[]"))
     with bind(model, stats, live_positions="zero") if stats else nullcontext():
@@ -178,17 +177,7 @@ def append_chunk(
                     key_scale=s.key_scale,  # the keys are kept: float8 keys keep their scale
                 )
             )
-    token_count = int(meta.get("token_count", "0")) + len(ids)
-    appended = json.loads(meta.get("appended_chunks", "[]")) + [len(ids)]
-    meta.update(
-        token_count=str(token_count),
-        prefix_length=str(prefix_length),
-        chunk_lengths=json.dumps(list(old_chunks) + list(new.chunk_lengths)),
-        appended_chunks=json.dumps(appended),
-    )
-    for i, s in enumerate(out_shards):
-        s.metadata = {**meta, "layer": str(i)}
-    return Appended(out_shards, meta, len(ids), token_count, int(query_position))
+    return _appended(out_shards, meta, new, len(ids), int(query_position))
 
 
 def _append_rows(
@@ -208,32 +197,41 @@ def _append_rows(
     out_shards = []
     for layer, s in enumerate(shards):
         keys, scale = quantize_keys(new.keys[layer][0].float().cpu(), s.keys.dtype.name)
-        values = new.values[layer][0].float().cpu().unsqueeze(2)  # [Hkv, n, 1, d]
+        values = new.values[layer][0].cpu().unsqueeze(2)  # [Hkv, n, 1, d]
+        values = values.to(getattr(torch, s.out.dtype.name))  # the stored values' dtype
         key_scale = None
         if scale is not None:
             key_scale = np.concatenate([s.key_scale, to_numpy(scale)], axis=1)
         out_shards.append(
             Shard(
                 keys=np.concatenate([s.keys, to_numpy(keys)], axis=1),
-                out=np.concatenate([s.out, to_numpy(values.to(to_torch(s.out[:0]).dtype))], 1),
+                out=np.concatenate([s.out, to_numpy(values)], axis=1),
                 lse=np.concatenate([s.lse, np.zeros(values.shape[:3], np.float32)], axis=1),
                 extras={},
                 metadata={},
                 key_scale=key_scale,
             )
         )
-    prefix_length = max(old_len, new.prefix_length)
-    token_count = int(meta.get("token_count", "0")) + len(ids)
+    return _appended(out_shards, meta, new, len(ids), max(old_len, new.prefix_length))
+
+
+def _appended(
+    shards: list[Shard], meta: dict[str, str], new: ExactPrefix, tokens: int, query_position: int
+) -> Appended:
+    """The new shards with the memory's metadata after appending `new` (`tokens` tokens): its
+    budget, token count, live position, chunks and appended chunks; one copy per layer."""
+    token_count = int(meta.get("token_count", "0")) + tokens
+    chunks = json.loads(meta.get("chunk_lengths", "[]")) + list(new.chunk_lengths)
     meta.update(
-        budget=str(out_shards[0].keys.shape[1]),
+        budget=str(shards[0].keys.shape[1]),
         token_count=str(token_count),
-        prefix_length=str(prefix_length),
-        chunk_lengths=json.dumps(json.loads(meta["chunk_lengths"]) + list(new.chunk_lengths)),
-        appended_chunks=json.dumps(json.loads(meta.get("appended_chunks", "[]")) + [len(ids)]),
+        prefix_length=str(max(int(meta.get("prefix_length", "0")), new.prefix_length)),
+        chunk_lengths=json.dumps(chunks),
+        appended_chunks=json.dumps(json.loads(meta.get("appended_chunks", "[]")) + [tokens]),
     )
-    for i, sh in enumerate(out_shards):
-        sh.metadata = {**meta, "layer": str(i)}
-    return Appended(out_shards, meta, len(ids), token_count, prefix_length)
+    for i, s in enumerate(shards):
+        s.metadata = {**meta, "layer": str(i)}
+    return Appended(shards, meta, tokens, token_count, query_position)
 
 
 def _encode_new(

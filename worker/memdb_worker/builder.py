@@ -169,12 +169,14 @@ def cluster(
         ks.whiten_mean = [mu for _, mu in fits]
     meta = _metadata(calib, ks, budget, options)
     layers = range(calib.num_layers)
+    # fitted rows: the records' RoPE rotation, the same at every layer
+    cos_sin = calib.rope.cos_sin(calib.positions) if options.fitted else None  # [N, d] each
     bar = tqdm(total=len(layers), desc="clustering layers", unit="layer", disable=not progress)
 
     def one(layer: int) -> Shard:
         with torch.inference_mode():  # thread-local: pool threads need it too
-            if options.fitted:
-                shard = _fit_layer(calib, layer, budget, options, meta)
+            if cos_sin is not None:
+                shard = _fit_layer(calib, layer, budget, options, meta, cos_sin)
             else:
                 shard = _cluster_layer(calib, ks, layer, budget, options, meta)
         bar.update()
@@ -274,15 +276,20 @@ def _cluster_layer(
 
 
 def _fit_layer(
-    calib: Calibration, layer: int, budget: int, options: BuildOptions, meta: dict[str, str]
+    calib: Calibration,
+    layer: int,
+    budget: int,
+    options: BuildOptions,
+    meta: dict[str, str],
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
 ) -> Shard:
     """Fitted rows of every KV head of a layer (`fitted.fit_group`): keys [Hkv, M, d], values
-    as out [Hkv, M, 1, d], biases as lse [Hkv, M, 1]."""
+    as out [Hkv, M, 1, d], biases as lse [Hkv, M, 1]; cos_sin: the records' RoPE [N, d]."""
     pre = calib.prefix
     hkv, d = calib.num_kv_heads, calib.head_dim
     hg = calib.num_heads // hkv
     dev = pre.keys[layer].device
-    cos, sin = calib.rope.cos_sin(calib.positions)  # [N, d]
+    cos, sin = cos_sin
     q = apply_rope(calib.q_pre[layer], cos.unsqueeze(1), sin.unsqueeze(1))  # [N, H, d] post-RoPE
     keys = torch.zeros(hkv, budget, d)
     values = torch.zeros(hkv, budget, 1, d)

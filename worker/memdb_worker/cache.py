@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from memdb.errors import DeadlineExceeded, FailedPrecondition, MemdbError, Unavailable
-from memdb.shards import decode_shard
+from memdb.shards import decode_shard, holds_fitted_rows
 from memdb_client import MemdbClient
 from memdb_worker.keys import KeySpace, LayerQuery
 from memdb_worker.memory import (
@@ -404,7 +404,7 @@ class MemoryCache:
                 "the per-layer whitening (serve it with --memory-mode cache and a budget that "
                 "holds it)"
             )
-        if meta.get("entry_state") == "fitted":
+        if holds_fitted_rows(meta):
             raise NotRemote(
                 f"memory '{name}' has fitted entries: they are attended as a whole on the "
                 "worker, not looked up remotely (serve it with --memory-mode cache and a budget "

@@ -142,8 +142,7 @@ def _extras_fit(lay) -> bool:
 
 
 def lse_bias(memory: Memory, layer: int) -> float:
-    b = memory.options.lse_bias
-    return float(b[layer] if isinstance(b, tuple) else b)
+    return memory.options.bias_at(layer)
 
 
 def prepare_layer(memory: Memory, layer: int) -> FusedLayer:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memdb.shards import KEY_SCALE, Shard, check_consistent
+from memdb.shards import KEY_SCALE, Shard, check_consistent, holds_fitted_rows
 from memdb_worker.fitted import fitted_state
 from memdb_worker.formats import to_numpy, to_torch
 from memdb_worker.keys import Granularity, KeySpace, LayerQuery, RopeSpec
@@ -70,6 +70,11 @@ class DecodeOptions:
     temperature: float = 0.05  # soft top-k: weights softmax(cosine / temperature)
     lse_correction: bool | None = None  # None: apply when the memory stores k_bar
     lse_bias: float | tuple[float, ...] = 0.0  # one value, or one per layer
+
+    def bias_at(self, layer: int) -> float:
+        """The lse bias of `layer` (the one value, or the layer's own)."""
+        b = self.lse_bias
+        return float(b[layer] if isinstance(b, tuple) else b)
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -254,7 +259,7 @@ class Memory:
     def fitted(self) -> bool:
         """Whether the entries are fitted key/value rows (`fitted`), answered by attention
         over all of them rather than by a lookup."""
-        return self.metadata.get("entry_state") == "fitted"
+        return holds_fitted_rows(self.metadata)
 
     def nbytes(self) -> int:
         """Bytes of the memory as stored (keys, key_scale, states, stored extras;
@@ -318,8 +323,7 @@ class Memory:
         if self.fitted:
             st = fitted_state(query.q, lay.key_values(), lay.out[:, :, 0], lay.lse[:, :, 0],
                               query.scaling)  # fmt: skip
-            bias = self.options.lse_bias
-            bias = bias[query.layer] if isinstance(bias, tuple) else bias
+            bias = self.options.bias_at(query.layer)
             return State(st.out, st.lse + bias) if bias else st
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)  # [n, H, d]
         keys = lookup_keys(ks, self.group_key, q_pre, query.layer)  # [n, I, Dk]
@@ -408,8 +412,7 @@ def hits_state(
         q_mean, k_bar = correction
         qg = q_pre.view(n, num_groups, heads_per_group, d)  # [n, I, h, d]
         lse = correct_lse(lse, qg, q_mean, k_bar, query.scaling)
-    bias = options.lse_bias
-    bias = bias[query.layer] if isinstance(bias, tuple) else bias
+    bias = options.bias_at(query.layer)
     if bias:
         lse = lse + bias
     if k == 1:

@@ -272,3 +272,25 @@ def test_next_token_logprobs_equal_a_forward_of_each_context(tiny, data):
     for c, row in zip(contexts, got, strict=True):
         want = torch.log_softmax(logits(tiny, prefix + c)[-1], -1)
         torch.testing.assert_close(row, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_averaged_chunk_mass_weights_each_chunks_attention_one_over_c(mode):
+    from memdb_worker.prefix import ExactPrefix
+    from memdb_worker.state import attention_state, merge_states
+
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(1, 1, 12, 8, generator=g), torch.randn(1, 1, 12, 8, generator=g)
+    pre = ExactPrefix(keys=[k], values=[v], scaling=0.4, prefix_length=5, token_count=12,
+                      chunk_lengths=(5, 4, 3)).with_chunk_mass(mode)  # fmt: skip
+    q = torch.randn(1, 1, 2, 8, generator=g)
+    lk, lv = torch.randn(1, 1, 2, 8, generator=g), torch.randn(1, 1, 2, 8, generator=g)
+    got = merge_states(attention_state(q, lk, lv, 0.4), pre.state(0, q)).out
+    # exact: softmax over live and prefix tokens, every prefix token's weight times 1/C
+    c = 3 if mode == "mean" else 1
+    w_live = (0.4 * q @ lk.transpose(-1, -2)).exp()
+    w = torch.cat([w_live, (0.4 * q @ k.transpose(-1, -2)).exp() / c], -1)
+    want = (w / w.sum(-1, keepdim=True)) @ torch.cat([lv, v], dim=2)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="chunk_mass must be one of"):
+        pre.with_chunk_mass("max")

@@ -56,6 +56,33 @@ def test_every_prefix_key_kept_is_exact_attention():
     torch.testing.assert_close(st.lse, exact.lse)
 
 
+def test_biases_and_values_are_fitted_to_the_keys_as_stored():
+    # keys read back coarsely (to 0.5), with a large component shared by keys and queries (as
+    # Qwen2's key bias): a key's rounding moves its score by about the same for every query,
+    # which the biases absorb when fitted on the stored keys, not when the keys are rounded
+    # after the fit
+    big = torch.zeros(16)
+    big[0] = 1.0
+    k, v = _rand(64, 16, seed=1) + 40 * big, _rand(64, 16, seed=2)
+    q, held = _rand(400, 16, seed=3) + 8 * big, _rand(100, 16, seed=4) + 8 * big
+    exact = attention_state(q[None, None], k[None, None], v[None, None], 0.25)
+    want = attention_state(held[None, None], k[None, None], v[None, None], 0.25)
+
+    def coarse(x):
+        return (x * 2).round() / 2
+
+    errs = {}
+    for name, stored in (("stored", coarse), ("float", None)):
+        keys, values, bias = fitted.fit_group(k, v, q, exact.out[0, 0], exact.lse[0, 0], 32,
+                                              0.25, stored=stored)  # fmt: skip
+        if stored is not None:
+            assert torch.equal(keys, coarse(keys))  # the keys returned are the stored ones
+        st = fitted.fitted_state(held[None, None], coarse(keys)[None], values[None], bias[None],
+                                 0.25)  # fmt: skip
+        errs[name] = float(((st.out - want.out).norm(dim=-1) / want.out.norm(dim=-1)).mean())
+    assert errs["stored"] < 0.5 * errs["float"], errs
+
+
 def test_values_solve_the_ridge_least_squares_in_any_row_blocks(monkeypatch):
     q, keys = _rand(50, 6, seed=1), _rand(7, 6, seed=2)
     out, bias, prior = _rand(50, 4, seed=3), _rand(7, seed=4), _rand(7, 4, seed=5)
@@ -190,3 +217,31 @@ def test_a_fitted_memory_adds_the_layers_lse_bias_and_nothing_else(tiny):
     biased = mem.with_options(DecodeOptions(lse_bias=(0.0, 0.7))).prefix_state(q)
     torch.testing.assert_close(biased.lse, base.lse + 0.7)
     torch.testing.assert_close(biased.out, base.out)
+
+
+def test_a_fitted_memory_of_the_whole_prefix_follows_its_averaged_chunk_mass(tiny):
+    # a prefix of 2 chunks with chunk_mass "mean": every row kept is exact attention over both
+    # chunks, each weighted 1/2 (prefix.ExactPrefix.with_chunk_mass)
+    opts = BuildOptions(**FITTED, chunk_tokens=24, sink_tokens=4, chunk_mass="mean")
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 10), budget=len(PREFIX),
+                         options=opts, progress=False)  # fmt: skip
+    exact = encode_prefix(tiny, PREFIX, chunk_tokens=24, sink_tokens=4)
+    assert len(exact.chunk_lengths) == 2
+    ids = torch.tensor(_traces(2, 12, 11))
+    got = {}
+    for name, source in (("memory", built.to_memory()), ("mean", exact.with_chunk_mass("mean")),
+                         ("sum", exact)):  # fmt: skip
+        with bind(tiny, source):
+            got[name] = tiny(ids).logits
+    torch.testing.assert_close(got["memory"], got["mean"], rtol=1e-4, atol=1e-4)
+    assert (got["mean"] - got["sum"]).abs().max() > 1e-2  # the weighting changes the logits
+
+
+def test_appending_to_a_memory_of_averaged_chunks_is_refused(tiny):
+    from memdb_worker.append import append_chunk
+
+    opts = BuildOptions(**FITTED, chunk_tokens=24, sink_tokens=4, chunk_mass="mean")
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 12), budget=16, options=opts,
+                         progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="chunk_mass 'mean'.*rebuild"):
+        append_chunk(tiny, None, built.shards, list(range(50, 60)), progress=False)

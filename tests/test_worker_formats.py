@@ -15,6 +15,8 @@ from memdb_worker.builder import BuildOptions, calibrate, cluster
 from memdb_worker.formats import (
     FP8_MAX,
     KEY_DTYPES,
+    dequantize_keys,
+    keys_as_stored,
     kv_bytes,
     memory_bytes,
     quantize_keys,
@@ -57,6 +59,22 @@ def test_fp8_keys_scale_each_entry_to_the_format_range():
     # e4m3: 3 mantissa bits, relative rounding error <= 1/16 (values near the row's amax)
     assert ((back - keys).abs() <= keys.abs() / 16 + amax[..., None] * 2**-9).all()
     assert torch.equal(back[1, 2], torch.zeros(16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_keys_as_stored_are_what_dequantize_reads_back_after_quantize(dtype):
+    keys = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2)) * 3
+    stored, scale = quantize_keys(keys, dtype)
+    back = dequantize_keys(stored, scale)
+    assert back.dtype == torch.float32 and back.shape == keys.shape
+    assert (scale is None) == (dtype != "float8_e4m3fn")
+    want = (
+        keys if dtype == "float32" else stored.float() * (1 if scale is None else scale[..., None])
+    )
+    torch.testing.assert_close(back, want, rtol=0, atol=0)
+    torch.testing.assert_close(keys_as_stored(keys, dtype), back, rtol=0, atol=0)
+    tol = {"float32": 0, "bfloat16": 2**-8, "float8_e4m3fn": 2**-4}[dtype]
+    assert ((back - keys).abs() <= tol * keys.abs() + 1e-6 * keys.abs().amax()).all()
 
 
 @pytest.fixture(scope="module")

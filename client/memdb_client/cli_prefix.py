@@ -114,6 +114,13 @@ model_options = _options(
         help="Encode each later chunk after the prefix's first N tokens, an attention sink "
         "(default: 32; 0 encodes chunks alone, as the paper does).",
     ),
+    click.option(
+        "--chunk-mass",
+        type=click.Choice(["sum", "mean"]),
+        default=None,
+        help="A prefix of C chunks: 'sum' attends to every chunk exactly, 'mean' weights each "
+        "chunk's attention 1/C (structured prompting). Default: the builder's.",
+    ),
 )
 
 build_options = _options(
@@ -224,6 +231,7 @@ _BUILDER_FIELDS = (
     "trace_batch_size",
     "chunk_tokens",
     "sink_tokens",
+    "chunk_mass",
 )
 
 

@@ -8,9 +8,10 @@ from typing import Literal
 
 from memdb_worker.formats import KEY_DTYPES, OUT_DTYPES
 from memdb_worker.keys import GRANULARITIES, KEY_MODES, Granularity, KeyMode
-from memdb_worker.prefix import DEFAULT_SINK_TOKENS
+from memdb_worker.prefix import CHUNK_MASSES, DEFAULT_SINK_TOKENS
 
 EntryState = Literal["average", "centroid", "fitted"]
+ChunkMass = Literal["sum", "mean"]
 # "kv_group_mean": the key space's kv_group with one key per group, the mean of its heads' keys
 # (written to shards as granularity "kv_group" + group_key "mean", see `memory.lookup_keys`)
 BuildGranularity = Granularity | Literal["kv_group_mean"]
@@ -19,6 +20,7 @@ BUILD_GRANULARITIES: tuple[str, ...] = (*GRANULARITIES, "kv_group_mean")
 CALIBRATION_FIELDS = (
     "chunk_tokens",
     "sink_tokens",
+    "chunk_mass",
     "max_records",
     "max_tokens_per_trace",
     "trace_batch_size",
@@ -60,6 +62,7 @@ class BuildOptions:
     # calibration
     chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
     sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends
+    chunk_mass: ChunkMass = "sum"  # a prefix of C chunks: mass summed or averaged (prefix.py)
     max_records: int = 16384  # trace tokens kept (reservoir sample)
     max_tokens_per_trace: int | None = None  # None: every token of every trace
     trace_batch_size: int = 32
@@ -95,6 +98,8 @@ class BuildOptions:
             )
         if self.sink_tokens < 0:
             raise ValueError("sink_tokens must be >= 0")
+        if self.chunk_mass not in CHUNK_MASSES:
+            raise ValueError(f"chunk_mass must be one of {CHUNK_MASSES}, not {self.chunk_mass!r}")
         if self.max_records < 1 or self.trace_batch_size < 1 or self.kmeans_iters < 1:
             raise ValueError("max_records, trace_batch_size and kmeans_iters must be >= 1")
 

@@ -38,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from memdb.shards import Shard
 from memdb_worker.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb_worker.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
 from memdb_worker.fitted import fit_group
-from memdb_worker.formats import quantize_keys, to_numpy
+from memdb_worker.formats import keys_as_stored, quantize_keys, to_numpy
 from memdb_worker.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
 from memdb_worker.memory import DecodeOptions, Memory, lookup_keys
 from memdb_worker.prefix import ExactPrefix
@@ -301,14 +302,16 @@ def _fit_layer(
             pre.values[layer][0, g],
             q[:, heads].reshape(-1, d).to(dev),
             calib.out[layer][:, heads].reshape(-1, d).to(dev),
-            calib.lse[layer][:, heads].reshape(-1).to(dev),
+            calib.lse[layer][:, heads].reshape(-1).to(dev) - pre.log_mass,
             budget,
             pre.scaling,
             steps=options.fit_steps,
             ridge=options.fit_ridge,
             seed=_seed(options.seed, layer, g),
+            stored=partial(keys_as_stored, dtype=options.key_dtype),
         )
-        keys[g], values[g, :, 0], bias[g, :, 0] = k.cpu(), v.cpu(), b.cpu()
+        # the chunk mass's constant lse shift (prefix.py) is fitted out and added back
+        keys[g], values[g, :, 0], bias[g, :, 0] = k.cpu(), v.cpu(), b.cpu() + pre.log_mass
     stored_keys, key_scale = quantize_keys(keys, options.key_dtype)
     return Shard(
         keys=to_numpy(stored_keys),

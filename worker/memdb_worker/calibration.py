@@ -95,7 +95,8 @@ def calibrate(
     """Encode the prefix, run the traces after it, record queries and exact prefix states.
 
     `prefix` may also be an already encoded `ExactPrefix` (e.g. from `encode_prefix`), which is
-    used as is (not re-encoded; `options.chunk_tokens` is then moot).
+    used as is (not re-encoded; `options.chunk_tokens` is then moot). Either way its chunks'
+    mass is summed or averaged as `options.chunk_mass` says (`ExactPrefix.with_chunk_mass`).
     """
     options = options or BuildOptions()
     t0 = time.perf_counter()
@@ -124,7 +125,7 @@ def calibrate(
             progress=progress,
             sink_tokens=options.sink_tokens,
         )  # fmt: skip
-    )
+    ).with_chunk_mass(options.chunk_mass)
     rec = _Recorder(pre, num_layers, cap, h, d, options.lse_correction)
 
     device = next(model.parameters()).device

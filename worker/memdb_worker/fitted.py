@@ -18,6 +18,10 @@ states o_i, lse_i):
 
 1. keys: the M prefix keys that receive the most attention mass from the calibration queries
    (sum_i softmax(s * q_i . K)), in prefix order;
+   The biases and values below are fitted to these keys *as stored* (`stored`, e.g. rounded to
+   float8 with their scale): a key's rounding moves every score q.k_j by q.dk_j, which for a
+   model with large key components (Qwen2's key bias) is several logits; fitted on the stored
+   keys, the bias and values absorb what of it is common to the queries.
 2. biases: Adam on mean (lse(q_i) - lse_i)^2 (the selected keys must also carry the mass of the
    keys left out), from b = 0, on a seeded sample of the queries;
 3. values: ridge least squares, argmin_V sum_i ||P_i V - o_i||^2 + lam ||V - V_sel||^2 with
@@ -30,6 +34,8 @@ the traces (right after the prefix), as for every memory. The stored shard of a 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -105,20 +111,23 @@ def fit_group(
     ridge: float = 1e-3,
     sample: int = 4096,
     seed: int = 0,
+    stored: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fitted rows of one KV head (module doc): prefix keys/values [N, d], calibration queries
     q [n, d] (post-RoPE, every head of the group stacked) with exact out [n, d] and lse [n].
-    Returns keys [M, d], values [M, d], biases [M] (float32), M = budget <= N."""
+    stored maps keys [M, d] to what they read back once stored (default: unchanged).
+    Returns keys [M, d] (as stored), values [M, d], biases [M] (float32), M = budget <= N."""
     keys, values, q = keys.float(), values.float(), q.float()
     out, lse = out.float(), lse.float()
     n_keys = keys.shape[0]
     if not 1 <= budget <= n_keys:
         raise ValueError(f"a fitted budget must be in [1, {n_keys}] (the prefix's tokens)")
-    if budget == n_keys:  # every key: exact attention over the prefix
+    k_stored = keys if stored is None else stored(keys).float()
+    if budget == n_keys and torch.equal(k_stored, keys):  # exact attention over the prefix
         return keys.clone(), values.clone(), torch.zeros(n_keys, device=keys.device)
     mass = attention_mass(q, keys, scale)
     sel = torch.topk(mass, budget).indices.sort().values
-    k_sel = keys[sel]
+    k_sel = k_stored[sel]
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(q.shape[0], generator=gen)[:sample].to(q.device)
     bias = fit_biases(q[idx], lse[idx], k_sel, scale, steps, lr)

@@ -89,6 +89,20 @@ def quantize_keys(
     return q, scale
 
 
+def dequantize_keys(keys: torch.Tensor, key_scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored keys [I, M, Dk] (and their float8 key_scale [I, M]) as float32: the inverse of
+    `quantize_keys` up to its rounding."""
+    if key_scale is None:
+        return keys.float()
+    return keys.float() * key_scale.float()[..., None]
+
+
+def keys_as_stored(keys: torch.Tensor, dtype: str | torch.dtype) -> torch.Tensor:
+    """Keys [..., Dk] as they read back once stored in `dtype` (float32, rounding included)."""
+    flat = keys.reshape(1, -1, keys.shape[-1])
+    return dequantize_keys(*quantize_keys(flat, dtype)).reshape(keys.shape)
+
+
 def memory_bytes(
     *,
     num_layers: int,

@@ -48,7 +48,7 @@ import torch
 
 from memdb.shards import KEY_SCALE, Shard, check_consistent, holds_fitted_rows
 from memdb_worker.fitted import fitted_state
-from memdb_worker.formats import to_numpy, to_torch
+from memdb_worker.formats import dequantize_keys, to_numpy, to_torch
 from memdb_worker.keys import Granularity, KeySpace, LayerQuery, RopeSpec
 from memdb_worker.state import State, combine_states
 
@@ -96,9 +96,7 @@ class MemoryLayer:
 
     def key_values(self) -> torch.Tensor:
         """The keys as float32 [I, M, Dk] (float8 keys times their scale)."""
-        if self.key_scale is None:
-            return self.keys.float()
-        return self.keys.float() * self.key_scale.float().unsqueeze(-1)
+        return dequantize_keys(self.keys, self.key_scale)
 
     def check(self) -> None:
         """Raise ValueError unless the tensors follow the spec (module doc)."""

@@ -18,6 +18,13 @@ built from a ~32K prefix (M = 2048, 70 examples, seed 0) did not settle it: trec
 sink vs 0.771 without, clinc150 0.343 vs 0.286 (bench.quality `--sinks-32k 32 0` runs the
 comparison).
 
+Chunk mass: attention over the concatenated chunks *sums* their attention mass, so a query
+after a 32K prefix in 4.6 chunks of an 8K model sees 4.6 contexts' worth of demonstrations at
+once, something it never saw in training. `chunk_mass="mean"` weights each chunk's mass by
+1/C (`ExactPrefix.log_mass` = -log C added to the prefix's lse): the query attends to the
+*average* of the chunks' contexts, as structured prompting does (Hao et al., 2022, "Structured
+Prompting: Scaling In-Context Learning to 1,000 Examples"). A prefix of one chunk is unchanged.
+
 `ExactPrefix` is a state source for `attention.bind`: it gives each query its exact state on the
 prefix (what a memory approximates). Bound with live positions after the prefix it reproduces
 in-context learning with the prefix in the prompt; the builder records its states as calibration.
@@ -28,8 +35,9 @@ This module knows nothing of memories, clustering or key modes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LIVE_RESERVE = 1024
 DEFAULT_SINK_TOKENS = 32
+CHUNK_MASSES = ("sum", "mean")
 
 
 @dataclass
@@ -54,6 +63,7 @@ class ExactPrefix:
     token_count: int  # N, total prefix tokens over all chunks
     chunk_lengths: tuple[int, ...]
     sink_ids: tuple[int, ...] = ()  # the prefix's first tokens, encoded before later chunks
+    log_mass: float = 0.0  # added to every lse: log of the weight of the prefix's mass
 
     @property
     def num_layers(self) -> int:
@@ -62,12 +72,24 @@ class ExactPrefix:
     def state(self, layer: int, q: torch.Tensor) -> State:
         """Exact state of post-RoPE queries q [B, H, T, d] on the prefix at `layer`."""
         k, v = self._kv(layer, q.device)
-        return attention_state(q, k, v, self.scaling)
+        return self._weighted(attention_state(q, k, v, self.scaling))
 
     def state_and_key_mean(self, layer: int, q: torch.Tensor) -> tuple[State, torch.Tensor]:
         """`state` plus the attention-weighted mean key [B, H, T, d] (post-RoPE frame)."""
         k, v = self._kv(layer, q.device)
-        return attention_state_and_key_mean(q, k, v, self.scaling)
+        st, k_bar = attention_state_and_key_mean(q, k, v, self.scaling)
+        return self._weighted(st), k_bar
+
+    def with_chunk_mass(self, mode: str) -> ExactPrefix:
+        """This prefix with its chunks' attention mass summed ("sum": exact attention over
+        every chunk) or averaged ("mean": each chunk weighted 1/C, module doc)."""
+        if mode not in CHUNK_MASSES:
+            raise ValueError(f"chunk_mass must be one of {CHUNK_MASSES}, not {mode!r}")
+        log_mass = -math.log(len(self.chunk_lengths)) if mode == "mean" else 0.0
+        return replace(self, log_mass=log_mass)
+
+    def _weighted(self, st: State) -> State:
+        return st if self.log_mass == 0.0 else State(st.out, st.lse + self.log_mass)
 
     def prefix_state(self, query: LayerQuery) -> State:
         """State source protocol (see attention.bind)."""
@@ -87,12 +109,14 @@ class ExactPrefix:
             token_count=n,
             chunk_lengths=(n,),
             sink_ids=self.sink_ids[:n],
+            log_mass=self.log_mass,
         )
 
     @staticmethod
     def join(parts: Sequence[ExactPrefix], sink_ids: Sequence[int] = ()) -> ExactPrefix:
         """Chunks encoded apart as one prefix: attention over the concatenated keys/values is
-        the exact merge of the chunks' states; live tokens start after the furthest chunk."""
+        the exact merge of the chunks' states (mass summed, `with_chunk_mass` to average it);
+        live tokens start after the furthest chunk."""
         return ExactPrefix(
             keys=[torch.cat(ks, dim=2) for ks in zip(*(p.keys for p in parts), strict=True)],
             values=[torch.cat(vs, dim=2) for vs in zip(*(p.values for p in parts), strict=True)],

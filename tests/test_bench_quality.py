@@ -157,6 +157,25 @@ def test_merge_runs_of_different_seeds():
     assert merged["config"]["seeds"] == [0, 1, 2] and a["config"]["seeds"] == [0, 1]
 
 
+def test_32k_variant_keys_and_a_resumed_seed_with_more_variants_wins_the_merge():
+    from bench.quality.protocol import long_key
+
+    assert long_key(0, 32, "sum") == "memory_32k"  # the first sink, summed (legacy name)
+    assert long_key(1, 0, "sum") == "memory_32k_sink0"
+    assert long_key(0, 32, "mean") == "memory_32k_sink32_mean"
+    assert long_key(0, 0, "mean") == "memory_32k_sink0_mean"
+    ms = [512, 1024]
+    old, new = _seed_record(0, 0.4), _seed_record(0, 0.4)
+    new["acc"]["memory_32k_sink0_mean"] = new["acc_norm"]["memory_32k_sink0_mean"] = 0.7
+    parts = []
+    for rec, cmd in ((old, "old"), (new, "resumed")):
+        part = {"model": "m", "config": {"budgets": ms, "seeds": [0]}, "command": cmd}
+        part["datasets"] = {"toy": q.dataset_summary([rec], ms, 10)}
+        parts.append(part)
+    toy = q.merge_results(parts)["datasets"]["toy"]
+    assert toy["memory_32k_sink0_mean"] == pytest.approx(0.7) and toy["n_test"] == 10
+
+
 def test_targets_and_32k_table_from_the_summaries():
     from bench.quality.summary import long_table, targets
 
@@ -278,3 +297,24 @@ def test_options_validation_rows_are_never_demonstrations_or_traces():
     assert len(rows) == 40 and len(demos) == 30 and len(traces) == 60
     assert not set(rows) & (set(demos) | set(traces)) and not set(demos) & set(traces)
     assert set(rows) <= set(q.split_validation(len(train), 50)[0])
+
+
+def test_long_options_pick_the_best_mean_gain_over_the_best_icl_that_fits():
+    from bench.options_long import pick, summarise
+
+    def rec(best, **long):
+        return {"best_icl": best, "long": long}
+
+    datasets = {  # sink32_sum: gains -0.1, +0.1 / 0.0; sink0_mean: +0.05, -0.05 / +0.2
+        "a": {"per_seed": [rec(0.5, sink32_sum=0.4, sink0_mean=0.55),
+                           rec(0.5, sink32_sum=0.6, sink0_mean=0.45)]},
+        "b": {"per_seed": [rec(0.3, sink32_sum=0.3, sink0_mean=0.5)]},
+    }  # fmt: skip
+    summary = summarise(datasets)
+    assert summary["sink32_sum"]["mean_gain"] == pytest.approx(0.0)
+    assert summary["sink0_mean"]["mean_gain"] == pytest.approx(0.2 / 3)
+    assert summary["sink32_sum"]["sets_at_least_best_icl"] == 2  # a: mean 0.5 vs 0.5; b: tie
+    assert summary["sink0_mean"]["sets_at_least_best_icl"] == 2
+    assert pick(summary, ["sink32_sum", "sink0_mean"])["variant"] == "sink0_mean"
+    tie = {"x": {"mean_gain": 0.1}, "y": {"mean_gain": 0.1}}
+    assert pick(tie, ["y", "x"])["variant"] == "y"  # ties: the first listed

@@ -349,10 +349,12 @@ def encode_long_prefix(
 
 
 def run_32k(
-    model, tok, task: Task, plan: SeedPlan, exact, cfg: Config, seed: int, sink_tokens: int
-) -> dict:
-    """memory_32k of one seed: build from the ~32K prefix at cfg.budget_32k, score the seed's
-    test examples. Returns the fields to merge into the seed's record."""
+    model, tok, task: Task, plan: SeedPlan, exact, cfg: Config, seed: int, sink_tokens: int,
+    chunk_mass: str = "sum",
+) -> dict:  # fmt: skip
+    """memory_32k of one seed: build from the ~32K prefix at cfg.budget_32k (its chunks' mass
+    summed or averaged, `chunk_mass`), score the seed's test examples. Returns the fields to
+    merge into the seed's record."""
     from memdb_worker.builder import calibrate, cluster
 
     rows = [task.test[i] for i in plan.test]
@@ -364,7 +366,7 @@ def run_32k(
     encode_s = time.perf_counter() - t0
     traces = [task.trace_ids(task.train[i]) for i in plan.traces]
     traces = traces[: traces_for(traces, cfg.budget_32k, cfg.records_factor_32k)]
-    opts = build_options(cfg, seed=seed, sink_tokens=sink_tokens)
+    opts = build_options(cfg, seed=seed, sink_tokens=sink_tokens, chunk_mass=chunk_mass)
     calib = calibrate(model, tok, long, traces, opts, progress=False)
     built = cluster(calib, cfg.budget_32k, opts, progress=False)
     mem = built.to_memory(_device(model), options=decode_options(cfg))
@@ -372,13 +374,14 @@ def run_32k(
     preds = classify(model, task, rows, mem)
     a, an = accuracy(preds[0], gold), accuracy(preds[1], gold)
     logger.info(
-        "%s seed %d memory_32k@%d (%d tokens, %d chunks, sink %d): acc %.3f (norm %.3f)",
+        "%s seed %d memory_32k@%d (%d tokens, %d chunks, sink %d, mass %s): acc %.3f (norm %.3f)",
         task.name,
         seed,
         cfg.budget_32k,
         long.token_count,
         len(long.chunk_lengths),
         sink_tokens,
+        chunk_mass,
         a,
         an,
     )

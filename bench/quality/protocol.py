@@ -24,7 +24,8 @@ Protocol:
   icl_full; memory[M] built from the full prefix; memory_32k built from the ~32K prefix at one
   budget (`budget_32k`), its later chunks encoded after the prefix's first 32 tokens (an
   attention sink, `sinks_32k[0]`); memory_32k_sink0 the same with chunks encoded alone, as in
-  the paper.
+  the paper. These sum the chunks' attention mass; `masses_32k` adds memory_32k_sink{s}_mean,
+  the chunks' mass averaged (BuildOptions.chunk_mass, structured prompting) — `long_key`.
 - Append vs rebuild (`append_budgets`): a memory built from the first half of the
   demonstrations ("memory_half"), then the second half appended with
   `memdb_worker.append.append_chunk` ("memory_append", what `memdb-admin prefix append` does),
@@ -197,11 +198,20 @@ class Config:
     max_records: int = 16384
     icl_32k: bool = False  # also ICL over the whole 32K prefix (a model with a 32K context)
     sinks_32k: tuple[int, ...] = (32, 0)  # first: memory_32k; others: memory_32k_sink{s}
+    masses_32k: tuple[str, ...] = ("sum",)  # chunk_mass of the 32K variants (`long_key`)
     append_budgets: tuple[int, ...] = (2048,)  # append vs rebuild (must be among budgets)
     datasets: tuple[str, ...] = ()
     deadline: float | None = None  # unix time: no work is started that would end after it
     build: dict = field(default_factory=dict)  # BuildOptions overrides
     decode: dict = field(default_factory=dict)  # DecodeOptions overrides
+
+
+def long_key(i: int, sink: int, mass: str) -> str:
+    """The result key of a 32K variant: the first sink (i = 0) summed is memory_32k, others
+    memory_32k_sink{sink}, with "_mean" where the chunks' mass is averaged."""
+    if mass == "sum":
+        return "memory_32k" if i == 0 else f"memory_32k_sink{sink}"
+    return f"memory_32k_sink{sink}_{mass}"
 
 
 class Task:

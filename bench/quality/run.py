@@ -24,7 +24,15 @@ import torch
 
 from bench.quality.methods import build_options, decode_options, run_32k, run_seed
 from bench.quality.plot import plot
-from bench.quality.protocol import PROTOCOL, RESULTS, Config, Task, list_datasets, plan_seed
+from bench.quality.protocol import (
+    PROTOCOL,
+    RESULTS,
+    Config,
+    Task,
+    list_datasets,
+    long_key,
+    plan_seed,
+)
 from bench.quality.protocol import test_slices as slices_of_test
 from bench.quality.summary import (
     DEFAULTS_FROM,
@@ -127,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--sinks-32k", type=int, nargs="+", default=None, help="sink tokens of the 32K variants"
     )
+    p.add_argument(
+        "--masses-32k",
+        nargs="+",
+        choices=["sum", "mean"],
+        default=None,
+        help="chunk_mass of the 32K variants (each with every sink; default: sum)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
@@ -221,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "icl_32k": args.icl_32k or None,
         "append_budgets": tuple(args.append_budgets) if args.append_budgets is not None else None,
         "sinks_32k": tuple(args.sinks_32k) if args.sinks_32k else None,
+        "masses_32k": tuple(args.masses_32k) if args.masses_32k else None,
         "datasets": tuple(args.datasets) if args.datasets else None,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
@@ -309,7 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = runs[name]
             if seed not in run.records:
                 continue
-            if "memory_32k" in run.records[seed]["acc"]:
+            variants = [
+                (long_key(i, sink, mass), sink, mass)
+                for i, sink in enumerate(cfg.sinks_32k)
+                for mass in cfg.masses_32k
+            ]
+            todo = [v for v in variants if v[0] not in run.records[seed]["acc"]]
+            if not todo:  # every variant measured (e.g. a resumed seed)
                 continue
             t = time.perf_counter()
             if seed not in run.exact:  # a resumed seed: encode its full prefix again
@@ -318,16 +340,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ids = run.task.prefix_ids(run.plans[seed].demos)
                 run.exact[seed] = encode_prefix(model, ids, chunk_tokens=len(ids))
             rec = run.records[seed]
-            for i, sink in enumerate(cfg.sinks_32k):
+            for key, sink, mass in todo:
                 args32 = (model, tok, run.task, run.plans[seed], run.exact[seed], cfg, seed)
-                r32 = run_32k(*args32, sink)
-                key = "memory_32k" if i == 0 else f"memory_32k_sink{sink}"
+                r32 = run_32k(*args32, sink, mass)
                 rec["acc"][key] = r32.pop("memory_32k")
                 rec["acc_norm"][key] = r32.pop("memory_32k_norm")
                 if "icl_32k" in r32:
                     rec["acc"]["icl_32k"] = r32.pop("icl_32k")
                     rec["acc_norm"]["icl_32k"] = r32.pop("icl_32k_norm")
-                rec.update(r32 if i == 0 else {f"{k}_sink{sink}": v for k, v in r32.items()})
+                tail = key.removeprefix("memory_32k")
+                rec.update({f"{k}{tail}": v for k, v in r32.items()})
             est32 = time.perf_counter() - t
             run.wall_s += time.perf_counter() - t
             save()

@@ -221,9 +221,14 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _long_count(rec: dict) -> int:
+    return sum(k.startswith("memory_32k") for k in rec["acc"])
+
+
 def merge_results(parts: Sequence[dict]) -> dict:
     """Merge runs that measured different seeds (same config otherwise): per data set the union
-    of per-seed records (a seed measured twice: the record with memory_32k, else the first),
+    of per-seed records (a seed measured twice: the record with the most 32K variants, else the
+    first; a resumed run's record holds its source's),
     summarised again. Top-level fields come from the first part, except the config's seeds and
     seeds_32k (the union over parts); "parts" lists every command."""
     out = {k: v for k, v in parts[0].items() if k != "datasets"}
@@ -252,7 +257,7 @@ def merge_results(parts: Sequence[dict]) -> dict:
             wall += ds.get("wall_s", 0.0)
             for rec in ds["per_seed"]:
                 old = by_seed.get(rec["seed"])
-                if old is None or ("memory_32k" in rec["acc"] and "memory_32k" not in old["acc"]):
+                if old is None or _long_count(rec) > _long_count(old):
                     by_seed[rec["seed"]] = rec
         recs = [by_seed[s] for s in sorted(by_seed)]
         summary = dataset_summary(recs, budgets, sum(r["n_test"] for r in recs), extra)

@@ -7,7 +7,7 @@
 #
 #   here:    bash bench/quality_session.sh pack [PIECES]      -> .gpu/manifest.tsv, .gpu/pNN
 #   device:  bash bench/quality_session.sh piece .gpu/pNN     (append, unpack what is complete)
-#            bash bench/quality_session.sh start smol|qwen|qwen32k|options END_EPOCH [SEEDS...]
+#            bash bench/quality_session.sh start smol|qwen|qwen32k|options|long|smol32 END_EPOCH [SEEDS...]
 #            bash bench/quality_session.sh poll MAX_SECONDS [UNTIL_EPOCH]
 # (each start runs from a private copy of the tree: `snapshot`)
 #
@@ -173,6 +173,28 @@ start() {
                 --out "$Q/out/options_h200.json" >"$Q/out/options.log" 2>&1 </dev/null &
             echo "$!" >"$Q/out/options.pid"
             echo "started options: ${EXTRA:-} (pid $!, $budget s)"
+            return ;;
+        long)  # the long prefix's sink and chunk mass on validation data (bench.options_long)
+            CUDA_VISIBLE_DEVICES=0 setsid nohup timeout $((budget - 20)) python3 -m bench.options_long \
+                --device "${DEVICE:-cuda}" --threads 8 --model smollm2-135m \
+                --datasets trec clinc150 emotion banking77 trec_fine sst2 agnews ${EXTRA:-} \
+                --out "$Q/out/options_long.json" >"$Q/out/options_long.log" 2>&1 </dev/null &
+            echo "$!" >"$Q/out/options_long.pid"
+            echo "started options_long (pid $!, $budget s)"
+            return ;;
+        smol32)  # more 32K variants of the finished SmolLM2 seeds (their records resumed from
+            # bench/results/quality_runs/fitted_smol_s*.json): SINK32 and MASS32 name them
+            for s in "${seeds[@]}"; do
+                CUDA_VISIBLE_DEVICES=0 setsid nohup python3 -m bench.quality --device "${DEVICE:-cuda}" \
+                    --threads 5 --model smollm2-135m --sinks-32k ${SINK32:?} --masses-32k ${MASS32:?} \
+                    --budget-32k 4096 --records-factor 2 --records-factor-32k 2 --seeds "$s" \
+                    --seeds-32k "$s" --append-budgets --time-budget "$budget" \
+                    --resume "bench/results/quality_runs/fitted_smol_s$s.json" \
+                    --out "$Q/out/smol32_s$s.json" --note "$note" \
+                    >"$Q/out/smol32_s$s.log" 2>&1 </dev/null &
+                echo "$!" >"$Q/out/smol32_s$s.pid"
+                echo "started smol32 seed $s (pid $!, time budget $budget s)"
+            done
             return ;;
         *) echo "unknown kind $kind"; exit 2 ;;
     esac

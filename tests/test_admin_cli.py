@@ -616,7 +616,7 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     a, b = a[:n], b[:n]
     traces = [[t] for t in tok(" what opens the door", add_special_tokens=False).input_ids]
     m = len(traces)
-    opts = reference_options(chunk_tokens=n, sink_tokens=0)
+    opts = reference_options(chunk_tokens=n, sink_tokens=0, chunk_mass="sum")
     ref = build_memory(model, tok, a + b, traces, m, opts, progress=False)
     base = build_memory(model, tok, a, traces, m, opts, progress=False)
     got = build.append_chunk(model, tok, base.shards, b, chunk_tokens=n, progress=False)

@@ -157,7 +157,7 @@ def test_merge_runs_of_different_seeds():
     assert merged["config"]["seeds"] == [0, 1, 2] and a["config"]["seeds"] == [0, 1]
 
 
-def test_32k_variant_keys_and_a_resumed_seed_with_more_variants_wins_the_merge():
+def test_32k_variant_keys_and_a_later_run_keeps_an_earlier_runs_32k_measurements():
     from bench.quality.protocol import long_key
 
     assert long_key(0, 32, "sum") == "memory_32k"  # the first sink, summed (legacy name)
@@ -165,15 +165,22 @@ def test_32k_variant_keys_and_a_resumed_seed_with_more_variants_wins_the_merge()
     assert long_key(0, 32, "mean") == "memory_32k_sink32_mean"
     assert long_key(0, 0, "mean") == "memory_32k_sink0_mean"
     ms = [512, 1024]
-    old, new = _seed_record(0, 0.4), _seed_record(0, 0.4)
-    new["acc"]["memory_32k_sink0_mean"] = new["acc_norm"]["memory_32k_sink0_mean"] = 0.7
+    old, new = _seed_record(0, 0.4), _seed_record(0, 0.6)  # new: a phase-1 rerun, no 32K
+    old["acc"]["icl_32k"] = old["acc_norm"]["icl_32k"] = 0.7
+    old["bytes_32k"], old["prefix32k_tokens"] = {"memory": 1, "kv_prefix": 2}, 1000
+    for rec in (new["acc"], new["acc_norm"]):
+        del rec["memory_32k"]
     parts = []
-    for rec, cmd in ((old, "old"), (new, "resumed")):
+    for rec, cmd in ((old, "old"), (new, "rerun")):
         part = {"model": "m", "config": {"budgets": ms, "seeds": [0]}, "command": cmd}
         part["datasets"] = {"toy": q.dataset_summary([rec], ms, 10)}
         parts.append(part)
     toy = q.merge_results(parts)["datasets"]["toy"]
-    assert toy["memory_32k_sink0_mean"] == pytest.approx(0.7) and toy["n_test"] == 10
+    assert toy["icl_full"] == pytest.approx(0.6)  # the later run's phase 1
+    assert toy["memory_32k"] == pytest.approx(0.4) and toy["icl_32k"] == pytest.approx(0.7)
+    (rec,) = toy["per_seed"]
+    assert rec["long_from"] == {"memory_32k": "old", "icl_32k": "old"}
+    assert rec["bytes_32k"] == {"memory": 1, "kv_prefix": 2} and toy["n_test"] == 10
 
 
 def test_targets_and_32k_table_from_the_summaries():

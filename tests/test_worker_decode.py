@@ -79,14 +79,15 @@ def test_exact_prefix_source_equals_prefix_in_prompt(tiny, data):
     assert max_rel(got, full) < 1e-5
 
 
+@pytest.mark.parametrize("mass", ["sum", "mean"])
 @pytest.mark.parametrize(
     "sink, chunks, end",
     [(0, [13, 14, 13], 14), (4, [10, 10, 10, 10], 14)],  # 40 tokens in chunks of <= 16
 )
-def test_chunked_prefix_calibration_matches_chunked_decoding(tiny, data, sink, chunks, end):
+def test_chunked_prefix_calibration_matches_chunked_decoding(tiny, data, sink, chunks, end, mass):
     prefix, trace = data
-    options = reference_options(chunk_tokens=16, sink_tokens=sink)
-    exact = encode_prefix(tiny, prefix, chunk_tokens=16, sink_tokens=sink)
+    options = reference_options(chunk_tokens=16, sink_tokens=sink, chunk_mass=mass)
+    exact = encode_prefix(tiny, prefix, chunk_tokens=16, sink_tokens=sink).with_chunk_mass(mass)
     assert list(exact.chunk_lengths) == chunks and exact.prefix_length == end
     with bind(tiny, exact):
         ref = logits(tiny, trace)

@@ -221,14 +221,30 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _long_count(rec: dict) -> int:
-    return sum(k.startswith("memory_32k") for k in rec["acc"])
+def _is_long(key: str) -> bool:
+    return key.startswith(("memory_32k", "icl_32k")) or "32k" in key
+
+
+def fill_long(rec: dict, other: dict, source: str) -> dict:
+    """rec with the 32K measurements it lacks (accuracies and their per-seed fields) taken
+    from another record of the same seed, `source` (its run's command) noted per key."""
+    taken = [k for k in other["acc"] if _is_long(k) and k not in rec["acc"]]
+    if not taken:
+        return rec
+    out = {**rec, "acc": dict(rec["acc"]), "acc_norm": dict(rec["acc_norm"])}
+    for k in taken:
+        out["acc"][k], out["acc_norm"][k] = other["acc"][k], other["acc_norm"][k]
+    for k, v in other.items():
+        if _is_long(k) and k not in out:
+            out[k] = v
+    out["long_from"] = {**rec.get("long_from", {}), **{k: source for k in taken}}
+    return out
 
 
 def merge_results(parts: Sequence[dict]) -> dict:
     """Merge runs that measured different seeds (same config otherwise): per data set the union
-    of per-seed records (a seed measured twice: the record with the most 32K variants, else the
-    first; a resumed run's record holds its source's),
+    of per-seed records (a seed measured twice: the record of the later part, with the 32K
+    measurements it lacks taken from the earlier one, `fill_long`, noted in "long_from"),
     summarised again. Top-level fields come from the first part, except the config's seeds and
     seeds_32k (the union over parts); "parts" lists every command."""
     out = {k: v for k, v in parts[0].items() if k != "datasets"}
@@ -247,6 +263,7 @@ def merge_results(parts: Sequence[dict]) -> dict:
     out["datasets"] = {}
     for name in names:
         by_seed: dict[int, dict] = {}
+        sources: dict[int, str] = {}  # id(record) -> the command of its run
         extra: dict = {}
         wall = 0.0
         for p in parts:
@@ -257,8 +274,8 @@ def merge_results(parts: Sequence[dict]) -> dict:
             wall += ds.get("wall_s", 0.0)
             for rec in ds["per_seed"]:
                 old = by_seed.get(rec["seed"])
-                if old is None or _long_count(rec) > _long_count(old):
-                    by_seed[rec["seed"]] = rec
+                by_seed[rec["seed"]] = rec if old is None else fill_long(rec, old, sources[id(old)])
+                sources[id(by_seed[rec["seed"]])] = p.get("command", "?")
         recs = [by_seed[s] for s in sorted(by_seed)]
         summary = dataset_summary(recs, budgets, sum(r["n_test"] for r in recs), extra)
         summary["wall_s"] = wall

@@ -105,10 +105,11 @@ def append_chunk(
         ids = [int(t) for t in text]
     if not ids:
         raise ValueError("the text to append is empty")
-    if json.loads(meta.get("build_params", "{}")).get("chunk_mass", "sum") != "sum":
+    if float(meta.get("log_mass", "0")) != 0.0:
         raise ValueError(
-            "cannot append to a memory built with chunk_mass 'mean' (each chunk's attention "
-            "weighted 1/C: a new chunk changes every weight); rebuild it from the whole prefix"
+            "cannot append to a memory of several chunks built with chunk_mass 'mean' (each "
+            "chunk's attention weighted 1/C: a new chunk changes every weight); rebuild it from "
+            "the whole prefix"
         )
 
     if holds_fitted_rows(meta):

@@ -415,6 +415,7 @@ def _metadata(
         "token_count": str(pre.token_count),
         "chunk_lengths": json.dumps(list(pre.chunk_lengths)),
         "sink_ids": json.dumps(list(pre.sink_ids)),
+        "log_mass": repr(float(pre.log_mass)),  # -log C: the chunks' mass averaged (prefix.py)
         "calibration_positions": "after_prefix",  # trace tokens sat at prefix_length + t
         "model_fingerprint": calib.fingerprint,
         "rope": json.dumps(

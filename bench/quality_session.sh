@@ -194,6 +194,19 @@ start() {
             echo "$!" >"$Q/out/qwen_$PART.pid"
             echo "started qwen part $PART: seeds ${seeds[*]}, $DATASETS (pid $!, $budget s)"
             return ;;
+        qwen32part)  # PART=name DATASETS="a b" RESUME="phase-1 JSONs": the 32K phase of those
+            # sets for the seeds (one process: ICL over the whole 32K prefix needs a GPU alone)
+            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 setsid nohup \
+                python3 -m bench.quality --device "${DEVICE:-cuda}" --threads 8 \
+                --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 7680 \
+                --sinks-32k 0 --records-factor 2 --records-factor-32k 2 --seeds "${seeds[@]}" \
+                --seeds-32k "${seeds[@]}" --append-budgets --datasets ${DATASETS:?} \
+                --resume ${RESUME:?} --time-budget "$budget" --out "$Q/out/qwen32_${PART:?}.json" \
+                --note "$note" >"$Q/out/qwen32_$PART.log" 2>&1 </dev/null &
+            echo "$!" >"$Q/out/qwen32_$PART.pid"
+            echo "started qwen 32K part $PART: seeds ${seeds[*]}, $DATASETS (pid $!, $budget s)"
+            return ;;
         smol32)  # more 32K variants of the finished SmolLM2 seeds (their records resumed from
             # bench/results/quality_runs/fitted_smol_s*.json): SINK32 and MASS32 name them
             for s in "${seeds[@]}"; do

@@ -84,6 +84,16 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # fitted key/value rows per KV head (memdb_worker.fitted): a row costs about one token of KV
     "fitted_bf16": ({**BF16, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
     "fitted_fp8_bf16": ({**COMPACT, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
+    # the ablation: biases and values fitted to the float keys, rounded to float8 afterwards
+    "fitted_fp8_bf16_floatfit": (
+        {
+            **COMPACT,
+            "granularity": "kv_group_mean",
+            "entry_state": "fitted",
+            "fit_stored_keys": False,
+        },
+        {},
+    ),
 }
 
 

@@ -245,3 +245,24 @@ def test_appending_to_a_memory_of_averaged_chunks_is_refused(tiny):
                          progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="chunk_mass .mean.*rebuild"):
         append_chunk(tiny, None, built.shards, list(range(50, 60)), progress=False)
+
+
+@pytest.mark.parametrize("fit_stored_keys", [True, False])
+def test_the_builder_fits_to_the_stored_keys_unless_told_not_to(tiny, monkeypatch,
+                                                                  fit_stored_keys):  # fmt: skip
+    import memdb_worker.builder as builder
+    from memdb_worker.formats import keys_as_stored
+
+    seen = []
+
+    def spy(*args, stored=None, **kw):
+        seen.append(stored)
+        return fitted.fit_group(*args, stored=stored, **kw)
+
+    monkeypatch.setattr(builder, "fit_group", spy)
+    opts = BuildOptions(key_dtype="float8_e4m3fn", fit_stored_keys=fit_stored_keys)
+    build_memory(tiny, None, PREFIX, _traces(4, 10, 13), budget=8, options=opts, progress=False)
+    assert seen and all((s is not None) == fit_stored_keys for s in seen)
+    if fit_stored_keys:
+        k = _rand(3, 8, seed=14)
+        torch.testing.assert_close(seen[0](k), keys_as_stored(k, "float8_e4m3fn"), rtol=0, atol=0)

@@ -59,6 +59,9 @@ class BuildOptions:
     # fitted entries (entry_state "fitted", fitted.py): Adam steps of the biases, values' ridge
     fit_steps: int = 60
     fit_ridge: float = 1e-3
+    # biases and values fitted to the keys as stored (float8 rounding included), not to the
+    # float keys; False is the ablation (bench/results/options_stored_keys_*.json)
+    fit_stored_keys: bool = True
     # calibration
     chunk_tokens: int | None = None  # None: the model's context minus 1024 positions
     sink_tokens: int = DEFAULT_SINK_TOKENS  # prefix tokens encoded before later chunks/appends

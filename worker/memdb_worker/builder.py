@@ -308,7 +308,9 @@ def _fit_layer(
             steps=options.fit_steps,
             ridge=options.fit_ridge,
             seed=_seed(options.seed, layer, g),
-            stored=partial(keys_as_stored, dtype=options.key_dtype),
+            stored=partial(keys_as_stored, dtype=options.key_dtype)
+            if options.fit_stored_keys
+            else None,
         )
         # the chunk mass's constant lse shift (prefix.py) is fitted out and added back
         keys[g], values[g, :, 0], bias[g, :, 0] = k.cpu(), v.cpu(), b.cpu() + pre.log_mass

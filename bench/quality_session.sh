@@ -202,7 +202,7 @@ start() {
                 --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 7680 \
                 --sinks-32k 0 --records-factor 2 --records-factor-32k 2 --seeds "${seeds[@]}" \
                 --seeds-32k "${seeds[@]}" --append-budgets --datasets ${DATASETS:?} \
-                --resume ${RESUME:?} --time-budget "$budget" --out "$Q/out/qwen32_${PART:?}.json" \
+                --resume ${RESUME:?} --time-budget "$budget" ${EXTRA:-} --out "$Q/out/qwen32_${PART:?}.json" \
                 --note "$note" >"$Q/out/qwen32_$PART.log" 2>&1 </dev/null &
             echo "$!" >"$Q/out/qwen32_$PART.pid"
             echo "started qwen 32K part $PART: seeds ${seeds[*]}, $DATASETS (pid $!, $budget s)"

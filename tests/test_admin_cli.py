@@ -475,6 +475,7 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
     assert (v1["version"], v1["budget"], v1["num_layers"], v1["num_groups"]) == (1, 8, 30, 9)
     bp = v1["build_params"]
     assert bp["source"] == str(TREC) and bp["key_mode"] == "pre_rope" and bp["trace_count"] == "4"
+    assert bp["chunk_mass"] == "mean"  # the default (one chunk here: no weighting)
     assert v1["token_count"] == int(bp["prefix_length"]) > 50
     fail(
         run(server, "prefix", "insert", "trec", *_trec_args(), "--budget", "8"), 4, "already exists"
@@ -482,11 +483,12 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
 
     upd = run(
         server, "--json", "prefix", "update", "trec", *_trec_args(), *head, "--budget", "16",
-        "--seed", "1",
+        "--seed", "1", "--chunk-mass", "sum",
     )  # fmt: skip
     assert upd.exit_code == 0, upd.stderr
     v2 = json.loads(upd.stdout)
     assert (v2["version"], v2["budget"], v2["build_params"]["seed"]) == (2, 16, "1")
+    assert v2["build_params"]["chunk_mass"] == "sum"
 
     fail(
         run(server, "prefix", "update", "trec", *_trec_args(), *head, "--budget", "999"),

@@ -157,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="recompute the summaries of --out from its per-seed records (no model run)",
     )
     p.add_argument(
+        "--estimate-32k",
+        type=float,
+        default=300.0,
+        help="seconds a 32K unit is expected to take until one is measured (the deadline guard)",
+    )
+    p.add_argument(
         "--time-budget",
         type=float,
         default=None,
@@ -314,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save()
             logger.info("=== %s seed %d done in %.0f s", name, seed, time.perf_counter() - t)
     # phase 2: memory_32k, seed by seed over the data sets, while the deadline allows
-    est32 = 300.0  # a guess until the first 32K build is measured
+    est32 = args.estimate_32k  # a guess until the first 32K build is measured
     for seed in cfg.seeds_32k:
         for name in names:
             if cfg.deadline is not None and time.time() + est32 > cfg.deadline:

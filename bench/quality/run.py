@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         choices=["sum", "mean"],
         default=None,
-        help="chunk_mass of the 32K variants (each with every sink; default: sum)",
+        help="chunk_mass of the 32K variants (each with every sink; default: sum); memory_32k "
+        "(the first sink, summed) is always measured",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--threads", type=int, default=2)
@@ -331,10 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = runs[name]
             if seed not in run.records:
                 continue
-            variants = [
+            # memory_32k (the first sink, summed) always: the summaries key on it
+            variants = [("memory_32k", cfg.sinks_32k[0], "sum")] + [
                 (long_key(i, sink, mass), sink, mass)
                 for i, sink in enumerate(cfg.sinks_32k)
                 for mass in cfg.masses_32k
+                if long_key(i, sink, mass) != "memory_32k"
             ]
             todo = [v for v in variants if v[0] not in run.records[seed]["acc"]]
             if not todo:  # every variant measured (e.g. a resumed seed)

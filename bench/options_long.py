@@ -44,23 +44,27 @@ def variant_name(sink: int, mass: str) -> str:
     return f"sink{sink}_{mass}"
 
 
-def validation_rows(task: Task, pool: int, examples: int) -> tuple[list[int], list[int]]:
-    """(validation rows scored, the rest of train) as indices into task.train."""
-    val, rest = split_validation(len(task.train), pool)
-    return val[:examples], rest
+def long_plan(task, seed: int, pool_size: int, examples: int, prefix_tokens: int,
+              prefix32k_tokens: int) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+    """(validation rows scored, the first chunk's demonstrations, the 32K prefix's further
+    demonstrations) as indices into task.train; the demonstrations come from the rest of train."""
+    val, rest = split_validation(len(task.train), pool_size)
+    pool = [task.train[i] for i in rest]
+    plan = plan_seed(pool, [len(task.demo_ids[i]) for i in rest], seed, prefix_tokens,
+                     prefix32k_tokens, 0, [])  # fmt: skip
+    demos = [rest[i] for i in plan.demos]
+    extra = [rest[i] for i in plan.demos32k[len(plan.demos) :]]
+    rows = val[:examples]
+    assert not set(rows) & set(demos + extra)
+    return rows, demos, extra
 
 
 def run_seed(model, task: Task, seed: int, args) -> dict:
     """Accuracies of ICL cuts and of every long-prefix variant for one seed of one data set."""
     from memdb_worker.prefix import encode_prefix
 
-    rows_i, rest = validation_rows(task, args.validation_pool, args.examples)
-    pool = [task.train[i] for i in rest]
-    plan = plan_seed(pool, [len(task.demo_ids[i]) for i in rest], seed, args.prefix_tokens,
-                     args.prefix32k_tokens, 0, [])  # fmt: skip
-    demos = [rest[i] for i in plan.demos]
-    extra = [rest[i] for i in plan.demos32k[len(plan.demos) :]]
-    assert not set(rows_i) & set(demos + extra)
+    rows_i, demos, extra = long_plan(task, seed, args.validation_pool, args.examples,
+                                     args.prefix_tokens, args.prefix32k_tokens)  # fmt: skip
     rows = [task.train[i] for i in rows_i]
     gold = [task.label_index[r["label"]] for r in rows]
     ids = task.prefix_ids(demos)

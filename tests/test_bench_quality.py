@@ -306,6 +306,19 @@ def test_options_validation_rows_are_never_demonstrations_or_traces():
     assert set(rows) <= set(q.split_validation(len(train), 50)[0])
 
 
+def test_long_options_validation_rows_are_never_demonstrations():
+    from types import SimpleNamespace
+
+    from bench.options_long import long_plan
+
+    train = _rows({"a": 60, "b": 60, "c": 60})
+    task = SimpleNamespace(train=train, demo_ids=[[1] * 10 for _ in train])
+    rows, demos, extra = long_plan(task, 0, 50, 40, 305, 905)
+    assert len(rows) == 40 and len(demos) == 30 and len(extra) == 60
+    assert not set(rows) & (set(demos) | set(extra)) and not set(demos) & set(extra)
+    assert set(rows) <= set(q.split_validation(len(train), 50)[0])
+
+
 def test_long_options_pick_the_best_mean_gain_over_the_best_icl_that_fits():
     from bench.options_long import pick, summarise
 

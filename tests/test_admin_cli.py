@@ -597,7 +597,8 @@ def test_build_writes_a_portable_file_without_a_server(model_in_cli, tmp_path, s
 
 
 @pytest.mark.model
-def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
+@pytest.mark.parametrize("mass", ["sum", "mean"])
+def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli, mass):
     """Layer-0 queries do not depend on the prefix, and M = records keeps every query exact:
     there, appending B to a memory of A must equal building on the chunks [A; B] when B
     restarts at position 0 without a sink (past the context). Within the context B is placed
@@ -618,7 +619,7 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli):
     a, b = a[:n], b[:n]
     traces = [[t] for t in tok(" what opens the door", add_special_tokens=False).input_ids]
     m = len(traces)
-    opts = reference_options(chunk_tokens=n, sink_tokens=0, chunk_mass="sum")
+    opts = reference_options(chunk_tokens=n, sink_tokens=0, chunk_mass=mass)
     ref = build_memory(model, tok, a + b, traces, m, opts, progress=False)
     base = build_memory(model, tok, a, traces, m, opts, progress=False)
     got = build.append_chunk(model, tok, base.shards, b, chunk_tokens=n, progress=False)

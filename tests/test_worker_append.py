@@ -69,7 +69,8 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("key_dtype", ["bfloat16", "float8_e4m3fn"])
 def test_a_group_mean_memory_accepts_an_append(tiny, key_dtype):
-    opts = lookup_options(key_dtype=key_dtype)  # the looked-up format's defaults otherwise
+    # the looked-up format's defaults otherwise; chunks' mass summed, so the lse only grows
+    opts = lookup_options(key_dtype=key_dtype, chunk_mass="sum")
     base = build_memory(tiny, None, PREFIX, _traces(), BUDGET, opts, progress=False)
     assert base.shards[0].metadata["group_key"] == "mean" and not base.shards[0].extras
     got = append_chunk(tiny, None, base.shards, CHUNK, progress=False)

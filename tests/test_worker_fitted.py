@@ -237,14 +237,44 @@ def test_a_fitted_memory_of_the_whole_prefix_follows_its_averaged_chunk_mass(tin
     assert (got["mean"] - got["sum"]).abs().max() > 1e-2  # the weighting changes the logits
 
 
-def test_appending_to_a_memory_of_averaged_chunks_is_refused(tiny):
+def test_appending_past_the_context_to_averaged_chunks_weighs_every_chunk_alike(tiny):
+    # a prefix of 2 chunks averaged (1/2 each), then text appended past the context: it restarts
+    # after the sink as a third chunk and every chunk weighs 1/3, exactly
     from memdb_worker.append import append_chunk
+    from memdb_worker.prefix import ExactPrefix, encode_chunk
 
     opts = BuildOptions(**FITTED, chunk_tokens=24, sink_tokens=4, chunk_mass="mean")
-    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 12), budget=16, options=opts,
-                         progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="chunk_mass .mean.*rebuild"):
-        append_chunk(tiny, None, built.shards, list(range(50, 60)), progress=False)
+    built = build_memory(tiny, None, PREFIX, _traces(8, 15, 12), budget=len(PREFIX),
+                         options=opts, progress=False)  # fmt: skip
+    more = list(range(50, 66))
+    app = append_chunk(tiny, None, built.shards, more, chunk_tokens=24, progress=False)
+    assert app.metadata["log_mass"] == repr(-math.log(3))
+    exact = encode_prefix(tiny, PREFIX, chunk_tokens=24, sink_tokens=4)
+    third = encode_chunk(tiny, more, list(exact.sink_ids[:4]))
+    want = ExactPrefix.join([exact, third], sink_ids=exact.sink_ids).with_chunk_mass("mean")
+    assert len(want.chunk_lengths) == 3
+    ids = torch.tensor(_traces(2, 10, 13))
+    with bind(tiny, Memory.from_shards(app.shards)):
+        got = tiny(ids).logits
+    with bind(tiny, want):
+        ref = tiny(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_weights_of_an_append_follow_the_memorys_chunk_mass():
+    from memdb_worker.append import chunk_weights
+
+    mean = {"build_params": '{"chunk_mass": "mean"}'}
+    assert chunk_weights({**mean, "log_mass": "0.0"}, True, 1) == pytest.approx(
+        (math.log(1 / 2), -math.log(2), -math.log(2)))  # fmt: skip
+    two = {**mean, "log_mass": repr(-math.log(2))}
+    assert chunk_weights(two, True, 2) == pytest.approx(
+        (math.log(2 / 4), -math.log(4), -math.log(4)))  # fmt: skip
+    # continuing a chunk at its true positions: the new text weighs as that chunk
+    assert chunk_weights(two, False, 1) == pytest.approx((0.0, -math.log(2), -math.log(2)))
+    summed = {"build_params": '{"chunk_mass": "sum"}', "log_mass": "0.0"}
+    assert chunk_weights(summed, True, 3) == (0.0, 0.0, 0.0)
+    assert chunk_weights({}, True, 1) == (0.0, 0.0, 0.0)  # memories from before chunk_mass
 
 
 @pytest.mark.parametrize("fit_stored_keys", [True, False])

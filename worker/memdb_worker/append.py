@@ -29,6 +29,12 @@ the new text in context (a rebuild would see it).
 A memory of fitted rows (entry_state "fitted", `fitted`) takes the new chunk's own keys and
 values as extra rows (bias 0): exact for the chunk, M grows by its length (`_append_rows`).
 
+Chunk mass (prefix.py): with the chunks' mass summed the new text's states simply merge in.
+Averaged (`chunk_mass="mean"`, the memory's `log_mass` = -log C), text that continues at its
+true positions weighs as the chunk it continues, and text that restarts past the context adds
+chunks, every chunk then weighing 1/(C + new): the stored lse (or fitted biases) and the new
+text's are shifted as a rebuild from the whole prefix would weigh them (`chunk_weights`).
+
 Knows nothing of servers or files: it maps stored shards and new text to new shards.
 """
 
@@ -105,12 +111,6 @@ def append_chunk(
         ids = [int(t) for t in text]
     if not ids:
         raise ValueError("the text to append is empty")
-    if float(meta.get("log_mass", "0")) != 0.0:
-        raise ValueError(
-            "cannot append to a memory of several chunks built with chunk_mass 'mean' (each "
-            "chunk's attention weighted 1/C: a new chunk changes every weight); rebuild it from "
-            "the whole prefix"
-        )
 
     if holds_fitted_rows(meta):
         return _append_rows(model, shards, ids, meta, chunk_tokens, progress)
@@ -127,7 +127,8 @@ def append_chunk(
     old_len = int(meta.get("prefix_length", "0"))
     sink = json.loads(meta.get("sink_ids", "[]"))
     with bind(model, stats, live_positions="zero") if stats else nullcontext():
-        new = _encode_new(model, ids, sink, old_len, chunk_tokens, progress)
+        new, restarted = _encode_new(model, ids, sink, old_len, chunk_tokens, progress)
+    old_shift, new_shift, log_mass = chunk_weights(meta, restarted, len(new.chunk_lengths))
     prefix_length = max(old_len, new.prefix_length)
     if query_position is None:
         query_position = prefix_length + _mean_trace_offset(meta)
@@ -165,7 +166,9 @@ def append_chunk(
                 new_out = torch.cat([st.out, kb], dim=-1)
             else:
                 new_out = st.out
-            merged = merge_states(State(old_out, old_lse), State(new_out, st.lse))
+            merged = merge_states(
+                State(old_out, old_lse + old_shift), State(new_out, st.lse + new_shift)
+            )
             out = to_groups(merged.out)
             extras = dict(s.extras)
             if has_kbar:
@@ -183,7 +186,7 @@ def append_chunk(
                     key_scale=s.key_scale,  # the keys are kept: float8 keys keep their scale
                 )
             )
-    return _appended(out_shards, meta, new, len(ids), int(query_position))
+    return _appended(out_shards, meta, new, len(ids), int(query_position), log_mass)
 
 
 def _append_rows(
@@ -199,7 +202,8 @@ def _append_rows(
     chunk. The chunk is kept whole (M grows by its tokens); a rebuild fits it down."""
     old_len = int(meta.get("prefix_length", "0"))
     sink = json.loads(meta.get("sink_ids", "[]"))
-    new = _encode_new(model, ids, sink, old_len, chunk_tokens, progress)
+    new, restarted = _encode_new(model, ids, sink, old_len, chunk_tokens, progress)
+    old_shift, new_shift, log_mass = chunk_weights(meta, restarted, len(new.chunk_lengths))
     out_shards = []
     for layer, s in enumerate(shards):
         keys, scale = quantize_keys(new.keys[layer][0].float().cpu(), s.keys.dtype.name)
@@ -212,17 +216,45 @@ def _append_rows(
             Shard(
                 keys=np.concatenate([s.keys, to_numpy(keys)], axis=1),
                 out=np.concatenate([s.out, to_numpy(values)], axis=1),
-                lse=np.concatenate([s.lse, np.zeros(values.shape[:3], np.float32)], axis=1),
+                lse=np.concatenate(
+                    [
+                        s.lse + np.float32(old_shift),
+                        np.full(values.shape[:3], new_shift, np.float32),
+                    ],
+                    axis=1,
+                ),
                 extras={},
                 metadata={},
                 key_scale=key_scale,
             )
         )
-    return _appended(out_shards, meta, new, len(ids), max(old_len, new.prefix_length))
+    return _appended(out_shards, meta, new, len(ids), max(old_len, new.prefix_length), log_mass)
+
+
+def chunk_weights(meta: dict[str, str], restarted: bool, new_chunks: int) -> tuple[float, ...]:
+    """(old shift, new shift, log_mass after) of the lse of the stored states and of the new
+    text's, for the memory's chunk mass (prefix.py). Summed: nothing moves. Averaged over C
+    chunks (log_mass = -log C): text that continues a chunk at its true positions weighs as
+    that chunk, 1/C; text that restarts adds `new_chunks` chunks, and every chunk weighs
+    1/(C + new_chunks), as a rebuild from the whole prefix would weigh them."""
+    log_mass = float(meta.get("log_mass", "0"))
+    params = json.loads(meta.get("build_params", "{}"))
+    if params.get("chunk_mass", "sum") != "mean":
+        return 0.0, 0.0, log_mass
+    if not restarted:
+        return 0.0, log_mass, log_mass
+    old = round(math.exp(-log_mass))
+    total = old + new_chunks
+    return math.log(old / total), -math.log(total), -math.log(total)
 
 
 def _appended(
-    shards: list[Shard], meta: dict[str, str], new: ExactPrefix, tokens: int, query_position: int
+    shards: list[Shard],
+    meta: dict[str, str],
+    new: ExactPrefix,
+    tokens: int,
+    query_position: int,
+    log_mass: float,
 ) -> Appended:
     """The new shards with the memory's metadata after appending `new` (`tokens` tokens): its
     budget, token count, live position, chunks and appended chunks; one copy per layer."""
@@ -234,6 +266,7 @@ def _appended(
         prefix_length=str(max(int(meta.get("prefix_length", "0")), new.prefix_length)),
         chunk_lengths=json.dumps(chunks),
         appended_chunks=json.dumps(json.loads(meta.get("appended_chunks", "[]")) + [tokens]),
+        log_mass=repr(float(log_mass)),
     )
     for i, s in enumerate(shards):
         s.metadata = {**meta, "layer": str(i)}
@@ -242,13 +275,14 @@ def _appended(
 
 def _encode_new(
     model, ids: list[int], sink: list[int], start: int, chunk_tokens: int | None, progress: bool
-) -> ExactPrefix:
+) -> tuple[ExactPrefix, bool]:
     """The new text's keys/values: at its true positions after the stored prefix when it fits
-    `chunk_tokens` (default: the context minus the live reserve), else chunked after the sink."""
+    `chunk_tokens` (default: the context minus the live reserve), else chunked after the sink;
+    and whether it restarted (new chunks) rather than continuing at its true positions."""
     limit = chunk_tokens or default_chunk_tokens(model)
     with torch.inference_mode():
         if start + len(ids) <= limit and start >= len(sink):
-            return encode_chunk(model, ids, sink, start)
+            return encode_chunk(model, ids, sink, start), False
         restart = encode_prefix(model, sink + ids, chunk_tokens, progress, sink_tokens=len(sink))
     # drop the sink tokens, which lead the first chunk
     s = len(sink)
@@ -259,7 +293,7 @@ def _encode_new(
         prefix_length=restart.prefix_length,
         token_count=len(ids),
         chunk_lengths=(restart.chunk_lengths[0] - s, *restart.chunk_lengths[1:]),
-    )
+    ), True
 
 
 def entry_queries(

@@ -42,8 +42,7 @@ from bench.quality import (
     fidelity,
     icl_at_bytes,
     pad,
-    plan_seed,
-    split_validation,
+    plan_validation,
     write_json,
 )
 from bench.quality.protocol import VALIDATION_SEED
@@ -105,20 +104,6 @@ def variant_options(name: str, kmeans_iters: int, seed: int):
     build, decode = VARIANTS[name]
     opts = BuildOptions(**{**BASE_BUILD, **build}, kmeans_iters=kmeans_iters, seed=seed)
     return opts, DecodeOptions(**{**BASE_DECODE, **decode})
-
-
-def validation_plan(task: Task, seed: int, n_val: int, n_examples: int, prefix_tokens: int,
-                    num_traces: int) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
-    """(validation rows, demonstrations, traces) as indices into task.train, disjoint."""
-    val, rest = split_validation(len(task.train), n_val)
-    pool = [task.train[i] for i in rest]
-    plan = plan_seed(pool, [len(task.demo_ids[i]) for i in rest], seed, prefix_tokens,
-                     prefix_tokens, num_traces, [])  # fmt: skip
-    demos, traces = [rest[i] for i in plan.demos], [rest[i] for i in plan.traces]
-    rows = val[:n_examples]
-    assert not (set(rows) & set(demos)) and not (set(rows) & set(traces))
-    assert not set(demos) & set(traces)
-    return rows, demos, traces
 
 
 RULE = (
@@ -190,8 +175,16 @@ def run_dataset(model, tok, name: str, args, results: dict) -> None:
     ds: dict = {"seeds": args.seeds, "icl": {}, "cells": {}, "per_seed": []}
     results["datasets"][name] = ds
     for seed in args.seeds:
-        rows_i, demos, traces_i = validation_plan(task, seed, args.validation_pool, args.examples,
-                                                  args.prefix_tokens, args.traces)  # fmt: skip
+        rows_i, plan = plan_validation(
+            task,
+            seed,
+            args.validation_pool,
+            args.examples,
+            args.prefix_tokens,
+            args.prefix_tokens,
+            args.traces,
+        )
+        demos, traces_i = plan.demos, plan.traces
         rows = [task.train[i] for i in rows_i]
         gold = [task.label_index[r["label"]] for r in rows]
         traces = [task.trace_ids(task.train[i]) for i in traces_i]

@@ -5,8 +5,9 @@
 each chunk after the first either after the prefix's first `sink` tokens or alone (sink 0), and
 the chunks' attention mass either summed (exact attention over every chunk) or averaged
 (`chunk_mass="mean"`, each chunk weighted 1/C as in structured prompting). A memory built from
-such a prefix approximates the prefix's exact state (bench.quality's fidelity: relative error
-~0.02 for SmolLM2 at M = 4096), so the options are compared on the exact chunked prefix itself,
+such a prefix approximates the prefix's exact state (bench.quality's fidelity for the ~7K
+prefix: relative error ~0.02 for SmolLM2 at M = 4096; the 32K memory's is not measured), so
+the options are compared on the exact chunked prefix itself,
 which needs no build: per data set and seed, the validation examples (carved from train,
 `protocol.split_validation`; the demonstrations come from the rest of train) are scored by ICL
 over cuts of the context-sized first chunk (the best of them is "the best ICL that fits the
@@ -29,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.quality import RESULTS, Task, accuracy, classify, plan_seed, split_validation, write_json
+from bench.quality import RESULTS, Task, accuracy, classify, plan_validation, write_json
 from bench.quality.methods import encode_long_prefix
+from memdb_worker.prefix import CHUNK_MASSES
 
 logger = logging.getLogger("bench.options_long")
 
@@ -44,27 +46,20 @@ def variant_name(sink: int, mass: str) -> str:
     return f"sink{sink}_{mass}"
 
 
-def long_plan(task, seed: int, pool_size: int, examples: int, prefix_tokens: int,
-              prefix32k_tokens: int) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
-    """(validation rows scored, the first chunk's demonstrations, the 32K prefix's further
-    demonstrations) as indices into task.train; the demonstrations come from the rest of train."""
-    val, rest = split_validation(len(task.train), pool_size)
-    pool = [task.train[i] for i in rest]
-    plan = plan_seed(pool, [len(task.demo_ids[i]) for i in rest], seed, prefix_tokens,
-                     prefix32k_tokens, 0, [])  # fmt: skip
-    demos = [rest[i] for i in plan.demos]
-    extra = [rest[i] for i in plan.demos32k[len(plan.demos) :]]
-    rows = val[:examples]
-    assert not set(rows) & set(demos + extra)
-    return rows, demos, extra
-
-
 def run_seed(model, task: Task, seed: int, args) -> dict:
     """Accuracies of ICL cuts and of every long-prefix variant for one seed of one data set."""
     from memdb_worker.prefix import encode_prefix
 
-    rows_i, demos, extra = long_plan(task, seed, args.validation_pool, args.examples,
-                                     args.prefix_tokens, args.prefix32k_tokens)  # fmt: skip
+    rows_i, plan = plan_validation(
+        task,
+        seed,
+        args.validation_pool,
+        args.examples,
+        args.prefix_tokens,
+        args.prefix32k_tokens,
+        0,
+    )
+    demos, extra = plan.demos, plan.demos32k[len(plan.demos) :]
     rows = [task.train[i] for i in rows_i]
     gold = [task.label_index[r["label"]] for r in rows]
     ids = task.prefix_ids(demos)
@@ -121,7 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix32k-tokens", type=int, default=32768)
     p.add_argument("--chunk-tokens", type=int, default=7168)
     p.add_argument("--sinks", type=int, nargs="*", default=[32, 0])
-    p.add_argument("--masses", nargs="*", default=["sum", "mean"])
+    p.add_argument("--masses", nargs="*", choices=CHUNK_MASSES, default=list(CHUNK_MASSES))
     p.add_argument("--model", default="default", help="a model name, .gguf file or folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32)")
     p.add_argument("--threads", type=int, default=2)

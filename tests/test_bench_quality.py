@@ -177,6 +177,9 @@ def test_32k_variant_keys_and_a_later_run_keeps_an_earlier_runs_32k_measurements
         parts.append(part)
     toy = q.merge_results(parts)["datasets"]["toy"]
     assert toy["icl_full"] == pytest.approx(0.6)  # the later run's phase 1
+    again = {**parts[1], "command": "rerun again"}  # a third run: the 32K still from "old"
+    (rec3,) = q.merge_results([*parts, again])["datasets"]["toy"]["per_seed"]
+    assert rec3["long_from"] == {"memory_32k": "old", "icl_32k": "old"}
     assert toy["memory_32k"] == pytest.approx(0.4) and toy["icl_32k"] == pytest.approx(0.7)
     (rec,) = toy["per_seed"]
     assert rec["long_from"] == {"memory_32k": "old", "icl_32k": "old"}
@@ -293,30 +296,18 @@ def test_options_pick_the_variant_of_the_best_mean_gain_over_budgets_then_fewer_
     assert got["mean_gain"] == pytest.approx(0.05)
 
 
-def test_options_validation_rows_are_never_demonstrations_or_traces():
+def test_validation_rows_are_never_demonstrations_32k_demonstrations_or_traces():
     from types import SimpleNamespace
-
-    from bench.options import validation_plan
 
     train = _rows({"a": 60, "b": 60, "c": 60})
     task = SimpleNamespace(train=train, demo_ids=[[1] * 10 for _ in train])
-    rows, demos, traces = validation_plan(task, 0, 50, 40, 305, 60)
-    assert len(rows) == 40 and len(demos) == 30 and len(traces) == 60
-    assert not set(rows) & (set(demos) | set(traces)) and not set(demos) & set(traces)
+    rows, plan = q.plan_validation(task, 0, 50, 40, 305, 605, 30)
+    assert len(rows) == 40 and len(plan.demos) == 30 and len(plan.demos32k) == 60
+    assert len(plan.traces) == 30 and plan.demos32k[:30] == plan.demos
+    used = set(plan.demos32k) | set(plan.traces)
+    assert not set(rows) & used and not set(plan.demos32k) & set(plan.traces)
     assert set(rows) <= set(q.split_validation(len(train), 50)[0])
-
-
-def test_long_options_validation_rows_are_never_demonstrations():
-    from types import SimpleNamespace
-
-    from bench.options_long import long_plan
-
-    train = _rows({"a": 60, "b": 60, "c": 60})
-    task = SimpleNamespace(train=train, demo_ids=[[1] * 10 for _ in train])
-    rows, demos, extra = long_plan(task, 0, 50, 40, 305, 905)
-    assert len(rows) == 40 and len(demos) == 30 and len(extra) == 60
-    assert not set(rows) & (set(demos) | set(extra)) and not set(demos) & set(extra)
-    assert set(rows) <= set(q.split_validation(len(train), 50)[0])
+    assert used <= set(q.split_validation(len(train), 50)[1])  # drawn from the rest of train
 
 
 def test_long_options_pick_the_best_mean_gain_over_the_best_icl_that_fits():

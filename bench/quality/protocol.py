@@ -179,6 +179,25 @@ def split_validation(
     return sorted(perm[:n_val]), sorted(perm[n_val:])
 
 
+def plan_validation(
+    task, seed: int, n_val: int, n_examples: int, prefix_tokens: int, prefix32k_tokens: int,
+    num_traces: int,
+) -> tuple[list[int], SeedPlan]:  # fmt: skip
+    """A validation run's plan, as indices into task.train: the first n_examples of the
+    validation examples (`split_validation`) and a SeedPlan (demonstrations, the 32K superset,
+    traces) drawn from the rest of train only, so validation rows are never any of them."""
+    val, rest = split_validation(len(task.train), n_val)
+    pool = [task.train[i] for i in rest]
+    plan = plan_seed(pool, [len(task.demo_ids[i]) for i in rest], seed, prefix_tokens,
+                     prefix32k_tokens, num_traces, [])  # fmt: skip
+    back = [rest[i] for i in plan.demos], [rest[i] for i in plan.demos32k]
+    plan = SeedPlan(*back, traces=[rest[i] for i in plan.traces], test=[])
+    rows = val[:n_examples]
+    assert not set(rows) & set(plan.demos32k + plan.traces)
+    assert not set(plan.demos32k) & set(plan.traces)
+    return rows, plan
+
+
 @dataclass
 class Config:
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -44,6 +44,7 @@ from bench.quality.summary import (
     rebuild_summary,
     write_json,
 )
+from memdb_worker.prefix import CHUNK_MASSES
 
 logger = logging.getLogger("bench.quality")
 
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--masses-32k",
         nargs="+",
-        choices=["sum", "mean"],
+        choices=CHUNK_MASSES,
         default=None,
         help="chunk_mass of the 32K variants (each with every sink; default: sum); memory_32k "
         "(the first sink, summed) is always measured",

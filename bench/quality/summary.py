@@ -221,13 +221,14 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _is_long(key: str) -> bool:
-    return key.startswith(("memory_32k", "icl_32k")) or "32k" in key
+def _is_long(key: str) -> bool:  # memory_32k*, icl_32k and their per-seed fields (bytes_32k...)
+    return "32k" in key
 
 
 def fill_long(rec: dict, other: dict, source: str) -> dict:
     """rec with the 32K measurements it lacks (accuracies and their per-seed fields) taken
-    from another record of the same seed, `source` (its run's command) noted per key."""
+    from another record of the same seed, `source` (its run's command) noted per key, or
+    where `other` had taken it from, its own note."""
     taken = [k for k in other["acc"] if _is_long(k) and k not in rec["acc"]]
     if not taken:
         return rec
@@ -237,7 +238,8 @@ def fill_long(rec: dict, other: dict, source: str) -> dict:
     for k, v in other.items():
         if _is_long(k) and k not in out:
             out[k] = v
-    out["long_from"] = {**rec.get("long_from", {}), **{k: source for k in taken}}
+    came = other.get("long_from", {})
+    out["long_from"] = {**rec.get("long_from", {}), **{k: came.get(k, source) for k in taken}}
     return out
 
 
@@ -262,8 +264,7 @@ def merge_results(parts: Sequence[dict]) -> dict:
         names += [n for n in p["datasets"] if n not in names]
     out["datasets"] = {}
     for name in names:
-        by_seed: dict[int, dict] = {}
-        sources: dict[int, str] = {}  # id(record) -> the command of its run
+        by_seed: dict[int, tuple[dict, str]] = {}  # seed -> (record, the command of its run)
         extra: dict = {}
         wall = 0.0
         for p in parts:
@@ -274,9 +275,9 @@ def merge_results(parts: Sequence[dict]) -> dict:
             wall += ds.get("wall_s", 0.0)
             for rec in ds["per_seed"]:
                 old = by_seed.get(rec["seed"])
-                by_seed[rec["seed"]] = rec if old is None else fill_long(rec, old, sources[id(old)])
-                sources[id(by_seed[rec["seed"]])] = p.get("command", "?")
-        recs = [by_seed[s] for s in sorted(by_seed)]
+                by_seed[rec["seed"]] = (rec if old is None else fill_long(rec, *old),
+                                        p.get("command", "?"))  # fmt: skip
+        recs = [by_seed[s][0] for s in sorted(by_seed)]
         summary = dataset_summary(recs, budgets, sum(r["n_test"] for r in recs), extra)
         summary["wall_s"] = wall
         out["datasets"][name] = summary

@@ -231,7 +231,9 @@ def _append_rows(
     return _appended(out_shards, meta, new, len(ids), max(old_len, new.prefix_length), log_mass)
 
 
-def chunk_weights(meta: dict[str, str], restarted: bool, new_chunks: int) -> tuple[float, ...]:
+def chunk_weights(
+    meta: dict[str, str], restarted: bool, new_chunks: int
+) -> tuple[float, float, float]:
     """(old shift, new shift, log_mass after) of the lse of the stored states and of the new
     text's, for the memory's chunk mass (prefix.py). Summed: nothing moves. Averaged over C
     chunks (log_mass = -log C): text that continues a chunk at its true positions weighs as

@@ -8,10 +8,9 @@ from typing import Literal
 
 from memdb_worker.formats import KEY_DTYPES, OUT_DTYPES
 from memdb_worker.keys import GRANULARITIES, KEY_MODES, Granularity, KeyMode
-from memdb_worker.prefix import CHUNK_MASSES, DEFAULT_SINK_TOKENS
+from memdb_worker.prefix import CHUNK_MASSES, DEFAULT_SINK_TOKENS, ChunkMass
 
 EntryState = Literal["average", "centroid", "fitted"]
-ChunkMass = Literal["sum", "mean"]
 # "kv_group_mean": the key space's kv_group with one key per group, the mean of its heads' keys
 # (written to shards as granularity "kv_group" + group_key "mean", see `memory.lookup_keys`)
 BuildGranularity = Granularity | Literal["kv_group_mean"]

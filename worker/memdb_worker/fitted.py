@@ -115,19 +115,19 @@ def fit_group(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fitted rows of one KV head (module doc): prefix keys/values [N, d], calibration queries
     q [n, d] (post-RoPE, every head of the group stacked) with exact out [n, d] and lse [n].
-    stored maps keys [M, d] to what they read back once stored (default: unchanged).
+    stored maps keys [M, d] to what they read back once stored, row by row (default:
+    unchanged).
     Returns keys [M, d] (as stored), values [M, d], biases [M] (float32), M = budget <= N."""
     keys, values, q = keys.float(), values.float(), q.float()
     out, lse = out.float(), lse.float()
     n_keys = keys.shape[0]
     if not 1 <= budget <= n_keys:
         raise ValueError(f"a fitted budget must be in [1, {n_keys}] (the prefix's tokens)")
-    k_stored = keys if stored is None else stored(keys).float()
-    if budget == n_keys and torch.equal(k_stored, keys):  # exact attention over the prefix
-        return keys.clone(), values.clone(), torch.zeros(n_keys, device=keys.device)
+    if budget == n_keys and (stored is None or torch.equal(stored(keys), keys)):
+        return keys.clone(), values.clone(), torch.zeros(n_keys, device=keys.device)  # exact
     mass = attention_mass(q, keys, scale)
     sel = torch.topk(mass, budget).indices.sort().values
-    k_sel = k_stored[sel]
+    k_sel = keys[sel] if stored is None else stored(keys[sel]).float()  # rows stored alone
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(q.shape[0], generator=gen)[:sample].to(q.device)
     bias = fit_biases(q[idx], lse[idx], k_sel, scale, steps, lr)

@@ -40,6 +40,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -51,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LIVE_RESERVE = 1024
 DEFAULT_SINK_TOKENS = 32
-CHUNK_MASSES = ("sum", "mean")
+ChunkMass = Literal["sum", "mean"]
+CHUNK_MASSES: tuple[str, ...] = get_args(ChunkMass)
 
 
 @dataclass

@@ -296,3 +296,25 @@ def test_the_builder_fits_to_the_stored_keys_unless_told_not_to(tiny, monkeypatc
     if fit_stored_keys:
         k = _rand(3, 8, seed=14)
         torch.testing.assert_close(seen[0](k), keys_as_stored(k, "float8_e4m3fn"), rtol=0, atol=0)
+
+
+def test_the_builder_warms_the_solver_before_fitting_layers_in_threads(tiny, monkeypatch):
+    # torch.linalg.solve sets up its CUDA backend lazily and not thread-safely: the builder's
+    # layer threads raced on it on an H200 ("lazy wrapper should be called at most once")
+    import threading
+
+    import memdb_worker.builder as builder
+
+    calls = []
+    monkeypatch.setattr(builder, "_cluster_workers", lambda n: 2)
+    monkeypatch.setattr(builder, "warm_solver", lambda dev: calls.append(("warm", dev)))
+
+    def spy(*args, **kw):
+        calls.append(("fit", threading.current_thread() is threading.main_thread()))
+        return fitted.fit_group(*args, **kw)
+
+    monkeypatch.setattr(builder, "fit_group", spy)
+    build_memory(tiny, None, PREFIX, _traces(4, 10, 13), budget=8, progress=False)
+    assert calls[0] == ("warm", torch.device("cpu"))  # once, before any fit, in this thread
+    assert [c for c in calls if c[0] == "warm"] == [calls[0]]
+    assert {c for c in calls[1:]} == {("fit", False)}  # the fits ran in the pool's threads

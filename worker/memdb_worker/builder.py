@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from memdb.shards import Shard
 from memdb_worker.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb_worker.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
-from memdb_worker.fitted import fit_group
+from memdb_worker.fitted import fit_group, warm_solver
 from memdb_worker.formats import keys_as_stored, quantize_keys, to_numpy
 from memdb_worker.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
 from memdb_worker.memory import DecodeOptions, Memory, lookup_keys
@@ -184,6 +184,8 @@ def cluster(
         return shard
 
     workers = _cluster_workers(len(layers))
+    if options.fitted and workers > 1:  # the solver's lazy CUDA set-up is not thread-safe
+        warm_solver(calib.prefix.keys[0].device)
     if workers == 1:
         shards = [one(layer) for layer in layers]
     else:  # layers in parallel (FAISS and torch release the GIL); each k-means seeded alone

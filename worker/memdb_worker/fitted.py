@@ -73,6 +73,14 @@ def fit_biases(
     return bias.detach()
 
 
+def warm_solver(device: torch.device) -> None:
+    """Run torch.linalg.solve once on `device` in the calling thread. Its CUDA backend is set
+    up lazily on first use, and two builder threads doing that at once fail with "lazy wrapper
+    should be called at most once" (three runs on an H200 died so, bench/GPU_NOTES.md)."""
+    eye = torch.eye(2, dtype=torch.float64, device=device)
+    torch.linalg.solve(eye, eye)
+
+
 def fit_values(
     q: torch.Tensor,
     out: torch.Tensor,

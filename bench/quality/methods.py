@@ -350,11 +350,11 @@ def encode_long_prefix(
 
 def run_32k(
     model, tok, task: Task, plan: SeedPlan, exact, cfg: Config, seed: int, sink_tokens: int,
-    chunk_mass: str = "sum",
+    chunk_mass: str = "sum", icl: bool = True,
 ) -> dict:  # fmt: skip
     """memory_32k of one seed: build from the ~32K prefix at cfg.budget_32k (its chunks' mass
-    summed or averaged, `chunk_mass`), score the seed's test examples. Returns the fields to
-    merge into the seed's record."""
+    summed or averaged, `chunk_mass`), score the seed's test examples, and with cfg.icl_32k and
+    `icl` ICL over the whole 32K prefix. Returns the fields to merge into the seed's record."""
     from memdb_worker.builder import calibrate, cluster
 
     rows = [task.test[i] for i in plan.test]
@@ -388,7 +388,7 @@ def run_32k(
     out = {
         "memory_32k": a,
         "memory_32k_norm": an,
-        **(icl_over_long_prefix(model, task, plan, rows, gold) if cfg.icl_32k else {}),
+        **(icl_over_long_prefix(model, task, plan, rows, gold) if cfg.icl_32k and icl else {}),
         "prefix32k_tokens": long.token_count,
         "chunks_32k": list(long.chunk_lengths),
         "n_traces_32k": len(traces),

@@ -233,6 +233,23 @@ def long_key(i: int, sink: int, mass: str) -> str:
     return f"memory_32k_sink{sink}_{mass}"
 
 
+# a 32K variant's per-seed fields besides its accuracy (run_32k), each suffixed by the tail of
+# the variant's key (memory_32k_sink0 -> build_32k_s_sink0)
+LONG_FIELDS = ("prefix32k_tokens", "chunks_32k", "n_traces_32k", "build_32k_s", "score_32k_s",
+               "bytes_32k")  # fmt: skip
+
+
+def long_variants(cfg: Config) -> list[tuple[str, int, str]]:
+    """(key, sink, chunk mass) of every 32K variant a run measures: memory_32k (the first sink,
+    summed) always, since the summaries key on it, then every sink x mass."""
+    out = [("memory_32k", cfg.sinks_32k[0], "sum")]
+    for i, sink in enumerate(cfg.sinks_32k):
+        for mass in cfg.masses_32k:
+            if long_key(i, sink, mass) != "memory_32k":
+                out.append((long_key(i, sink, mass), sink, mass))
+    return out
+
+
 class Task:
     """A data set tokenized once: demonstrations, queries, labels."""
 

@@ -30,7 +30,7 @@ from bench.quality.protocol import (
     Config,
     Task,
     list_datasets,
-    long_key,
+    long_variants,
     plan_seed,
 )
 from bench.quality.protocol import test_slices as slices_of_test
@@ -38,6 +38,7 @@ from bench.quality.summary import (
     DEFAULTS_FROM,
     VIEWS,
     dataset_summary,
+    drop_long,
     markdown_table,
     merge_results,
     print_table,
@@ -169,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="seconds from now: no (data set, seed) unit is started that would end after it",
+    )
+    p.add_argument(
+        "--redo-32k",
+        action="store_true",
+        help="measure this run's 32K memory variants again in --resume'd records (e.g. after a "
+        "builder change); their ICL over the 32K prefix, which no builder change moves, is kept",
     )
     p.add_argument("--table", action="store_true", help="print the markdown table of --out only")
     p.add_argument(
@@ -304,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs[name].records[rec["seed"]] = rec
                         runs[name].wall_s += rec.get("timings", {}).get("seed_s", 0.0)
                         logger.info("resumed %s seed %d from %s", name, rec["seed"], f)
+    if args.redo_32k:  # this run's 32K memories again; ICL over the 32K prefix is kept
+        keys = [key for key, _, _ in long_variants(cfg)]
+        for run in runs.values():
+            run.records = {s: drop_long(rec, keys) for s, rec in run.records.items()}
     for seed in cfg.seeds:
         for name in names:
             run = runs[name]
@@ -333,14 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = runs[name]
             if seed not in run.records:
                 continue
-            # memory_32k (the first sink, summed) always: the summaries key on it
-            variants = [("memory_32k", cfg.sinks_32k[0], "sum")] + [
-                (long_key(i, sink, mass), sink, mass)
-                for i, sink in enumerate(cfg.sinks_32k)
-                for mass in cfg.masses_32k
-                if long_key(i, sink, mass) != "memory_32k"
-            ]
-            todo = [v for v in variants if v[0] not in run.records[seed]["acc"]]
+            todo = [v for v in long_variants(cfg) if v[0] not in run.records[seed]["acc"]]
             if not todo:  # every variant measured (e.g. a resumed seed)
                 continue
             t = time.perf_counter()
@@ -352,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = run.records[seed]
             for key, sink, mass in todo:
                 args32 = (model, tok, run.task, run.plans[seed], run.exact[seed], cfg, seed)
-                r32 = run_32k(*args32, sink, mass)
+                r32 = run_32k(*args32, sink, mass, icl="icl_32k" not in rec["acc"])
                 rec["acc"][key] = r32.pop("memory_32k")
                 rec["acc_norm"][key] = r32.pop("memory_32k_norm")
                 if "icl_32k" in r32:

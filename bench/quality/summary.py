@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.quality.protocol import LONG_FIELDS
+
 DEFAULTS_FROM = "bench/results/options.json"  # the validation JSON the defaults come from
 VIEWS = {
     "equal_bytes": "primary: memory vs ICL at equal bytes (ICL's accuracy at the memory's bytes, "
@@ -240,6 +242,20 @@ def fill_long(rec: dict, other: dict, source: str) -> dict:
             out[k] = v
     came = other.get("long_from", {})
     out["long_from"] = {**rec.get("long_from", {}), **{k: came.get(k, source) for k in taken}}
+    return out
+
+
+def drop_long(rec: dict, keys: Sequence[str]) -> dict:
+    """rec without the 32K variants `keys` (memory_32k...): their accuracies, their per-seed
+    fields (LONG_FIELDS with the key's tail) and their "long_from" notes; the inverse of
+    `fill_long` from the record they were dropped from."""
+    tails = [k.removeprefix("memory_32k") for k in keys]
+    fields = {f"{f}{t}" for f in LONG_FIELDS for t in tails}
+    out = {k: v for k, v in rec.items() if k not in fields}
+    out["acc"] = {k: v for k, v in rec["acc"].items() if k not in keys}
+    out["acc_norm"] = {k: v for k, v in rec["acc_norm"].items() if k not in keys}
+    if "long_from" in rec:
+        out["long_from"] = {k: v for k, v in rec["long_from"].items() if k not in keys}
     return out
 
 

@@ -186,7 +186,7 @@ def run_dataset(model, tok, name: str, args, results: dict) -> None:
         )
         demos, traces_i = plan.demos, plan.traces
         rows = [task.train[i] for i in rows_i]
-        gold = [task.label_index[r["label"]] for r in rows]
+        gold = task.gold(rows)
         traces = [task.trace_ids(task.train[i]) for i in traces_i]
         calib_opts = BuildOptions(**{**BASE_BUILD, "lse_correction": True},
                                   kmeans_iters=args.kmeans_iters, seed=seed)  # fmt: skip

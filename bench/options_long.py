@@ -61,7 +61,7 @@ def run_seed(model, task: Task, seed: int, args) -> dict:
     )
     demos, extra = plan.demos, plan.demos32k[len(plan.demos) :]
     rows = [task.train[i] for i in rows_i]
-    gold = [task.label_index[r["label"]] for r in rows]
+    gold = task.gold(rows)
     ids = task.prefix_ids(demos)
     first = encode_prefix(model, ids, chunk_tokens=len(ids))
     rec: dict = {"seed": seed, "n_validation": len(rows), "validation_rows": rows_i,

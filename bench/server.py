@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fetch_mb_per_s": fetch,
         "put_mb_per_s": put,
         "memory_mb": mb,
-        "command": "python -m bench.server" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m bench.server", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

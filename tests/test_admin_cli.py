@@ -645,3 +645,14 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli, 
             q = q.permute(1, 0, 2, 3).reshape(m, -1, q.shape[-1])
             want = calib.q_pre[layer]
             assert float((q - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_the_cli_chunk_mass_choices_are_the_builders():
+    # the CLI does not import the worker (torch) to list them: this pins the copy
+    import click
+
+    from memdb_client.cli_prefix import prefix_build
+    from memdb_worker.prefix import CHUNK_MASSES
+
+    (opt,) = [p for p in prefix_build.params if p.name == "chunk_mass"]
+    assert isinstance(opt.type, click.Choice) and tuple(opt.type.choices) == CHUNK_MASSES

@@ -152,7 +152,7 @@ def run_seed(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int) -> 
 
     t_seed = time.perf_counter()
     rows = [task.test[i] for i in plan.test]
-    gold = [task.label_index[r["label"]] for r in rows]
+    gold = task.gold(rows)
     acc: dict = {"icl": {}, "memory": {}}
     acc_norm: dict = {"icl": {}, "memory": {}}
     timings: dict = {}
@@ -273,7 +273,7 @@ def run_append(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int, m
     from memdb_worker.memory import Memory
 
     rows = [task.test[i] for i in plan.test]
-    gold = [task.label_index[r["label"]] for r in rows]
+    gold = task.gold(rows)
     half = len(plan.demos) // 2
     first, second = task.prefix_ids(plan.demos[:half]), task.prefix_ids(plan.demos[half:])
     opts = build_options(cfg, seed=seed)
@@ -358,7 +358,7 @@ def run_32k(
     from memdb_worker.builder import calibrate, cluster
 
     rows = [task.test[i] for i in plan.test]
-    gold = [task.label_index[r["label"]] for r in rows]
+    gold = task.gold(rows)
     t0 = time.perf_counter()
     long = encode_long_prefix(
         model, task, exact, plan.demos32k[len(plan.demos) :], cfg.chunk_tokens, sink_tokens

@@ -278,5 +278,9 @@ class Task:
     def query_ids(self, row: dict) -> list[int]:
         return self._ids(format_query(row["text"]))
 
+    def gold(self, rows: Sequence[dict]) -> list[int]:
+        """The label index of each row."""
+        return [self.label_index[r["label"]] for r in rows]
+
     def trace_ids(self, row: dict) -> list[int]:
         return self.query_ids(row) + self.label_ids[self.label_index[row["label"]]]

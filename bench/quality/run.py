@@ -25,6 +25,7 @@ import torch
 from bench.quality.methods import build_options, decode_options, run_32k, run_seed
 from bench.quality.plot import plot
 from bench.quality.protocol import (
+    LONG_FIELDS,
     PROTOCOL,
     RESULTS,
     Config,
@@ -362,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if "icl_32k" in r32:
                     rec["acc"]["icl_32k"] = r32.pop("icl_32k")
                     rec["acc_norm"]["icl_32k"] = r32.pop("icl_32k_norm")
+                assert set(r32) == set(LONG_FIELDS), sorted(r32)  # what drop_long drops
                 tail = key.removeprefix("memory_32k")
                 rec.update({f"{k}{tail}": v for k, v in r32.items()})
             est32 = time.perf_counter() - t

@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY memdb memdb
+COPY server server
 COPY client client
 COPY worker worker
 ARG EXTRAS=server

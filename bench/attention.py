@@ -14,11 +14,11 @@ correction's extras). Side by side, in one run:
 - sdpa:   torch SDPA (FlashAttention backend where it is faster) over the cached prefix plus
           the live context, N + C keys per row (each row its own copy of the prefix);
 - shared: the fair baseline when the batch shares one prefix (DESIGN.md section 8): the
-          prefix KV read once for the batch (`memdb_worker.shared_prefix.shared_attention`:
+          prefix KV read once for the batch (`memdb_worker.attend.shared_prefix.shared_attention`:
           folded queries, split-KV Triton programs, per-row live programs, one merge), and
           `shared_flash`: the same with torch's flash kernel (one call over the folded queries,
           one per row over the live KV, merged in torch ops: the naive form);
-- memory: the worker's fused path (`memdb_worker.fused.memory_attention`: RoPE undone, lookup
+- memory: the worker's fused path (`memdb_worker.attend.fused.memory_attention`: RoPE undone, lookup
           over the M keys, top-1 gather, attention over the C live keys, merge), two launches;
 - floor:  the bytes each path must move over the device-to-device copy bandwidth measured in
           the same run (memory: its keys once, the live KV, q, gathered states, output;
@@ -117,7 +117,7 @@ def copy_bandwidth() -> float:
 
 
 def rope_spec():
-    from memdb_worker.keys import RopeSpec
+    from memdb_worker.memory.keys import RopeSpec
 
     inv = 1.0 / (ROPE_THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     return RopeSpec(inv_freq=inv, attention_scaling=1.0)
@@ -143,9 +143,9 @@ def parse_format(fmt: str) -> dict:
 
 def make_memory(budget: int, layers: int = 1, seed: int = 0, fmt: str = "fp16/head"):
     """A random memory of the 8B shape on the device in format `fmt` (see `parse_format`)."""
-    from memdb_worker.formats import quantize_keys
-    from memdb_worker.keys import KeySpace
-    from memdb_worker.memory import KEY_SCALE, Memory, layer_from_tensors
+    from memdb_worker.memory.formats import quantize_keys
+    from memdb_worker.memory.keys import KeySpace
+    from memdb_worker.memory.memory import KEY_SCALE, Memory, layer_from_tensors
 
     f = parse_format(fmt)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -173,7 +173,7 @@ def make_memory(budget: int, layers: int = 1, seed: int = 0, fmt: str = "fp16/he
 
 def layer_bytes(fmt: str, budget: int) -> int:
     """Bytes per layer a memory of this format stores (keys, key_scale, out, lse, extras)."""
-    from memdb_worker.formats import memory_bytes
+    from memdb_worker.memory.formats import memory_bytes
 
     f = parse_format(fmt)
     i = H if f["granularity"] == "head" else HKV
@@ -228,7 +228,7 @@ def sdpa_fn(q, k, v, backend):
 
 
 def memory_fn(mem, layer, inp: Inputs, config):
-    from memdb_worker import fused
+    from memdb_worker.attend import fused
 
     fl = fused.prepare_layer(mem, layer)
     inv = mem.keyspace.rope.inv_freq.to(DEVICE)
@@ -241,7 +241,7 @@ def memory_fn(mem, layer, inp: Inputs, config):
 
 def shared_fn(inp: SharedInputs, config=None):
     """The shared-prefix baseline (Triton): prefix KV once for the batch, live per row."""
-    from memdb_worker.shared_prefix import shared_attention
+    from memdb_worker.attend.shared_prefix import shared_attention
 
     return lambda: shared_attention(inp.q, inp.pk, inp.pv, inp.k, inp.v, None, D**-0.5, config)
 
@@ -250,7 +250,7 @@ def shared_flash_fn(inp: SharedInputs):
     """The naive shared-prefix form with torch's flash kernel: one call over the folded queries
     (rows x heads of a KV head as query rows) for the prefix, one over each row's live KV, the
     two states merged in torch ops (DESIGN.md section 8's "naive" column)."""
-    from memdb_worker.state import State, merge_states
+    from memdb_worker.memory.state import State, merge_states
 
     op = torch.ops.aten._scaled_dot_product_flash_attention
     b, g = inp.q.shape[0], H // HKV
@@ -270,8 +270,8 @@ def shared_flash_fn(inp: SharedInputs):
 
 def reference_fn(mem, inp: Inputs):
     """The worker's reference (unfused) path: torch ops, eager."""
-    from memdb_worker.keys import LayerQuery
-    from memdb_worker.state import attention_state, merge_states
+    from memdb_worker.memory.keys import LayerQuery
+    from memdb_worker.memory.state import attention_state, merge_states
 
     def fn():
         lq = LayerQuery(0, inp.q, inp.pos.view(-1, 1), D**-0.5, mem.keyspace.rope, HKV)
@@ -288,8 +288,8 @@ def reference_fn(mem, inp: Inputs):
 def check(results: dict, formats, m: int = 4096, n: int = 8192, batches=(1, 8, 32)) -> None:
     """The kernels against their torch forms on the benchmark's shapes (recorded, not asserted:
     the CUDA tests assert)."""
-    from memdb_worker import fused
-    from memdb_worker.shared_prefix import shared_reference
+    from memdb_worker.attend import fused
+    from memdb_worker.attend.shared_prefix import shared_reference
 
     out = []
     for batch in batches:
@@ -330,8 +330,8 @@ def _rel(a, b) -> float:
 
 def layer_rows(results: dict, bw: float, configs: dict, ns, ms, batches, formats,
                shared_configs: dict) -> None:  # fmt: skip
-    from memdb_worker import fused
-    from memdb_worker import shared_prefix as sp
+    from memdb_worker.attend import fused
+    from memdb_worker.attend import shared_prefix as sp
 
     rows = results["rows"]
     results["memory_bytes"] = {f: {str(m): layer_bytes(f, m) for m in ms} for f in formats}
@@ -411,7 +411,7 @@ def layer_rows(results: dict, bw: float, configs: dict, ns, ms, batches, formats
 
 def prefix_kv_bytes(n: int) -> int:
     """Bytes of one layer's KV of an n-token prefix in bf16 (`formats.kv_bytes`)."""
-    from memdb_worker.formats import kv_bytes
+    from memdb_worker.memory.formats import kv_bytes
 
     return kv_bytes(num_layers=1, num_kv_heads=HKV, head_dim=D, tokens=n)
 

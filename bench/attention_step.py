@@ -106,8 +106,8 @@ def _live_write(bufs, nb, layer, k, v, at):
 
 def step_rows(results: dict, bw: float, configs: dict, ns, ms, batches, formats,
               shared_configs: dict) -> None:  # fmt: skip
-    from memdb_worker import fused
-    from memdb_worker.shared_prefix import SharedConfig, shared_attention
+    from memdb_worker.attend import fused
+    from memdb_worker.attend.shared_prefix import SharedConfig, shared_attention
 
     model = Model()
     rows = results["rows"]

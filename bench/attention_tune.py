@@ -11,7 +11,7 @@ def tune(results: dict, quick: bool) -> dict:
     """Launch shapes per batch, timed as CUDA-graph replays (GPU time, no Python launch cost)."""
     from dataclasses import replace
 
-    from memdb_worker import fused
+    from memdb_worker.attend import fused
 
     grid = []
     for bm in (64, 128):
@@ -29,7 +29,7 @@ def tune(results: dict, quick: bool) -> dict:
         inp = A.Inputs(batch, A.LIVE)
 
         def timed(cfg, only=None, inp=inp):
-            from memdb_worker import fused as fz
+            from memdb_worker.attend import fused as fz
 
             fl = fz.prepare_layer(mem, 0)
             inv = mem.keyspace.rope.inv_freq.to(A.DEVICE)
@@ -82,7 +82,7 @@ def tune(results: dict, quick: bool) -> dict:
 
 def tune_shared(results: dict, batches, quick: bool, n: int = 32768) -> dict:
     """Launch shapes of the shared-prefix kernels per batch at N = 32K (graph replays)."""
-    from memdb_worker.shared_prefix import SharedConfig
+    from memdb_worker.attend.shared_prefix import SharedConfig
 
     grid = [SharedConfig(block_n=bn, prefix_programs_per_sm=pp, num_warps=w)
             for bn in (64, 128) for pp in (1, 2, 4) for w in (4, 8)]  # fmt: skip

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from bench import quality as q
-from memdb_worker.model import load_model
-from memdb_worker.prefix import ExactPrefix, encode_chunk, encode_prefix
+from memdb_worker.model.loading import load_model
+from memdb_worker.model.prefix import ExactPrefix, encode_chunk, encode_prefix
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -3,7 +3,7 @@ Cluster, the time for an update to reach every watcher, and a kill -9 of a node 
 `python -m bench.cluster [--quick] [--seconds 5] [--clients 8] [--out ...]`.
 
 Starts, on 127.0.0.1: a 3-member etcd cluster and a 3-master + 3-replica Redis Cluster
-(memdb.cluster_process; `etcd`, `redis-server`, `redis-cli` on PATH, e.g. Debian's packages
+(memdb_server.cluster_process; `etcd`, `redis-server`, `redis-cli` on PATH, e.g. Debian's packages
 unpacked with `dpkg -x` and put on PATH), then 1, 2, 3 memdb-server processes with the cluster
 backend. Load: `--clients` client processes, each a MemdbClient over every node (round robin),
 each sending Lookups of `--batch` queries against one layer of one memory (M entries, Dk) for
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.server import machine
-from memdb.cluster_process import control_and_data_planes, memdb_cluster
 from memdb.errors import MemdbError
 from memdb.shards import Shard
 from memdb_client import MemdbClient
+from memdb_server.cluster_process import control_and_data_planes, memdb_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FP = "bench-model"

@@ -6,7 +6,7 @@
 #
 #     OUT=/some/dir bash bench/gpu_session.sh
 #
-# Wheels carried in build/wheels/*.whl (grpcio: memdb_worker.memory imports memdb.errors, which
+# Wheels carried in build/wheels/*.whl (grpcio: memdb_worker.memory.memory imports memdb.errors, which
 # imports grpc; faiss-cpu: builder.build_memory imports it on hosts of >= 4 cores, as in
 # tests/test_worker_cuda.py; transformers 5.24.0 if the device's differs) are installed into
 # /tmp/memdb_site first (--no-deps, no index) and put on PYTHONPATH.
@@ -39,7 +39,7 @@ step env 15 bash -c 'nvidia-smi; python -c "
 import sys, torch, triton, transformers
 print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__,
       transformers.__version__, torch.cuda.get_device_name())
-import grpc, memdb_worker.fused, memdb_worker.decode_step; print(\"imports ok\")"'
+import grpc, memdb_worker.attend.fused, memdb_worker.attend.decode_step; print(\"imports ok\")"'
 cp "$OUT/env.log" "$OUT/env.txt"
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device: nothing more to run (see $OUT/env.txt)"

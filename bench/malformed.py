@@ -13,7 +13,7 @@ time. That second SendStatusFromServer batch is refused by the core (the call al
 status), and cygrpc does not release the batch tag it INCREF'd for it, so the tag, the RPC state
 and the core call (its arena) are never freed. `--bare --patched` skips `_abort` once a status
 was sent and the leak is gone. memdb's asyncio server does not take that path (and answers
-INVALID_ARGUMENT itself, see memdb.interceptors).
+INVALID_ARGUMENT itself, see memdb_server.interceptors).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 import memdb
-from memdb.process import server_process
+from memdb_server.process import server_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD = "/memdb.v1.MemoryService/Lookup"

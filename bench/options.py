@@ -80,7 +80,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     ),
     "bf16_rope_common": ({**BF16, "key_mode": "rope_common"}, {}),
     "bf16_top4": (BF16, {"top_k": 4}),
-    # fitted key/value rows per KV head (memdb_worker.fitted): a row costs about one token of KV
+    # fitted key/value rows per KV head (memdb_worker.memory.fitted): a row costs about one
+    # token of KV
     "fitted_bf16": ({**BF16, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
     "fitted_fp8_bf16": ({**COMPACT, "granularity": "kv_group_mean", "entry_state": "fitted"}, {}),
     # the ablation: biases and values fitted to the float keys, rounded to float8 afterwards
@@ -98,8 +99,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 
 def variant_options(name: str, kmeans_iters: int, seed: int):
     """(BuildOptions, DecodeOptions) of a variant."""
-    from memdb_worker.builder import BuildOptions
-    from memdb_worker.memory import DecodeOptions
+    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.memory.memory import DecodeOptions
 
     build, decode = VARIANTS[name]
     opts = BuildOptions(**{**BASE_BUILD, **build}, kmeans_iters=kmeans_iters, seed=seed)
@@ -165,8 +166,8 @@ def summarise(datasets: dict) -> dict:
 
 
 def run_dataset(model, tok, name: str, args, results: dict) -> None:
-    from memdb_worker.builder import BuildOptions, calibrate, cluster
-    from memdb_worker.formats import kv_bytes
+    from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+    from memdb_worker.memory.formats import kv_bytes
 
     task = Task(name, tok)
     cfg = model.config
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 
     from bench.quality.run import machine
-    from memdb_worker.model import describe_model, load_model
+    from memdb_worker.model.loading import describe_model, load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ import torch
 
 from bench.quality import RESULTS, Task, accuracy, classify, plan_validation, write_json
 from bench.quality.methods import encode_long_prefix
-from memdb_worker.prefix import CHUNK_MASSES
+from memdb_worker.model.prefix import CHUNK_MASSES
 
 logger = logging.getLogger("bench.options_long")
 
@@ -48,7 +48,7 @@ def variant_name(sink: int, mass: str) -> str:
 
 def run_seed(model, task: Task, seed: int, args) -> dict:
     """Accuracies of ICL cuts and of every long-prefix variant for one seed of one data set."""
-    from memdb_worker.prefix import encode_prefix
+    from memdb_worker.model.prefix import encode_prefix
 
     rows_i, plan = plan_validation(
         task,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    from memdb_worker.model import describe_model, load_model
+    from memdb_worker.model.loading import describe_model, load_model
 
     model, tok = load_model(args.model)
     model.to(args.device).eval()

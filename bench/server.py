@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from memdb.index import IndexParams, build_index, search
-from memdb.process import server_process
 from memdb.shards import Shard
 from memdb_client import MemdbClient
+from memdb_server.index import IndexParams, build_index, search
+from memdb_server.process import server_process
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FP = "bench-model"

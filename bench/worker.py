@@ -7,7 +7,7 @@ TREC many-shot prefix with SmolLM2 in this process and uploads it, then sends co
 full prefix in the prompt, the memory (`"memory": name`, a short prompt), and neither; then the
 memory again through a second worker in remote mode (a `Lookup` per layer and step). The full
 prefix is prefix-cached, as an inference server with prefix caching runs it: the worker's
-automatic prefix cache (`memdb_worker.prefix_cache`) encodes the prefix once (at the warm-up
+automatic prefix cache (`memdb_worker.serve.prefix_cache`) encodes the prefix once (at the warm-up
 request) and every later request prefills only its question against the cached KV. Reports
 generated tokens per second of wall time (prefill included) and mean request latency. Writes
 bench/results/worker.json and prints a table.
@@ -26,12 +26,12 @@ from pathlib import Path
 import httpx
 
 from bench.server import machine
-from memdb.process import start_server
 from memdb_client import MemdbClient
-from memdb_worker.builder import BuildOptions, build_memory
+from memdb_server.process import start_server
+from memdb_worker.build.builder import BuildOptions, build_memory
 from memdb_worker.demo import DATA, QUERY, TEMPLATE, balanced_sample, read_jsonl
-from memdb_worker.model import load_model, model_fingerprint
-from memdb_worker.process import start_worker
+from memdb_worker.model.loading import load_model, model_fingerprint
+from memdb_worker.serve.process import start_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bench-trec"

@@ -1,5 +1,6 @@
 """Worker decode on a GPU, on fair terms: step time and time to first token of the worker's
-static-cache, CUDA-graphed decode step (`memdb_worker.decode_step`), for neither / a memory / the
+static-cache, CUDA-graphed decode step (`memdb_worker.attend.decode_step`), for neither / a memory /
+the
 full prefix prefix-cached, at several concurrencies and prefix lengths, with the weight floor
 measured in the same run. `python -m bench.worker_gpu [--concurrency 1,8,32] [--N 8192,32768]
 [--M 4096] [--memory-formats f32/head+kbar,fp8/head+kbar] [--steps 32] [--out PATH]`; on CPU for
@@ -103,9 +104,9 @@ def synthetic_memory(model, budget: int, prefix_tokens: int, fmt: str = "f32/hea
                      seed: int = 0):  # fmt: skip
     """A memory of the model's shape in format `fmt` (random entries, pre-RoPE keys), made on
     the model's device with the metadata the builder writes (prefix_length = prefix_tokens)."""
-    from memdb_worker.formats import quantize_keys
-    from memdb_worker.keys import KeySpace, RopeSpec
-    from memdb_worker.memory import KEY_SCALE, Memory, layer_from_tensors
+    from memdb_worker.memory.formats import quantize_keys
+    from memdb_worker.memory.keys import KeySpace, RopeSpec
+    from memdb_worker.memory.memory import KEY_SCALE, Memory, layer_from_tensors
 
     f = parse_format(fmt)
     cfg = model.config
@@ -152,7 +153,7 @@ def _sync(dev: torch.device) -> None:
 
 def measure(model, source, conc: int, queries: list[list[int]], args, dev) -> dict:
     """TTFT of the c rows' prefill and the decode step time (graphed on CUDA, eager too)."""
-    from memdb_worker.decode_step import StaticDecoder, bucket
+    from memdb_worker.attend.decode_step import StaticDecoder, bucket
 
     b = bucket(conc)
     q = len(queries[0])
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                 del mem
                 _free(dev)
         if "full_prefix" in ways:
-            from memdb_worker.prefix import encode_prefix
+            from memdb_worker.model.prefix import encode_prefix
 
             try:
                 _sync(dev)

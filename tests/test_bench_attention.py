@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from memdb_worker import fused_kernels
+from memdb_worker.attend import fused_kernels
 from tests.interpreter import run_interpreted
 
 _SMOKE = r"""

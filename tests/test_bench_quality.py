@@ -122,8 +122,8 @@ def test_results_format_and_writer(tmp_path):
 
 
 def test_calibrate_accepts_an_encoded_prefix():
-    from memdb_worker.builder import calibrate
-    from memdb_worker.prefix import encode_prefix
+    from memdb_worker.build.builder import calibrate
+    from memdb_worker.model.prefix import encode_prefix
 
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
     model = tiny_llama(64, **small, max_position_embeddings=128, initializer_range=0.02,

@@ -9,7 +9,7 @@ import json
 import torch
 
 from bench import worker_gpu
-from memdb_worker.memory import Memory
+from memdb_worker.memory.memory import Memory
 
 
 def test_tiny_cpu_run_writes_every_way(tmp_path):

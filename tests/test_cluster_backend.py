@@ -16,12 +16,12 @@ import uuid
 
 import pytest
 
-from memdb.backends.blob_cache import BlobCache
-from memdb.backends.cluster import ClusterStore
-from memdb.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
 from memdb.errors import Aborted, FailedPrecondition, NotFound, ResourceExhausted
-from memdb.records import KeyRecord, TenantRecord
 from memdb.shards import decode_shard
+from memdb_server.backends.blob_cache import BlobCache
+from memdb_server.backends.cluster import ClusterStore
+from memdb_server.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
+from memdb_server.records import KeyRecord, TenantRecord
 from tests.test_backend_contract import raw_cluster_bytes
 from tests.test_storage import T, shard_bytes, write
 
@@ -226,8 +226,8 @@ def test_watch_on_one_node_sees_puts_and_deletes_made_through_another(nodes):
 CRASH = """
 import os, signal, sys
 sys.path[:0] = {path!r}
-from memdb.backends.cluster import ClusterStore
-from memdb.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
+from memdb_server.backends.cluster import ClusterStore
+from memdb_server.backends.etcd_gateway import WATCH_IDLE_S, EtcdClient, WatchStop
 from tests.test_storage import write
 store = ClusterStore({etcd!r}, {redis!r}, root={root!r}, cache_dir={cache!r},
                      gc_interval_s=0, lease_ttl_s=2)

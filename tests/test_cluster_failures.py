@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memdb.backends.cluster import ClusterStore
-from memdb.backends.health import HealthMonitor
-from memdb.cluster_process import control_and_data_planes, memdb_cluster
-from memdb.config import ServerConfig
 from memdb.errors import MemdbError, Unavailable
-from memdb.process import ChildProcess, spawn, start_server
-from memdb.server import run_server
 from memdb_client import MemdbClient
+from memdb_server.backends.cluster import ClusterStore
+from memdb_server.backends.health import HealthMonitor
+from memdb_server.cluster_process import control_and_data_planes, memdb_cluster
+from memdb_server.config import ServerConfig
+from memdb_server.process import ChildProcess, spawn, start_server
+from memdb_server.server import run_server
 from tests.test_server import FP, ROOT_KEY, make_shards
 from tests.test_storage import T, shard_bytes, write
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from memdb.cluster_process import (
+from memdb_client import MemdbClient
+from memdb_server.cluster_process import (
     EtcdCluster,
     RedisCluster,
     create_redis_cluster,
@@ -22,9 +23,8 @@ from memdb.cluster_process import (
     wait_etcd,
     wait_redis,
 )
-from memdb.config import load_config
-from memdb.process import ChildProcess, spawn, wait_ready
-from memdb_client import MemdbClient
+from memdb_server.config import load_config
+from memdb_server.process import ChildProcess, spawn, wait_ready
 from tests.test_server import FP, make_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,14 @@ def test_the_cluster_profiles_services_start_as_processes_and_serve(tmp_path):
             dirs = {"/var/lib/etcd": d / "etcd", "/data": d}
             args = _localize(services[name]["command"], name, ports, dirs)
             if args[0] == "memdb-server":
-                args = [sys.executable, "-m", "memdb", *args[1:], "--ready-file", str(d / "ready")]
+                args = [
+                    sys.executable,
+                    "-m",
+                    "memdb_server",
+                    *args[1:],
+                    "--ready-file",
+                    str(d / "ready"),
+                ]
             child = ChildProcess(spawn(args, d / "log", env), d / "log")
             stack.callback(child.stop)
             return child

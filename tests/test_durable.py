@@ -1,4 +1,5 @@
-"""memdb.durable: a new store's folder and a generated admin.key are fsynced (file and folder)."""
+"""memdb_server.durable: a new store's folder and a generated admin.key are fsynced (file and
+folder)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import stat
 
 import pytest
 
-from memdb.config import ServerConfig
-from memdb.durable import write_file_durably
-from memdb.server import _admin_key
-from memdb.storage import Store
+from memdb_server.config import ServerConfig
+from memdb_server.durable import write_file_durably
+from memdb_server.server import _admin_key
+from memdb_server.storage import Store
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""memdb.index: building, (de)serializing and searching FAISS indices; loaded layers; the LRU."""
+"""memdb_server.index: building, (de)serializing and searching FAISS indices; loaded layers; the
+LRU."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from memdb.errors import InvalidArgument
-from memdb.index import (
+from memdb.shards import Shard, encode_shard
+from memdb_server.index import (
     IndexCache,
     IndexParams,
     LoadedLayer,
@@ -22,7 +24,6 @@ from memdb.index import (
     serialize_index,
     set_threads,
 )
-from memdb.shards import Shard, encode_shard
 
 PARAMS = IndexParams(nlist=8, nprobe=8, hnsw_m=16, ef_search=64)
 

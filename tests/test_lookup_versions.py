@@ -7,10 +7,10 @@ import threading
 
 import numpy as np
 
-from memdb.config import ServerConfig
-from memdb.server import run_server
-from memdb.storage import Store
 from memdb_client import MemdbClient
+from memdb_server.config import ServerConfig
+from memdb_server.server import run_server
+from memdb_server.storage import Store
 from tests.test_server import FP, ROOT_KEY, make_shards
 from tests.test_storage import T, shard_bytes, write
 

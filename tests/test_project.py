@@ -26,7 +26,7 @@ def test_committed_stubs_match_freshly_generated_ones(tmp_path):
 def test_docker_compose_has_server_with_health_check_and_gpu_worker():
     spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     server, worker = spec["services"]["server"], spec["services"]["worker"]
-    assert "memdb.healthcheck" in " ".join(server["healthcheck"]["test"])
+    assert "memdb_server.healthcheck" in " ".join(server["healthcheck"]["test"])
     assert any(v.endswith(":/data") for v in server["volumes"])
     assert "--data-dir" in server["command"] and "/data" in server["command"]
     assert "memdb-data" in spec["volumes"]
@@ -37,9 +37,9 @@ def test_docker_compose_has_server_with_health_check_and_gpu_worker():
 
 
 def test_healthcheck_module_reports_a_running_server(tmp_path):
-    from memdb.config import ServerConfig
-    from memdb.healthcheck import check
-    from memdb.server import run_server
+    from memdb_server.config import ServerConfig
+    from memdb_server.healthcheck import check
+    from memdb_server.server import run_server
 
     cfg = ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0", metrics_listen="", admin_key="k")
     with run_server(cfg) as s:

@@ -13,8 +13,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from memdb.cluster_process import memdb_cluster
-from memdb.config import ServerConfig
 from memdb.errors import (
     AlreadyExists,
     Cancelled,
@@ -25,11 +23,13 @@ from memdb.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from memdb.process import server_process
-from memdb.server import run_server
 from memdb.shards import Shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient, output
+from memdb_server.cluster_process import memdb_cluster
+from memdb_server.config import ServerConfig
+from memdb_server.process import server_process
+from memdb_server.server import run_server
 
 FP = "fp-test-model"
 ROOT_KEY = "test-root-key"

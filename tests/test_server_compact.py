@@ -9,12 +9,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from memdb.config import ServerConfig
 from memdb.errors import InvalidArgument
-from memdb.server import run_server
 from memdb.shards import decode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.config import ServerConfig
+from memdb_server.server import run_server
 from tests.test_shards import DK, torch_tensors
 
 FP = "fp-compact"

@@ -16,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 
-from memdb.config import ServerConfig
 from memdb.errors import (
     MAX_DETAIL_BYTES,
     InvalidArgument,
@@ -25,12 +24,13 @@ from memdb.errors import (
     Unauthenticated,
     short_message,
 )
-from memdb.memory_service import layer_cache_key
-from memdb.process import server_process
-from memdb.server import run_server
 from memdb.shards import decode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.config import ServerConfig
+from memdb_server.memory_service import layer_cache_key
+from memdb_server.process import server_process
+from memdb_server.server import run_server
 from tests.test_server import FP, ROOT_KEY, make_shards, with_extras
 from tests.test_server_process import _metric
 
@@ -231,7 +231,7 @@ def test_calls_per_tenant_are_capped(tmp_path):
 
 
 def test_watch_limit_settings_follow_flags_env_and_file(tmp_path, monkeypatch):
-    from memdb.config import load_config
+    from memdb_server.config import load_config
 
     f = tmp_path / "memdb.toml"
     f.write_text("max_watch_streams_per_key = 3\nmax_watch_streams_per_tenant = 5\n")
@@ -543,7 +543,7 @@ def test_a_stalled_upload_holds_one_of_max_uploads_threads_until_its_idle_timeou
             except grpc.RpcError as err:
                 stalled.append(err)
 
-        from memdb.admin_service import AdminServicer
+        from memdb_server.admin_service import AdminServicer
 
         started, read_header = threading.Event(), AdminServicer._header
 

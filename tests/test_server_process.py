@@ -9,9 +9,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from memdb.config import load_config
-from memdb.process import server_process, start_server
 from memdb_client import MemdbClient
+from memdb_server.config import load_config
+from memdb_server.process import server_process, start_server
 from tests.test_server import FP, make_shards
 
 
@@ -64,8 +64,8 @@ def test_crash_then_restart_recovers_the_store(tmp_path):
 
 
 def test_generated_admin_key_is_written_once_with_private_mode(tmp_path):
-    from memdb.config import ServerConfig
-    from memdb.server import run_server
+    from memdb_server.config import ServerConfig
+    from memdb_server.server import run_server
 
     cfg = ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0", metrics_listen="")
     with run_server(cfg) as s:
@@ -92,9 +92,9 @@ def test_config_precedence_is_flags_then_env_then_file(tmp_path, monkeypatch):
 def test_tls_serves_clients_that_trust_the_certificate(tmp_path):
     import subprocess
 
-    from memdb.config import ServerConfig
     from memdb.errors import Unavailable
-    from memdb.server import run_server
+    from memdb_server.config import ServerConfig
+    from memdb_server.server import run_server
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(

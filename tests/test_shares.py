@@ -1,4 +1,4 @@
-"""memdb.shares.TimeShares on a simulated clock: a tenant alone is never held back; under
+"""memdb_server.shares.TimeShares on a simulated clock: a tenant alone is never held back; under
 contention a tenant's job time per second converges to its share; a debt run up alone is
 forgiven; idle tenants are forgotten."""
 
@@ -9,7 +9,7 @@ import contextvars
 
 import pytest
 
-from memdb.shares import TimeShares
+from memdb_server.shares import TimeShares
 
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
 

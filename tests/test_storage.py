@@ -1,4 +1,4 @@
-"""memdb.storage: the LMDB store of tenants, keys, prefixes, versioned shards and indices."""
+"""memdb_server.storage: the LMDB store of tenants, keys, prefixes, versioned shards and indices."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from memdb.errors import (
     ResourceExhausted,
 )
 from memdb.shards import Shard, ShardShape, decode_shard, encode_shard
-from memdb.storage import (
+from memdb_server.storage import (
     DEFAULT_TENANT,
     KeyRecord,
     PrefixRecord,
@@ -224,7 +224,7 @@ def test_snapshot_accessors_check_layer_and_group(store):
 def test_shards_decoded_by_the_caller_are_not_decoded_again(store, monkeypatch):
     shards = [shard_bytes(seed=layer) for layer in range(3)]
     decoded = [decode_shard(b) for b in shards]
-    monkeypatch.setattr("memdb.records.decode_shard", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr("memdb_server.records.decode_shard", lambda *a, **k: pytest.fail("decoded"))
     assert write(store, shards=shards, decoded=decoded).shape == decoded[0].shape
 
 

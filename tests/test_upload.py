@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memdb.config import ServerConfig
 from memdb.errors import InvalidArgument, NotFound, ResourceExhausted
-from memdb.server import run_server
 from memdb.shards import Shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.config import ServerConfig
+from memdb_server.server import run_server
 from tests.test_server import FP, ROOT_KEY, make_shards
 
 MiB = 1 << 20

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from memdb.shards import Shard, encode_shard
-from memdb_worker import head_queries
-from memdb_worker.append import append_chunk, entry_queries
-from memdb_worker.attention import bind
-from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
-from memdb_worker.head_queries import HeadQueryFit, QueryStats
-from memdb_worker.memory import keyspace_from_metadata
-from memdb_worker.prefix import encode_chunk
+from memdb_worker.attend.attention import bind
+from memdb_worker.build.append import append_chunk, entry_queries
+from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
+from memdb_worker.memory import head_queries
+from memdb_worker.memory.head_queries import HeadQueryFit, QueryStats
+from memdb_worker.memory.memory import keyspace_from_metadata
+from memdb_worker.model.prefix import encode_chunk
 from tests.tiny import LOOKUP, lookup_options, tiny_llama
 
 VOCAB = 128

@@ -12,9 +12,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from memdb.shards import check_consistent, decode_shard, encode_shard
-from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
-from memdb_worker.model import model_fingerprint
-from memdb_worker.scoring import score_continuations
+from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
+from memdb_worker.model.loading import model_fingerprint
+from memdb_worker.model.scoring import score_continuations
 from tests.tiny import lookup_options, random_traces, small_llama
 
 VOCAB = 128
@@ -73,7 +73,7 @@ def test_builder_is_deterministic_for_a_seed(tiny, fmt):
 
 @ENTRY_FORMATS
 def test_layers_clustered_in_parallel_equal_one_at_a_time(tiny, monkeypatch, fmt):
-    from memdb_worker import builder
+    from memdb_worker.build import builder
 
     traces = _traces(12, 15, 1)
     opts = BuildOptions(max_records=100, max_tokens_per_trace=12, seed=3, trace_batch_size=5,

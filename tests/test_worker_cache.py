@@ -10,16 +10,16 @@ import time
 import pytest
 import torch
 
-from memdb.config import ServerConfig
 from memdb.errors import FailedPrecondition, NotFound, Unavailable
-from memdb.server import run_server
 from memdb_client import MemdbClient
-from memdb_worker.attention import bind
-from memdb_worker.builder import BuildOptions, build_memory
-from memdb_worker.cache import MemoryCache, RemoteMemory
-from memdb_worker.memory import DecodeOptions, Memory
-from memdb_worker.model import model_fingerprint
-from memdb_worker.scheduler import GenerationRequest, SamplingParams, Scheduler
+from memdb_server.config import ServerConfig
+from memdb_server.server import run_server
+from memdb_worker.attend.attention import bind
+from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.memory.memory import DecodeOptions, Memory
+from memdb_worker.model.loading import model_fingerprint
+from memdb_worker.serve.cache import MemoryCache, RemoteMemory
+from memdb_worker.serve.scheduler import GenerationRequest, SamplingParams, Scheduler
 from tests.tiny import reference_options, tiny_llama
 
 VOCAB = 256

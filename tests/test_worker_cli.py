@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from memdb_worker.cli import main
-from memdb_worker.config import load_config
+from memdb_worker.serve.cli import main
+from memdb_worker.serve.config import load_config
 
 
 def test_flags_beat_environment_beat_file(tmp_path, monkeypatch):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from memdb_worker.attention import bind
-from memdb_worker.builder import build_memory
-from memdb_worker.memory import DecodeOptions
-from memdb_worker.prefix import encode_prefix
+from memdb_worker.attend.attention import bind
+from memdb_worker.build.builder import build_memory
+from memdb_worker.memory.memory import DecodeOptions
+from memdb_worker.model.prefix import encode_prefix
 from tests.tiny import lookup_options, reference_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

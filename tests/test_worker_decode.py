@@ -7,11 +7,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from memdb.shards import decode_shard, encode_shard
-from memdb_worker.attention import bind, current_binding, install
-from memdb_worker.builder import build_memory
-from memdb_worker.memory import DecodeOptions, Memory
-from memdb_worker.prefix import encode_chunk, encode_prefix
-from memdb_worker.scoring import next_token_logprobs, score_continuations, score_pairs
+from memdb_worker.attend.attention import bind, current_binding, install
+from memdb_worker.build.builder import build_memory
+from memdb_worker.memory.memory import DecodeOptions, Memory
+from memdb_worker.model.prefix import encode_chunk, encode_prefix
+from memdb_worker.model.scoring import next_token_logprobs, score_continuations, score_pairs
 from tests.tiny import reference_options, tiny_llama
 
 VOCAB = 256
@@ -277,8 +277,8 @@ def test_next_token_logprobs_equal_a_forward_of_each_context(tiny, data):
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_averaged_chunk_mass_weights_each_chunks_attention_one_over_c(mode):
-    from memdb_worker.prefix import ExactPrefix
-    from memdb_worker.state import attention_state, merge_states
+    from memdb_worker.memory.state import attention_state, merge_states
+    from memdb_worker.model.prefix import ExactPrefix
 
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(1, 1, 12, 8, generator=g), torch.randn(1, 1, 12, 8, generator=g)

@@ -1,4 +1,4 @@
-"""The static-cache decode step (worker/memdb_worker/decode_step.py).
+"""The static-cache decode step (worker/memdb_worker/attend/decode_step.py).
 
 On CPU: its eager step generates the tokens the worker's scheduler generates (transformers'
 forward with a DynamicCache, `attention.bind`), greedy, for neither / a memory of looked-up
@@ -15,10 +15,10 @@ import threading
 import pytest
 import torch
 
-from memdb_worker.builder import BuildOptions, build_memory
-from memdb_worker.decode_step import StaticDecoder, bucket
-from memdb_worker.prefix import encode_prefix
-from memdb_worker.scheduler import GenerationRequest, SamplingParams, Scheduler
+from memdb_worker.attend.decode_step import StaticDecoder, bucket
+from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.model.prefix import encode_prefix
+from memdb_worker.serve.scheduler import GenerationRequest, SamplingParams, Scheduler
 from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 256
@@ -190,7 +190,7 @@ def run_scheduler(model, prompts, maxes, source, static_live):
 
 @pytest.mark.parametrize("way", WAYS)
 def test_scheduler_static_batches_generate_the_eager_tokens(setup, way, monkeypatch):
-    from memdb_worker.static_batch import StaticBatch
+    from memdb_worker.serve.static_batch import StaticBatch
 
     model, prompts, sources = setup
     maxes = [7, 2, 4]  # the second row leaves first, the third joins late

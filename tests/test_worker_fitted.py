@@ -1,4 +1,5 @@
-"""Fitted entries (memdb_worker.fitted): the fit's parts against exact computations, the builder's
+"""Fitted entries (memdb_worker.memory.fitted): the fit's parts against exact computations, the
+builder's
 fitted memories on a tiny random Llama (exact with every prefix token kept, shards that round-trip
 through the server's encoding), and on the real SmolLM2 against the paper's entries."""
 
@@ -10,12 +11,12 @@ import pytest
 import torch
 
 from memdb.shards import decode_shard, encode_shard
-from memdb_worker import fitted
-from memdb_worker.attention import bind
-from memdb_worker.builder import BuildOptions, build_memory, calibrate, cluster
-from memdb_worker.memory import DecodeOptions, Memory
-from memdb_worker.prefix import encode_prefix
-from memdb_worker.state import attention_state
+from memdb_worker.attend.attention import bind
+from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
+from memdb_worker.memory import fitted
+from memdb_worker.memory.memory import DecodeOptions, Memory
+from memdb_worker.memory.state import attention_state
+from memdb_worker.model.prefix import encode_prefix
 from tests.tiny import random_traces, small_llama
 
 VOCAB = 128
@@ -183,8 +184,8 @@ def test_fitted_rows_fit_the_calibration_better_than_the_prefix_cut_to_as_many_t
 
 @pytest.mark.parametrize("key_dtype", ["float32", "float8_e4m3fn"])
 def test_appending_to_a_fitted_memory_adds_the_chunk_rows_exactly(tiny, key_dtype):
-    from memdb_worker.append import append_chunk
-    from memdb_worker.prefix import ExactPrefix, encode_chunk
+    from memdb_worker.build.append import append_chunk
+    from memdb_worker.model.prefix import ExactPrefix, encode_chunk
 
     opts = BuildOptions(**{**FITTED, "key_dtype": key_dtype})
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 4), budget=len(PREFIX),
@@ -206,7 +207,7 @@ def test_appending_to_a_fitted_memory_adds_the_chunk_rows_exactly(tiny, key_dtyp
 
 
 def test_a_fitted_memory_adds_the_layers_lse_bias_and_nothing_else(tiny):
-    from memdb_worker.keys import LayerQuery, RopeSpec
+    from memdb_worker.memory.keys import LayerQuery, RopeSpec
 
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 9), budget=12,
                          options=BuildOptions(**FITTED), progress=False)  # fmt: skip
@@ -240,8 +241,8 @@ def test_a_fitted_memory_of_the_whole_prefix_follows_its_averaged_chunk_mass(tin
 def test_appending_past_the_context_to_averaged_chunks_weighs_every_chunk_alike(tiny):
     # a prefix of 2 chunks averaged (1/2 each), then text appended past the context: it restarts
     # after the sink as a third chunk and every chunk weighs 1/3, exactly
-    from memdb_worker.append import append_chunk
-    from memdb_worker.prefix import ExactPrefix, encode_chunk
+    from memdb_worker.build.append import append_chunk
+    from memdb_worker.model.prefix import ExactPrefix, encode_chunk
 
     opts = BuildOptions(**FITTED, chunk_tokens=24, sink_tokens=4, chunk_mass="mean")
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 12), budget=len(PREFIX),
@@ -262,7 +263,7 @@ def test_appending_past_the_context_to_averaged_chunks_weighs_every_chunk_alike(
 
 
 def test_chunk_weights_of_an_append_follow_the_memorys_chunk_mass():
-    from memdb_worker.append import chunk_weights
+    from memdb_worker.build.append import chunk_weights
 
     mean = {"build_params": '{"chunk_mass": "mean"}'}
     assert chunk_weights({**mean, "log_mass": "0.0"}, True, 1) == pytest.approx(
@@ -280,8 +281,8 @@ def test_chunk_weights_of_an_append_follow_the_memorys_chunk_mass():
 @pytest.mark.parametrize("fit_stored_keys", [True, False])
 def test_the_builder_fits_to_the_stored_keys_unless_told_not_to(tiny, monkeypatch,
                                                                   fit_stored_keys):  # fmt: skip
-    import memdb_worker.builder as builder
-    from memdb_worker.formats import keys_as_stored
+    import memdb_worker.build.builder as builder
+    from memdb_worker.memory.formats import keys_as_stored
 
     seen = []
 
@@ -303,7 +304,7 @@ def test_the_builder_warms_the_solver_before_fitting_layers_in_threads(tiny, mon
     # layer threads raced on it on an H200 ("lazy wrapper should be called at most once")
     import threading
 
-    import memdb_worker.builder as builder
+    import memdb_worker.build.builder as builder
 
     calls = []
     monkeypatch.setattr(builder, "_cluster_workers", lambda n: 2)

@@ -11,8 +11,8 @@ import torch
 
 from memdb.errors import InvalidArgument
 from memdb.shards import decode_shard, encode_shard
-from memdb_worker.builder import BuildOptions, calibrate, cluster
-from memdb_worker.formats import (
+from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+from memdb_worker.memory.formats import (
     FP8_MAX,
     KEY_DTYPES,
     dequantize_keys,
@@ -23,8 +23,8 @@ from memdb_worker.formats import (
     to_numpy,
     to_torch,
 )
-from memdb_worker.keys import LayerQuery
-from memdb_worker.memory import Memory, group_key_of, keyspace_from_metadata
+from memdb_worker.memory.keys import LayerQuery
+from memdb_worker.memory.memory import Memory, group_key_of, keyspace_from_metadata
 from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 128
@@ -222,7 +222,7 @@ def test_key_dtypes_are_the_shard_key_dtypes():
 
 @pytest.mark.parametrize("granularity", ["head", "kv_group", "kv_group_mean"])
 def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
-    from memdb_worker.keys import apply_rope
+    from memdb_worker.memory.keys import apply_rope
 
     n = calib.num_records
     opts = lookup_options(**{**F32, "granularity": granularity})
@@ -237,8 +237,8 @@ def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
 
 
 def test_remote_lookups_refuse_the_correction_of_a_memory_without_q_mean(calib):
-    from memdb_worker.cache import RemoteMemory
-    from memdb_worker.memory import DecodeOptions
+    from memdb_worker.memory.memory import DecodeOptions
+    from memdb_worker.serve.cache import RemoteMemory
 
     opts = lookup_options(**F32, store_q_mean=False)
     memory = _round_trip(cluster(calib, M, opts, progress=False))

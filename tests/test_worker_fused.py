@@ -1,4 +1,4 @@
-"""The fused decode path (worker/memdb_worker/fused.py) against the reference path.
+"""The fused decode path (worker/memdb_worker/attend/fused.py) against the reference path.
 
 On CPU: the torch form of the fused math (`decode_reference`: keys modes folded into the stored
 keys, RoPE undone from positions) equals the worker's reference path (Memory.prefix_state +
@@ -18,11 +18,17 @@ import copy
 import pytest
 import torch
 
-from memdb_worker import fused
-from memdb_worker.formats import quantize_keys
-from memdb_worker.keys import KeySpace, LayerQuery, RopeSpec, apply_rope, fit_whitening
-from memdb_worker.memory import KEY_SCALE, DecodeOptions, Memory, layer_from_tensors, lookup_keys
-from memdb_worker.state import attention_state, merge_states
+from memdb_worker.attend import fused
+from memdb_worker.memory.formats import quantize_keys
+from memdb_worker.memory.keys import KeySpace, LayerQuery, RopeSpec, apply_rope, fit_whitening
+from memdb_worker.memory.memory import (
+    KEY_SCALE,
+    DecodeOptions,
+    Memory,
+    layer_from_tensors,
+    lookup_keys,
+)
+from memdb_worker.memory.state import attention_state, merge_states
 from tests.interpreter import run_interpreted
 
 HAS_CUDA = torch.cuda.is_available()
@@ -279,7 +285,7 @@ def test_supports():
 _IMPORTS = """
 import torch
 from test_worker_fused import make_memory, make_inputs, fused_args, _rel
-from memdb_worker import fused
+from memdb_worker.attend import fused
 """
 
 _INTERPRETER_CASE = r"""
@@ -375,8 +381,8 @@ _INTERPRETER_LOOKUP_BUILD_CASE = r"""
 # no lse-correction extras), through shards, in the kernels, against the worker's torch
 # reference path (Memory.prefix_state + live attention, merged)
 from memdb.shards import decode_shard, encode_shard
-from memdb_worker.builder import BuildOptions, calibrate, cluster
-from memdb_worker.memory import Memory
+from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+from memdb_worker.memory.memory import Memory
 from test_worker_fused import reference_path
 from tiny import LOOKUP, tiny_llama
 
@@ -425,7 +431,7 @@ def test_kernels_under_triton_interpreter():
 def test_kernels_with_lse_correction_under_triton_interpreter():
     code = (
         "from test_worker_fused import reference_path\n"
-        "from memdb_worker.memory import DecodeOptions\n"
+        "from memdb_worker.memory.memory import DecodeOptions\n"
     )
     _run_under_interpreter(code + _INTERPRETER_LSE_CORRECTION_CASE)
 
@@ -532,7 +538,7 @@ def _check_cuda(mem, q, pos, got, ids, want, want_ids):
 
 def _q_pre(mem, q, pos):
     cos, sin = mem.keyspace.rope.cos_sin(pos)
-    from memdb_worker.keys import undo_rope
+    from memdb_worker.memory.keys import undo_rope
 
     return undo_rope(q[:, :, 0].float(), cos[:, None], sin[:, None])
 
@@ -552,7 +558,7 @@ def _sims(fl, q_pre):
 def test_bind_decode_uses_fused_path_and_matches_reference(extras_dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memdb_worker.attention import bind
+    from memdb_worker.attend.attention import bind
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048,

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from memdb_worker.builder import calibrate, cluster
-from memdb_worker.keys import RopeSpec, apply_rope
-from memdb_worker.memory import correct_lse
+from memdb_worker.build.builder import calibrate, cluster
+from memdb_worker.memory.keys import RopeSpec, apply_rope
+from memdb_worker.memory.memory import correct_lse
 from tests.tiny import lookup_options, tiny_llama
 
 VOCAB = 128

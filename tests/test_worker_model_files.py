@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from memdb_worker.model import (
+from memdb_worker.model.loading import (
     NAMED_MODELS,
     QWEN_CODER_05B,
     SplitGGUF,
@@ -81,7 +81,7 @@ def test_qwen_is_a_named_model_of_six_parts():
 def test_qwen_loads_by_name_and_runs_a_forward():
     import torch
 
-    from memdb_worker.model import load_model
+    from memdb_worker.model.loading import load_model
 
     model, tok = load_model("qwen2.5-coder-0.5b")
     cfg = model.config

@@ -1,12 +1,13 @@
-"""Automatic prefix caching (worker/memdb_worker/prefix_cache.py) and its use by the scheduler."""
+"""Automatic prefix caching (worker/memdb_worker/serve/prefix_cache.py) and its use by the
+scheduler."""
 
 from __future__ import annotations
 
 import torch
 
-from memdb_worker.attention import bind
-from memdb_worker.prefix_cache import PrefixCache
-from memdb_worker.scheduler import SamplingParams, Scheduler
+from memdb_worker.attend.attention import bind
+from memdb_worker.serve.prefix_cache import PrefixCache
+from memdb_worker.serve.scheduler import SamplingParams, Scheduler
 from tests.tiny import tiny_llama
 
 VOCAB = 256
@@ -69,7 +70,7 @@ def test_scheduler_with_prefix_cache_generates_the_same_tokens():
 def _generate_ids(model, prompts, params, cache):
     import queue
 
-    from memdb_worker.scheduler import GenerationRequest
+    from memdb_worker.serve.scheduler import GenerationRequest
 
     sched = Scheduler(model, None, max_batch=2, prefix_cache=cache).start()
     out = []

@@ -23,12 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memdb.process import start_server
 from memdb_client import MemdbClient
-from memdb_worker.builder import BuildOptions, build_memory
-from memdb_worker.model import model_fingerprint
-from memdb_worker.process import launch_worker, wait_worker
-from memdb_worker.scheduler import SamplingParams, Scheduler
+from memdb_server.process import start_server
+from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.model.loading import model_fingerprint
+from memdb_worker.serve.process import launch_worker, wait_worker
+from memdb_worker.serve.scheduler import SamplingParams, Scheduler
 from tests.tiny import LOOKUP
 
 pytestmark = pytest.mark.model
@@ -84,7 +84,7 @@ def stack(smollm2, tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMDB_")}
         env.update(MEMDB_SERVER=server.address, MEMDB_API_KEY=reader_key)
         state["generate"] = subprocess.Popen(
-            [sys.executable, "-m", "memdb_worker.cli", "generate", "--memory", NAME,
+            [sys.executable, "-m", "memdb_worker.serve.cli", "generate", "--memory", NAME,
              "--max-tokens", "4", "--threads", "1", "--log-level", "WARNING", prompt],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Shared-prefix (cascade) decode attention (worker/memdb_worker/shared_prefix.py).
+"""Shared-prefix (cascade) decode attention (worker/memdb_worker/attend/shared_prefix.py).
 
 On CPU: the torch form equals one softmax over [prefix ; live] (state.reference_state, float64)
 and the Triton kernels under Triton's interpreter equal the torch form, including a batch that
@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memdb_worker import fused_kernels
-from memdb_worker.shared_prefix import shared_reference
-from memdb_worker.state import reference_state
+from memdb_worker.attend import fused_kernels
+from memdb_worker.attend.shared_prefix import shared_reference
+from memdb_worker.memory.state import reference_state
 from tests.interpreter import run_interpreted
 
 
@@ -55,7 +55,7 @@ def test_torch_form_is_attention_over_prefix_then_live(mask):
 _INTERPRETER = r"""
 import torch
 from test_worker_shared_prefix import make_case, _rel
-from memdb_worker.shared_prefix import SharedConfig, shared_attention, shared_reference
+from memdb_worker.attend.shared_prefix import SharedConfig, shared_attention, shared_reference
 cfg = SharedConfig(block_n=16, prefix_programs_per_sm=1)
 for batch, mask, dtype, live in ((1, False, torch.float32, 37), (3, True, torch.float16, 37),
                                  (40, True, torch.float32, 5)):  # 40 x 4 rows: two chunks
@@ -81,7 +81,7 @@ def test_kernels_under_triton_interpreter():
     [(1, 8192, 512, False), (8, 8192, 300, True), (32, 4096, 77, False), (40, 1000, 64, True)],
 )
 def test_kernels_on_cuda_equal_per_row_sdpa(batch, prefix, live, mask):
-    from memdb_worker.shared_prefix import shared_attention
+    from memdb_worker.attend.shared_prefix import shared_attention
 
     q, pk, pv, k, v, m = make_case(batch, 32, 8, 128, prefix, live, mask, dtype=torch.bfloat16,
                                    device="cuda")  # fmt: skip

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from memdb_worker import state as st
-from memdb_worker.state import (
+from memdb_worker.memory import state as st
+from memdb_worker.memory.state import (
     State,
     aggregate_states,
     attention_state,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bench.quality.protocol import Config, SeedPlan, Task
-from memdb_worker.formats import kv_bytes
+from memdb_worker.memory.formats import kv_bytes
 
 # BuildOptions fields that set a memory's bytes per entry (recorded with each seed)
 MEMORY_FORMAT_FIELDS = ("granularity", "key_dtype", "out_dtype", "lse_correction", "store_q_mean")
@@ -45,7 +45,7 @@ def classify(
     k-th best, so it could only win on the sum if its later tokens beat the others' by that gap.
     Every (example, label) sequence is scored in packed batches (`scoring.score_pairs`).
     """
-    from memdb_worker.scoring import next_token_logprobs, score_pairs
+    from memdb_worker.model.scoring import next_token_logprobs, score_pairs
 
     ctxs = [task.query_ids(row) for row in rows]
     cands = [list(range(len(task.labels)))] * len(rows)
@@ -77,8 +77,8 @@ def fidelity(model, seqs: Sequence[Sequence[int]], memory, exact, ref_logp=None)
     top1_agree and kl (KL(exact || memory) of next-token distributions, nats, mean over tokens).
     `ref_logp` (the exact run's log-probs) can be passed to avoid recomputing it.
     """
-    from memdb_worker.attention import bind
-    from memdb_worker.state import State, merge_states
+    from memdb_worker.attend.attention import bind
+    from memdb_worker.memory.state import State, merge_states
 
     ids, mask = pad(seqs, _device(model))
     valid = mask.bool()
@@ -126,7 +126,7 @@ def _device(model) -> torch.device:
 
 @torch.inference_mode()
 def exact_logp(model, ids, mask, exact) -> torch.Tensor:
-    from memdb_worker.attention import bind
+    from memdb_worker.attend.attention import bind
 
     with bind(model, exact):
         logits = model(ids, attention_mask=mask).logits.float()
@@ -134,21 +134,21 @@ def exact_logp(model, ids, mask, exact) -> torch.Tensor:
 
 
 def build_options(cfg: Config, **over):
-    from memdb_worker.builder import BuildOptions
+    from memdb_worker.build.builder import BuildOptions
 
     kw = {"kmeans_iters": cfg.kmeans_iters, "max_records": cfg.max_records, **cfg.build, **over}
     return BuildOptions(**kw)
 
 
 def decode_options(cfg: Config, **over):
-    from memdb_worker.memory import DecodeOptions
+    from memdb_worker.memory.memory import DecodeOptions
 
     return DecodeOptions(**{**cfg.decode, **over})
 
 
 def run_seed(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int) -> dict:
     """Every method and figure of one seed of one data set."""
-    from memdb_worker.builder import calibrate, cluster
+    from memdb_worker.build.builder import calibrate, cluster
 
     t_seed = time.perf_counter()
     rows = [task.test[i] for i in plan.test]
@@ -268,9 +268,9 @@ def run_append(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int, m
     """Append vs rebuild at budget m: build from the first half of the demonstrations, append the
     second half (`append_chunk`), score both against the seed's test examples and measure their
     fidelity against exact attention over the whole prefix."""
-    from memdb_worker.append import append_chunk
-    from memdb_worker.builder import calibrate, cluster
-    from memdb_worker.memory import Memory
+    from memdb_worker.build.append import append_chunk
+    from memdb_worker.build.builder import calibrate, cluster
+    from memdb_worker.memory.memory import Memory
 
     rows = [task.test[i] for i in plan.test]
     gold = task.gold(rows)
@@ -335,7 +335,7 @@ def encode_long_prefix(
     """The 32K prefix: the already encoded full prefix as first chunk, then the extra
     demonstrations in chunks (at demonstration boundaries), each encoded after the prefix's
     first `sink_tokens` tokens (`prefix.encode_chunk`; 0 = alone, as in the paper)."""
-    from memdb_worker.prefix import ExactPrefix, encode_chunk
+    from memdb_worker.model.prefix import ExactPrefix, encode_chunk
 
     sink = list(first.sink_ids[:sink_tokens])
     if len(sink) < sink_tokens:
@@ -355,7 +355,7 @@ def run_32k(
     """memory_32k of one seed: build from the ~32K prefix at cfg.budget_32k (its chunks' mass
     summed or averaged, `chunk_mass`), score the seed's test examples, and with cfg.icl_32k and
     `icl` ICL over the whole 32K prefix. Returns the fields to merge into the seed's record."""
-    from memdb_worker.builder import calibrate, cluster
+    from memdb_worker.build.builder import calibrate, cluster
 
     rows = [task.test[i] for i in plan.test]
     gold = task.gold(rows)
@@ -404,7 +404,7 @@ def run_32k(
 def icl_over_long_prefix(model, task: Task, plan: SeedPlan, rows, gold) -> dict:
     """ICL over the whole ~32K prefix encoded as one chunk (exact attention; only for a model
     whose context holds it, e.g. Qwen2.5-Coder's 32K): icl_32k and icl_32k_norm."""
-    from memdb_worker.prefix import encode_prefix
+    from memdb_worker.model.prefix import encode_prefix
 
     ids = task.prefix_ids(plan.demos32k)
     context = int(model.config.max_position_embeddings)

@@ -28,7 +28,7 @@ Protocol:
   the chunks' mass averaged (BuildOptions.chunk_mass, structured prompting) — `long_key`.
 - Append vs rebuild (`append_budgets`): a memory built from the first half of the
   demonstrations ("memory_half"), then the second half appended with
-  `memdb_worker.append.append_chunk` ("memory_append", what `memdb-admin prefix append` does),
+  `memdb_worker.build.append.append_chunk` ("memory_append", what `memdb-admin prefix append` does),
   against the memory rebuilt from the whole prefix (memory[M]): accuracy and fidelity, both
   against exact attention over the whole prefix.
 - Fidelity per budget on held-out test sequences (query + gold label): per layer, the relative

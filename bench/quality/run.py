@@ -46,7 +46,7 @@ from bench.quality.summary import (
     rebuild_summary,
     write_json,
 )
-from memdb_worker.prefix import CHUNK_MASSES
+from memdb_worker.model.prefix import CHUNK_MASSES
 
 logger = logging.getLogger("bench.quality")
 
@@ -267,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--append-budgets {cfg.append_budgets} must be among --budgets {cfg.budgets}")
     names = list(cfg.datasets) or list_datasets()
 
-    from memdb_worker.builder import BuildOptions
-    from memdb_worker.memory import DecodeOptions
-    from memdb_worker.model import describe_model, load_model, model_fingerprint
+    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.memory.memory import DecodeOptions
+    from memdb_worker.model.loading import describe_model, load_model, model_fingerprint
 
     model, tok = load_model(args.model, device=args.device, dtype=torch.float32)
     results = {
@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             t = time.perf_counter()
             if seed not in run.exact:  # a resumed seed: encode its full prefix again
-                from memdb_worker.prefix import encode_prefix
+                from memdb_worker.model.prefix import encode_prefix
 
                 ids = run.task.prefix_ids(run.plans[seed].demos)
                 run.exact[seed] = encode_prefix(model, ids, chunk_tokens=len(ids))

@@ -33,9 +33,9 @@ from bench.reliability.memories import FP, Shape, queries_of, tagged_memory
 from bench.reliability.strategies import Hints, message, one_field, shard_blob
 from bench.reliability.tenants import make_tenant
 from memdb.errors import MemdbError
-from memdb.process import ServerProcess, start_server
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.process import ServerProcess, start_server
 
 log = logging.getLogger(__name__)
 

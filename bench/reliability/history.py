@@ -29,8 +29,8 @@ from pathlib import Path
 from bench.reliability.measure import Report
 from bench.reliability.memories import FP, Shape, queries_of, tag_of, tag_of_blobs, tagged_memory
 from memdb.errors import MemdbError, NotFound
-from memdb.process import start_server
 from memdb_client import MemdbClient
+from memdb_server.process import start_server
 
 SHAPE = Shape(layers=3, groups=2, m=64, dk=16, h=2, d=8)
 

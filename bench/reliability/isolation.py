@@ -28,9 +28,9 @@ from bench.reliability.measure import Report
 from bench.reliability.memories import FP, Shape, queries_of, tag_of, tag_of_blobs, tagged_memory
 from bench.reliability.tenants import make_tenant
 from memdb.errors import MemdbError, NotFound
-from memdb.process import start_server
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.process import start_server
 
 SHAPE = Shape(layers=2, groups=1, m=16, dk=8, h=1, d=4)
 TENANTS = ("iso-a", "iso-b", "iso-c")

@@ -1,7 +1,7 @@
 """kill -9 during uploads, updates and deletes; every acknowledged write checked after restart.
 
 One data directory lives through every round. A round starts a server (armed with one
-failpoint of memdb.failpoints, `NAME=crash#N`, or with none), first checks what the previous
+failpoint of memdb_server.failpoints, `NAME=crash#N`, or with none), first checks what the previous
 round left, then runs one writer thread per prefix name (create / update / delete of small
 tagged memories, each op sent only after the previous one was acknowledged) until the server
 dies: at its failpoint, or by SIGKILL from here at a random moment. A writer's op that got no
@@ -33,10 +33,10 @@ import lmdb
 from bench.reliability.measure import Report
 from bench.reliability.memories import FP, Shape, queries_of, tag_of, tag_of_blobs, tagged_memory
 from memdb.errors import MemdbError, NotFound
-from memdb.failpoints import POINTS
-from memdb.process import ServerProcess, start_server
 from memdb_client import MemdbClient
 from memdb_client.types import PrefixInfo
+from memdb_server.failpoints import POINTS
+from memdb_server.process import ServerProcess, start_server
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from bench.reliability.measure import Report, p99_ms, timed_call
 from bench.reliability.memories import FP, Shape, queries_of, tagged_memory
 from bench.reliability.tenants import make_tenant
-from memdb.config import ServerConfig
-from memdb.process import start_server
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.config import ServerConfig
+from memdb_server.process import start_server
 
 # the server settings that bound one tenant's load on the others (recorded with the result)
 ISOLATION_SETTINGS = ("tenant_cpu_share", "tenant_share_burst_s", "share_window_s",

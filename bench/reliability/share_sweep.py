@@ -1,7 +1,8 @@
 """`python -m bench.reliability.share_sweep`: the noisy-neighbour part at several values of the
 server's `tenant_cpu_share`, each repeated, into bench/results/neighbour_shares.json.
 
-What the default of `tenant_cpu_share` (memdb.config) is chosen from: for each share, the other
+What the default of `tenant_cpu_share` (memdb_server.config) is chosen from: for each share, the
+other
 tenant's p99 ratio (the issue's figure), the idle bystander server's ratio (the machine's floor)
 and how many heavy Lookups the noisy tenant still got through. Knows nothing of how the server
 applies the share.

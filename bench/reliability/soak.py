@@ -19,8 +19,8 @@ from pathlib import Path
 from bench.reliability.measure import Report, p99_ms, rss_mb
 from bench.reliability.memories import FP, Shape, queries_of, tagged_memory
 from memdb.errors import MemdbError
-from memdb.process import start_server
 from memdb_client import MemdbClient
+from memdb_server.process import start_server
 
 SHAPE = Shape(layers=2, groups=2, m=256, dk=32, h=2, d=8)
 NAMES = ("s0", "s1", "s2")

@@ -5,7 +5,7 @@ when a build runs, so the client-only install still runs every other command. Er
 can fix (no model there, budget too large, a memory of another model) raise `BuildError` with
 one line.
 
-Appending is `memdb_worker.append.append_chunk` (the composability of attention states).
+Appending is `memdb_worker.build.append.append_chunk` (the composability of attention states).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _FINGERPRINTS: dict[int, str] = {}
 def require_worker() -> None:
     """Import the worker (torch, transformers); BuildError if the extra is not installed."""
     try:
-        import memdb_worker.builder  # noqa: F401
+        import memdb_worker.build.builder  # noqa: F401
     except ImportError as exc:
         raise BuildError(
             f"building a memory needs the worker extra ({exc.name or exc} is missing): "
@@ -42,7 +42,7 @@ def load_model(path: str, device: str, dtype: str | None):
     require_worker()
     import torch
 
-    from memdb_worker import model as wm
+    from memdb_worker.model import loading as wm
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BuildError(f"--device {device}: CUDA is not available on this machine; use cpu")
@@ -66,7 +66,7 @@ def set_threads(n: int) -> None:
 
 
 def fingerprint(model) -> str:
-    from memdb_worker.model import model_fingerprint
+    from memdb_worker.model.loading import model_fingerprint
 
     if id(model) not in _FINGERPRINTS:
         _FINGERPRINTS[id(model)] = model_fingerprint(model)
@@ -76,7 +76,7 @@ def fingerprint(model) -> str:
 def option_names() -> list[str]:
     """The fields of the builder's BuildOptions (for the CLI's --help and checks)."""
     require_worker()
-    from memdb_worker.builder import BuildOptions
+    from memdb_worker.build.builder import BuildOptions
 
     return [f.name for f in fields(BuildOptions)]
 
@@ -84,7 +84,7 @@ def option_names() -> list[str]:
 def make_options(**kwargs):
     """BuildOptions from CLI values (None = the builder's default)."""
     require_worker()
-    from memdb_worker.builder import BuildOptions
+    from memdb_worker.build.builder import BuildOptions
 
     given = {k: v for k, v in kwargs.items() if v is not None}
     try:
@@ -104,7 +104,7 @@ class Tokenized:
 
 
 def tokenize(tokenizer, prefix: str, traces: Sequence[str]) -> Tokenized:
-    from memdb_worker.builder import tokenize_prefix, tokenize_traces
+    from memdb_worker.build.builder import tokenize_prefix, tokenize_traces
 
     ids = tokenize_prefix(tokenizer, prefix)
     trace_ids = tokenize_traces(tokenizer, traces)
@@ -139,7 +139,7 @@ def prefill_chunks(
     model, tokens: int, chunk_tokens: int | None, sink_tokens: int = 0
 ) -> tuple[int, int]:
     """(number of chunks, chunk size) the prefix will be encoded in (as `encode_prefix`)."""
-    from memdb_worker.prefix import default_chunk_tokens
+    from memdb_worker.model.prefix import default_chunk_tokens
 
     size = chunk_tokens or default_chunk_tokens(model)
     if tokens <= size:
@@ -149,7 +149,7 @@ def prefill_chunks(
 
 def build(model, tokenizer, tok: Tokenized, budget: int, options, progress: bool):
     """Calibrate and cluster (the builder's own progress bars); returns its BuiltMemory."""
-    from memdb_worker.builder import build_memory
+    from memdb_worker.build.builder import build_memory
 
     try:
         return build_memory(model, tokenizer, tok.prefix, tok.traces, budget, options, progress)
@@ -192,7 +192,7 @@ def server_params(metadata: dict[str, str], extra: dict[str, Any]) -> dict[str, 
 def append_chunk(model, tokenizer, shards: Sequence[Shard], text, **kwargs):
     """The worker's `append.append_chunk`, with its errors as BuildError (one line)."""
     require_worker()
-    from memdb_worker.append import append_chunk as _append
+    from memdb_worker.build.append import append_chunk as _append
 
     try:
         return _append(model, tokenizer, shards, text, **kwargs)

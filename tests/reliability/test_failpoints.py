@@ -1,4 +1,4 @@
-"""memdb.failpoints: the MEMDB_FAILPOINTS grammar, when a point acts, and that every named
+"""memdb_server.failpoints: the MEMDB_FAILPOINTS grammar, when a point acts, and that every named
 point is marked in the write path."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from memdb import failpoints
-from memdb.failpoints import Failpoint, parse
+from memdb_server import failpoints
+from memdb_server.failpoints import Failpoint, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ def test_probability_acts_on_about_that_share_of_hits(monkeypatch):
 
 def test_crash_kills_the_process_with_sigkill_at_the_nth_hit():
     code = (
-        "from memdb import failpoints\nfor i in range(5):\n    print(i, flush=True)\n"
+        "from memdb_server import failpoints\nfor i in range(5):\n    print(i, flush=True)\n"
         "    failpoints.hit('before_commit')\n"
     )
     env = {"MEMDB_FAILPOINTS": "before_commit=crash#3", "PYTHONPATH": str(ROOT)}
@@ -80,6 +80,9 @@ def test_crash_kills_the_process_with_sigkill_at_the_nth_hit():
 
 
 def test_every_failpoint_is_marked_in_the_write_path():
-    source = "".join((ROOT / "memdb" / f).read_text() for f in ("storage.py", "admin_service.py"))
+    source = "".join(
+        (ROOT / "server" / "memdb_server" / f).read_text()
+        for f in ("storage.py", "admin_service.py")
+    )
     marked = re.findall(r'failpoints\.hit\("(\w+)"\)', source)
     assert sorted(marked) == sorted(failpoints.POINTS)

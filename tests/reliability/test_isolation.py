@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from bench.reliability import isolation
 from bench.reliability.isolation import IsolationReport, revoked_watch
-from memdb.process import server_process
 from memdb_client import MemdbClient
+from memdb_server.process import server_process
 
 
 def test_no_tenant_sees_alters_or_learns_of_another_tenants_prefixes(tmp_path):

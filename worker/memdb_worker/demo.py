@@ -26,14 +26,14 @@ from pathlib import Path
 import httpx
 import torch
 
-from memdb.process import start_server
 from memdb_client import MemdbClient
-from memdb_worker.builder import BuildOptions, calibrate, cluster
-from memdb_worker.formats import kv_bytes
-from memdb_worker.memory import Memory
-from memdb_worker.model import load_model, model_fingerprint
-from memdb_worker.process import WorkerProcess, launch_worker, wait_worker
-from memdb_worker.scoring import next_token_logprobs
+from memdb_server.process import start_server
+from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+from memdb_worker.memory.formats import kv_bytes
+from memdb_worker.memory.memory import Memory
+from memdb_worker.model.loading import load_model, model_fingerprint
+from memdb_worker.model.scoring import next_token_logprobs
+from memdb_worker.serve.process import WorkerProcess, launch_worker, wait_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("MEMDB_DATA", ROOT.parent / "shared" / "data"))

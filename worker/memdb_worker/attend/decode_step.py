@@ -1,0 +1,290 @@
+"""A static-cache decode step of a Llama-style transformers model, captured in CUDA graphs.
+
+`StaticDecoder(model, max_batch, max_live, source)` holds a static KV cache of the live tokens
+([layers, max_batch, Hkv, max_live, d], rows are slots) and runs one decode step for the first
+`b` slots with the model's own modules (embedding, RMSNorms, projections, rotary embedding, MLP,
+LM head), so it computes what `model(...)` computes, without transformers' per-call Python work
+(mask construction, cache bookkeeping, `torch.cat` of a DynamicCache). Attention per source:
+
+- None (neither): SDPA over the slot's live KV (the heads of a KV group folded into the query
+  dimension, a boolean mask of the slot's length);
+- a `memory.Memory`: the fused path (`fused.memory_attention`: lookup, live attention, merge) on
+  CUDA, its torch form `fused.decode_reference` elsewhere; memories the kernels do not cover take
+  the reference path (`Memory.prefix_state` merged with the live state);
+- an `prefix.ExactPrefix` (the full prefix, prefix-cached: its KV computed once and shared by
+  every slot): shared-prefix attention (`shared_prefix.shared_attention`: the prefix KV read once
+  for the batch) on CUDA, `shared_prefix.shared_reference` elsewhere.
+
+The step samples inside (greedy where a slot's temperature is 0, else Gumbel-max sampling at its
+temperature with the device's default generator: per-request seeds and top_p are not applied
+here), writes the sampled token as the slot's next input and advances its length, so that
+`graph(b)` captures the whole step for a batch bucket (1, 2, 4, 8, 16, 32) and consecutive
+replays need no host work but reading the sampled tokens. Rows fewer than the bucket are padded
+(slots past the active ones run on whatever they hold; their results are ignored).
+
+`prefill(slots, prompts, temperatures)` runs the prompts through the model bound to the source
+(`attention.bind`, live positions after the prefix) and copies their KV into the slots.
+
+This module knows the Llama decoder layout and the attention sources; nothing of requests,
+HTTP or scheduling. Not thread-safe (one thread drives a decoder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from memdb_worker.attend import fused
+from memdb_worker.attend.attention import LivePositions, bind
+from memdb_worker.attend.shared_prefix import shared_attention, shared_reference
+from memdb_worker.memory.keys import LayerQuery, RopeSpec
+from memdb_worker.memory.memory import Memory
+from memdb_worker.memory.state import attention_state, merge_states
+from memdb_worker.model.prefix import ExactPrefix
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def bucket(n: int, buckets: Sequence[int] = BUCKETS) -> int:
+    """The smallest batch bucket that holds n rows."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} rows exceed the largest bucket {buckets[-1]}")
+
+
+class StaticDecoder:
+    """Static KV cache + one decode step (eager or CUDA-graphed) for one attention source."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_batch: int,
+        max_live: int,
+        source: Memory | ExactPrefix | None = None,
+        *,
+        live_positions: LivePositions = "after_prefix",
+        use_fused: bool | None = None,
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.source = source
+        self.live_positions: LivePositions = live_positions
+        self.layers = list(model.model.layers)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        shape = (len(self.layers), max_batch, self.kv_heads, max_live, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        z = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.lengths, self.tokens, self.next = z.clone(), z.clone(), z.clone()
+        self.temps = torch.zeros(max_batch, dtype=torch.float32, device=self.device)
+        self.host_lengths = [0] * max_batch
+        self.max_batch, self.max_live = max_batch, max_live
+        self.offset = 0
+        if source is not None and live_positions == "after_prefix":
+            self.offset = int(source.prefix_length)
+        self.rope = RopeSpec.from_model(model)
+        self.inv_freq = self.rope.inv_freq.to(self.device)
+        cuda = self.device.type == "cuda" and fused.HAVE_TRITON
+        self.fused = cuda if use_fused is None else bool(use_fused)
+        self.fls = None
+        if isinstance(source, Memory):
+            source.check_model(model)
+            if fused.supports(source):
+                self.fls = [fused.prepare_layer(source, i) for i in range(len(self.layers))]
+        if isinstance(source, ExactPrefix):
+            self.pk = [k.to(self.device, self.dtype) for k in source.keys]
+            self.pv = [v.to(self.device, self.dtype) for v in source.values]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        temperatures: Sequence[float] | None = None,
+        pad_id: int = 0,
+    ) -> torch.Tensor:
+        """Run the prompts (one batch, left-padded) bound to the source, copy each one's KV into
+        its slot; returns the logits of their last tokens [n, V] float32 (the caller samples the
+        first token and sets it with `set_tokens`)."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1 or max(lengths) >= self.max_live:
+            raise ValueError(f"prompts of {lengths} tokens do not fit {self.max_live} live slots")
+        n, width = len(prompts), max(lengths)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - lengths[i] :] = torch.tensor(list(p))
+            mask[i, width - lengths[i] :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.model.config)
+        with bind(self.model, self.source, live_positions=self.live_positions):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                             use_cache=True, logits_to_keep=1)  # fmt: skip
+        for layer, lay in enumerate(cache.layers):
+            for i, (slot, t) in enumerate(zip(slots, lengths, strict=True)):
+                self.k[layer, slot, :, :t] = lay.keys[i, :, width - t :]
+                self.v[layer, slot, :, :t] = lay.values[i, :, width - t :]
+        temps = temperatures or [0.0] * n
+        for slot, t, temp in zip(slots, lengths, temps, strict=True):
+            self.lengths[slot] = t
+            self.host_lengths[slot] = t
+            self.temps[slot] = float(temp)
+        return out.logits[:, -1, :].float()
+
+    def set_tokens(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
+        """The next input token of each slot (the first sampled one after a prefill)."""
+        idx = torch.tensor(list(slots), device=self.device)
+        self.tokens[idx] = torch.tensor(list(tokens), device=self.device)
+
+    @torch.inference_mode()
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep the slots at these increasing indices, moved down to slots [0, len(keep))."""
+        for i, j in enumerate(keep):
+            if j < i or (i and j <= keep[i - 1]):
+                raise ValueError(f"slots to keep must increase: {list(keep)}")
+            if i != j:
+                self.k[:, i] = self.k[:, j]
+                self.v[:, i] = self.v[:, j]
+                for x in (self.lengths, self.tokens, self.next, self.temps):
+                    x[i] = x[j]
+                self.host_lengths[i] = self.host_lengths[j]
+        self.free(len(keep))
+
+    @torch.inference_mode()
+    def free(self, first: int = 0) -> None:
+        """Slots [first, max_batch) hold no row: empty them, as in a new decoder (padding
+        slots of a bucket then never reach max_live before the rows do)."""
+        self.lengths[first:] = 0
+        for i in range(first, len(self.host_lengths)):
+            self.host_lengths[i] = 0
+
+    # -- the step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, batch: int, graphed: bool = False) -> torch.Tensor:
+        """One decode step of slots [0, batch): returns their sampled tokens [batch] (a view of
+        a static buffer, valid until the next step)."""
+        if max(self.host_lengths[:batch]) >= self.max_live:
+            raise ValueError(f"a slot is full ({self.max_live} live tokens)")
+        if graphed:
+            self.graph(batch).replay()
+        else:
+            self._step(batch)
+        for i in range(batch):
+            self.host_lengths[i] += 1
+        return self.next[:batch]
+
+    def graph(self, batch: int) -> torch.cuda.CUDAGraph:
+        """The CUDA graph of `step(batch)` (captured on first use; state is left as it was)."""
+        g = self.graphs.get(batch)
+        if g is not None:
+            return g
+        saved = [x.clone() for x in (self.lengths, self.tokens, self.next)]
+
+        def restore():
+            for x, y in zip((self.lengths, self.tokens, self.next), saved, strict=True):
+                x.copy_(y)
+
+        with torch.inference_mode():
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):  # compile kernels, settle allocations
+                    self._step(batch)
+                    restore()
+            torch.cuda.current_stream().wait_stream(s)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                self._step(batch)
+            restore()
+        self.graphs[batch] = g
+        return g
+
+    def _step(self, b: int) -> None:
+        logits = self._forward(b)
+        nxt = self._sample(logits, self.temps[:b])
+        self.next[:b].copy_(nxt)
+        self.tokens[:b].copy_(nxt)
+        self.lengths[:b] += 1
+
+    def _forward(self, b: int) -> torch.Tensor:
+        """Logits [b, V] (float32) of the slots' next tokens; writes their K/V at their length."""
+        h, hkv, d = self.heads, self.kv_heads, self.head_dim
+        lens = self.lengths[:b]
+        pos = lens + self.offset  # RoPE positions of the new tokens [b]
+        x = self.model.model.embed_tokens(self.tokens[:b]).unsqueeze(1)  # [b, 1, hidden]
+        cos, sin = self.model.model.rotary_emb(x, pos.view(b, 1))  # [b, 1, d]
+        live = torch.arange(self.max_live, device=self.device).view(1, -1)
+        mask = live <= lens.view(b, 1)  # [b, S]: the slot's tokens and the new one
+        rows = torch.arange(b, device=self.device)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            a = layer.input_layernorm(x)
+            q = attn.q_proj(a).view(b, 1, h, d).transpose(1, 2)  # [b, H, 1, d]
+            k = attn.k_proj(a).view(b, 1, hkv, d).transpose(1, 2)  # [b, Hkv, 1, d]
+            v = attn.v_proj(a).view(b, 1, hkv, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kc, vc = self.k[i, :b], self.v[i, :b]  # [b, Hkv, S, d]
+            kc[rows, :, lens] = k[:, :, 0]
+            vc[rows, :, lens] = v[:, :, 0]
+            o = self._attend(i, q, kc, vc, mask, pos, float(attn.scaling))  # [b, 1, H, d]
+            x = x + attn.o_proj(o.reshape(b, 1, h * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.model.model.norm(x))[:, 0].float()
+
+    def _attend(self, layer, q, kc, vc, mask, pos, scale) -> torch.Tensor:
+        """Attention of q [b, H, 1, d] over the source and the live KV: [b, 1, H, d]."""
+        src = self.source
+        if src is None:
+            b, h, _, d = q.shape
+            qg = q.reshape(b, self.kv_heads, h // self.kv_heads, d)  # a KV group's heads as rows
+            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask.view(b, 1, 1, -1),
+                                               scale=scale)  # fmt: skip
+            return o.reshape(b, 1, h, d)
+        if isinstance(src, ExactPrefix):
+            pk, pv = self.pk[layer], self.pv[layer]
+            if self.fused:
+                return shared_attention(q, pk, pv, kc, vc, mask, scale)
+            return shared_reference(q, pk, pv, kc, vc, mask, scale)
+        if self.fls is not None:
+            mask4 = mask.view(mask.shape[0], 1, 1, -1)
+            args = (q, kc, vc, mask4, pos, self.fls[layer], self.inv_freq,
+                    self.rope.attention_scaling, scale, fused.lse_bias(src, layer))  # fmt: skip
+            if self.fused:
+                return fused.memory_attention(*args, lse_correction=src.lse_corrected)
+            return fused.decode_reference(*args, lse_correction=src.lse_corrected)[0]
+        lq = LayerQuery(layer, q, pos.view(-1, 1), scale, self.rope, self.kv_heads)
+        live = attention_state(q, kc, vc, scale, mask.view(mask.shape[0], 1, 1, -1))
+        merged = merge_states(live, src.prefix_state(lq))
+        return merged.out.to(q.dtype).transpose(1, 2)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+        """Greedy where temps == 0, else Gumbel-max sampling at the temperature: [b] long."""
+        greedy = logits.argmax(dim=-1)
+        u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+        gumbel = -torch.log(-torch.log(u))
+        sampled = (logits / temps.clamp_min(1e-6).unsqueeze(-1) + gumbel).argmax(dim=-1)
+        return torch.where(temps > 0, sampled, greedy)
+
+
+__all__ = ["BUCKETS", "StaticDecoder", "bucket"]

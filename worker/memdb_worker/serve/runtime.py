@@ -1,0 +1,178 @@
+"""One worker process: the model, its memory cache, the scheduler, metrics, and serving them.
+
+`WorkerRuntime.create(config)` loads the model (or takes a loaded one), computes its
+fingerprint, connects the memory cache to the memdb server (it reconnects by itself) and starts
+the scheduler thread. `serve(config)` runs the HTTP API (`api.create_app`) with uvicorn on
+`config.listen` (port 0 picks a free port), writes the ready file `{address, port}` once it
+accepts connections, and shuts down gracefully on SIGTERM / SIGINT.
+
+This module wires the parts; it knows nothing of HTTP shapes or decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memdb.errors import NotFound, Unavailable
+from memdb_client import MemdbClient
+from memdb_worker.model.loading import LoadedModel, load_model, model_fingerprint
+from memdb_worker.serve.cache import MemoryCache, Source
+from memdb_worker.serve.config import WorkerConfig
+from memdb_worker.serve.metrics import WorkerMetrics
+from memdb_worker.serve.prefix_cache import PrefixCache
+from memdb_worker.serve.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    config: WorkerConfig
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    model_id: str
+    cache: MemoryCache
+    scheduler: Scheduler
+    metrics: WorkerMetrics
+    started_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def create(
+        cls, config: WorkerConfig, loaded: LoadedModel | None = None, *, watch: bool = True
+    ) -> WorkerRuntime:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        t0 = time.perf_counter()
+        if loaded is None:
+            loaded = load_model(config.model, config.device, config.dtype or None)
+        model, tokenizer = loaded
+        fingerprint = model_fingerprint(model)
+        logger.info("model ready in %.1f s, fingerprint %s", time.perf_counter() - t0, fingerprint)
+        key = config.api_key.get_secret_value()
+
+        def client() -> MemdbClient:
+            return MemdbClient(config.server, key, tls=config.tls, timeout=30.0)
+
+        cache = MemoryCache(
+            client,
+            fingerprint,
+            device=config.device,
+            budget_bytes=config.cache_bytes,
+            mode=config.memory_mode,
+            watch=watch,
+            reconnect_max_s=config.reconnect_max_s,
+            lookup_timeout=config.lookup_timeout_s,
+        ).start()
+        scheduler = Scheduler(
+            model,
+            tokenizer,
+            max_batch=config.max_batch,
+            batch_wait_s=config.batch_wait_ms / 1000,
+            live_positions=config.live_positions,
+            prefix_cache=PrefixCache(
+                model, config.prefix_cache_bytes, min_tokens=config.prefix_cache_min_tokens
+            ),
+            static_live=config.static_live_tokens,
+        ).start()
+        metrics = WorkerMetrics(cache.stats, lambda: scheduler.stats)
+        return cls(config, model, tokenizer, fingerprint, _model_id(config), cache, scheduler,
+                   metrics)  # fmt: skip
+
+    def resolve(self, name: str) -> Source:
+        """The state source of memory `name` (raises memdb errors: NotFound, ...)."""
+        try:
+            return self.cache.get(name)
+        except NotFound as exc:
+            raise NotFound(
+                f"memory '{name}' does not exist for this worker's tenant on the memdb server at "
+                f"{self.config.server} ({exc}); list memories with `memdb-admin prefix list`"
+            ) from None
+        except Unavailable as exc:
+            raise Unavailable(
+                f"memory '{name}' is unavailable: the memdb server at {self.config.server} "
+                f"cannot be reached ({exc}); requests without a memory are still served"
+            ) from None
+
+    def health(self) -> dict[str, Any]:
+        c = self.cache.stats()
+        return {
+            "status": "ok",
+            "model": self.model_id,
+            "model_fingerprint": self.fingerprint,
+            "device": str(self.config.device),
+            "memdb_server": {"address": self.config.server, "connected": c.connected},
+            "memory_mode": self.cache.mode,
+            "cache": {
+                "memories": self.cache.versions(),
+                "bytes": c.bytes,
+                "budget_bytes": c.budget_bytes,
+            },
+            "queued": self.scheduler.stats.queued,
+        }
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.cache.close()
+
+
+def _model_id(config: WorkerConfig) -> str:
+    if config.model_name:
+        return config.model_name
+    if config.model == "default":
+        return "SmolLM2-135M-Instruct"
+    return Path(config.model).name.removesuffix(".gguf")
+
+
+def serve(config: WorkerConfig, loaded: LoadedModel | None = None) -> None:
+    """Run the HTTP API until SIGTERM / SIGINT."""
+    import uvicorn
+
+    from memdb_worker.serve.api import create_app
+
+    rt = WorkerRuntime.create(config, loaded)
+    host, _, port = config.listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(rt), log_level=config.log_level.lower(), access_log=False, lifespan="off"
+        )
+    )
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.02)
+        if server.started:
+            address = f"{host}:{bound}"
+            print(f"memdb-worker serving http://{address} (model {rt.model_id})", flush=True)
+            if config.ready_file is not None:
+                tmp = Path(f"{config.ready_file}.tmp{os.getpid()}")
+                tmp.write_text(json.dumps({"address": address, "port": bound, "pid": os.getpid()}))
+                tmp.replace(config.ready_file)
+
+    threading.Thread(target=announce, name="memdb-announce", daemon=True).start()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler: make
+    # that one a normal exit, so the finally block below runs and the exit code is 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        rt.close()
+        logger.info("memdb-worker stopped")

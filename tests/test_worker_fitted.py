@@ -12,6 +12,7 @@ import torch
 
 from memdb.shards import decode_shard, encode_shard
 from memdb_worker.attend.attention import bind
+from memdb_worker.build import fitting
 from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.memory import fitted
 from memdb_worker.memory.memory import DecodeOptions, Memory
@@ -51,7 +52,7 @@ def test_fitted_state_is_attention_with_the_bias_added_to_the_scores():
 def test_every_prefix_key_kept_is_exact_attention():
     k, v, q = _rand(12, 8, seed=1), _rand(12, 8, seed=2), _rand(30, 8, seed=3)
     exact = attention_state(q[None, None], k[None, None], v[None, None], 0.35)
-    keys, values, bias = fitted.fit_group(k, v, q, exact.out[0, 0], exact.lse[0, 0], 12, 0.35)
+    keys, values, bias = fitting.fit_group(k, v, q, exact.out[0, 0], exact.lse[0, 0], 12, 0.35)
     st = fitted.fitted_state(q[None, None], keys[None], values[None], bias[None], 0.35)
     torch.testing.assert_close(st.out, exact.out)
     torch.testing.assert_close(st.lse, exact.lse)
@@ -74,7 +75,7 @@ def test_biases_and_values_are_fitted_to_the_keys_as_stored():
 
     errs = {}
     for name, stored in (("stored", coarse), ("float", None)):
-        keys, values, bias = fitted.fit_group(k, v, q, exact.out[0, 0], exact.lse[0, 0], 32,
+        keys, values, bias = fitting.fit_group(k, v, q, exact.out[0, 0], exact.lse[0, 0], 32,
                                               0.25, stored=stored)  # fmt: skip
         if stored is not None:
             assert torch.equal(keys, coarse(keys))  # the keys returned are the stored ones
@@ -91,15 +92,15 @@ def test_values_solve_the_ridge_least_squares_in_any_row_blocks(monkeypatch):
     lam = 0.1 * 50 / 7
     want = torch.linalg.solve(p.T @ p + lam * torch.eye(7, dtype=torch.float64),
                               p.T @ out.double() + lam * prior.double())  # fmt: skip
-    monkeypatch.setattr(fitted, "ROW_BLOCK", 8)  # 7 blocks, the last one short
-    got = fitted.fit_values(q, out, keys, bias, prior, 0.4, ridge=0.1)
+    monkeypatch.setattr(fitting, "ROW_BLOCK", 8)  # 7 blocks, the last one short
+    got = fitting.fit_values(q, out, keys, bias, prior, 0.4, ridge=0.1)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_values_of_states_made_by_known_rows_are_recovered():
     q, keys, values = _rand(200, 6, seed=1), _rand(5, 6, seed=2), _rand(5, 4, seed=3)
     out = torch.softmax(0.5 * q @ keys.T, -1) @ values
-    got = fitted.fit_values(q, out, keys, torch.zeros(5), torch.zeros(5, 4), 0.5, ridge=0.0)
+    got = fitting.fit_values(q, out, keys, torch.zeros(5), torch.zeros(5, 4), 0.5, ridge=0.0)
     torch.testing.assert_close(got, values, rtol=1e-4, atol=1e-4)
 
 
@@ -107,7 +108,7 @@ def test_biases_carry_the_mass_of_keys_left_out():
     # every key twice in the prefix: half of them with bias log 2 is the same attention
     q, keys = _rand(300, 6, seed=1), _rand(8, 6, seed=2)
     lse = torch.logsumexp(0.5 * q @ keys.T + math.log(2.0), -1)
-    bias = fitted.fit_biases(q, lse, keys, 0.5, steps=300, lr=0.05)
+    bias = fitting.fit_biases(q, lse, keys, 0.5, steps=300, lr=0.05)
     torch.testing.assert_close(bias, torch.full((8,), math.log(2.0)), rtol=0, atol=0.02)
 
 
@@ -116,9 +117,9 @@ def test_the_keys_kept_are_those_the_queries_attend_most():
     q = 0.3 * _rand(40, 6, seed=1) + 2 * u
     keys = _rand(10, 6, seed=2)
     keys[3] = 3 * u  # every query's favourite
-    mass = fitted.attention_mass(q, keys, 0.5)
+    mass = fitting.attention_mass(q, keys, 0.5)
     torch.testing.assert_close(mass.sum(), torch.tensor(40.0))
-    k_sel, _, _ = fitted.fit_group(keys, _rand(10, 4, seed=3), q, _rand(40, 4, seed=4),
+    k_sel, _, _ = fitting.fit_group(keys, _rand(10, 4, seed=3), q, _rand(40, 4, seed=4),
                                    torch.zeros(40), 1, 0.5)  # fmt: skip
     torch.testing.assert_close(k_sel[0], keys[3])
 
@@ -288,7 +289,7 @@ def test_the_builder_fits_to_the_stored_keys_unless_told_not_to(tiny, monkeypatc
 
     def spy(*args, stored=None, **kw):
         seen.append(stored)
-        return fitted.fit_group(*args, stored=stored, **kw)
+        return fitting.fit_group(*args, stored=stored, **kw)
 
     monkeypatch.setattr(builder, "fit_group", spy)
     opts = BuildOptions(key_dtype="float8_e4m3fn", fit_stored_keys=fit_stored_keys)
@@ -312,7 +313,7 @@ def test_the_builder_warms_the_solver_before_fitting_layers_in_threads(tiny, mon
 
     def spy(*args, **kw):
         calls.append(("fit", threading.current_thread() is threading.main_thread()))
-        return fitted.fit_group(*args, **kw)
+        return fitting.fit_group(*args, **kw)
 
     monkeypatch.setattr(builder, "fit_group", spy)
     build_memory(tiny, None, PREFIX, _traces(4, 10, 13), budget=8, progress=False)

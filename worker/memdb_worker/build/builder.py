@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from memdb.shards import Shard
 from memdb_worker.build.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
+from memdb_worker.build.fitting import fit_group, warm_solver
 from memdb_worker.build.options import CALIBRATION_FIELDS, BuildOptions, EntryState
-from memdb_worker.memory.fitted import fit_group, warm_solver
 from memdb_worker.memory.formats import keys_as_stored, quantize_keys, to_numpy
 from memdb_worker.memory.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
 from memdb_worker.memory.memory import DecodeOptions, Memory, lookup_keys
@@ -286,7 +286,7 @@ def _fit_layer(
     meta: dict[str, str],
     cos_sin: tuple[torch.Tensor, torch.Tensor],
 ) -> Shard:
-    """Fitted rows of every KV head of a layer (`fitted.fit_group`): keys [Hkv, M, d], values
+    """Fitted rows of every KV head of a layer (`fitting.fit_group`): keys [Hkv, M, d], values
     as out [Hkv, M, 1, d], biases as lse [Hkv, M, 1]; cos_sin: the records' RoPE [N, d]."""
     pre = calib.prefix
     hkv, d = calib.num_kv_heads, calib.head_dim

@@ -77,7 +77,7 @@ def main(ctx: click.Context, **flags: Any) -> None:
 @click.pass_context
 def serve(ctx: click.Context, **flags: Any) -> None:
     """Serve the HTTP API (the default command)."""
-    from memdb_worker.serve.runtime import serve as run
+    from memdb_worker.serve.http import serve as run
 
     run(_config(ctx, flags))
 

@@ -11,7 +11,7 @@ from tests.interpreter import run_interpreted
 
 _SMOKE = r"""
 import torch
-from bench import attention as A, attention_step as S
+from bench.attention import cases as A, step as S
 A.DEVICE = "cpu"
 A.ACT = torch.float16  # the interpreter mishandles bf16 tensors
 A.H, A.HKV, A.D, A.LIVE = 4, 2, 16, 8
@@ -24,7 +24,7 @@ A.check(results, fmts, m=64, n=96, batches=(1, 3))
 assert all(c["ids_equal"] == 1.0 and c["rel_err_vs_torch_form"] < 1e-2 for c in results["checks"]
            if "ids_equal" in c and "bf16" not in c["memory_format"]), results
 assert all(c["shared_rel_err"] < 1e-2 for c in results["checks"] if "shared_rel_err" in c)
-from bench import attention_tune as T
+from bench.attention import tune as T
 shared = T.tune_shared(results, [1, 3], quick=True, n=96)
 A.layer_rows(results, 1e12, {}, [96], [32], [1, 3], fmts, shared)
 S.step_rows(results, 1e12, {}, [96], [32], [1, 3], fmts[:2], shared)

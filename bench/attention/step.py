@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import attention as A
+from bench.attention import cases as A
 
 HIDDEN, INTER, VOCAB, LAYERS = 4096, 14336, 128256, 32
 KV_BUDGET = 36e9  # bytes of KV cache the step benchmark allocates at most

@@ -4,7 +4,7 @@ the shared-prefix kernels' `SharedConfig` per batch (`tune_shared`)."""
 
 from __future__ import annotations
 
-from bench import attention as A
+from bench.attention import cases as A
 
 
 def tune(results: dict, quick: bool) -> dict:

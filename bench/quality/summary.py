@@ -108,7 +108,7 @@ def dataset_summary(
 def kv_bytes_per_token(rec: dict) -> int:
     """Bytes of one prefix token's KV in bfloat16 for a per-seed record: recorded as
     "kv_bytes_per_token", or (records written before it) half the float32 KV bytes of the
-    prefix ("kv_prefix", ExactPrefix.nbytes) per prefix token."""
+    prefix ("kv_prefix", PrefixKV.nbytes) per prefix token."""
     if "kv_bytes_per_token" in rec:
         return int(rec["kv_bytes_per_token"])
     kv32 = next(iter(rec["bytes"].values()))["kv_prefix"]
@@ -332,9 +332,9 @@ def bytes_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(results: dict) -> str:
-    """The README tables: accuracy at equal bytes (primary), then accuracy (mean ± std over
-    seeds) per method and budget M (secondary: equal count, not equal bytes), then fidelity."""
+def count_table(results: dict) -> str:
+    """Accuracy (mean ± std over seeds) per method and budget M: the count-equal view (M tokens
+    vs M entries or rows; not equal bytes)."""
 
     def f(r: dict, key: str, m: str | None = None) -> str:
         v = r.get(key) if m is None else r.get(key, {}).get(m)
@@ -344,30 +344,46 @@ def markdown_table(results: dict) -> str:
         sp = sp.get(m, {}) if m is not None else sp
         return f"{v:.3f}" + (f" ± {sp['std']:.3f}" if "std" in sp else "")
 
-    names = list(results["datasets"])
-    ms = sorted({m for r in results["datasets"].values() for m in r["icl"]}, key=int)
+    ms = _budgets(results)
     head = (
         "| data set | n | zero-shot | "
         + " | ".join([f"ICL@{m} | memory@{m}" for m in ms] + ["ICL full", "memory 32K"])
         + " |"
     )
-    lines = [bytes_table(results), "", "Count-equal view (M tokens vs M entries; not equal bytes):"]
-    lines += ["", head, "|" + "---|" * (3 + 2 * len(ms) + 2)]
-    for name in names:
-        r = results["datasets"][name]
+    lines = [head, "|" + "---|" * (3 + 2 * len(ms) + 2)]
+    for name, r in results["datasets"].items():
         cells = [name, str(r["n_test"]), f(r, "zero_shot")]
         for m in ms:
             cells += [f(r, "icl", m), f(r, "memory", m)]
         cells += [f(r, "icl_full"), f(r, "memory_32k")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| data set | " + " | ".join(f"M={m}: rel err / top-1 / KL" for m in ms) + " |"]
+    return "\n".join(lines)
+
+
+def fidelity_table(results: dict) -> str:
+    """Fidelity per data set and budget M: relative error / top-1 agreement / KL."""
+    ms = _budgets(results)
+    lines = ["| data set | " + " | ".join(f"M={m}: rel err / top-1 / KL" for m in ms) + " |"]
     lines.append("|" + "---|" * (1 + len(ms)))
-    for name in names:
-        fid = results["datasets"][name]["fidelity"]
+    for name, r in results["datasets"].items():
+        fid = r["fidelity"]
         cells = [
             f"{fid[m]['rel_err']:.3f} / {fid[m]['top1_agree']:.3f} / {fid[m]['kl']:.3f}" for m in ms
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _budgets(results: dict) -> list[str]:
+    return sorted({m for r in results["datasets"].values() for m in r["icl"]}, key=int)
+
+
+def markdown_table(results: dict) -> str:
+    """The tables `--table` prints: accuracy at equal bytes (primary), then accuracy (mean ± std
+    over seeds) per method and budget M (secondary: equal count, not equal bytes), then
+    fidelity, the 32K memories and the targets."""
+    lines = [bytes_table(results), "", "Count-equal view (M tokens vs M entries; not equal bytes):"]
+    lines += ["", count_table(results), "", fidelity_table(results)]
     long = long_table(results)
     if long:
         lines += ["", "32K memories (count view: each 32K memory at budget_32k entries):", "", long]

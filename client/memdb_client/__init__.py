@@ -19,7 +19,7 @@ from memdb_client.client import MemdbClient, Watch
 from memdb_client.types import (
     ApiKeyInfo,
     LookupResult,
-    Memory,
+    MemoryShards,
     PrefixInfo,
     Stats,
     TenantInfo,
@@ -28,7 +28,7 @@ from memdb_client.types import (
 
 __all__ = [
     "AlreadyExists", "ApiKeyInfo", "FailedPrecondition", "InvalidArgument", "LookupResult",
-    "MemdbClient", "MemdbError", "Memory", "NotFound", "PermissionDenied", "PrefixInfo",
+    "MemdbClient", "MemdbError", "MemoryShards", "NotFound", "PermissionDenied", "PrefixInfo",
     "ResourceExhausted", "Shard", "Stats", "TenantInfo", "Unauthenticated", "Unavailable",
     "Watch", "WatchEvent",
 ]  # fmt: skip

@@ -25,7 +25,7 @@ from memdb_client.types import (
     ROLES,
     ApiKeyInfo,
     LookupResult,
-    Memory,
+    MemoryShards,
     PrefixInfo,
     Stats,
     TenantInfo,
@@ -231,7 +231,7 @@ class MemdbClient:
         version: int = 0,
         timeout: float | None = None,
         on_bytes: Callable[[int], None] | None = None,
-    ) -> Memory:
+    ) -> MemoryShards:
         """A whole version, decoded into shards."""
         info, blobs = self.fetch_memory_raw(
             name,
@@ -240,7 +240,8 @@ class MemdbClient:
             timeout=timeout,
             on_bytes=on_bytes,
         )
-        return Memory(info, [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)])
+        shards = [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)]
+        return MemoryShards(info, shards)
 
     def watch(self, names: Sequence[str] = (), *, send_initial: bool = False) -> Watch:
         """A stream of version changes; iterate it, `cancel()` it to stop."""

@@ -79,8 +79,9 @@ class LookupResult:
 
 
 @dataclass
-class Memory:
-    """A whole fetched version: its info and every layer's shard."""
+class MemoryShards:
+    """A whole fetched version: its info and every layer's shard (the stored memory, not yet on
+    a device: the worker's `memdb_worker.memory.Memory.from_shards` loads the shards)."""
 
     info: PrefixInfo
     shards: list[Shard] = field(default_factory=list)

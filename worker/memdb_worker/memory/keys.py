@@ -118,11 +118,6 @@ class LayerQuery:
         cos, sin = self._cos_sin
         return undo_rope(self.q.float(), cos, sin)
 
-    def unrope(self, x: torch.Tensor) -> torch.Tensor:
-        """Bring vectors [B, H, T, d] from the post-RoPE frame of these queries to pre-RoPE."""
-        cos, sin = self._cos_sin
-        return undo_rope(x.float(), cos, sin)
-
     def pull_back(self, g: torch.Tensor) -> torch.Tensor:
         """Gradients [B, H, T, d] with respect to these post-RoPE queries, as gradients with
         respect to the pre-RoPE queries `q_pre` (`rope_transpose`)."""
@@ -204,10 +199,6 @@ class KeySpace:
     def group(self, x: torch.Tensor) -> torch.Tensor:
         """[..., H, e] -> [..., I, h * e] (consecutive heads form a group)."""
         return x.reshape(*x.shape[:-2], self.num_groups, self.heads_per_group * x.shape[-1])
-
-    def ungroup(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., I, h, e] -> [..., H, e]."""
-        return x.reshape(*x.shape[:-3], self.num_heads, x.shape[-1])
 
     def metadata(self) -> dict[str, str]:
         return {

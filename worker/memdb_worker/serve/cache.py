@@ -291,16 +291,6 @@ class MemoryCache:
         with self._lock:
             return {n: e.version for n, e in self._entries.items()}
 
-    def invalidate(self, name: str) -> bool:
-        with self._lock:
-            self._seq[name] = self._seq.get(name, 0) + 1
-            self._last_event.pop(name, None)
-            dropped = self._entries.pop(name, None) is not None
-            self._invalidations += dropped
-        if dropped:
-            logger.info("memory '%s' dropped from the cache", name)
-        return dropped
-
     def clear(self) -> None:
         with self._lock:
             self._epoch += 1

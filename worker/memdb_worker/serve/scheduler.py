@@ -90,7 +90,6 @@ class GenerationRequest:
     sink: Sink
     source: StateSource | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -7,7 +7,8 @@ import json
 
 from bench.report import render
 from bench.report.__main__ import main
-from bench.report.document import RESULTS_MD
+from bench.report.document import README_MD, RESULTS_MD
+from bench.report.headlines import with_headlines
 from bench.report.sources import RESULTS, describe
 
 
@@ -21,6 +22,19 @@ def test_committed_results_md_is_a_fresh_generation():
     assert RESULTS_MD.read_text() == render(), (
         "bench/RESULTS.md is stale: run python -m bench.report and commit the result"
     )
+
+
+def test_the_readme_results_summary_is_fresh_and_from_the_json():
+    text = README_MD.read_text()
+    assert text == with_headlines(text), (
+        "README.md's results summary is stale: run python -m bench.report and commit the result"
+    )
+    summary = " ".join(
+        text.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0].split()
+    )
+    cluster = json.loads((RESULTS / "cluster.json").read_text())
+    assert f"3 nodes serve {cluster['speedup_3_vs_1']:.2f}x the Lookups of one" in summary
+    assert "device tool" not in text
 
 
 def test_server_and_quality_figures_are_their_json_values():
@@ -38,13 +52,17 @@ def test_server_and_quality_figures_are_their_json_values():
 
 
 def test_check_fails_on_a_stale_file(tmp_path, monkeypatch, capsys):
-    stale = tmp_path / "RESULTS.md"
+    stale, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text(README_MD.read_text())
     monkeypatch.setattr("bench.report.__main__.RESULTS_MD", stale)
+    monkeypatch.setattr("bench.report.__main__.README_MD", readme)
     assert main(["--check"]) == 1  # missing
     stale.write_text(render().replace("| 8192 | 64 | 64 |", "| 8192 | 64 | 65 |"))
     assert main(["--check"]) == 1
     assert "run python -m bench.report" in capsys.readouterr().err
     assert main([]) == 0 and main(["--check"]) == 0
+    readme.write_text(README_MD.read_text().replace("3 nodes serve", "3 nodes served"))
+    assert main(["--check"]) == 1
 
 
 def test_machines_are_named_by_card_and_cores():

@@ -1,26 +1,29 @@
-"""`python -m bench.report [--check]`: write bench/RESULTS.md from bench/results/*.json, or
-exit 1 when the committed file differs from what would be written."""
+"""`python -m bench.report [--check]`: write bench/RESULTS.md (and the README's results summary
+between its markers) from bench/results/*.json, or exit 1 when the committed files differ from
+what would be written."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench.report.document import RESULTS_MD, render
+from bench.report.document import README_MD, RESULTS_MD, render
+from bench.report.headlines import with_headlines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if bench/RESULTS.md is stale")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a written file is stale")
     args = ap.parse_args(argv)
-    text = render()
+    fresh = {RESULTS_MD: render(), README_MD: with_headlines(README_MD.read_text())}
+    stale = [p for p, text in fresh.items() if not p.exists() or p.read_text() != text]
     if args.check:
-        if not RESULTS_MD.exists() or RESULTS_MD.read_text() != text:
-            print(f"{RESULTS_MD} is stale: run python -m bench.report", file=sys.stderr)
-            return 1
-        return 0
-    RESULTS_MD.write_text(text)
-    print(f"wrote {RESULTS_MD}")
+        for path in stale:
+            print(f"{path} is stale: run python -m bench.report", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(fresh[path])
+        print(f"wrote {path}")
     return 0
 
 

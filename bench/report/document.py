@@ -7,6 +7,7 @@ from bench.report.markdown import reflow, section, table
 from bench.report.sources import RESULTS, command, load, machine
 
 RESULTS_MD = RESULTS.parent / "RESULTS.md"
+README_MD = RESULTS.parent.parent / "README.md"
 FORBIDDEN = ("device tool",)  # the document names machines by card and cores alone
 
 INTRO = """\

@@ -32,7 +32,7 @@ import torch
 
 from bench.quality import RESULTS, Task, accuracy, classify, plan_validation, write_json
 from bench.quality.methods import encode_long_prefix
-from memdb_worker.model.prefix import CHUNK_MASSES
+from memdb.build_options import CHUNK_MASSES
 
 logger = logging.getLogger("bench.options_long")
 

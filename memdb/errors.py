@@ -26,6 +26,12 @@ class InvalidArgument(MemdbError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class BuildError(InvalidArgument):
+    """A memory cannot be built for a reason its user can fix: no model at that path, a budget
+    past the calibration, text a memory cannot take (one line; raised by the worker's builder
+    before or during a build, wherever it runs)."""
+
+
 class NotFound(MemdbError):
     code = grpc.StatusCode.NOT_FOUND
 

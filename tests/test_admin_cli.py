@@ -412,11 +412,15 @@ def test_bad_inputs_fail_before_any_work(server, tmp_path):
         "cannot load model",
     )
     fail(
-        run(server, "prefix", "insert", "x", "-p", str(good), "--key-mode", "sideways"),
+        run(server, "prefix", "insert", "x", "-p", str(good), "--granularity", "head"),
         2,
         "bad build option",
-        "key_mode",
+        "pass entry_state='average'",
     )
+    # a value outside a build option's choices is a usage error of click (flags from the fields)
+    res = run(server, "prefix", "insert", "x", "-p", str(good), "--key-mode", "sideways")
+    assert res.exit_code == 2 and "'--key-mode': 'sideways' is not one of" in res.stderr
+    assert "Traceback" not in res.output
     assert "x" not in names(server)
 
 
@@ -439,9 +443,9 @@ def one_thread():
 @pytest.fixture
 def model_in_cli(smollm2, one_thread, monkeypatch):
     """The CLI's `--model default` on CPU is the session's SmolLM2 (never loaded twice)."""
-    from memdb_client import build
+    from memdb_worker.build import local
 
-    monkeypatch.setitem(build._MODELS, ("default", "cpu", "auto"), smollm2)
+    monkeypatch.setitem(local._MODELS, ("default", "cpu", "auto"), smollm2)
     return smollm2
 
 
@@ -603,7 +607,7 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli, 
     there, appending B to a memory of A must equal building on the chunks [A; B] when B
     restarts at position 0 without a sink (past the context). Within the context B is placed
     at its true positions after A instead (the live queries move with it)."""
-    from memdb_client import build
+    from memdb_worker.build import local
     from memdb_worker.build.append import entry_queries
     from memdb_worker.build.builder import build_memory, calibrate, cluster
     from memdb_worker.memory.memory import keyspace_from_metadata
@@ -622,14 +626,14 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli, 
     opts = reference_options(chunk_tokens=n, sink_tokens=0, chunk_mass=mass)
     ref = build_memory(model, tok, a + b, traces, m, opts, progress=False)
     base = build_memory(model, tok, a, traces, m, opts, progress=False)
-    got = build.append_chunk(model, tok, base.shards, b, chunk_tokens=n, progress=False)
+    got = local.append_chunk(model, tok, base.shards, b, chunk_tokens=n, progress=False)
     assert got.token_count == 2 * n and got.metadata["chunk_lengths"] == f"[{n}, {n}]"
     np.testing.assert_array_equal(ref.shards[0].keys, got.shards[0].keys)
     np.testing.assert_allclose(got.shards[0].out, ref.shards[0].out, atol=1e-5)
     np.testing.assert_allclose(got.shards[0].lse, ref.shards[0].lse, atol=1e-5)
     # within the context: B at its true positions, the queries after the whole prefix
     base = build_memory(model, tok, a, traces, m, reference_options(), progress=False)
-    got = build.append_chunk(model, tok, base.shards, b, progress=False)
+    got = local.append_chunk(model, tok, base.shards, b, progress=False)
     assert got.metadata["prefix_length"] == str(2 * n) and got.query_position == 2 * n
 
     # every key mode gives back the entries' exact queries (the inputs of the merge)
@@ -645,14 +649,3 @@ def test_append_equals_a_rebuild_on_both_chunks_where_it_is_exact(model_in_cli, 
             q = q.permute(1, 0, 2, 3).reshape(m, -1, q.shape[-1])
             want = calib.q_pre[layer]
             assert float((q - want).abs().max() / want.abs().max()) < 1e-4
-
-
-def test_the_cli_chunk_mass_choices_are_the_builders():
-    # the CLI does not import the worker (torch) to list them: this pins the copy
-    import click
-
-    from memdb_client.cli_prefix import prefix_build
-    from memdb_worker.model.prefix import CHUNK_MASSES
-
-    (opt,) = [p for p in prefix_build.params if p.name == "chunk_mass"]
-    assert isinstance(opt.type, click.Choice) and tuple(opt.type.choices) == CHUNK_MASSES

@@ -46,7 +46,7 @@ from bench.quality.summary import (
     rebuild_summary,
     write_json,
 )
-from memdb_worker.model.prefix import CHUNK_MASSES
+from memdb.build_options import CHUNK_MASSES
 
 logger = logging.getLogger("bench.quality")
 

@@ -11,21 +11,20 @@ The server address and key come from --server / MEMDB_SERVER and --api-key / MEM
 Results go to stdout (aligned tables, or JSON with --json); messages and progress bars to
 stderr. Every failure is one line `memdb-admin: error: ...` and a non-zero exit code (see
 EXIT_CODES). Talks to the server only through `MemdbClient`; builds memories with the worker's
-builder (imported lazily: without the worker extra every command but the builds still runs).
+builder, found through the `memdb.builders` entry point (`memdb_client.build`): without the
+worker extra every command but the builds still runs.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import threading
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import click
 
 from memdb.errors import (
     AlreadyExists,
+    BuildError,
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -38,34 +37,17 @@ from memdb.errors import (
     Unavailable,
 )
 from memdb_client import output
-from memdb_client.client import DEFAULT_ADDRESS, MemdbClient
+from memdb_client.app import EXIT_CODES, App, Failure, json_option, pass_app
+from memdb_client.cli_prefix import prefix
+from memdb_client.client import DEFAULT_ADDRESS
 from memdb_client.inputs import InputError
 from memdb_client.portable import PortableError
 
-EXIT_CODES = {
-    "ok": 0,
-    "error": 1,  # anything else (also an aborted confirmation)
-    "usage": 2,  # bad arguments or input files, rejected by the server as invalid
-    "not_found": 3,
-    "conflict": 4,  # already exists, stale version, memory of another model
-    "auth": 5,  # no or wrong API key, missing role
-    "unavailable": 6,  # server down or not answering in time
-    "exhausted": 7,  # quota or size limit
-    "interrupted": 130,  # Ctrl-C
-}
 _EPILOG = (
     "Exit codes: 0 ok, 1 error, 2 bad input, 3 not found, 4 conflict (exists, stale version, "
     "other model), 5 authentication or permission, 6 server unreachable, 7 quota or size "
     "limit, 130 interrupted."
 )
-
-
-class Failure(Exception):
-    """An expected failure: one line for the user and an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_CODES["error"]) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _one_line(text: str) -> str:
@@ -129,16 +111,14 @@ class AdminGroup(click.Group):
             )
         except Failure as f:
             _fail(ctx, f)
+        except BuildError as err:  # before MemdbError: a local build, not the server, refused
+            _fail(ctx, Failure(str(err), EXIT_CODES["usage"]))
         except MemdbError as err:
             app = ctx.find_object(App)
             _fail(ctx, describe(err, app.server if app else "?"))
         except (InputError, PortableError) as err:
             _fail(ctx, Failure(str(err), EXIT_CODES["usage"]))
         except Exception as err:
-            from memdb_client.build import BuildError
-
-            if isinstance(err, BuildError):
-                _fail(ctx, Failure(str(err), EXIT_CODES["usage"]))
             app = ctx.find_object(App)
             if app is not None and app.debug:
                 raise
@@ -155,84 +135,6 @@ def _fail(ctx: click.Context, f: Failure):
     click.echo(f"memdb-admin: error: {_one_line(str(f))}", err=True)
     ctx.exit(f.code)
 
-
-@dataclass
-class App:
-    """Global options and the lazily opened client."""
-
-    server: str
-    api_key: str
-    json: bool = False
-    timeout: float = 30.0
-    tls: bool = False
-    ca_file: str | None = None
-    quiet: bool = False
-    debug: bool = False
-    _opened: list[MemdbClient] = field(default_factory=list)
-
-    @cached_property
-    def client(self) -> MemdbClient:
-        roots = None
-        if self.ca_file:
-            try:
-                with open(self.ca_file, "rb") as f:
-                    roots = f.read()
-            except OSError as exc:
-                raise Failure(
-                    f"cannot read --ca-file '{self.ca_file}': {exc.strerror}", EXIT_CODES["usage"]
-                ) from None
-        c = MemdbClient(
-            self.server,
-            self.api_key,
-            timeout=self.timeout,
-            tls=self.tls or bool(roots),
-            root_certificates=roots,
-        )
-        self._opened.append(c)
-        return c
-
-    def close(self) -> None:
-        # gRPC's close waits for cancelled calls to wind down, which takes as long as the
-        # transport when the server stopped reading (e.g. a Ctrl-C mid-upload to a stuck
-        # server): wait a little, then let the process exit regardless.
-        for c in self._opened:
-            t = threading.Thread(target=c.close, name="memdb-admin-close", daemon=True)
-            t.start()
-            t.join(2.0)
-
-    @property
-    def progress(self) -> bool:
-        return not self.quiet
-
-    def emit(self, obj, text: str) -> None:
-        """The result: JSON with --json, else the human text."""
-        if self.json:
-            output.emit_json(obj)
-        else:
-            click.echo(text)
-
-    def note(self, message: str) -> None:
-        """A progress message on stderr (not with --quiet)."""
-        if not self.quiet:
-            click.echo(message, err=True)
-
-
-pass_app = click.make_pass_decorator(App)
-
-
-def _set_json(ctx: click.Context, _param, value: bool) -> None:
-    if value:
-        ctx.ensure_object(App).json = True
-
-
-json_option = click.option(
-    "--json",
-    "json_",
-    is_flag=True,
-    expose_value=False,
-    callback=_set_json,
-    help="Print the result as JSON.",
-)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -407,8 +309,5 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="memdb-admin")
 
-
-# The `prefix` commands live in their own module; it imports the names above.
-from memdb_client.cli_prefix import prefix  # noqa: E402
 
 cli.add_command(prefix)

@@ -1,10 +1,11 @@
 """`memdb-admin prefix ...`: build, upload, append to, inspect, move and delete memories.
 
-Builds run locally with the worker's builder (`memdb_client.build`, imported only by the build
-commands) and are uploaded with one `PutPrefix` stream: the server makes a version current only
-once the whole upload and its commit message arrived and validated, never half of one. A
-Ctrl-C before the commit message was sent stores nothing; one after it may or may not have
-stored the version (see `MemdbClient.put_prefix`; `prefix info` tells which).
+Builds run locally with the worker's builder (`memdb_client.build.local_builder`, loaded only by
+the build commands, whose flags come from `memdb.build_options.BuildOptions`) and are uploaded
+with one `PutPrefix` stream: the server makes a version current only once the whole upload and
+its commit message arrived and validated, never half of one. A Ctrl-C before the commit message
+was sent stores nothing; one after it may or may not have stored the version (see
+`MemdbClient.put_prefix`; `prefix info` tells which).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 
 import click
 
+from memdb.build_options import Spec, spec, specs
 from memdb.errors import NotFound
 from memdb.shards import encode_shard, holds_fitted_rows
-from memdb_client import output, portable
-from memdb_client.cli import EXIT_CODES, App, Failure, json_option, pass_app
+from memdb_client import build, output, portable
+from memdb_client.app import EXIT_CODES, App, Failure, json_option, pass_app
 from memdb_client.inputs import DEFAULT_TEMPLATE, INPUT_FORMATS, Source, read_source, unescape
 from memdb_client.types import PrefixInfo
 
@@ -100,30 +102,26 @@ model_options = _options(
         default=None,
         help="CPU threads for torch and FAISS (default: theirs; 1 is best on a busy machine).",
     ),
-    click.option(
-        "--chunk-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Encode the prefix in independent chunks of at most N tokens, merged "
-        "exactly (default: the model's context minus 1024).",
-    ),
-    click.option(
-        "--sink-tokens",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Encode each later chunk after the prefix's first N tokens, an attention sink "
-        "(default: 32; 0 encodes chunks alone, as the paper does).",
-    ),
-    click.option(
-        "--chunk-mass",
-        type=click.Choice(["sum", "mean"]),
-        default=None,
-        help="A prefix of C chunks: 'sum' attends to every chunk exactly, 'mean' weights each "
-        "chunk's attention 1/C (structured prompting). Default: the builder's.",
-    ),
 )
 
-build_options = _options(
+
+def build_flag(s: Spec):
+    """The click option of the build option `s` (its value None when not given: the default)."""
+    decls = [f"--{s.flag}/--no-{s.flag}"] if s.kind is bool else [f"--{s.flag}"]
+    bounded = s.min is not None or s.max is not None
+    if s.choices is not None:
+        kind = click.Choice(s.choices)
+    elif s.kind is int:
+        kind = click.IntRange(min=s.min, max=s.max) if bounded else click.INT
+    elif s.kind is float:
+        kind = click.FloatRange(min=s.min, max=s.max) if bounded else click.FLOAT
+    else:
+        kind = None  # a --x/--no-x flag
+    default = f"  [default: {s.default_text}]" if s.default_text else ""
+    return click.option(*decls, s.name, type=kind, default=None, help=s.help + default)
+
+
+trace_options = _options(
     click.option(
         "--traces-file",
         "-t",
@@ -151,54 +149,8 @@ build_options = _options(
         show_default=True,
         help="Memory budget M: entries per layer and index group.",
     ),
-    click.option("--key-mode", default=None, help="pre_rope (default) or rope_common."),
-    click.option(
-        "--common-position",
-        type=int,
-        default=None,
-        help="rope_common: the common position (default: right after the prefix).",
-    ),
-    click.option("--whiten/--no-whiten", default=None, help="Whiten keys per layer and head."),
-    click.option(
-        "--whiten-center/--no-whiten-center",
-        default=None,
-        help="Whiten with the covariance (keys centered).",
-    ),
-    click.option(
-        "--granularity",
-        default=None,
-        help="head, kv_group, kv_group_mean (one head_dim key per KV group) or layer.",
-    ),
-    click.option(
-        "--entry-state",
-        default=None,
-        help="average (Eq. 5), centroid (state of the centroid query) or fitted (key/value rows "
-        "per KV head fitted to the calibration states; --budget rows, at most the prefix's "
-        "tokens).",
-    ),
-    click.option(
-        "--lse-correction/--no-lse-correction",
-        default=None,
-        help="Store k_bar for the first-order lse correction.",
-    ),
-    click.option(
-        "--store-q-mean/--no-store-q-mean",
-        default=None,
-        help="Store q_mean (--no-store-q-mean: it is the entry key, pre_rope keys only).",
-    ),
-    click.option("--key-dtype", default=None, help="float32, float16, bfloat16 or float8_e4m3fn."),
-    click.option("--out-dtype", default=None, help="float32, float16 or bfloat16."),
-    click.option("--kmeans-iters", type=click.IntRange(min=1), default=None),
-    click.option("--seed", type=int, default=None, help="Seed of sampling and k-means."),
-    click.option(
-        "--max-records",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Calibration tokens kept (uniform sample; builder default 16384).",
-    ),
-    click.option("--max-tokens-per-trace", type=click.IntRange(min=1), default=None),
-    click.option("--trace-batch-size", type=click.IntRange(min=1), default=None),
 )
+builder_options = _options(*(build_flag(s) for s in specs()))  # every BuildOptions field
 
 index_options = _options(
     click.option(
@@ -211,27 +163,6 @@ index_options = _options(
     click.option(
         "--metric", type=click.Choice(["cosine", "ip"]), default="cosine", show_default=True
     ),
-)
-
-_BUILDER_FIELDS = (
-    "key_mode",
-    "common_position",
-    "whiten",
-    "whiten_center",
-    "granularity",
-    "entry_state",
-    "lse_correction",
-    "store_q_mean",
-    "key_dtype",
-    "out_dtype",
-    "kmeans_iters",
-    "seed",
-    "max_records",
-    "max_tokens_per_trace",
-    "trace_batch_size",
-    "chunk_tokens",
-    "sink_tokens",
-    "chunk_mass",
 )
 
 
@@ -283,23 +214,14 @@ def _traces(kw: dict, pre: Source) -> tuple[list[str], str]:
     )
 
 
-def _load(app: App, kw: dict):
-    from memdb_client import build
-
-    build.require_worker()
-    if app.quiet:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+def _load(app: App, builder, kw: dict):
     if kw.get("threads"):
-        build.set_threads(kw["threads"])
+        builder.set_threads(kw["threads"])
     app.note(f"loading model '{kw['model']}' on {kw['device']} ...")
     t0 = time.perf_counter()
-    loaded = build.load_model(
-        kw["model"], kw["device"], None if kw["dtype"] == "auto" else kw["dtype"]
-    )
-    fp = build.fingerprint(loaded.model)
+    dtype = None if kw["dtype"] == "auto" else kw["dtype"]
+    loaded = builder.load_model(kw["model"], kw["device"], dtype, quiet=app.quiet)
+    fp = builder.fingerprint(loaded.model)
     seconds = time.perf_counter() - t0
     app.note(f"model loaded in {seconds:.1f} s, fingerprint {output.short_fingerprint(fp)}")
     return loaded, fp
@@ -307,25 +229,23 @@ def _load(app: App, kw: dict):
 
 def _build(app: App, name: str, kw: dict, pre: Source | None = None) -> Built:
     """Read inputs, load the model, build the memory and encode its shards (no server)."""
-    from memdb_client import build
-
     pre = pre or _read_prefix(kw)
     traces, traces_from = _traces(kw, pre)
-    build.require_worker()
-    options = build.make_options(**{k: kw.get(k) for k in _BUILDER_FIELDS})
-    loaded, fp = _load(app, kw)
-    tok = build.tokenize(loaded.tokenizer, pre.text, traces)
-    records = build.check_budget(tok, kw["budget"], options)
+    options = build.make_options(kw)
+    builder = build.local_builder()
+    loaded, fp = _load(app, builder, kw)
+    tok = builder.tokenize(loaded.tokenizer, pre.text, traces)
+    records = builder.check_budget(tok, kw["budget"], options)
     app.note(
         f"prefix: {len(tok.prefix)} tokens from {pre.path}; traces: {len(tok.traces)} "
         f"({tok.trace_tokens} tokens) from {traces_from}; budget M={kw['budget']} "
         f"from {records} calibration records"
     )
-    chunks, size = build.prefill_chunks(
+    chunks, size = builder.prefill_chunks(
         loaded.model, len(tok.prefix), options.chunk_tokens, options.sink_tokens
     )
     app.note(f"prefill: {len(tok.prefix)} tokens in {chunks} chunk(s) of <= {size} tokens ...")
-    built = build.build(loaded.model, loaded.tokenizer, tok, kw["budget"], options, app.progress)
+    built = builder.build(loaded.model, loaded.tokenizer, tok, kw["budget"], options, app.progress)
     app.note(
         f"built in {built.build_seconds:.1f} s: {len(built.shards)} layers, "
         f"{output.human_bytes(built.nbytes())}"
@@ -443,7 +363,13 @@ def _build_and_upload(app: App, name: str, mode: str, kw: dict) -> None:
 # -- build commands --------------------------------------------------------------------------------
 def _build_command(f):
     return _options(
-        input_options, build_options, model_options, index_options, json_option, pass_app
+        input_options,
+        trace_options,
+        builder_options,
+        model_options,
+        index_options,
+        json_option,
+        pass_app,
     )(f)
 
 
@@ -502,6 +428,7 @@ def prefix_build(app: App, name: str, out: str, force: bool, **kw):
 @click.argument("name")
 @input_options
 @model_options
+@build_flag(spec("chunk_tokens"))
 @click.option(
     "--query-position",
     type=click.IntRange(min=0),
@@ -518,13 +445,11 @@ def prefix_append(app: App, name: str, query_position, **kw):
     The new text is encoded as an independent chunk (like the builder's chunks of a long
     prefix); the stored keys stay. Use the model that built the memory.
     """
-    from memdb_client import build
-
     src = _read_prefix(kw)
     info = _check_name(app, name, exists=True)
     assert info is not None
-    build.require_worker()
-    loaded, fp = _load(app, kw)
+    builder = build.local_builder()
+    loaded, fp = _load(app, builder, kw)
     if fp != info.model_fingerprint:
         built_with = output.short_fingerprint(info.model_fingerprint)
         raise Failure(
@@ -538,7 +463,7 @@ def prefix_append(app: App, name: str, query_position, **kw):
             name, model_fingerprint=fp, version=info.version, on_bytes=bar.update
         )
     app.note(f"prefill of the new text and merge into {info.num_layers} layers ...")
-    res = build.append_chunk(
+    res = builder.append_chunk(
         loaded.model,
         loaded.tokenizer,
         mem.shards,

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memdb.build_options import BuildOptions, build_params
 from memdb.shards import Shard, holds_fitted_rows
 from memdb_worker.attend.attention import bind
 from memdb_worker.memory.formats import quantize_keys, to_numpy
@@ -240,8 +241,7 @@ def chunk_weights(
     that chunk, 1/C; text that restarts adds `new_chunks` chunks, and every chunk weighs
     1/(C + new_chunks), as a rebuild from the whole prefix would weigh them."""
     log_mass = float(meta.get("log_mass", "0"))
-    params = json.loads(meta.get("build_params", "{}"))
-    if params.get("chunk_mass", "sum") != "mean":
+    if BuildOptions.from_metadata(meta).chunk_mass != "mean":
         return 0.0, 0.0, log_mass
     if not restarted:
         return 0.0, log_mass, log_mass
@@ -331,7 +331,7 @@ def entry_queries(
 
 def _mean_trace_offset(meta: dict[str, str]) -> int:
     try:
-        params = json.loads(meta.get("build_params", "{}"))
+        params = build_params(meta)
         tokens, count = float(params["trace_tokens"]), float(params["trace_count"])
     except (ValueError, KeyError, TypeError):
         return 0

@@ -1,7 +1,7 @@
 """The memory builder: calibration over traces, clustering, and the shards of a memory.
 
 `build_memory` = `calibrate` + `cluster` (split so a benchmark can cluster one calibration at
-several budgets and options); the options are `build_options.BuildOptions`:
+several budgets and options); the options are `memdb.build_options.BuildOptions`:
 
 1. `calibrate` (module `calibration`, re-exported here): encode the prefix
    (`prefix.encode_prefix`, chunked past the context), then run every trace *after* it (the
@@ -37,17 +37,17 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memdb.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb.shards import Shard
 from memdb_worker.build.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
 from memdb_worker.build.fitting import fit_group, warm_solver
-from memdb_worker.build.options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb_worker.memory.formats import keys_as_stored, quantize_keys, to_numpy
 from memdb_worker.memory.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
 from memdb_worker.memory.memory import DecodeOptions, Memory, lookup_keys
@@ -397,9 +397,8 @@ def _metadata(
 ) -> dict[str, str]:
     pre = calib.prefix
     # Calibration fields come from the calibration actually run, the rest from `options`.
-    build = asdict(options)
-    build.update({f: getattr(calib.options, f) for f in CALIBRATION_FIELDS})
-    build.update(
+    ran = replace(options, **{f: getattr(calib.options, f) for f in CALIBRATION_FIELDS})
+    built = ran.to_metadata(
         calibration_seed=calib.options.seed,
         calibration_key_mean=calib.k_bar is not None,
         calibration_records=calib.num_records,
@@ -408,11 +407,7 @@ def _metadata(
     )
     return {
         **ks.metadata(),
-        "group_key": options.group_key,
-        "entry_state": options.entry_state,
-        "lse_correction": "1" if options.lse_correction else "0",
-        # "keys": q_mean is the entry key (dequantized), not stored (memory.Memory derives it)
-        "q_mean": "keys" if options.lse_correction and not options.store_q_mean else "stored",
+        **built,
         "budget": str(budget),
         "num_layers": str(calib.num_layers),
         "prefix_length": str(pre.prefix_length),
@@ -429,5 +424,4 @@ def _metadata(
             }
         ),
         "scaling": repr(float(pre.scaling)),
-        "build_params": json.dumps(build, sort_keys=True),
     }

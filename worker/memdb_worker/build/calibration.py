@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memdb.build_options import BuildOptions
 from memdb_worker.attend.attention import bind
-from memdb_worker.build.options import BuildOptions
 from memdb_worker.memory.keys import LayerQuery, RopeSpec
 from memdb_worker.memory.state import State
 from memdb_worker.model.loading import model_fingerprint

@@ -25,8 +25,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
-KEY_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float8_e4m3fn")
-OUT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+from memdb.build_options import KEY_DTYPES
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 _NUMPY = {

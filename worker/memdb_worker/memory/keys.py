@@ -26,16 +26,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
 
 import torch
 
-logger = logging.getLogger(__name__)
+from memdb.build_options import GRANULARITIES, KEY_MODES, Granularity, KeyMode
 
-KeyMode = Literal["pre_rope", "rope_common"]
-Granularity = Literal["head", "kv_group", "layer"]
-KEY_MODES: tuple[str, ...] = ("pre_rope", "rope_common")
-GRANULARITIES: tuple[str, ...] = ("head", "kv_group", "layer")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

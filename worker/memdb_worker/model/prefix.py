@@ -40,20 +40,17 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
 
+from memdb.build_options import CHUNK_MASSES, DEFAULT_SINK_TOKENS
 from memdb_worker.memory.keys import LayerQuery
 from memdb_worker.memory.state import State, attention_state, attention_state_and_key_mean
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LIVE_RESERVE = 1024
-DEFAULT_SINK_TOKENS = 32
-ChunkMass = Literal["sum", "mean"]
-CHUNK_MASSES: tuple[str, ...] = get_args(ChunkMass)
 
 
 @dataclass

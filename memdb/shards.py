@@ -13,6 +13,18 @@ A shard holds, for one layer, I index groups of M entries each:
     whiten, whiten_mean      per-layer tensors of any shape (the worker's key whitening), not
                              one row per entry (so Lookup cannot return their rows)
 
+A shard of fitted rows (metadata entry_state "fitted", `holds_fitted_rows`) has the same layout
+with I = Hkv groups of M rows, one head each (h = 1), and names its tensors for what they hold:
+
+    keys       [Hkv, M, d]      the rows' keys (post-RoPE; dtypes and key_scale as above)
+    values     [Hkv, M, 1, d]   the rows' values (float32, float16 or bfloat16)
+    bias       [Hkv, M, 1]      a bias added to each row's score (float32)
+
+Fitted shards written before the rows had their own names store values as `out` and biases as
+`lse`; they decode the same. In a decoded `Shard` the second and third tensors are the fields
+`out` and `lse` whatever the format (so every shard shares one shape rule); fitted rows read
+them as `Shard.values` and `Shard.bias` and are made with `Shard.of_rows`.
+
 and string metadata in the safetensors header (`memdb.format`, `layer`, build parameters).
 bfloat16 and float8_e4m3fn are numpy dtypes through `ml_dtypes`; safetensors' own numpy
 loader does not know them, so blobs are parsed with `safetensors.deserialize` and viewed here.
@@ -34,7 +46,8 @@ import safetensors.numpy as stnp
 from memdb.errors import InvalidArgument
 
 FORMAT_VERSION = "1"
-REQUIRED = ("keys", "out", "lse")
+ENTRY_TENSORS = ("keys", "out", "lse")  # a looked-up memory's entries
+ROW_TENSORS = ("keys", "values", "bias")  # fitted rows (entry_state "fitted")
 KEY_SCALE = "key_scale"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -44,6 +57,8 @@ ALLOWED_DTYPES = {
     KEY_SCALE: (F32,),
     "out": (F32, F16, BF16),
     "lse": (F32,),
+    "values": (F32, F16, BF16),
+    "bias": (F32,),
 }
 EXTRA_DTYPES = (F32, F16, BF16)
 LAYER_TENSORS = ("whiten", "whiten_mean")  # extras that belong to the layer, not to entries
@@ -78,11 +93,11 @@ class ShardShape:
 
 @dataclass
 class Shard:
-    """One layer of a memory, decoded."""
+    """One layer of a memory, decoded (entries, or fitted rows: module doc)."""
 
     keys: np.ndarray  # [I, M, Dk]
-    out: np.ndarray  # [I, M, h, d]
-    lse: np.ndarray  # [I, M, h]
+    out: np.ndarray  # [I, M, h, d]; fitted rows' values
+    lse: np.ndarray  # [I, M, h]; fitted rows' biases
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [I, M, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     key_scale: np.ndarray | None = None  # [I, M] float32, iff keys are float8_e4m3fn
@@ -92,6 +107,34 @@ class Shard:
         i, m, dk = self.keys.shape
         _, _, h, d = self.out.shape
         return ShardShape(i, m, dk, h, d)
+
+    @classmethod
+    def of_rows(
+        cls,
+        keys: np.ndarray,
+        values: np.ndarray,
+        bias: np.ndarray,
+        metadata: dict[str, str] | None = None,
+        key_scale: np.ndarray | None = None,
+    ) -> Shard:
+        """A layer of fitted rows: keys [Hkv, M, d], values [Hkv, M, 1, d], bias [Hkv, M, 1]
+        (its metadata, once complete, says entry_state "fitted")."""
+        return cls(keys, values, bias, metadata=dict(metadata or {}), key_scale=key_scale)
+
+    @property
+    def values(self) -> np.ndarray:
+        """Fitted rows' values [Hkv, M, 1, d] (the `out` field)."""
+        return self.out
+
+    @property
+    def bias(self) -> np.ndarray:
+        """Fitted rows' biases [Hkv, M, 1] (the `lse` field)."""
+        return self.lse
+
+    @property
+    def tensor_names(self) -> tuple[str, str, str]:
+        """The stored names of keys, out and lse: `ROW_TENSORS` for fitted rows."""
+        return tensor_names(self.metadata)
 
     @property
     def entry_extras(self) -> list[str]:
@@ -112,30 +155,39 @@ def holds_fitted_rows(metadata: dict[str, str]) -> bool:
     return metadata.get("entry_state") == "fitted"
 
 
+def tensor_names(metadata: dict[str, str]) -> tuple[str, str, str]:
+    """The names a shard of this metadata stores its three tensors under: keys/values/bias for
+    fitted rows, keys/out/lse for entries."""
+    return ROW_TENSORS if holds_fitted_rows(metadata) else ENTRY_TENSORS
+
+
 def encode_shard(shard: Shard) -> bytes:
     """Serialize a shard to safetensors bytes (validates it first)."""
-    tensors = {"keys": shard.keys, "out": shard.out, "lse": shard.lse, **shard.extras}
+    names = shard.tensor_names
+    clash = sorted(set(names) & set(shard.extras))
+    if clash:
+        raise InvalidArgument(f"shard: extra tensor '{clash[0]}' has the name of a main tensor")
+    tensors = {**dict(zip(names, (shard.keys, shard.out, shard.lse), strict=True)), **shard.extras}
     if shard.key_scale is not None:
         tensors[KEY_SCALE] = shard.key_scale
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"memdb.format": FORMAT_VERSION, **shard.metadata}
-    _validate_tensors(tensors, where="shard")
+    _validate_tensors(tensors, names, where="shard")
     return save_tensors(tensors, metadata)
 
 
 def decode_shard(blob: bytes, *, where: str = "shard") -> Shard:
-    """Parse and validate safetensors bytes into a Shard; InvalidArgument if anything is off."""
+    """Parse and validate safetensors bytes into a Shard; InvalidArgument if anything is off.
+    Fitted rows stored under the entries' names (older shards, module doc) decode the same."""
     tensors = _load_tensors(blob, where)
-    _validate_tensors(tensors, where=where)
-    extras = {k: v for k, v in tensors.items() if k not in (*REQUIRED, KEY_SCALE)}
-    return Shard(
-        keys=tensors["keys"],
-        out=tensors["out"],
-        lse=tensors["lse"],
-        extras=extras,
-        metadata=read_metadata(blob),
-        key_scale=tensors.get(KEY_SCALE),
-    )
+    metadata = read_metadata(blob)
+    names = tensor_names(metadata)
+    if names == ROW_TENSORS and "values" not in tensors and "out" in tensors:
+        names = ENTRY_TENSORS  # fitted rows written as out/lse
+    _validate_tensors(tensors, names, where=where)
+    keys, out, lse = (tensors[n] for n in names)
+    extras = {k: v for k, v in tensors.items() if k not in (*names, KEY_SCALE)}
+    return Shard(keys, out, lse, extras=extras, metadata=metadata, key_scale=tensors.get(KEY_SCALE))
 
 
 def save_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
@@ -176,8 +228,8 @@ def check_consistent(shards: list[Shard]) -> ShardShape:
                 f"layer {layer} has shape {s.shape} but layer 0 has {first.shape}; "
                 "every layer of a memory must have the same I, M, Dk, h, d"
             )
-        for name in REQUIRED:
-            a, b = getattr(s, name).dtype, getattr(first, name).dtype
+        for name, field_name in zip(first.tensor_names, ENTRY_TENSORS, strict=True):
+            a, b = getattr(s, field_name).dtype, getattr(first, field_name).dtype
             if a != b:
                 raise InvalidArgument(f"layer {layer}: tensor '{name}' is {a}, layer 0 has {b}")
         if sorted(s.extras) != sorted(first.extras):
@@ -214,11 +266,14 @@ def _load_tensors(blob: bytes, where: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
-    for name in REQUIRED:
+def _validate_tensors(
+    tensors: dict[str, np.ndarray], names: tuple[str, str, str], where: str
+) -> None:
+    """Check the tensors of a shard whose keys, out and lse are stored under `names`."""
+    for name in names:
         if name not in tensors:
             raise InvalidArgument(
-                f"{where}: required tensor '{name}' is missing (a shard needs keys, out, lse)"
+                f"{where}: required tensor '{name}' is missing (a shard needs {', '.join(names)})"
             )
     for name, t in tensors.items():
         allowed = ALLOWED_DTYPES.get(name, EXTRA_DTYPES)
@@ -227,27 +282,29 @@ def _validate_tensors(tensors: dict[str, np.ndarray], where: str) -> None:
             raise InvalidArgument(f"{where}: tensor '{name[:64]}' has dtype {t.dtype}; use {names}")
         if not np.isfinite(t).all():
             raise InvalidArgument(f"{where}: tensor '{name[:64]}' holds NaN or infinite values")
-    keys, out, lse = tensors["keys"], tensors["out"], tensors["lse"]
+    _, out_name, lse_name = names
+    keys, out, lse = (tensors[n] for n in names)
     if keys.ndim != 3 or out.ndim != 4 or lse.ndim != 3:
         raise InvalidArgument(
-            f"{where}: expected keys [I, M, Dk], out [I, M, h, d], lse [I, M, h]; got "
-            f"keys {list(keys.shape)}, out {list(out.shape)}, lse {list(lse.shape)}"
+            f"{where}: expected keys [I, M, Dk], {out_name} [I, M, h, d], {lse_name} [I, M, h]; "
+            f"got keys {list(keys.shape)}, {out_name} {list(out.shape)}, "
+            f"{lse_name} {list(lse.shape)}"
         )
     i, m, dk = keys.shape
     if min(i, m, dk) == 0:
         raise InvalidArgument(f"{where}: tensor 'keys' has an empty dimension {list(keys.shape)}")
     if out.shape[:2] != (i, m) or min(out.shape) == 0:
         raise InvalidArgument(
-            f"{where}: tensor 'out' has shape {list(out.shape)}, expected [{i}, {m}, h, d]"
+            f"{where}: tensor '{out_name}' has shape {list(out.shape)}, expected [{i}, {m}, h, d]"
         )
     if lse.shape != (i, m, out.shape[2]):
         raise InvalidArgument(
-            f"{where}: tensor 'lse' has shape {list(lse.shape)}, "
+            f"{where}: tensor '{lse_name}' has shape {list(lse.shape)}, "
             f"expected [{i}, {m}, {out.shape[2]}]"
         )
     _check_key_scale(tensors, where)
     for name, t in tensors.items():
-        if name in (*REQUIRED, KEY_SCALE, *LAYER_TENSORS):
+        if name in (*names, KEY_SCALE, *LAYER_TENSORS):
             continue
         if t.ndim < 2 or t.shape[:2] != (i, m):
             raise InvalidArgument(

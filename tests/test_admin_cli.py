@@ -565,13 +565,13 @@ def test_append_to_a_memory_built_with_default_options(server, model_in_cli):
     assert old[0].metadata["entry_state"] == new[0].metadata["entry_state"] == "fitted"
     for a, b in zip(old, new, strict=True):
         assert a.keys.dtype.name == b.keys.dtype.name == "float8_e4m3fn" and not b.extras
-        assert a.out.dtype.name == b.out.dtype.name == "bfloat16"
+        assert a.values.dtype.name == b.values.dtype.name == "bfloat16"
         assert a.keys.shape == (3, 8, 64) and b.keys.shape == (3, 8 + added, 64)
-        assert a.out.shape == (3, 8, 1, 64) and b.lse.shape == (3, 8 + added, 1)
-        for x, y in ((a.keys, b.keys), (a.key_scale, b.key_scale), (a.out, b.out),
-                     (a.lse, b.lse)):  # fmt: skip
+        assert a.values.shape == (3, 8, 1, 64) and b.bias.shape == (3, 8 + added, 1)
+        for x, y in ((a.keys, b.keys), (a.key_scale, b.key_scale), (a.values, b.values),
+                     (a.bias, b.bias)):  # fmt: skip
             assert np.array_equal(x, y[:, :8])  # the fitted rows, as they were
-        assert (b.lse[:, 8:] == 0).all()  # the appended tokens' rows: their own KV, bias 0
+        assert (b.bias[:, 8:] == 0).all()  # the appended tokens' rows: their own KV, bias 0
 
 
 @pytest.mark.model

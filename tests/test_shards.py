@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 
@@ -138,3 +139,52 @@ def test_per_layer_whitening_tensors_have_any_shape_and_are_not_entry_extras():
     other = decode_shard(safetensors.torch.save({**t, "whiten": torch.zeros(2, DK, DK)}))
     with pytest.raises(InvalidArgument, match="layer 1: extra tensor 'whiten'"):
         check_consistent([shard, other])
+
+
+def fitted_rows(seed=0) -> Shard:
+    """A layer of fitted rows: G KV heads of M rows, one head each (h = 1)."""
+    rng = np.random.default_rng(seed)
+    return Shard.of_rows(
+        keys=rng.standard_normal((G, M, D)).astype(np.float32),
+        values=rng.standard_normal((G, M, 1, D)).astype(BF16),
+        bias=rng.standard_normal((G, M, 1)).astype(np.float32),
+        metadata={"entry_state": "fitted", "layer": "0"},
+    )
+
+
+def test_fitted_rows_are_stored_as_keys_values_bias_and_round_trip():
+    rows = fitted_rows()
+    blob = encode_shard(rows)
+    stored = safetensors.deserialize(blob)
+    assert sorted(name for name, _ in stored) == ["bias", "keys", "values"]
+    again = decode_shard(blob)
+    assert not again.extras and again.tensor_names == ("keys", "values", "bias")
+    for name in ("keys", "values", "bias"):
+        a, b = getattr(again, name), getattr(rows, name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    # looked-up entries keep (keys, out, lse); an entry shard needs them by those names
+    entries = shard_with({})
+    assert sorted(n for n, _ in safetensors.deserialize(encode_shard(entries))) == [
+        "keys", "lse", "out"
+    ]  # fmt: skip
+    as_entries = {k: torch.from_numpy(v.astype(np.float32)) for k, v in
+                  (("keys", rows.keys), ("values", rows.values), ("bias", rows.bias))}  # fmt: skip
+    with pytest.raises(InvalidArgument, match="required tensor 'out' is missing"):
+        decode_shard(safetensors.torch.save(as_entries))  # no entry_state "fitted"
+
+
+def test_fitted_rows_stored_under_the_older_out_lse_names_decode_the_same():
+    rows = fitted_rows(seed=1)
+    older = safetensors.numpy.save(
+        {"keys": rows.keys, "out": rows.values.astype(np.float32), "lse": rows.bias},
+        metadata={"memdb.format": "1", **rows.metadata},
+    )
+    got = decode_shard(older)
+    assert not got.extras and got.metadata["entry_state"] == "fitted"
+    np.testing.assert_array_equal(got.values, rows.values.astype(np.float32))
+    np.testing.assert_array_equal(got.bias, rows.bias)
+    assert sorted(n for n, _ in safetensors.deserialize(encode_shard(got))) == [
+        "bias", "keys", "values"
+    ]  # fmt: skip
+    with pytest.raises(InvalidArgument, match="tensor 'bias' has shape"):
+        encode_shard(Shard.of_rows(rows.keys, rows.values, rows.bias[:, :1], rows.metadata))

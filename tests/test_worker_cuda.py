@@ -131,7 +131,7 @@ def test_fitted_build_on_cuda(llama8b_shaped, data):
     # the defaults: 16 fitted rows per KV head (8), float8 keys, bf16 values, a bias per row
     s = built.shards[1]
     assert s.keys.shape == (8, 16, 128) and s.keys.dtype.name == "float8_e4m3fn"
-    assert s.out.shape == (8, 16, 1, 128) and s.lse.shape == (8, 16, 1)
+    assert s.values.shape == (8, 16, 1, 128) and s.bias.shape == (8, 16, 1)
     memory = built.to_memory("cuda")
     assert memory.fitted
     plain = _logits(model, trace)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import safetensors
 import torch
 
-from memdb.shards import decode_shard, encode_shard
+from memdb.shards import decode_shard, encode_shard, save_tensors
 from memdb_worker.attend.attention import bind
 from memdb_worker.build import fitting
 from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
@@ -155,16 +156,29 @@ def test_fitted_shards_round_trip_through_the_server_encoding(tiny):
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 2), budget=10,
                          options=BuildOptions(entry_state="fitted"), progress=False)  # fmt: skip
     s = built.shards[0]
-    assert s.keys.shape == (2, 10, 8) and s.out.shape == (2, 10, 1, 8) and s.lse.shape == (2, 10, 1)
-    back = [decode_shard(encode_shard(x)) for x in built.shards]
-    mem, again = built.to_memory(), Memory.from_shards(back)
-    assert again.fitted and again.nbytes() == mem.nbytes() == built.nbytes()
+    assert s.keys.shape == (2, 10, 8) and s.values.shape == (2, 10, 1, 8)
+    assert s.bias.shape == (2, 10, 1)
+    blobs = [encode_shard(x) for x in built.shards]
+    names = sorted(n for n, _ in safetensors.deserialize(blobs[0]))
+    assert names == ["bias", "key_scale", "keys", "values"]  # the defaults: float8 keys
+    # fitted shards stored before the rows had their own names hold values/biases as out/lse
+    older = [
+        save_tensors({"keys": x.keys, "key_scale": x.key_scale, "out": x.values, "lse": x.bias},
+                     metadata={"memdb.format": "1", **x.metadata})
+        for x in built.shards
+    ]  # fmt: skip
+    mem = built.to_memory()
     ids = torch.tensor(_traces(1, 10, 6))
     with bind(tiny, mem):
         a = tiny(ids).logits
-    with bind(tiny, again):
-        b = tiny(ids).logits
-    torch.testing.assert_close(a, b)
+    for stored in (blobs, older):
+        again = Memory.from_shards([decode_shard(b) for b in stored])
+        assert again.fitted and again.nbytes() == mem.nbytes() == built.nbytes()
+        for x, y in zip(again.layers, mem.layers, strict=True):
+            assert all(map(torch.equal, x.rows(), y.rows()))
+        with bind(tiny, again):
+            b = tiny(ids).logits
+        torch.testing.assert_close(a, b)
 
 
 def test_fitted_rows_fit_the_calibration_better_than_the_prefix_cut_to_as_many_tokens(tiny):

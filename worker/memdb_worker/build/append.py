@@ -209,23 +209,21 @@ def _append_rows(
     for layer, s in enumerate(shards):
         keys, scale = quantize_keys(new.keys[layer][0].float().cpu(), s.keys.dtype.name)
         values = new.values[layer][0].cpu().unsqueeze(2)  # [Hkv, n, 1, d]
-        values = values.to(getattr(torch, s.out.dtype.name))  # the stored values' dtype
+        values = values.to(getattr(torch, s.values.dtype.name))  # the stored values' dtype
         key_scale = None
         if scale is not None:
             key_scale = np.concatenate([s.key_scale, to_numpy(scale)], axis=1)
         out_shards.append(
-            Shard(
+            Shard.of_rows(
                 keys=np.concatenate([s.keys, to_numpy(keys)], axis=1),
-                out=np.concatenate([s.out, to_numpy(values)], axis=1),
-                lse=np.concatenate(
+                values=np.concatenate([s.values, to_numpy(values)], axis=1),
+                bias=np.concatenate(
                     [
-                        s.lse + np.float32(old_shift),
+                        s.bias + np.float32(old_shift),
                         np.full(values.shape[:3], new_shift, np.float32),
                     ],
                     axis=1,
                 ),
-                extras={},
-                metadata={},
                 key_scale=key_scale,
             )
         )

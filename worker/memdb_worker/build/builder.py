@@ -287,7 +287,7 @@ def _fit_layer(
     cos_sin: tuple[torch.Tensor, torch.Tensor],
 ) -> Shard:
     """Fitted rows of every KV head of a layer (`fitting.fit_group`): keys [Hkv, M, d], values
-    as out [Hkv, M, 1, d], biases as lse [Hkv, M, 1]; cos_sin: the records' RoPE [N, d]."""
+    [Hkv, M, 1, d], bias [Hkv, M, 1] (`Shard.of_rows`); cos_sin: the records' RoPE [N, d]."""
     pre = calib.prefix
     hkv, d = calib.num_kv_heads, calib.head_dim
     hg = calib.num_heads // hkv
@@ -317,11 +317,10 @@ def _fit_layer(
         # the chunk mass's constant lse shift (prefix.py) is fitted out and added back
         keys[g], values[g, :, 0], bias[g, :, 0] = k.cpu(), v.cpu(), b.cpu() + pre.log_mass
     stored_keys, key_scale = quantize_keys(keys, options.key_dtype)
-    return Shard(
+    return Shard.of_rows(
         keys=to_numpy(stored_keys),
-        out=to_numpy(values.to(getattr(torch, options.out_dtype))),
-        lse=bias.numpy().astype(np.float32),
-        extras={},
+        values=to_numpy(values.to(getattr(torch, options.out_dtype))),
+        bias=bias.numpy().astype(np.float32),
         metadata={**meta, "layer": str(layer)},
         key_scale=None if key_scale is None else to_numpy(key_scale),
     )

@@ -16,9 +16,10 @@ which is attention over M tokens with an additive bias: exact for every query wh
 the prefix's own keys and values (M = N, b = 0), and the same bytes per row as one token of KV.
 
 Keys are post-RoPE at their prefix positions, so live queries must sit where calibration put
-the traces (right after the prefix), as for every memory. The stored shard of a layer is keys
-[Hkv, M, d], out = values [Hkv, M, 1, d], lse = biases [Hkv, M, 1] (metadata entry_state
-"fitted", granularity kv_group, group_key "mean"). Knows nothing of shards, servers or models.
+the traces (right after the prefix), as for every memory. The stored shard of a layer holds
+keys [Hkv, M, d], values [Hkv, M, 1, d] and bias [Hkv, M, 1] (`memdb.shards`; metadata
+entry_state "fitted", granularity kv_group, group_key "mean"). Knows nothing of shards, servers
+or models.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ keys (`keys.KeySpace`), finds the entries of highest cosine similarity per layer
 - lse_bias: a constant added to every entry's lse (against prefix decay), or one per layer.
 
 A memory built with entry_state "fitted" (`fitted`) is not looked up: its layer holds M
-key/value rows per KV head (keys [Hkv, M, d] post-RoPE, out [Hkv, M, 1, d] the values, lse
-[Hkv, M, 1] a bias added to the scores) and a live query's state is attention over all of
-them; only `lse_bias` of the decode options applies.
+key/value/bias rows per KV head (keys [Hkv, M, d] post-RoPE, values [Hkv, M, 1, d], bias
+[Hkv, M, 1] added to the scores; held in the fields `out`/`lse` as in the shard,
+`MemoryLayer.rows` reads them) and a live query's state is attention over all of them; only
+`lse_bias` of the decode options applies.
 
 `DecodeOptions` are chosen at decode time (`with_options` shares the tensors). Everything after
 the search (correction, bias, soft top-k) is `hits_state`, shared with the worker's remote
@@ -89,10 +90,15 @@ class MemoryLayer:
 
     keys: torch.Tensor  # [I, M, Dk] (float8 keys are scaled by key_scale)
     inv_norm: torch.Tensor  # [I, M] float32, 1 / |key| (of the scaled key)
-    out: torch.Tensor  # [I, M, h, d]
-    lse: torch.Tensor  # [I, M, h] float32
+    out: torch.Tensor  # [I, M, h, d]; fitted rows' values
+    lse: torch.Tensor  # [I, M, h] float32; fitted rows' biases
     extras: dict[str, torch.Tensor]
     key_scale: torch.Tensor | None = None  # [I, M] float32, iff keys are float8
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fitted layer's values [Hkv, M, d] and biases [Hkv, M] float32: the fields `out`
+        and `lse` without their head axis of one."""
+        return self.out[:, :, 0], self.lse[:, :, 0]
 
     def key_values(self) -> torch.Tensor:
         """The keys as float32 [I, M, Dk] (float8 keys times their scale)."""
@@ -319,8 +325,7 @@ class Memory:
         ks = self.keyspace
         lay = self.layers[query.layer]
         if self.fitted:
-            st = fitted_state(query.q, lay.key_values(), lay.out[:, :, 0], lay.lse[:, :, 0],
-                              query.scaling)  # fmt: skip
+            st = fitted_state(query.q, lay.key_values(), *lay.rows(), query.scaling)
             bias = self.options.bias_at(query.layer)
             return State(st.out, st.lse + bias) if bias else st
         q_pre = query.q_pre.transpose(1, 2).reshape(b * t, h, d)  # [n, H, d]
@@ -354,14 +359,14 @@ def check_fitted(
     options: DecodeOptions, layer: MemoryLayer, keyspace: KeySpace, group_key: str
 ) -> None:
     """Raise ValueError unless a fitted memory (entry_state "fitted") has its shapes (keys
-    [Hkv, M, d], out [Hkv, M, 1, d], lse [Hkv, M, 1]) and asks for no lookup option."""
+    [Hkv, M, d], values [Hkv, M, 1, d], bias [Hkv, M, 1]) and asks for no lookup option."""
     want = (keyspace.num_kv_heads, keyspace.head_dim)
     if keyspace.granularity != "kv_group" or group_key != "mean":
         raise ValueError("a fitted memory has granularity 'kv_group' and group_key 'mean'")
     if (layer.keys.shape[0], layer.keys.shape[2]) != want or layer.out.shape[2] != 1:
         raise ValueError(
-            f"a fitted memory holds keys [Hkv, M, d], out [Hkv, M, 1, d]: got keys "
-            f"{list(layer.keys.shape)}, out {list(layer.out.shape)} for Hkv, d = {want}"
+            f"a fitted memory holds keys [Hkv, M, d], values [Hkv, M, 1, d]: got keys "
+            f"{list(layer.keys.shape)}, values {list(layer.out.shape)} for Hkv, d = {want}"
         )
     if options.top_k != 1 or options.lse_correction:
         raise ValueError(

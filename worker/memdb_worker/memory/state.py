@@ -199,16 +199,6 @@ def merge_states(a: State, b: State) -> State:
     return State(out, lse)
 
 
-def merge_many(states: list[State]) -> State:
-    """Merge the states of the same queries on several disjoint blocks (associative)."""
-    if not states:
-        raise ValueError("merge_many needs at least one state")
-    acc = states[0]
-    for s in states[1:]:
-        acc = merge_states(acc, s)
-    return acc
-
-
 def combine_states(
     lse: torch.Tensor, out: torch.Tensor, log_weights: torch.Tensor, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,7 +192,7 @@ def run_dataset(model, tok, name: str, args, results: dict) -> None:
         calib_opts = BuildOptions(**{**BASE_BUILD, "lse_correction": True},
                                   kmeans_iters=args.kmeans_iters, seed=seed)  # fmt: skip
         calib = calibrate(model, tok, task.prefix_ids(demos), traces, calib_opts, progress=False)
-        exact = calib.prefix
+        exact = calib.prefix_kv
         seqs = [task.trace_ids(r) for r in rows[: args.fidelity_examples]]
         ref = exact_logp(model, *pad(seqs, next(model.parameters()).device), exact)
         rec: dict = {"seed": seed, "n_validation": len(rows), "prefix_tokens": exact.token_count,

@@ -132,7 +132,7 @@ def test_calibrate_accepts_an_encoded_prefix():
     traces = [[5, 6, 7, 8], [9, 10, 11]]
     a = calibrate(model, None, prefix, traces, progress=False)
     b = calibrate(model, None, encode_prefix(model, prefix), traces, progress=False)
-    assert b.prefix.token_count == len(prefix)
+    assert b.prefix_kv.token_count == len(prefix)
     for x, y in zip(a.lse, b.lse, strict=True):
         assert torch.equal(x, y)
 

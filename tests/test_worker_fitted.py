@@ -185,9 +185,9 @@ def test_fitted_rows_fit_the_calibration_better_than_the_prefix_cut_to_as_many_t
     traces = _traces(24, 15, 3)
     calib = calibrate(tiny, None, PREFIX, traces, BuildOptions(**FITTED), progress=False)
     mem = cluster(calib, 10, BuildOptions(**FITTED), progress=False).to_memory()
-    cut = calib.prefix.head(10)
+    cut = calib.prefix_kv.head(10)
     ids = torch.tensor(_traces(4, 12, 7))
-    with bind(tiny, calib.prefix):
+    with bind(tiny, calib.prefix_kv):
         want = tiny(ids).logits.log_softmax(-1)
     errs = []
     for source in (mem, cut):

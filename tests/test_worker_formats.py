@@ -230,8 +230,8 @@ def test_every_record_its_own_entry_gives_exact_states(calib, granularity):
     layer, pos = 1, calib.positions[:5]
     cos, sin = calib.rope.cos_sin(pos)
     q = apply_rope(calib.q_pre[layer][:5], cos[:, None], sin[:, None]).transpose(0, 1)[None]
-    query = LayerQuery(layer, q, pos[None], calib.prefix.scaling, calib.rope, calib.num_kv_heads)
-    got, want = memory.prefix_state(query), calib.prefix.state(layer, q)
+    query = LayerQuery(layer, q, pos[None], calib.prefix_kv.scaling, calib.rope, calib.num_kv_heads)
+    got, want = memory.prefix_state(query), calib.prefix_kv.state(layer, q)
     torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.out, want.out, rtol=0, atol=1e-5)
 

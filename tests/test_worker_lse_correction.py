@@ -34,7 +34,7 @@ def _exact_log_mean_z(calib, layer: int, delta: torch.Tensor) -> torch.Tensor:
     q_pre = calib.q_pre[layer].double() + delta.double()  # [N, H, d]
     cos, sin = calib.rope.cos_sin(calib.positions)  # [N, d], scaled by a
     q_post = apply_rope(q_pre, cos.double()[:, None], sin.double()[:, None])  # [N, H, d]
-    lse = calib.prefix.state(layer, q_post.float().transpose(0, 1).unsqueeze(0)).lse[0]  # [H, N]
+    lse = calib.prefix_kv.state(layer, q_post.float().transpose(0, 1).unsqueeze(0)).lse[0]  # [H, N]
     return (torch.logsumexp(lse.double(), dim=-1) - math.log(lse.shape[-1])).float()
 
 
@@ -46,7 +46,7 @@ def _corrected(calib, built, layer: int, delta: torch.Tensor) -> torch.Tensor:
     k_bar = torch.from_numpy(s.extras["k_bar"].astype("float32"))
     q = (q_mean[:, 0] + delta[:, None]).unsqueeze(0)  # [n=1, I, h, d]
     out = correct_lse(lse.unsqueeze(0).unsqueeze(2), q, q_mean.unsqueeze(0), k_bar.unsqueeze(0),
-                      float(calib.prefix.scaling))  # fmt: skip
+                      float(calib.prefix_kv.scaling))  # fmt: skip
     return out[0, :, 0, 0]
 
 

@@ -183,7 +183,7 @@ def run_seed(model, tok, task: Task, plan: SeedPlan, cfg: Config, seed: int) -> 
     opts = build_options(cfg, seed=seed)
     calib = calibrate(model, tok, prefix_ids, traces, opts, progress=False)
     n_records = calib.num_records
-    exact = calib.prefix
+    exact = calib.prefix_kv
     timings["calibration_s"] = calib.seconds
 
     t = time.perf_counter()

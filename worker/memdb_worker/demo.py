@@ -164,7 +164,7 @@ def build_and_upload(args, client: MemdbClient, prefix: str, traces: list[str]):
         f"{built.build_seconds:.0f} s from a {built.token_count}-token prefix "
         f"(its KV cache in bfloat16: {kv / 1e6:.1f} MB)"
     )
-    return name, model, tokenizer, calib.prefix
+    return name, model, tokenizer, calib.prefix_kv
 
 
 def prefix_kv_bytes(model, tokens: int) -> int:

@@ -140,9 +140,9 @@ def cluster(
     n = calib.num_records
     if budget < 1:
         raise ValueError("the budget M must be >= 1")
-    if options.fitted and budget > calib.prefix.token_count:
+    if options.fitted and budget > calib.prefix_kv.token_count:
         raise ValueError(
-            f"budget M={budget} exceeds the prefix's {calib.prefix.token_count} tokens: fitted "
+            f"budget M={budget} exceeds the prefix's {calib.prefix_kv.token_count} tokens: fitted "
             "entries are at most one row per prefix token (its whole KV)"
         )
     if budget > n and not options.fitted:
@@ -153,7 +153,7 @@ def cluster(
         )
     if options.entry_state == "average" and options.lse_correction and calib.k_bar is None:
         raise ValueError("lse_correction with average entries needs calibrate(lse_correction=True)")
-    pre = calib.prefix
+    pre = calib.prefix_kv
     common = pre.prefix_length if options.common_position is None else options.common_position
     ks = KeySpace(
         mode=options.key_mode,
@@ -185,7 +185,7 @@ def cluster(
 
     workers = _cluster_workers(len(layers))
     if options.fitted and workers > 1:  # the solver's lazy CUDA set-up is not thread-safe
-        warm_solver(calib.prefix.keys[0].device)
+        warm_solver(calib.prefix_kv.keys[0].device)
     if workers == 1:
         shards = [one(layer) for layer in layers]
     else:  # layers in parallel (FAISS and torch release the GIL); each k-means seeded alone
@@ -257,7 +257,7 @@ def _cluster_layer(
             if options.lse_correction:
                 k_bar[i] = e_val[..., d:]
     if options.entry_state == "centroid":
-        out, lse, k_bar = _centroid_states(calib.prefix, calib.rope, layer, q_mean, pos_mean)
+        out, lse, k_bar = _centroid_states(calib.prefix_kv, calib.rope, layer, q_mean, pos_mean)
     stored_keys, key_scale = quantize_keys(entry_keys, options.key_dtype)
     state_dtype = getattr(torch, options.out_dtype)
     extras: dict[str, np.ndarray] = {}
@@ -288,7 +288,7 @@ def _fit_layer(
 ) -> Shard:
     """Fitted rows of every KV head of a layer (`fitting.fit_group`): keys [Hkv, M, d], values
     [Hkv, M, 1, d], bias [Hkv, M, 1] (`Shard.of_rows`); cos_sin: the records' RoPE [N, d]."""
-    pre = calib.prefix
+    pre = calib.prefix_kv
     hkv, d = calib.num_kv_heads, calib.head_dim
     hg = calib.num_heads // hkv
     dev = pre.keys[layer].device
@@ -394,7 +394,7 @@ def _seed(seed: int, layer: int, group: int) -> int:
 def _metadata(
     calib: Calibration, ks: KeySpace, budget: int, options: BuildOptions
 ) -> dict[str, str]:
-    pre = calib.prefix
+    pre = calib.prefix_kv
     # Calibration fields come from the calibration actually run, the rest from `options`.
     ran = replace(options, **{f: getattr(calib.options, f) for f in CALIBRATION_FIELDS})
     built = ran.to_metadata(

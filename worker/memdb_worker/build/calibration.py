@@ -39,7 +39,7 @@ class Calibration:
     lse: list[torch.Tensor]  # per layer [N, H] exact lse on the prefix
     k_bar: list[torch.Tensor] | None  # per layer [N, H, d] (pre-RoPE frame) or None
     positions: torch.Tensor  # [N] RoPE position of each record
-    prefix: ExactPrefix
+    prefix_kv: ExactPrefix  # the prefix's keys/values (exact states on the prefix)
     rope: RopeSpec
     num_heads: int
     num_kv_heads: int
@@ -174,7 +174,7 @@ def calibrate(
         lse=rec.lse,
         k_bar=rec.k_bar,
         positions=rec.positions,
-        prefix=pre,
+        prefix_kv=pre,
         rope=RopeSpec.from_model(model),
         num_heads=h,
         num_kv_heads=hkv,

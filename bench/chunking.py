@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from bench import quality as q
+from memdb_worker.memory.prefix_kv import PrefixKV
 from memdb_worker.model.loading import load_model
-from memdb_worker.model.prefix import ExactPrefix, encode_chunk, encode_prefix
+from memdb_worker.model.prefix import encode_chunk, encode_prefix
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         for true_positions in (False, True):
             start = len(first) if true_positions else sink
             tail = encode_chunk(model, second, first[:sink], start)
-            chunked = ExactPrefix.join([head, tail])
+            chunked = PrefixKV.join([head, tail])
             f = q.fidelity(model, seqs, chunked, whole, ref_logp=ref)
             row = {"sink": sink, "true_positions": true_positions,
                    **{k: round(f[k], 4) for k in ("rel_err", "top1_agree", "kl")}}  # fmt: skip

@@ -20,7 +20,7 @@ query tokens (c concurrent requests, one batch padded to its bucket 1/2/4/8/16/3
 - "full_prefix": the N-token prefix encoded ONCE (`prefix.encode_prefix`; its time is
                  `prefix_encode_s`, paid once per prefix version, not per request: prefix
                  caching), its KV shared by every row: the prefill of a request runs its Q tokens
-                 against the cached prefix (`attention.bind` to the `ExactPrefix`), decode steps
+                 against the cached prefix (`attention.bind` to the `PrefixKV`), decode steps
                  read the prefix KV once per batch (`shared_prefix.shared_attention`).
 
 Per row: ttft_s = wall time of the c rows' prefill (one batch) up to their first tokens on the

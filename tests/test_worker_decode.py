@@ -277,12 +277,12 @@ def test_next_token_logprobs_equal_a_forward_of_each_context(tiny, data):
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_averaged_chunk_mass_weights_each_chunks_attention_one_over_c(mode):
+    from memdb_worker.memory.prefix_kv import PrefixKV
     from memdb_worker.memory.state import attention_state, merge_states
-    from memdb_worker.model.prefix import ExactPrefix
 
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(1, 1, 12, 8, generator=g), torch.randn(1, 1, 12, 8, generator=g)
-    pre = ExactPrefix(keys=[k], values=[v], scaling=0.4, prefix_length=5, token_count=12,
+    pre = PrefixKV(keys=[k], values=[v], scaling=0.4, prefix_length=5, token_count=12,
                       chunk_lengths=(5, 4, 3)).with_chunk_mass(mode)  # fmt: skip
     q = torch.randn(1, 1, 2, 8, generator=g)
     lk, lv = torch.randn(1, 1, 2, 8, generator=g), torch.randn(1, 1, 2, 8, generator=g)

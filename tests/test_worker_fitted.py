@@ -200,7 +200,8 @@ def test_fitted_rows_fit_the_calibration_better_than_the_prefix_cut_to_as_many_t
 @pytest.mark.parametrize("key_dtype", ["float32", "float8_e4m3fn"])
 def test_appending_to_a_fitted_memory_adds_the_chunk_rows_exactly(tiny, key_dtype):
     from memdb_worker.build.append import append_chunk
-    from memdb_worker.model.prefix import ExactPrefix, encode_chunk
+    from memdb_worker.memory.prefix_kv import PrefixKV
+    from memdb_worker.model.prefix import encode_chunk
 
     opts = BuildOptions(**{**FITTED, "key_dtype": key_dtype})
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 4), budget=len(PREFIX),
@@ -210,7 +211,7 @@ def test_appending_to_a_fitted_memory_adds_the_chunk_rows_exactly(tiny, key_dtyp
     mem = Memory.from_shards(app.shards)
     assert mem.budget == len(PREFIX) + len(more) and mem.token_count == len(PREFIX) + len(more)
     first = encode_prefix(tiny, PREFIX)
-    want = ExactPrefix.join([first, encode_chunk(tiny, more, list(first.sink_ids), len(PREFIX))])
+    want = PrefixKV.join([first, encode_chunk(tiny, more, list(first.sink_ids), len(PREFIX))])
     assert mem.prefix_length == want.prefix_length
     ids = torch.tensor(_traces(2, 10, 8))
     with bind(tiny, mem):
@@ -237,7 +238,7 @@ def test_a_fitted_memory_adds_the_layers_lse_bias_and_nothing_else(tiny):
 
 def test_a_fitted_memory_of_the_whole_prefix_follows_its_averaged_chunk_mass(tiny):
     # a prefix of 2 chunks with chunk_mass "mean": every row kept is exact attention over both
-    # chunks, each weighted 1/2 (prefix.ExactPrefix.with_chunk_mass)
+    # chunks, each weighted 1/2 (memory.PrefixKV.with_chunk_mass)
     opts = BuildOptions(**FITTED, chunk_tokens=24, sink_tokens=4, chunk_mass="mean")
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 10), budget=len(PREFIX),
                          options=opts, progress=False)  # fmt: skip
@@ -257,7 +258,8 @@ def test_appending_past_the_context_to_averaged_chunks_weighs_every_chunk_alike(
     # a prefix of 2 chunks averaged (1/2 each), then text appended past the context: it restarts
     # after the sink as a third chunk and every chunk weighs 1/3, exactly
     from memdb_worker.build.append import append_chunk
-    from memdb_worker.model.prefix import ExactPrefix, encode_chunk
+    from memdb_worker.memory.prefix_kv import PrefixKV
+    from memdb_worker.model.prefix import encode_chunk
 
     opts = BuildOptions(**FITTED, chunk_tokens=24, sink_tokens=4, chunk_mass="mean")
     built = build_memory(tiny, None, PREFIX, _traces(8, 15, 12), budget=len(PREFIX),
@@ -267,7 +269,7 @@ def test_appending_past_the_context_to_averaged_chunks_weighs_every_chunk_alike(
     assert app.metadata["log_mass"] == repr(-math.log(3))
     exact = encode_prefix(tiny, PREFIX, chunk_tokens=24, sink_tokens=4)
     third = encode_chunk(tiny, more, list(exact.sink_ids[:4]))
-    want = ExactPrefix.join([exact, third], sink_ids=exact.sink_ids).with_chunk_mass("mean")
+    want = PrefixKV.join([exact, third], sink_ids=exact.sink_ids).with_chunk_mass("mean")
     assert len(want.chunk_lengths) == 3
     ids = torch.tensor(_traces(2, 10, 13))
     with bind(tiny, Memory.from_shards(app.shards)):

@@ -335,7 +335,8 @@ def encode_long_prefix(
     """The 32K prefix: the already encoded full prefix as first chunk, then the extra
     demonstrations in chunks (at demonstration boundaries), each encoded after the prefix's
     first `sink_tokens` tokens (`prefix.encode_chunk`; 0 = alone, as in the paper)."""
-    from memdb_worker.model.prefix import ExactPrefix, encode_chunk
+    from memdb_worker.memory.prefix_kv import PrefixKV
+    from memdb_worker.model.prefix import encode_chunk
 
     sink = list(first.sink_ids[:sink_tokens])
     if len(sink) < sink_tokens:
@@ -345,7 +346,7 @@ def encode_long_prefix(
         encode_chunk(model, task.prefix_ids([extra[j] for j in c]), sink)
         for c in chunk_demos(lengths, chunk_tokens - len(sink))
     ]
-    return ExactPrefix.join(parts, sink_ids=first.sink_ids)
+    return PrefixKV.join(parts, sink_ids=first.sink_ids)
 
 
 def run_32k(

@@ -20,7 +20,7 @@ Protocol:
 - Test examples: a seeded permutation of test.jsonl split into disjoint slices, one per seed;
   every method is scored on the same examples within a seed. Accuracies are means over seeds
   (the spread: std and min/max over seeds).
-- Methods: zero_shot; icl[M] = the prefix truncated to its first M tokens (ExactPrefix.head);
+- Methods: zero_shot; icl[M] = the prefix truncated to its first M tokens (PrefixKV.head);
   icl_full; memory[M] built from the full prefix; memory_32k built from the ~32K prefix at one
   budget (`budget_32k`), its later chunks encoded after the prefix's first 32 tokens (an
   attention sink, `sinks_32k[0]`); memory_32k_sink0 the same with chunks encoded alone, as in

@@ -6,7 +6,7 @@ are kept) and switches the model to it. While no sequence is bound it runs plain
 installed model behaves like the original.
 
 `bind(model, source)` binds the batch to a *state source* for the duration of a `with` block:
-a `memory.Memory` (the lookup memory), a `prefix.ExactPrefix` (exact prefix keys/values), or a
+a `memory.Memory` (the lookup memory), a `memory.PrefixKV` (exact prefix keys/values), or a
 list with one source (or None) per batch row. At every layer the attention function then
 
 1. computes the state of the live queries on the live context (the KV cache, causal / padding
@@ -20,7 +20,7 @@ them by the source's `prefix_length` (the position right after the prefix, as in
 with "zero" they stay at 0, 1, ... The memory lookup is position-free in both key modes (keys come
 from the pre-RoPE query) and RoPE makes live-to-live attention depend only on relative
 positions, so for a `Memory` the two choices differ by rounding only (and in how much of the
-model's context is left); an `ExactPrefix` needs "after_prefix" to equal in-context learning.
+model's context is left); an `PrefixKV` needs "after_prefix" to equal in-context learning.
 
 On CUDA, a decode step (T = 1) bound to one `Memory` whose options the kernels cover (hard
 top-1, with or without the first-order lse correction, any lse_bias) runs the fused Triton

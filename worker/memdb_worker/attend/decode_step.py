@@ -11,7 +11,7 @@ LM head), so it computes what `model(...)` computes, without transformers' per-c
 - a `memory.Memory`: the fused path (`fused.memory_attention`: lookup, live attention, merge) on
   CUDA, its torch form `fused.decode_reference` elsewhere; memories the kernels do not cover take
   the reference path (`Memory.prefix_state` merged with the live state);
-- an `prefix.ExactPrefix` (the full prefix, prefix-cached: its KV computed once and shared by
+- an `memory.PrefixKV` (the full prefix, prefix-cached: its KV computed once and shared by
   every slot): shared-prefix attention (`shared_prefix.shared_attention`: the prefix KV read once
   for the batch) on CUDA, `shared_prefix.shared_reference` elsewhere.
 
@@ -44,8 +44,8 @@ from memdb_worker.attend.attention import LivePositions, bind
 from memdb_worker.attend.shared_prefix import shared_attention, shared_reference
 from memdb_worker.memory.keys import LayerQuery, RopeSpec
 from memdb_worker.memory.memory import Memory
+from memdb_worker.memory.prefix_kv import PrefixKV
 from memdb_worker.memory.state import attention_state, merge_states
-from memdb_worker.model.prefix import ExactPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class StaticDecoder:
         model: torch.nn.Module,
         max_batch: int,
         max_live: int,
-        source: Memory | ExactPrefix | None = None,
+        source: Memory | PrefixKV | None = None,
         *,
         live_positions: LivePositions = "after_prefix",
         use_fused: bool | None = None,
@@ -103,7 +103,7 @@ class StaticDecoder:
             source.check_model(model)
             if fused.supports(source):
                 self.fls = [fused.prepare_layer(source, i) for i in range(len(self.layers))]
-        if isinstance(source, ExactPrefix):
+        if isinstance(source, PrefixKV):
             self.pk = [k.to(self.device, self.dtype) for k in source.keys]
             self.pv = [v.to(self.device, self.dtype) for v in source.values]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -260,7 +260,7 @@ class StaticDecoder:
             o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask.view(b, 1, 1, -1),
                                                scale=scale)  # fmt: skip
             return o.reshape(b, 1, h, d)
-        if isinstance(src, ExactPrefix):
+        if isinstance(src, PrefixKV):
             pk, pv = self.pk[layer], self.pv[layer]
             if self.fused:
                 return shared_attention(q, pk, pv, kc, vc, mask, scale)

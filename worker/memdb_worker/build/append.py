@@ -59,7 +59,7 @@ from memdb_worker.memory.keys import KeySpace, apply_rope, rope_transpose, undo_
 from memdb_worker.memory.memory import group_key_of, keyspace_from_metadata
 from memdb_worker.memory.state import State, merge_states
 from memdb_worker.model.prefix import (
-    ExactPrefix,
+    PrefixKV,
     default_chunk_tokens,
     encode_chunk,
     encode_prefix,
@@ -251,7 +251,7 @@ def chunk_weights(
 def _appended(
     shards: list[Shard],
     meta: dict[str, str],
-    new: ExactPrefix,
+    new: PrefixKV,
     tokens: int,
     query_position: int,
     log_mass: float,
@@ -275,7 +275,7 @@ def _appended(
 
 def _encode_new(
     model, ids: list[int], sink: list[int], start: int, chunk_tokens: int | None, progress: bool
-) -> tuple[ExactPrefix, bool]:
+) -> tuple[PrefixKV, bool]:
     """The new text's keys/values: at its true positions after the stored prefix when it fits
     `chunk_tokens` (default: the context minus the live reserve), else chunked after the sink;
     and whether it restarted (new chunks) rather than continuing at its true positions."""
@@ -286,7 +286,7 @@ def _encode_new(
         restart = encode_prefix(model, sink + ids, chunk_tokens, progress, sink_tokens=len(sink))
     # drop the sink tokens, which lead the first chunk
     s = len(sink)
-    return ExactPrefix(
+    return PrefixKV(
         keys=[k[:, :, s:] for k in restart.keys],
         values=[v[:, :, s:] for v in restart.values],
         scaling=restart.scaling,

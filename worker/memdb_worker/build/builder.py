@@ -51,8 +51,8 @@ from memdb_worker.build.fitting import fit_group, warm_solver
 from memdb_worker.memory.formats import keys_as_stored, quantize_keys, to_numpy
 from memdb_worker.memory.keys import KeySpace, RopeSpec, apply_rope, fit_whitening, rope_transpose
 from memdb_worker.memory.memory import DecodeOptions, Memory, lookup_keys
+from memdb_worker.memory.prefix_kv import PrefixKV
 from memdb_worker.memory.state import aggregate_states
-from memdb_worker.model.prefix import ExactPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _mean(x: torch.Tensor, cid: torch.Tensor, m: int, count: torch.Tensor) -> to
 
 
 def _centroid_states(
-    prefix: ExactPrefix, rope: RopeSpec, layer: int, q_mean: torch.Tensor, pos: torch.Tensor
+    prefix: PrefixKV, rope: RopeSpec, layer: int, q_mean: torch.Tensor, pos: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact prefix states of the centroid queries q_mean [I, M, h, d], rotated to the mean
     position of their members pos [I, M]. Returns out [I, M, h, d], lse [I, M, h], k_bar."""

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from memdb.build_options import BuildOptions
 from memdb_worker.attend.attention import bind
 from memdb_worker.memory.keys import LayerQuery, RopeSpec
+from memdb_worker.memory.prefix_kv import PrefixKV
 from memdb_worker.memory.state import State
 from memdb_worker.model.loading import model_fingerprint
-from memdb_worker.model.prefix import ExactPrefix, encode_prefix
+from memdb_worker.model.prefix import encode_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Calibration:
     lse: list[torch.Tensor]  # per layer [N, H] exact lse on the prefix
     k_bar: list[torch.Tensor] | None  # per layer [N, H, d] (pre-RoPE frame) or None
     positions: torch.Tensor  # [N] RoPE position of each record
-    prefix_kv: ExactPrefix  # the prefix's keys/values (exact states on the prefix)
+    prefix_kv: PrefixKV  # the prefix's keys/values (exact states on the prefix)
     rope: RopeSpec
     num_heads: int
     num_kv_heads: int
@@ -87,20 +88,20 @@ def tokenize_traces(tokenizer, traces: Sequence[str | Sequence[int]]) -> list[li
 def calibrate(
     model: torch.nn.Module,
     tokenizer,
-    prefix: str | Sequence[int] | ExactPrefix,
+    prefix: str | Sequence[int] | PrefixKV,
     traces: Sequence[str | Sequence[int]],
     options: BuildOptions | None = None,
     progress: bool = True,
 ) -> Calibration:
     """Encode the prefix, run the traces after it, record queries and exact prefix states.
 
-    `prefix` may also be an already encoded `ExactPrefix` (e.g. from `encode_prefix`), which is
+    `prefix` may also be an already encoded `PrefixKV` (e.g. from `encode_prefix`), which is
     used as is (not re-encoded; `options.chunk_tokens` is then moot). Either way its chunks'
-    mass is summed or averaged as `options.chunk_mass` says (`ExactPrefix.with_chunk_mass`).
+    mass is summed or averaged as `options.chunk_mass` says (`PrefixKV.with_chunk_mass`).
     """
     options = options or BuildOptions()
     t0 = time.perf_counter()
-    encoded = prefix if isinstance(prefix, ExactPrefix) else None
+    encoded = prefix if isinstance(prefix, PrefixKV) else None
     prefix_ids = [] if encoded is not None else tokenize_prefix(tokenizer, prefix)
     trace_ids = tokenize_traces(tokenizer, traces)
     if not trace_ids:
@@ -219,7 +220,7 @@ class _Reservoir:
 class _Recorder:
     """State source for calibration: exact prefix states, recorded for the selected tokens."""
 
-    def __init__(self, prefix: ExactPrefix, layers: int, cap: int, h: int, d: int, kbar: bool):
+    def __init__(self, prefix: PrefixKV, layers: int, cap: int, h: int, d: int, kbar: bool):
         self.prefix = prefix
         self.q_pre = [torch.zeros(cap, h, d) for _ in range(layers)]
         self.out = [torch.zeros(cap, h, d) for _ in range(layers)]

@@ -3,7 +3,7 @@
 What an inference server with prefix caching does for requests that repeat a long prefix (a
 manual, many-shot demonstrations) in their prompt: the prefix's keys/values are computed once
 and every later request that starts with it prefills only its own tail, attending to the cached
-KV. Here the cached KV is an `prefix.ExactPrefix` (one chunk, positions 0..n-1), a state source
+KV. Here the cached KV is an `memory.PrefixKV` (one chunk, positions 0..n-1), a state source
 for `attention.bind`: a request whose prompt starts with n cached tokens runs bound to the
 prefix's first n tokens (live positions after it, which reproduces the whole prompt exactly) with
 only `prompt[n:]` as its prompt.
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memdb_worker.model.prefix import ExactPrefix, encode_prefix
+from memdb_worker.memory.prefix_kv import PrefixKV
+from memdb_worker.model.prefix import encode_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Entry:
     ids: tuple[int, ...]
-    prefix: ExactPrefix
-    heads: dict[int, ExactPrefix] = field(default_factory=dict)  # length -> shared head view
+    prefix: PrefixKV
+    heads: dict[int, PrefixKV] = field(default_factory=dict)  # length -> shared head view
 
-    def head(self, n: int) -> ExactPrefix:
+    def head(self, n: int) -> PrefixKV:
         if n == len(self.ids):
             return self.prefix
         if n not in self.heads:
@@ -74,7 +75,7 @@ class PrefixCache:
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self.stats = PrefixCacheStats()
 
-    def split(self, prompt_ids: Sequence[int]) -> tuple[ExactPrefix | None, list[int]]:
+    def split(self, prompt_ids: Sequence[int]) -> tuple[PrefixKV | None, list[int]]:
         """(cached prefix source or None, the prompt tokens left to prefill)."""
         ids = list(prompt_ids)
         limit = (len(ids) - 1) // self.block * self.block  # leave >= 1 token to prefill

@@ -17,7 +17,7 @@ is touched only by this thread (a binding is per model and not thread-safe).
 
 Prefix caching (`prefix_cache.PrefixCache`, optional): a request without a memory whose prompt
 starts with a cached prefix prefills only the rest of its prompt, bound to the cached KV (an
-`ExactPrefix`, shared by every row that names the same prefix); a long prompt not yet cached
+`PrefixKV`, shared by every row that names the same prefix); a long prompt not yet cached
 has its leading blocks encoded and cached first.
 
 Decode steps run transformers' forward eagerly (a DynamicCache per batch), or, with

@@ -99,7 +99,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 
 def variant_options(name: str, kmeans_iters: int, seed: int):
     """(BuildOptions, DecodeOptions) of a variant."""
-    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.build import BuildOptions
     from memdb_worker.memory.memory import DecodeOptions
 
     build, decode = VARIANTS[name]
@@ -166,7 +166,7 @@ def summarise(datasets: dict) -> dict:
 
 
 def run_dataset(model, tok, name: str, args, results: dict) -> None:
-    from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+    from memdb_worker.build import BuildOptions, calibrate, cluster
     from memdb_worker.memory.formats import kv_bytes
 
     task = Task(name, tok)

@@ -28,7 +28,7 @@ import httpx
 from bench.server import machine
 from memdb_client import MemdbClient
 from memdb_server.process import start_server
-from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.build import BuildOptions, build_memory
 from memdb_worker.demo import DATA, QUERY, TEMPLATE, balanced_sample, read_jsonl
 from memdb_worker.model.loading import load_model, model_fingerprint
 from memdb_worker.serve.process import start_worker

@@ -13,8 +13,8 @@ import torch
 
 from memdb.shards import Shard, encode_shard
 from memdb_worker.attend.attention import bind
+from memdb_worker.build import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.build.append import append_chunk, entry_queries
-from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.memory import head_queries
 from memdb_worker.memory.head_queries import HeadQueryFit, QueryStats
 from memdb_worker.memory.memory import keyspace_from_metadata

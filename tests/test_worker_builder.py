@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from memdb.shards import check_consistent, decode_shard, encode_shard
-from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
+from memdb_worker.build import BuildOptions, build_memory, calibrate, cluster
 from memdb_worker.model.loading import model_fingerprint
 from memdb_worker.model.scoring import score_continuations
 from tests.tiny import lookup_options, random_traces, small_llama

@@ -15,7 +15,7 @@ from memdb_client import MemdbClient
 from memdb_server.config import ServerConfig
 from memdb_server.server import run_server
 from memdb_worker.attend.attention import bind
-from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.build import BuildOptions, build_memory
 from memdb_worker.memory.memory import DecodeOptions, Memory
 from memdb_worker.model.loading import model_fingerprint
 from memdb_worker.serve.cache import MemoryCache, RemoteMemory

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from memdb_worker.attend.decode_step import StaticDecoder, bucket
-from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.build import BuildOptions, build_memory
 from memdb_worker.model.prefix import encode_prefix
 from memdb_worker.serve.scheduler import GenerationRequest, SamplingParams, Scheduler
 from tests.tiny import lookup_options, tiny_llama

@@ -13,8 +13,7 @@ import torch
 
 from memdb.shards import decode_shard, encode_shard, save_tensors
 from memdb_worker.attend.attention import bind
-from memdb_worker.build import fitting
-from memdb_worker.build.builder import BuildOptions, build_memory, calibrate, cluster
+from memdb_worker.build import BuildOptions, build_memory, calibrate, cluster, fitting
 from memdb_worker.memory import fitted
 from memdb_worker.memory.memory import DecodeOptions, Memory
 from memdb_worker.memory.state import attention_state

@@ -11,7 +11,7 @@ import torch
 
 from memdb.errors import InvalidArgument
 from memdb.shards import decode_shard, encode_shard
-from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+from memdb_worker.build import BuildOptions, calibrate, cluster
 from memdb_worker.memory.formats import (
     FP8_MAX,
     KEY_DTYPES,

@@ -381,7 +381,7 @@ _INTERPRETER_LOOKUP_BUILD_CASE = r"""
 # no lse-correction extras), through shards, in the kernels, against the worker's torch
 # reference path (Memory.prefix_state + live attention, merged)
 from memdb.shards import decode_shard, encode_shard
-from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+from memdb_worker.build import BuildOptions, calibrate, cluster
 from memdb_worker.memory.memory import Memory
 from test_worker_fused import reference_path
 from tiny import LOOKUP, tiny_llama

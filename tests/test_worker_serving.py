@@ -25,7 +25,7 @@ import pytest
 
 from memdb_client import MemdbClient
 from memdb_server.process import start_server
-from memdb_worker.build.builder import BuildOptions, build_memory
+from memdb_worker.build import BuildOptions, build_memory
 from memdb_worker.model.loading import model_fingerprint
 from memdb_worker.serve.process import launch_worker, wait_worker
 from memdb_worker.serve.scheduler import SamplingParams, Scheduler

@@ -38,7 +38,7 @@ LOOKUP = {"entry_state": "average", "key_dtype": "bfloat16"}
 def reference_options(**over):
     """BuildOptions of the float32 reference recipe (one entry per head, float32 keys and
     states, the lse correction's extras): what the exactness tests compare; `over` on top."""
-    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.build import BuildOptions
 
     base = {"entry_state": "average", "granularity": "head", "key_dtype": "float32",
             "out_dtype": "float32", "lse_correction": True}  # fmt: skip
@@ -47,7 +47,7 @@ def reference_options(**over):
 
 def lookup_options(**over):
     """BuildOptions of the looked-up entries' format (`LOOKUP`), `over` on top."""
-    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.build import BuildOptions
 
     return BuildOptions(**{**LOOKUP, **over})
 

@@ -134,7 +134,7 @@ def exact_logp(model, ids, mask, exact) -> torch.Tensor:
 
 
 def build_options(cfg: Config, **over):
-    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.build import BuildOptions
 
     kw = {"kmeans_iters": cfg.kmeans_iters, "max_records": cfg.max_records, **cfg.build, **over}
     return BuildOptions(**kw)

@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--append-budgets {cfg.append_budgets} must be among --budgets {cfg.budgets}")
     names = list(cfg.datasets) or list_datasets()
 
-    from memdb_worker.build.builder import BuildOptions
+    from memdb_worker.build import BuildOptions
     from memdb_worker.memory.memory import DecodeOptions
     from memdb_worker.model.loading import describe_model, load_model, model_fingerprint
 

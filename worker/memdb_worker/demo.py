@@ -28,7 +28,7 @@ import torch
 
 from memdb_client import MemdbClient
 from memdb_server.process import start_server
-from memdb_worker.build.builder import BuildOptions, calibrate, cluster
+from memdb_worker.build import BuildOptions, calibrate, cluster
 from memdb_worker.memory.formats import kv_bytes
 from memdb_worker.memory.memory import Memory
 from memdb_worker.model.loading import load_model, model_fingerprint

@@ -30,8 +30,9 @@ from memdb_client import MemdbClient, output, portable
 from memdb_client.cli import cli
 from memdb_server.process import DEFAULT_ADMIN_KEY as ROOT
 from memdb_server.process import server_process, start_server
+from memdb_worker.demo import DATA
 
-TREC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "trec" / "train.jsonl"
+TREC = DATA / "trec" / "train.jsonl"  # ../shared/data, or MEMDB_DATA
 FP = "fp-admin-test"
 CLEAN_ENV = {
     "MEMDB_SERVER": None,

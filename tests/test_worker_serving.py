@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ import pytest
 from memdb_client import MemdbClient
 from memdb_server.process import start_server
 from memdb_worker.build import BuildOptions, build_memory
+from memdb_worker.demo import DATA  # ../shared/data, or MEMDB_DATA
 from memdb_worker.model.loading import model_fingerprint
 from memdb_worker.serve.process import launch_worker, wait_worker
 from memdb_worker.serve.scheduler import SamplingParams, Scheduler
@@ -33,7 +33,6 @@ from tests.tiny import LOOKUP
 
 pytestmark = pytest.mark.model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEMPLATE = "Question: {text}\nType: {label}\n\n"
 QUERY = "Question: {text}\nType:"
 NAME = "trec-support"

@@ -4,8 +4,11 @@ memory, over its HTTP API. `python -m bench.worker [--quick]`.
 Starts a real memdb-server and a real memdb-worker process on 127.0.0.1, builds a memory from a
 TREC many-shot prefix with SmolLM2 in this process and uploads it, then sends completions
 (greedy, `ignore_eos`, a fixed number of new tokens) at several concurrencies, three ways: the
-full prefix in the prompt, the memory (`"memory": name`, a short prompt), and neither; then the
-memory again through a second worker in remote mode (a `Lookup` per layer and step). The full
+full prefix in the prompt, the memory (`"memory": name`, a short prompt) in the builder's default
+format (fitted rows), and neither; then a memory of looked-up entries through a second worker in
+remote mode (a `Lookup` per layer and step; fitted rows are attended whole on the worker and
+cannot be looked up remotely). Both memories come from one calibration; each row names its
+`memory_format`. The full
 prefix is prefix-cached, as an inference server with prefix caching runs it: the worker's
 automatic prefix cache (`memdb_worker.serve.prefix_cache`) encodes the prefix once (at the warm-up
 request) and every later request prefills only its question against the cached KV. Reports
@@ -21,6 +24,7 @@ import random
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -28,13 +32,16 @@ import httpx
 from bench.server import machine
 from memdb_client import MemdbClient
 from memdb_server.process import start_server
-from memdb_worker.build import BuildOptions, build_memory
+from memdb_worker.build import BuildOptions, calibrate, cluster
 from memdb_worker.demo import DATA, QUERY, TEMPLATE, balanced_sample, read_jsonl
 from memdb_worker.model.loading import load_model, model_fingerprint
 from memdb_worker.serve.process import start_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "bench-trec"
+ENTRIES_NAME = "bench-trec-entries"
+# the remote row's memory: looked-up entries (Eq. 5 averages, bfloat16 keys), not the default
+ENTRIES = {"entry_state": "average", "key_dtype": "bfloat16"}
 
 
 def _round(url: str, prompts: list[str], memory: str | None, new_tokens: int) -> list[float]:
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small prefix and memory, few rounds")
     ap.add_argument("--threads", type=int, default=0, help="worker's torch threads (0: default)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "worker.json")
     args = ap.parse_args(argv)
     shots, traces_n, budget = (32, 48, 64) if args.quick else (128, 128, 512)
     concurrencies = (1, 4)
@@ -102,30 +110,36 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             model, tok = load_model("default")
             fp = model_fingerprint(model)
-            # looked-up entries (not the default fitted rows): the remote-mode row looks them
-            # up per layer, which fitted rows (attended whole on the worker) do not allow
-            opts = BuildOptions(seed=0, entry_state="average", key_dtype="bfloat16")
-            built = build_memory(model, tok, prefix, traces, budget, opts)
+            opts = BuildOptions(seed=0)  # the default format: fitted rows
+            calib = calibrate(model, tok, prefix, traces, opts)
+            built = cluster(calib, budget, opts)
             build_s = time.perf_counter() - t0
+            entries = cluster(calib, budget, replace(opts, **ENTRIES))
             with MemdbClient(server.address, server.admin_key) as c:
-                c.put_prefix(NAME, built.shards, model_fingerprint=fp,
-                             token_count=built.token_count, mode="upsert")  # fmt: skip
+                for name, b in ((NAME, built), (ENTRIES_NAME, entries)):
+                    c.put_prefix(name, b.shards, model_fingerprint=fp,
+                                 token_count=b.token_count, mode="upsert")  # fmt: skip
             del model
-            runs = [
-                ("cache", {"full prefix (cached)": (prefix, None), "memory": ("", NAME),
-                           "neither": ("", None)}),
-                ("remote", {"memory (remote)": ("", NAME)}),
+            fitted = f"fitted ({opts.key_dtype} keys, {opts.out_dtype} values)"
+            looked_up = f"entries ({ENTRIES['entry_state']}, {ENTRIES['key_dtype']} keys)"
+            runs = [  # mode, {way: (prompt prefix, memory name, memory_format)}
+                ("cache", {"full prefix (cached)": (prefix, None, None),
+                           "memory": ("", NAME, fitted), "neither": ("", None, None)}),
+                ("remote", {"memory (remote)": ("", ENTRIES_NAME, looked_up)}),
             ]  # fmt: skip
             for mode, ways in runs:
                 worker = start_worker(server.address, server.admin_key, Path(tmp) / mode,
                                       threads=args.threads, memory_mode=mode)  # fmt: skip
                 try:
-                    _round(worker.url, [questions[0]], NAME, 2)  # warm up, fetch the memory
+                    for _, mem, _ in ways.values():  # warm up, fetch the memory
+                        if mem:
+                            _round(worker.url, [questions[0]], mem, 2)
                     _round(worker.url, [prefix + questions[0]], None, 2)
                     for conc in concurrencies:
-                        for way, (pre, mem) in ways.items():
-                            rows.append(_measure(worker.url, way, pre, mem, questions, conc,
-                                                 rounds, new_tokens))  # fmt: skip
+                        for way, (pre, mem, fmt) in ways.items():
+                            row = _measure(worker.url, way, pre, mem, questions, conc, rounds,
+                                           new_tokens)  # fmt: skip
+                            rows.append({**row, "memory_format": fmt})
                 finally:
                     worker.stop()
         finally:
@@ -137,18 +151,19 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "prefix_tokens": built.token_count,
         "budget": budget,
-        "memory_bytes": built.nbytes(),
+        "memory_bytes": built.nbytes(),  # the default memory's (fitted rows)
+        "remote_memory_bytes": entries.nbytes(),
         "build_seconds": round(build_s, 1),
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "worker.json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nprefix {built.token_count} tokens, memory M={budget} ({built.nbytes() / 1e6:.1f} MB)")
     print(f"{'way':<16} {'conc':>4} {'tokens/s':>9} {'latency':>9}")
     for r in rows:
         print(f"{r['way']:<16} {r['concurrency']:>4} {r['tokens_per_s']:>9.2f} "
               f"{r['latency_s']:>8.2f}s")  # fmt: skip
-    print(f"wrote {RESULTS / 'worker.json'}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,9 @@ def worker_cpu() -> str:
         f"{r['prefix_tokens']:,} tokens, memory M = {r['budget']} per layer and head, "
         f"{r['memory_bytes'] / 1e6:.0f} MB.",
         source("worker.json"),
+        "The memory of this run is looked-up entries (entry_state average, bfloat16 keys): "
+        "`bench.worker` built that format for every row until it measured the default (fitted "
+        "rows) in its own rows; the default's figures are the next table.",
         table(["way", *(f"concurrency {c}: tokens/s (latency)" for c in cs)], out),
         "The full prefix is prefix-cached as a serving engine with prefix caching runs it: the "
         "worker's automatic prefix cache (`memdb_worker.serve.prefix_cache`) encodes the "
@@ -172,6 +175,26 @@ def worker_cpu() -> str:
         + " and ".join(f"{x:.2f}x at concurrency {c}" for x, c in zip(ratio, cs, strict=True))
         + " on this CPU (memory and full prefix rows of one run; the remote rows vary more "
         "between runs: 4.37 / 15.89 tokens/s in the previous run).",
+    )  # fmt: skip
+
+
+def worker_cpu_default() -> str:
+    """bench.worker's rows that name their memory format: the default memory (fitted rows)."""
+    name = "worker_cpu_quick.json"
+    r = load(name)
+    x0 = r["rows"][0]
+    out = [[WORKER_WAYS[x["way"]], x["memory_format"] or "-", x["concurrency"],
+            f"{x['tokens_per_s']:.2f}", f"{x['latency_s']:.2f} s"] for x in r["rows"]]  # fmt: skip
+    return section(
+        f"### Worker on CPU with the default memory format, quick run ({machine(name)})",
+        f"{r['model']}; as above with `--quick`: {x0['new_tokens']} new tokens per request, "
+        f"{x0['requests'] // x0['concurrency']} round; TREC prefix text of "
+        f"{r['prefix_tokens']:,} tokens, memory M = {r['budget']} per layer and KV head, "
+        f"{r['memory_bytes'] / 1e6:.1f} MB as fitted rows (the remote row's looked-up entries: "
+        f"{r['remote_memory_bytes'] / 1e6:.1f} MB). One round per cell: a smoke-sized "
+        "measurement, not a replacement for the full run above.",
+        source(name),
+        table(["way", "memory format", "concurrency", "tokens/s", "latency"], out),
     )  # fmt: skip
 
 

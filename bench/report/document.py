@@ -66,6 +66,7 @@ def render() -> str:
         decode.attention(),
         decode.worker_gpu(),
         decode.worker_cpu(),
+        decode.worker_cpu_default(),
         decode.demo(),
         index(),
     ]

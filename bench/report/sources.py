@@ -24,6 +24,9 @@ RECORDED_ELSEWHERE: dict[str, dict[str, str]] = {
         "cores": "16",
     },
     "worker.json": {"command": "python -m bench.worker"},
+    "worker_cpu_quick.json": {
+        "command": "python -m bench.worker --quick --out bench/results/worker_cpu_quick.json"
+    },
     "cluster.json": {"command": "python -m bench.cluster"},
     "chunking.json": {"command": "python -m bench.chunking", "machine": "x86_64, 2 cores"},
     "options_long.json": {"machine": "x86_64 16 cores, NVIDIA H200"},

@@ -169,12 +169,10 @@ def worker_cpu() -> str:
         "The full prefix is prefix-cached as a serving engine with prefix caching runs it: the "
         "worker's automatic prefix cache (`memdb_worker.serve.prefix_cache`) encodes the "
         "prompt's leading blocks once (at the warm-up request) and later requests prefill only "
-        "their question against that prefix KV. Before prefix caching the full-prefix way "
-        "re-prefilled 2.5K tokens per request: 3.62 tokens/s (8.84 s) at concurrency 1 and 2.36 "
-        "(54.1 s) at 4. Against that fair baseline the memory is "
+        "their question against that prefix KV. Against that fair baseline the memory is "
         + " and ".join(f"{x:.2f}x at concurrency {c}" for x, c in zip(ratio, cs, strict=True))
         + " on this CPU (memory and full prefix rows of one run; the remote rows vary more "
-        "between runs: 4.37 / 15.89 tokens/s in the previous run).",
+        "between runs).",
     )  # fmt: skip
 
 

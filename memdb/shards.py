@@ -26,6 +26,13 @@ Fitted shards written before the rows had their own names store values as `out` 
 them as `Shard.values` and `Shard.bias` and are made with `Shard.of_rows`.
 
 and string metadata in the safetensors header (`memdb.format`, `layer`, build parameters).
+`memdb.format` names the format version (`FORMAT_VERSIONS`); a shard without it is format "1",
+the only one there has been (encode_shard has always written "1"; shards written by other tools,
+e.g. `safetensors.torch.save`, carry no memdb metadata).
+Validation refuses, with InvalidArgument naming the layer and tensor: shapes past the bounds of
+`memdb.bounds` (before any array is made), dtypes a tensor may not have, NaN or infinite values,
+key scales outside KEY_SCALE_RANGE, and keys whose vectors (dequantized) are past
+`memdb.bounds.MAX_NORM`.
 bfloat16 and float8_e4m3fn are numpy dtypes through `ml_dtypes`; safetensors' own numpy
 loader does not know them, so blobs are parsed with `safetensors.deserialize` and viewed here.
 This module encodes, decodes and validates shards; it knows nothing of LMDB, FAISS or gRPC,
@@ -43,14 +50,25 @@ import numpy as np
 import safetensors
 import safetensors.numpy as stnp
 
+from memdb.bounds import check_norms, check_shape
 from memdb.errors import InvalidArgument
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # what encode_shard writes
+FORMAT_VERSIONS = ("1",)  # every `memdb.format` this code reads
+UNSTAMPED_FORMAT = "1"  # a shard without `memdb.format` (module doc)
 ENTRY_TENSORS = ("keys", "out", "lse")  # a looked-up memory's entries
 ROW_TENSORS = ("keys", "values", "bias")  # fitted rows (entry_state "fitted")
 KEY_SCALE = "key_scale"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+# float8_e4m3fn holds |x| in 2**-9 .. 448. The worker's per-row scale (the row's largest |key|
+# / 448) of a model's keys (|k| about 1e-3 .. 1e3) lies in about 2**-19 .. 2**1, and this range
+# leaves about 20 binary orders of magnitude either side. Inside it a dequantized key element
+# lies in 2**-49 .. 2**49, whose square (2**-98 .. 2**98) is a normal float32 number (2**-126
+# .. 2**128): FAISS's norms neither flush to zero nor overflow. Scales of 0, -1, 1e-45 (every
+# key 0, flipped, or subnormal) or 1e36 (448 x 1e36 is inf in float32) are refused; the keys'
+# vectors are then bounded by memdb.bounds.MAX_NORM (`_check_key_norms`).
+KEY_SCALE_RANGE = (2.0**-40, 2.0**40)
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 ALLOWED_DTYPES = {
     "keys": (F32, F16, BF16, FP8),
@@ -181,6 +199,7 @@ def decode_shard(blob: bytes, *, where: str = "shard") -> Shard:
     Fitted rows stored under the entries' names (older shards, module doc) decode the same."""
     tensors = _load_tensors(blob, where)
     metadata = read_metadata(blob)
+    check_format(metadata, where)
     names = tensor_names(metadata)
     if names == ROW_TENSORS and "values" not in tensors and "out" in tensors:
         names = ENTRY_TENSORS  # fitted rows written as out/lse
@@ -214,6 +233,19 @@ def read_metadata(blob: bytes) -> dict[str, str]:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise InvalidArgument("safetensors metadata must map strings to strings")
     return dict(meta)
+
+
+def check_format(metadata: dict[str, str], where: str = "shard") -> str:
+    """The shard's format version (`memdb.format`, UNSTAMPED_FORMAT if absent); InvalidArgument
+    if this code does not read it."""
+    version = metadata.get("memdb.format", UNSTAMPED_FORMAT)
+    if version not in FORMAT_VERSIONS:
+        raise InvalidArgument(
+            f"{where}: metadata 'memdb.format' is '{version[:32]}', a shard format this server "
+            f"does not read (it reads {', '.join(FORMAT_VERSIONS)}); write the shard with "
+            "memdb.shards.encode_shard of this version, or leave 'memdb.format' out for format 1"
+        )
+    return version
 
 
 def check_consistent(shards: list[Shard]) -> ShardShape:
@@ -261,8 +293,10 @@ def _load_tensors(blob: bytes, where: str) -> dict[str, np.ndarray]:
                 f"{where}: tensor '{name[:64]}' has safetensors dtype {spec['dtype'][:16]}, "
                 "which a shard cannot hold"
             )
+        shape = check_shape(f"{where}: tensor '{name[:64]}'", spec["shape"], dtype,
+                            len(spec["data"]))  # fmt: skip
         a = np.frombuffer(spec["data"], dtype=dtype.newbyteorder("<"))
-        tensors[name] = a.astype(dtype, copy=False).reshape(spec["shape"])
+        tensors[name] = a.astype(dtype, copy=False).reshape(shape)
     return tensors
 
 
@@ -303,6 +337,7 @@ def _validate_tensors(
             f"expected [{i}, {m}, {out.shape[2]}]"
         )
     _check_key_scale(tensors, where)
+    _check_key_norms(keys, tensors.get(KEY_SCALE), where)
     for name, t in tensors.items():
         if name in (*names, KEY_SCALE, *LAYER_TENSORS):
             continue
@@ -327,3 +362,25 @@ def _check_key_scale(tensors: dict[str, np.ndarray], where: str) -> None:
             f"{where}: tensor '{KEY_SCALE}' has shape {list(scale.shape)}, "
             f"expected {list(keys.shape[:2])}"
         )
+    lo, hi = KEY_SCALE_RANGE
+    if scale is not None and not ((scale >= lo) & (scale <= hi)).all():
+        g, m = (int(i) for i in np.argwhere(~((scale >= lo) & (scale <= hi)))[0])
+        raise InvalidArgument(
+            f"{where}: tensor '{KEY_SCALE}' holds {float(scale[g, m]):.3g} (group {g}, entry "
+            f"{m}); key scales must be in 2**-40..2**40: write float8 keys as keys / scale with "
+            "scale = the row's largest |key| / 448 (1 for a row of zeros), or store the keys as "
+            "bfloat16 or float32"
+        )
+
+
+def _check_key_norms(keys: np.ndarray, scale: np.ndarray | None, where: str) -> None:
+    """Every key (float8 keys times their scale) finite with a norm of at most MAX_NORM."""
+    floats = keys.astype(np.float32)
+    if scale is not None:
+        floats *= scale[..., None]
+    what = " times 'key_scale'" if scale is not None else ""
+    check_norms(
+        f"{where}: tensor 'keys'{what} [group, entry]",
+        floats,
+        "scale the keys down (a cosine score depends only on their direction)",
+    )

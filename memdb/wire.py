@@ -1,17 +1,17 @@
 """Tensors on the wire: numpy arrays <-> `memdb.v1.Tensor` (dtype + shape + raw LE bytes).
 
-Owns only the encoding. It does not know what a tensor means; callers check shapes.
+Owns only the encoding. It does not know what a tensor means; callers check shapes. A shape is
+bounded (`memdb.bounds.check_shape`) before any array is made of it.
 bfloat16 and float8_e4m3fn travel as such (numpy dtypes through `ml_dtypes`, as in shards).
 """
 
 from __future__ import annotations
 
-import math
-
 import ml_dtypes
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from memdb.bounds import check_shape
 from memdb.errors import InvalidArgument
 from memdb.v1 import memdb_pb2 as pb
 
@@ -26,7 +26,6 @@ WIRE_DTYPES = {
         ("int32", np.int32),
     ]
 }
-MAX_DIMS = 8  # the widest tensor on the wire is 5-D (Lookup's out [Q, I, k, h, d])
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
@@ -44,17 +43,8 @@ def decode_tensor(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
         raise InvalidArgument(
             f"{name}: dtype '{t.dtype[:32]}' is not supported; use one of {', '.join(WIRE_DTYPES)}"
         )
-    if len(t.shape) > MAX_DIMS:
-        raise InvalidArgument(f"{name}: {len(t.shape)} dimensions, at most {MAX_DIMS} are allowed")
-    shape = tuple(int(s) for s in t.shape)
-    if any(s < 0 for s in shape):
-        raise InvalidArgument(f"{name}: shape {list(shape)} has a negative dimension")
     dtype = WIRE_DTYPES[t.dtype].newbyteorder("<")
-    expected = math.prod(shape) * dtype.itemsize  # exact: Python ints do not overflow
-    if expected != len(t.data):
-        raise InvalidArgument(
-            f"{name}: shape {list(shape)} of {t.dtype} needs {expected} bytes, got {len(t.data)}"
-        )
+    shape = check_shape(name, t.shape, WIRE_DTYPES[t.dtype], len(t.data))
     return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 

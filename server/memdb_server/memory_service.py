@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
+from memdb.bounds import check_norms
 from memdb.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -76,8 +77,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return resp
 
     def _queries(self, request: pb.LookupRequest) -> np.ndarray:
-        """The request's queries as float32, checked for dtype, count and finite values (their
-        shape is checked by the layer they search)."""
+        """The request's queries as float32, checked for dtype, count, shape bounds, finite
+        values and norms (`memdb.bounds`); their shape against the layer they search is
+        checked by that layer."""
         q = decode_tensor(request.queries, name="queries")  # [Q, I, Dk] or [Q, Dk]
         if q.dtype.kind != "f":
             raise InvalidArgument(f"queries must be float32 or float16, got {q.dtype}")
@@ -88,7 +90,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             )
         if not np.isfinite(q).all():
             raise InvalidArgument("queries hold NaN or infinite values")
-        return np.ascontiguousarray(q, dtype=np.float32)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        check_norms(
+            "queries [query, group]" if q.ndim == 3 else "queries [query]",
+            q,
+            "scale the queries down (a cosine score depends only on their direction)",
+        )
+        return q
 
     def _check_cost(
         self, layer: LoadedLayer, q: int, k: int, states: bool, extras: list[str]

@@ -42,6 +42,7 @@ and imports no torch (the worker converts its tensors to numpy first).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy as stnp
 
-from memdb.bounds import check_norms, check_shape
+from memdb.bounds import MAX_NORM, check_norms, check_shape
 from memdb.errors import InvalidArgument
 
 FORMAT_VERSION = "1"  # what encode_shard writes
@@ -70,6 +71,7 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 # vectors are then bounded by memdb.bounds.MAX_NORM (`_check_key_norms`).
 KEY_SCALE_RANGE = (2.0**-40, 2.0**40)
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
+_LARGEST = {FP8: 448.0, F16: 65504.0}  # the largest |value| of the key dtypes that have one
 ALLOWED_DTYPES = {
     "keys": (F32, F16, BF16, FP8),
     KEY_SCALE: (F32,),
@@ -374,10 +376,17 @@ def _check_key_scale(tensors: dict[str, np.ndarray], where: str) -> None:
 
 
 def _check_key_norms(keys: np.ndarray, scale: np.ndarray | None, where: str) -> None:
-    """Every key (float8 keys times their scale) finite with a norm of at most MAX_NORM."""
-    floats = keys.astype(np.float32)
+    """Every key (float8 keys times their scale) finite with a norm of at most MAX_NORM.
+    Float8 and float16 keys hold at most 448 / 65504 an element: where that bound (times the
+    largest scale) over every element cannot reach MAX_NORM, no key can, and none is read."""
+    largest = _LARGEST.get(keys.dtype)
+    if largest is not None:
+        largest *= 1.0 if scale is None else float(scale.max())
+        if largest * math.sqrt(keys.shape[-1]) <= MAX_NORM:
+            return
+    floats = keys.astype(np.float32, copy=False)
     if scale is not None:
-        floats *= scale[..., None]
+        floats = floats * scale[..., None]
     what = " times 'key_scale'" if scale is not None else ""
     check_norms(
         f"{where}: tensor 'keys'{what} [group, entry]",

@@ -46,3 +46,32 @@ print("OK")
 @pytest.mark.skipif(not fused_kernels.HAVE_TRITON, reason="needs triton")
 def test_bench_attention_runs_every_format_and_baseline_on_cpu():
     run_interpreted(_SMOKE, timeout=600)
+
+
+_FITTED_SMOKE = r"""
+import torch
+from bench.attention import cases as A, fitted as F
+from memdb_worker.attend.shared_prefix import SharedConfig
+A.DEVICE = "cpu"
+A.ACT = torch.float16  # the interpreter mishandles bf16 activations
+A.H, A.HKV, A.D = 4, 2, 16
+F.FIXED_BUDGET = 16
+A.bench = lambda fn, rep=100: (fn(), 1.0)[1]  # run once, no timing
+A.graphed = lambda fn: fn
+results = {"rows": []}
+configs = F.sweep(results, [1, 3], [4], [16], grid=[SharedConfig(block_n=16)])
+F.fitted_rows_cases(results, 1e12, [64, 128], [1, 3], [4], configs)
+rows = results["rows"]
+assert len(rows) == 2 * 3, len(rows)  # batches x (N, M): (64, 8), (64, 16), (128, 16)
+for r in rows:
+    assert r["memory_format"].startswith("fitted") and r["rel_err_vs_reference"] < 3e-3, r
+    for key in ("floor_us", "vs_floor", "shared_us", "shared_floor_us", "reference_us"):
+        assert r[key] is not None and r[key] > 0, (key, r)
+print(F.table(rows))
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not fused_kernels.HAVE_TRITON, reason="needs triton")
+def test_bench_attention_fitted_rows_cases_run_on_cpu():
+    run_interpreted(_FITTED_SMOKE, timeout=300)

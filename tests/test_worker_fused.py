@@ -391,9 +391,10 @@ g = torch.Generator().manual_seed(3)
 traces = [torch.randint(3, 128, (10,), generator=g).tolist() for _ in range(6)]
 opts = BuildOptions(**LOOKUP, max_records=60, seed=0)
 calib = calibrate(model, None, list(range(3, 40)), traces, opts, progress=False)
-# the builder's defaults (fitted rows, attended as a whole) are not for the kernels
+# the builder's defaults (fitted rows, attended as a whole) take the fitted-row kernels, not
+# these (tests/test_worker_fitted_kernel.py)
 fitted = cluster(calib, 24, BuildOptions(), progress=False).to_memory()
-assert fitted.fitted and not fused.supports(fitted)
+assert fitted.fitted and fused.supports(fitted)
 built = cluster(calib, 24, opts, progress=False)
 mem = Memory.from_shards([decode_shard(encode_shard(s)) for s in built.shards])
 lay = mem.layers[0]
@@ -603,5 +604,5 @@ def test_kernels_with_compact_formats_under_triton_interpreter():
 
 
 @pytest.mark.skipif(not fused.HAVE_TRITON, reason="needs triton")
-def test_kernels_read_the_builders_lookup_format_and_refuse_its_defaults_under_interpreter():
+def test_kernels_read_the_builders_lookup_format_under_interpreter():
     _run_under_interpreter(_INTERPRETER_LOOKUP_BUILD_CASE)

@@ -35,6 +35,11 @@ far past L2), the KV caches and memories are distinct per layer (the KV cache is
 of layers when distinct ones would not fit; each still far past L2). The memory's time does not
 depend on N (the prefix is gone): it is measured once per (batch, M) and repeated on every N row.
 
+`--fitted` measures instead the default memory format, fitted rows (float8 keys with a per-row
+scale, bfloat16 values, float32 biases), through its fused kernels and today's reference path,
+next to the prefix-cached full prefix (`fitted` says how): writes
+bench/results/attention_fitted_<gpu>.json.
+
 Writes bench/results/attention_<gpu>.json ({"device", "rows": [{"N", "M", "batch", "scope",
 "memory_format", "memory_bytes" (per layer as stored), "prefix_kv_bytes" (per layer, bf16),
 "sdpa_us", "shared_us", "memory_us", "floor_us", "shared_floor_us", ...}]}) and a PNG beside it.
@@ -71,6 +76,7 @@ from bench.attention.cases import (
     plot,
     table,
 )
+from bench.attention.fitted import LIVES as FITTED_LIVES
 from bench.attention.step import LAYERS, step_rows
 from bench.attention.tune import tune, tune_shared
 
@@ -86,6 +92,13 @@ def main(argv=None) -> int:
     ap.add_argument("--step-formats", default="fp16/head,fp8/head+kbar,bf16/kv_group_mean")
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--plot", help="only draw the PNG of an existing JSON")
+    ap.add_argument(
+        "--fitted",
+        action="store_true",
+        help="only the fitted-row cases (`fitted`): attention_fitted_<gpu>.json",
+    )
+    ap.add_argument("--fitted-lives", default=",".join(map(str, FITTED_LIVES)),
+                    help="live tokens per row of the fitted-row cases")  # fmt: skip
     args = ap.parse_args(argv)
     if args.plot:
         p = Path(args.plot)
@@ -118,6 +131,10 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.fitted:
+        lives = [int(x) for x in args.fitted_lives.split(",")]
+        path = out / f"attention_fitted_{gpu_tag(name)}.json"
+        return run_fitted(results, path, batches, lives, not args.no_tune)
     path = out / f"attention_{gpu_tag(name)}.json"
 
     def save():
@@ -152,6 +169,26 @@ def main(argv=None) -> int:
         if any(r["scope"] == scope for r in results["rows"]):
             log(table(results["rows"], scope))
     plot(results, path.with_suffix(".png"))
+    return 0
+
+
+def run_fitted(results: dict, path: Path, batches, lives, tune_on: bool) -> int:
+    """The fitted-row cases alone (`fitted`), written to `path`."""
+    from bench.attention import fitted
+
+    t0 = time.time()
+    results["live_context"] = lives
+    bw = copy_bandwidth()
+    results["copy_bandwidth_Bps"] = bw
+    log(f"{results['device']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    ms = sorted({m for n in fitted.NS for m in fitted.budgets(n)})
+    configs = fitted.sweep(results, batches, lives, ms) if tune_on else {}
+    path.write_text(json.dumps(results, indent=1))
+    log(f"[{time.time() - t0:.0f}s] fitted sweep done")
+    fitted.fitted_rows_cases(results, bw, fitted.NS, batches, lives, configs)
+    path.write_text(json.dumps(results, indent=1))
+    log(f"[{time.time() - t0:.0f}s] wrote {path}")
+    log(fitted.table(results["rows"]))
     return 0
 
 

@@ -23,8 +23,9 @@ positions, so for a `Memory` the two choices differ by rounding only (and in how
 model's context is left); an `PrefixKV` needs "after_prefix" to equal in-context learning.
 
 On CUDA, a decode step (T = 1) bound to one `Memory` whose options the kernels cover (hard
-top-1, with or without the first-order lse correction, any lse_bias) runs the fused Triton
-kernels of `fused` instead of steps 1-3 (same function, to bf16 rounding); `MEMDB_FUSED=0` or
+top-1, with or without the first-order lse correction, any lse_bias; fitted rows in the
+builder's formats) runs the fused Triton kernels of `fused` (`fitted_rows`) instead of steps
+1-3 (same function, to bf16 rounding); `MEMDB_FUSED=0` or
 `fused.set_enabled(False)` forces the reference path, and observers always see it.
 
 Works with `model.generate` and a KV cache (the cache holds live tokens only), with batches
@@ -239,9 +240,10 @@ def _fused_attention(
     scale: float,
     kwargs: dict,
 ) -> torch.Tensor | None:
-    """The fused CUDA kernels (`fused.memory_attention`) for a decode step bound to one memory;
-    None where they do not apply (then the reference path below runs)."""
-    from memdb_worker.attend import fused
+    """The fused CUDA kernels (`fused.memory_attention`, or `fitted_rows.fitted_attention` for
+    fitted rows) for a decode step bound to one memory; None where they do not apply (then the
+    reference path below runs)."""
+    from memdb_worker.attend import fitted_rows, fused
     from memdb_worker.memory.memory import Memory
 
     source = binding.sources
@@ -258,6 +260,10 @@ def _fused_attention(
     mask = None
     if attention_mask is not None:
         mask = attention_mask[:, 0, -1, :]  # [B|1, N]: T = 1, the query's row
+    if source.fitted:
+        rows = fitted_rows.prepare(source, layer)
+        return fitted_rows.fitted_attention(query, key, value, mask, rows, scale,
+                                            fused.lse_bias(source, layer))  # fmt: skip
     return fused.memory_attention(
         query,
         key,

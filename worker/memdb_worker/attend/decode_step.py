@@ -9,8 +9,9 @@ LM head), so it computes what `model(...)` computes, without transformers' per-c
 - None (neither): SDPA over the slot's live KV (the heads of a KV group folded into the query
   dimension, a boolean mask of the slot's length);
 - a `memory.Memory`: the fused path (`fused.memory_attention`: lookup, live attention, merge) on
-  CUDA, its torch form `fused.decode_reference` elsewhere; memories the kernels do not cover take
-  the reference path (`Memory.prefix_state` merged with the live state);
+  CUDA, its torch form `fused.decode_reference` elsewhere; a fitted memory the fitted-row kernel
+  (`fitted_rows.fitted_attention`) on CUDA; memories the kernels do not cover (and fitted ones
+  off CUDA) take the reference path (`Memory.prefix_state` merged with the live state);
 - an `memory.PrefixKV` (the full prefix, prefix-cached: its KV computed once and shared by
   every slot): shared-prefix attention (`shared_prefix.shared_attention`: the prefix KV read once
   for the batch) on CUDA, `shared_prefix.shared_reference` elsewhere.
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memdb_worker.attend import fused
+from memdb_worker.attend import fitted_rows, fused
 from memdb_worker.attend.attention import LivePositions, bind
 from memdb_worker.attend.shared_prefix import shared_attention, shared_reference
 from memdb_worker.memory.keys import LayerQuery, RopeSpec
@@ -99,9 +100,12 @@ class StaticDecoder:
         cuda = self.device.type == "cuda" and fused.HAVE_TRITON
         self.fused = cuda if use_fused is None else bool(use_fused)
         self.fls = None
+        self.rows = None  # a fitted memory's rows per layer, in the kernels' form
         if isinstance(source, Memory):
             source.check_model(model)
-            if fused.supports(source):
+            if fused.supports(source) and source.fitted:
+                self.rows = [fitted_rows.prepare(source, i) for i in range(len(self.layers))]
+            elif fused.supports(source):
                 self.fls = [fused.prepare_layer(source, i) for i in range(len(self.layers))]
         if isinstance(source, PrefixKV):
             self.pk = [k.to(self.device, self.dtype) for k in source.keys]
@@ -265,6 +269,9 @@ class StaticDecoder:
             if self.fused:
                 return shared_attention(q, pk, pv, kc, vc, mask, scale)
             return shared_reference(q, pk, pv, kc, vc, mask, scale)
+        if self.rows is not None and self.fused:
+            return fitted_rows.fitted_attention(q, kc, vc, mask, self.rows[layer], scale,
+                                                fused.lse_bias(src, layer))  # fmt: skip
         if self.fls is not None:
             mask4 = mask.view(mask.shape[0], 1, 1, -1)
             args = (q, kc, vc, mask4, pos, self.fls[layer], self.inv_freq,

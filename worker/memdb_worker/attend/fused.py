@@ -44,7 +44,9 @@ The fused path covers hard top-1 (with or without the first-order lse correction
 lse_bias), groups of at most 512 key dimensions (head and kv_group granularity for head_dim
 128), keys in float32 / float16 / bfloat16 / float8 e4m3, T = 1 and a boolean key mask;
 everything else goes through the reference path (`Memory.prefix_state` +
-`state.merge_states`). `decode_reference` computes the same function with torch ops
+`state.merge_states`). A fitted memory (rows attended as a whole, no lookup) takes the kernels
+of `fitted_rows` where `fitted_rows.check` finds no reason against it (`supports` logs the
+reasons once per memory otherwise). `decode_reference` computes the same function with torch ops
 (CPU-testable; it is also what the tests compare the kernels with).
 `MEMDB_FUSED=0` in the environment or `set_enabled(False)` forces the reference path in
 `attention.memdb_attention`.
@@ -60,8 +62,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from memdb_worker.attend import fitted_rows
 from memdb_worker.attend import fused_kernels as fk
 from memdb_worker.attend.fused_kernels import HAVE_TRITON
+from memdb_worker.attend.launch import pow2, sm_count
 from memdb_worker.memory.keys import apply_rope, undo_rope
 from memdb_worker.memory.memory import KEY_DTYPES, STATE_DTYPES, correct_lse
 from memdb_worker.memory.state import State, attention_state, merge_states
@@ -74,6 +78,7 @@ logger = logging.getLogger(__name__)
 MAX_KEY_DIM = 512  # Dk the scan kernel takes (head_dim 128: head and kv_group granularity)
 _ENABLED = os.environ.get("MEMDB_FUSED", "1") != "0"
 _ATTR = "_memdb_fused"
+_REFUSED = "_memdb_fitted_refused"  # set on a fitted memory once its reasons are logged
 
 
 def enabled() -> bool:
@@ -115,12 +120,19 @@ class FusedLayer:
 
 
 def supports(memory: Memory) -> bool:
-    """Whether the memory's decode options and shapes fit the fused kernels."""
+    """Whether the memory's decode options and shapes fit the fused kernels: a looked-up
+    memory `memory_attention`'s, a fitted one `fitted_rows.fitted_attention`'s (where they do
+    not, the reason is logged once per memory and the reference path answers)."""
+    if memory.fitted:
+        reasons = fitted_rows.check(memory)
+        if reasons and not getattr(memory, _REFUSED, False):
+            setattr(memory, _REFUSED, True)
+            logger.info("fitted memory decodes on the reference path: %s", "; ".join(reasons))
+        return not reasons
     ks = memory.keyspace
     lay = memory.layers[0]
     return (
-        not memory.fitted
-        and memory.options.top_k == 1
+        memory.options.top_k == 1
         and (not memory.lse_corrected or _extras_fit(lay))
         and memory.key_dim <= MAX_KEY_DIM
         and ks.head_dim in (16, 32, 64, 128, 256)
@@ -294,18 +306,6 @@ def default_config(batch: int) -> Config:
 
 
 DEFAULT_CONFIG = Config()
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 16
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 _DEVICE_COPIES: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -319,10 +319,6 @@ def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
         hit = (x, x.detach().to(device, torch.float32).contiguous())
         _DEVICE_COPIES[key] = hit
     return hit[1]
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def memory_attention(
@@ -376,12 +372,12 @@ def memory_attention(
         pos = pos.expand(b)
     pos = pos.contiguous()
     inv = _on_device(inv_freq, dev)
-    sms = _sm_count(dev)
+    sms = sm_count(dev)
 
     # scan grid: groups x slices of M x blocks of rows
     gemv = b <= config.gemv_max_batch
     if gemv:
-        block_b = _pow2(b)
+        block_b = pow2(b)
         block_m = min(config.block_m, 16384 // (dk * block_b))  # [BLOCK_M, BLOCK_B, Dk] products
     else:
         block_b = 16 if b <= 16 else (32 if b <= 32 else 64)
@@ -422,7 +418,7 @@ def memory_attention(
         n_live = 0
     elif _only == "live":
         n_scan = 0
-    gp = max(16, _pow2(g))
+    gp = max(16, pow2(g))
     fk.phase1[(n_scan + n_live,)](
         n_scan, q2, q2.stride(0), q2.stride(1), pos, inv, float(rope_scaling),
         fl.keys, fl.inv_norm, bias, m, best_s, best_i, b, i_groups, s, tps,
@@ -451,7 +447,7 @@ def memory_attention(
         q2, q2.stride(0), q2.stride(1), pos, inv, float(rope_scaling),
         qm, *qm_st, kb, *kb_st, float(scale), lo, ll, sl,
         out, out.stride(0), out.stride(2), ids, h, hkv,
-        D=d, HPG=hpg, G=g, GP=max(2, _pow2(g)), SP=max(2, _pow2(s)), SLP=max(2, _pow2(sl)),
+        D=d, HPG=hpg, G=g, GP=max(2, pow2(g)), SP=max(2, pow2(s)), SLP=max(2, pow2(sl)),
         CORRECT=bool(lse_correction), num_warps=config.combine_warps,
     )  # fmt: skip
     if return_ids:

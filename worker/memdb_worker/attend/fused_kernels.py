@@ -157,6 +157,21 @@ if HAVE_TRITON:
         tl.store(best_i_ptr + dst, besti, mask=bmask)
 
     @triton.jit
+    def online_softmax_step(m_i, l_i, acc, sc, vt, IEEE: tl.constexpr):
+        """One tile of flash attention: scores sc [R, N] (-inf where masked) and values vt
+        [N, D] into the running (max, sum, weighted sum) of R query rows; returns them."""
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(sc - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def live_partial(
         pid,
         q_ptr,
@@ -249,16 +264,7 @@ if HAVE_TRITON:
                 else:
                     sc = tl.dot(q, tl.trans(kt)) * scale
                 sc = tl.where(ok[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(sc - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE:
-                    pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(vt.dtype), vt)
-                acc = acc * alpha[:, None] + pv
+                m_new, l_i, acc = online_softmax_step(m_i, l_i, acc, sc, vt, IEEE)
             m_i = m_new
         if LIVE_T:
             acc = tl.trans(acc_t)
@@ -528,7 +534,7 @@ if HAVE_TRITON:
             )  # fmt: skip
 
     @triton.jit
-    def _merge_block(m_i, l_i, acc, lse, out):
+    def merge_block(m_i, l_i, acc, lse, out):
         """Online-softmax merge of partial states lse [S, GP] / out [S, GP, D] into the running
         (max, sum, weighted sum)."""
         m_new = tl.maximum(m_i, tl.max(lse, axis=0))
@@ -540,28 +546,9 @@ if HAVE_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def shared_combine(
-        plo_ptr,
-        pll_ptr,
-        SLP,
-        C,
-        HF,
-        BC,
-        lo_ptr,
-        ll_ptr,
-        SL,
-        B,
-        H,
-        HKV,
-        out_ptr,
-        sout_b,
-        sout_h,
-        D: tl.constexpr,
-        G: tl.constexpr,
-        GP: tl.constexpr,
-        GF: tl.constexpr,
-        SB: tl.constexpr,
-    ):
+    def shared_combine(plo_ptr, pll_ptr, SLP, C, HF, BC, lo_ptr, ll_ptr, SL, B, H, HKV, out_ptr,
+                       sout_b, sout_h, D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                       GF: tl.constexpr, SB: tl.constexpr):  # fmt: skip
         """Per (row, KV head): merge the prefix slices' and the live slices' partial states."""
         pid = tl.program_id(0)
         kh = pid % HKV
@@ -581,14 +568,14 @@ if HAVE_TRITON:
             lse = tl.load(pll_ptr + row, mask=sm, other=float("-inf"))
             out = tl.load(plo_ptr + row[:, :, None] * D + offs_d[None, None, :],
                           mask=sm[:, :, None], other=0.0)  # fmt: skip
-            m_i, l_i, acc = _merge_block(m_i, l_i, acc, lse, out)
+            m_i, l_i, acc = merge_block(m_i, l_i, acc, lse, out)
         for s0 in range(0, SL, SB):
             sm = ((s0 + offs_s) < SL)[:, None] & gm[None, :]
             row = ((s0 + offs_s)[:, None] * B + b) * H + hq[None, :]
             lse = tl.load(ll_ptr + row, mask=sm, other=float("-inf"))
             out = tl.load(lo_ptr + row[:, :, None] * D + offs_d[None, None, :],
                           mask=sm[:, :, None], other=0.0)  # fmt: skip
-            m_i, l_i, acc = _merge_block(m_i, l_i, acc, lse, out)
+            m_i, l_i, acc = merge_block(m_i, l_i, acc, lse, out)
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + b.to(tl.int64) * sout_b + hq[:, None] * sout_h + offs_d[None, :],

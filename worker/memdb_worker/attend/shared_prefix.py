@@ -30,6 +30,7 @@ import torch
 
 from memdb_worker.attend import fused_kernels as fk
 from memdb_worker.attend.fused_kernels import HAVE_TRITON
+from memdb_worker.attend.launch import live_mask, pow2, slices, sm_count
 from memdb_worker.memory.state import attention_state, merge_states
 
 logger = logging.getLogger(__name__)
@@ -64,19 +65,9 @@ def shared_reference(
     mask boolean [B, N] (True = attend) or None. Returns [B, 1, H, d] in q's dtype.
     """
     prefix = attention_state(q, prefix_k, prefix_v, scale)  # folds the batch: read once
-    live_mask = None if mask is None else mask.view(mask.shape[0], 1, 1, mask.shape[-1])
-    live = attention_state(q, k, v, scale, live_mask)
+    mask4 = None if mask is None else mask.view(mask.shape[0], 1, 1, mask.shape[-1])
+    live = attention_state(q, k, v, scale, mask4)
     return merge_states(prefix, live).out.to(q.dtype).transpose(1, 2).contiguous()
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 16
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def shared_attention(
@@ -115,18 +106,10 @@ def shared_attention(
         q2 = torch.cat([q2, q2.new_zeros(c * bc - b, h, d)])
     gf = bc * g
     qf = q2.reshape(c, bc, hkv, g, d).transpose(1, 2).reshape(c, hkv * gf, d)
-    sms = _sm_count(dev)
+    sms = sm_count(dev)
     bn = cfg.block_n
-    # prefix slices
-    want = max(1, (cfg.prefix_programs_per_sm * sms) // (c * hkv))
-    tiles = -(-np_ // bn)
-    p_split = -(-tiles // min(tiles, want)) * bn
-    slp = -(-np_ // p_split)
-    # live slices
-    want_l = max(1, (cfg.live_programs_per_sm * sms) // (b * hkv))
-    ltiles = max(1, -(-n // bn))
-    live_split = -(-ltiles // min(ltiles, want_l)) * bn
-    sl = max(1, -(-n // live_split))
+    p_split, slp = slices(np_, bn, (cfg.prefix_programs_per_sm * sms) // (c * hkv))
+    live_split, sl = slices(n, bn, (cfg.live_programs_per_sm * sms) // (b * hkv))
     f32 = torch.float32
     plo = torch.empty(slp, c, hkv * gf, d, dtype=f32, device=dev)
     pll = torch.empty(slp, c, hkv * gf, dtype=f32, device=dev)
@@ -134,15 +117,7 @@ def shared_attention(
     ll = torch.empty(sl, b, h, dtype=f32, device=dev)
     out = torch.empty(b, 1, h, d, dtype=q.dtype, device=dev)
     q3 = q[:, :, 0]
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError("shared_attention takes a boolean mask")
-        mk = mask.reshape(mask.shape[0], mask.shape[-1])
-        if mk.shape[0] == 1 and b > 1:
-            mk = mk.expand(b, -1)
-        sm_b, sm_n = mk.stride(0), mk.stride(1)
-    else:
-        mk, sm_b, sm_n = ll, 0, 0  # unused
+    mk, sm_b, sm_n = live_mask(mask, b, ll)
     n_prefix = c * hkv * slp
     n_live = b * hkv * sl if n > 0 else 0
     fk.shared_phase1[(n_prefix + n_live,)](
@@ -152,13 +127,13 @@ def shared_attention(
         v, v.stride(0), v.stride(1), v.stride(2), mk, sm_b, sm_n, n, b, h, hkv, sl,
         live_split, float(scale), lo, ll,
         HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, D=d, G=g,
-        GP=max(16, _pow2(g)), GF=gf, GFP=max(16, _pow2(gf)), BLOCK_N=bn,
+        GP=max(16, pow2(g)), GF=gf, GFP=max(16, pow2(gf)), BLOCK_N=bn,
         num_warps=cfg.num_warps or (8 if gf > 64 else 4), num_stages=cfg.num_stages,
     )  # fmt: skip
     fk.shared_combine[(b * hkv,)](
         plo, pll, slp, c, hkv * gf, bc, lo, ll, sl if n_live else 0, b, h, hkv,
         out, out.stride(0), out.stride(2),
-        D=d, G=g, GP=max(2, _pow2(g)), GF=gf, SB=8, num_warps=cfg.combine_warps,
+        D=d, G=g, GP=max(2, pow2(g)), GF=gf, SB=8, num_warps=cfg.combine_warps,
     )  # fmt: skip
     return out
 

@@ -3,6 +3,11 @@
 numpy arrays in and out, a deadline on every call (streams included, Watch excepted), and
 every gRPC error raised as the matching `memdb.errors` class. The worker and the admin CLI
 talk to the server only through this. Knows nothing of models.
+
+Reads are monotonic per client: a client remembers the highest version of each prefix it has
+seen (in any response or Watch event), and a read of the current version that a lagging node
+answers with an older one (a cluster node's metadata copy trails the newest write by the watch's
+delay) is asked again for the version it saw, which such a node reads from etcd.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memdb.errors import Aborted, InvalidArgument, from_rpc_error
+from memdb.errors import Aborted, InvalidArgument, NotFound, from_rpc_error
 from memdb.shards import Shard, decode_shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -36,6 +42,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 FETCH_ATTEMPTS = 3  # a fetch of the current version restarts when it is replaced meanwhile
 MiB = 1 << 20
 _MODES = {"create": pb.PUT_MODE_CREATE, "update": pb.PUT_MODE_UPDATE, "upsert": pb.PUT_MODE_UPSERT}
+R = TypeVar("R")
 
 
 class MemdbClient:
@@ -73,6 +80,8 @@ class MemdbClient:
         self._memory = pb_grpc.MemoryServiceStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._seen: dict[str, int] = {}  # prefix name -> the highest version seen
+        self._seen_lock = threading.Lock()
 
     # ------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -93,6 +102,38 @@ class MemdbClient:
             return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    # ------------------------------------------------------------ monotonic reads
+    def seen_version(self, name: str) -> int:
+        """The highest version of `name` this client has seen (0: none since its deletion)."""
+        with self._seen_lock:
+            return self._seen.get(name, 0)
+
+    def _saw(self, name: str, version: int) -> None:
+        with self._seen_lock:
+            if version > self._seen.get(name, 0):
+                self._seen[name] = version
+
+    def _forget(self, name: str) -> None:
+        """`name` was deleted: its versions start over at 1."""
+        with self._seen_lock:
+            self._seen.pop(name, None)
+
+    def _monotonic(
+        self, name: str, version: int, read: Callable[[int], R], version_of: Callable[[R], int]
+    ) -> R:
+        """`read(version)`; a read of the current version (0) answered older than the version
+        this client saw is asked again for that one. If it is gone (replaced twice since, or
+        the prefix deleted by someone else), the older answer stands and `name` starts over."""
+        got = read(version)
+        seen = self.seen_version(name)
+        if not version and version_of(got) < seen:
+            try:
+                got = read(seen)
+            except NotFound:
+                self._forget(name)
+        self._saw(name, version_of(got))
+        return got
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's health status name ("SERVING", "NOT_SERVING", ...)."""
@@ -127,7 +168,8 @@ class MemdbClient:
 
         `extras`: names of extra tensors of the memory (`PrefixInfo.extra_tensors`, e.g.
         "q_mean", "k_bar") whose rows of the hits to return too, as `LookupResult.extras`
-        (name -> [Q, I, k, ...]); an unknown name is InvalidArgument.
+        (name -> [Q, I, k, ...]); an unknown name is InvalidArgument. Version 0 (current)
+        answers a version no older than this client has seen (see the module).
         """
         q = np.asarray(queries)
         if q.dtype not in (np.float32, np.float16):
@@ -139,10 +181,14 @@ class MemdbClient:
             queries=encode_tensor(q),
             k=k,
             include_states=include_states,
-            version=version,
             extras=list(extras),
         )
-        resp = self._call(self._memory.Lookup, req, timeout)
+
+        def read(v: int) -> pb.LookupResponse:
+            req.version = v
+            return self._call(self._memory.Lookup, req, timeout)
+
+        resp = self._monotonic(name, version, read, lambda r: r.version)
         return LookupResult(
             version=resp.version,
             ids=decode_tensor(resp.ids, name="ids"),
@@ -170,10 +216,13 @@ class MemdbClient:
         it sends it; when the version is replaced and dropped meanwhile (ABORTED) a fetch of
         the current version (`version=0`) starts again, up to FETCH_ATTEMPTS times in all (a
         deleted prefix then answers NOT_FOUND); `on_bytes` counts the bytes of every attempt."""
+
+        def read(v: int) -> tuple[PrefixInfo, list[bytes]]:
+            return self._fetch_once(name, model_fingerprint, v, timeout, on_bytes, max_layers)
+
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             try:
-                return self._fetch_once(name, model_fingerprint, version, timeout, on_bytes,
-                                        max_layers)  # fmt: skip
+                return self._monotonic(name, version, read, lambda got: got[0].version)
             except Aborted:
                 if version or attempt == FETCH_ATTEMPTS:
                     raise
@@ -246,7 +295,13 @@ class MemdbClient:
     def watch(self, names: Sequence[str] = (), *, send_initial: bool = False) -> Watch:
         """A stream of version changes; iterate it, `cancel()` it to stop."""
         req = pb.WatchRequest(names=list(names), send_initial=send_initial)
-        return Watch(self._memory.Watch(req, metadata=self._metadata))
+        return Watch(self._memory.Watch(req, metadata=self._metadata), self._heard)
+
+    def _heard(self, event: WatchEvent) -> None:
+        if event.type == "delete":
+            self._forget(event.name)
+        else:
+            self._saw(event.name, event.version)
 
     # ------------------------------------------------------------ prefixes
     def put_prefix(
@@ -311,7 +366,9 @@ class MemdbClient:
             if future is not None:
                 future.cancel()
             raise
-        return PrefixInfo.from_pb(resp)
+        info = PrefixInfo.from_pb(resp)
+        self._saw(name, info.version)
+        return info
 
     def _upload_stream(
         self,
@@ -341,9 +398,11 @@ class MemdbClient:
         yield pb.PutPrefixRequest(commit=pb.PutPrefixCommit())
 
     def get_prefix(self, name: str, timeout: float | None = None) -> PrefixInfo:
-        return PrefixInfo.from_pb(
+        info = PrefixInfo.from_pb(
             self._call(self._admin.GetPrefix, pb.GetPrefixRequest(name=name), timeout)
         )
+        self._saw(name, info.version)
+        return info
 
     def list_prefixes_page(
         self, *, name_prefix: str = "", page_size: int = 100, page_token: str = ""
@@ -352,7 +411,10 @@ class MemdbClient:
             page_size=page_size, page_token=page_token, name_prefix=name_prefix
         )
         resp = self._call(self._admin.ListPrefixes, req)
-        return [PrefixInfo.from_pb(p) for p in resp.prefixes], resp.next_page_token
+        infos = [PrefixInfo.from_pb(p) for p in resp.prefixes]
+        for info in infos:
+            self._saw(info.name, info.version)
+        return infos, resp.next_page_token
 
     def list_prefixes(self, *, name_prefix: str = "", page_size: int = 100) -> list[PrefixInfo]:
         """Every prefix of the caller's tenant (follows the pages)."""
@@ -367,7 +429,9 @@ class MemdbClient:
 
     def delete_prefix(self, name: str, *, expected_version: int = 0) -> int:
         req = pb.DeletePrefixRequest(name=name, expected_version=expected_version)
-        return self._call(self._admin.DeletePrefix, req).deleted_version
+        deleted = self._call(self._admin.DeletePrefix, req).deleted_version
+        self._forget(name)
+        return deleted
 
     # ------------------------------------------------------------ tenants, keys, stats
     def create_tenant(self, name: str, *, max_bytes: int = 0, max_prefixes: int = 0) -> TenantInfo:
@@ -412,15 +476,19 @@ def _lookup_extras(resp: pb.LookupResponse, names: Sequence[str]) -> dict[str, n
 
 
 class Watch:
-    """An open Watch stream: iterate for WatchEvents; `cancel()` ends it."""
+    """An open Watch stream: iterate for WatchEvents; `cancel()` ends it. `heard(event)` is
+    told of each event before it is yielded (the client's seen versions)."""
 
-    def __init__(self, call) -> None:
+    def __init__(self, call, heard: Callable[[WatchEvent], None] = lambda event: None) -> None:
         self._call = call
+        self._heard = heard
 
     def __iter__(self) -> Iterator[WatchEvent]:
         try:
             for msg in self._call:
-                yield WatchEvent.from_pb(msg)
+                event = WatchEvent.from_pb(msg)
+                self._heard(event)
+                yield event
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED:
                 return

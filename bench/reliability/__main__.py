@@ -4,6 +4,12 @@ Runs the campaign's parts in turn, each against its own server processes in a te
 directory, prints each part's figures and writes them with the headline figures to
 bench/results/reliability.json (the command and the machine included). --quick is the seeded
 sample CI size (about two minutes); the full run is bounded to about 13 minutes on 2 cores.
+
+`fuzz_cluster` (not among the default parts) is the fuzz part against one node on the cluster
+backend, over its own real etcd and Redis Cluster. A run of fuzz parts only
+(`--parts fuzz,fuzz_cluster`) writes bench/results/fuzz.json instead: per backend its
+requests, INTERNAL and UNKNOWN answers, crashes and the node's RSS after the warm-up and at
+the end.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from bench.reliability.measure import write_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PARTS = ("kills", "history", "fuzz", "isolation", "neighbours", "soak")
+FUZZ_PARTS = {"fuzz": "local", "fuzz_cluster": "cluster"}  # part -> the fuzzed node's backend
+CHOICES = (*PARTS, "fuzz_cluster")
 SIZES = {
     "quick": {
         "kills": 16,
@@ -58,8 +66,14 @@ def run_part(part: str, size: dict, seed: int, tmp: Path) -> dict:
         return kills.run(where, kills=size["kills"], seed=seed).as_dict()
     if part == "history":
         return history.run(where, seconds=size["history_s"], seed=seed).as_dict()
-    if part == "fuzz":
-        return fuzz.run(where, cases_n=size["fuzz"], seed_=seed).as_dict()
+    if part in FUZZ_PARTS:
+        return fuzz.run(
+            where,
+            cases_n=size["fuzz"],
+            seed_=seed,
+            backend=FUZZ_PARTS[part],
+            max_seconds=900 if part == "fuzz" else 2400,  # a cluster node's calls are slower
+        ).as_dict()
     if part == "isolation":
         return isolation.run(where, ops=size["isolation"], seed=seed).as_dict()
     if part == "neighbours":
@@ -95,17 +109,41 @@ def headline(r: dict) -> dict:
     }
 
 
+def by_backend(r: dict) -> dict:
+    """The fuzz parts' figures per backend (bench/results/fuzz.json)."""
+    out = {}
+    for part, backend in FUZZ_PARTS.items():
+        f = r.get(part)
+        if f is None or "error" in f:
+            out[backend] = f
+            continue
+        out[backend] = {
+            "requests": f["cases"],
+            "internal": f["codes"].get("INTERNAL", 0),
+            "unknown": f["codes"].get("UNKNOWN", 0),
+            "crashes": f["crashes"],
+            "unresponsive": f["unresponsive"],
+            "rss_mb_after_warmup": f["rss_start_mb"],
+            "rss_mb_end": f["rss_end_mb"],
+            "rss_mb_every_1000": f["rss_samples_mb"],
+            "seconds": f["seconds"],
+        }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the seeded CI-sized sample")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {PARTS}")
-    ap.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {CHOICES}")
+    ap.add_argument("--out", type=Path, help="reliability.json (fuzz.json for fuzz parts only)")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(CHOICES)
     if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+        ap.error(f"unknown parts {sorted(unknown)}; choose from {CHOICES}")
+    fuzz_only = set(parts) <= set(FUZZ_PARTS)
+    out_path = args.out or RESULTS / ("fuzz.json" if fuzz_only else "reliability.json")
     size = SIZES["quick" if args.quick else "full"]
     results: dict[str, dict] = {}
     t0 = time.monotonic()
@@ -122,20 +160,21 @@ def main(argv: list[str] | None = None) -> dict:
             for line in results[part].get("problems", []) + results[part].get("examples", []):
                 print("  ", line[:300], flush=True)
             print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
+    summary = {"backends": by_backend(results)} if fuzz_only else headline(results)
     out = write_results(
-        args.out,
+        out_path,
         {
-            **headline(results),
+            **summary,
             "parts": results,
-            "sizes": size,
+            "sizes": {"fuzz": size["fuzz"]} if fuzz_only else size,
             "seed": args.seed,
             "seconds": time.monotonic() - t0,
         },
         "python -m bench.reliability",
         argv,
     )
-    print(json.dumps(headline(results)))
-    print(f"wrote {args.out}")
+    print(json.dumps(summary))
+    print(f"wrote {out_path}")
     return out
 
 

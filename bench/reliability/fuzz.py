@@ -1,12 +1,18 @@
 """Fuzzing a real server: hypothesis over every request type, raw bytes, malformed shards.
 
-Each case is one call to a server process on 127.0.0.1, with one of several keys (root, a
-tenant's admin / writer / reader, none, garbage):
+Each case is one call to a server process on 127.0.0.1 (`backend` "local": one node on LMDB;
+"cluster": one node on the cluster backend, over a real 3-member etcd cluster and a 3 + 3 Redis
+Cluster), with one of several keys (root, a tenant's admin / writer / reader, none, garbage):
 - message: a request of any method of memdb.v1 drawn from its descriptor (two thirds of them
   a valid request with some or one of its fields replaced, so they get past the first checks);
-- put: a PutPrefix stream of a valid header and malformed / odd shards (strategies.shard_blob);
+- put: a PutPrefix stream of a valid header (any index kind and metric) and malformed / odd
+  shards (strategies.shard_blob: overflowing float8 keys, bad key scales, huge or empty shapes,
+  unknown formats among them);
 - raw: random or bit-flipped bytes sent as any method's payload through a generic channel
-  method with identity serializers.
+  method with identity serializers;
+- bounds: with the root key, a one-layer PutPrefix of a shard aimed at the bounds
+  (strategies.bounded_values or a hand-made header, mostly IVF builds), or a Lookup of the
+  target with queries aimed at them (strategies.query_tensor): what issue 23's probe found.
 Every answer must be a deliberate status: UNKNOWN and INTERNAL count as errors, a dead server
 as a crash (it is restarted, and the case kept). The server's RSS is read after a warm-up and
 at the end. Knows nothing of what each method does beyond its request type.
@@ -20,6 +26,7 @@ import re
 import time
 import warnings
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +37,22 @@ from hypothesis.errors import HypothesisWarning
 
 from bench.reliability.measure import BAD_CODES, Report, rss_mb
 from bench.reliability.memories import FP, Shape, queries_of, tagged_memory
-from bench.reliability.strategies import Hints, message, one_field, shard_blob
+from bench.reliability.strategies import (
+    INDEX_KINDS,
+    METRICS,
+    Hints,
+    bounded_values,
+    crafted_header,
+    message,
+    one_field,
+    query_tensor,
+    shard_blob,
+)
 from bench.reliability.tenants import make_tenant
 from memdb.errors import MemdbError
 from memdb.v1 import memdb_pb2 as pb
 from memdb_client import MemdbClient
+from memdb_server.cluster_process import control_and_data_planes
 from memdb_server.process import ServerProcess, start_server
 
 log = logging.getLogger(__name__)
@@ -70,6 +88,7 @@ class Case:
 
 @dataclass
 class FuzzReport(Report):
+    backend: str = "local"
     cases: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     codes: dict[str, int] = field(default_factory=dict)
@@ -81,6 +100,7 @@ class FuzzReport(Report):
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
     rss_growth_mb: float = 0.0
+    rss_samples_mb: list[float] = field(default_factory=list)  # every 1000 cases
     examples: list[str] = field(default_factory=list)
     server_exceptions: dict[str, int] = field(default_factory=dict)  # from the server log
     seconds: float = 0.0
@@ -153,7 +173,13 @@ def cases(hints: Hints, keys: list[str]) -> st.SearchStrategy[Case]:
         _raw_payload(base),
         key,
     )
-    return st.one_of(st.one_of(*by_method), st.one_of(*by_method), put, put, raw)
+    bounds = st.one_of(
+        st.builds(Case, st.just("bounds"), st.just(_method("PutPrefix")), _bounds_put(base),
+                  st.just(keys[0])),
+        st.builds(Case, st.just("bounds"), st.just(_method("Lookup")), _bounds_lookup(base),
+                  st.just(keys[0])),
+    )  # fmt: skip
+    return st.one_of(st.one_of(*by_method), st.one_of(*by_method), put, put, raw, bounds)
 
 
 def _method(name: str) -> Method:
@@ -167,6 +193,8 @@ def _put_stream(draw, hints: Hints, base: dict) -> list:
     header.CopyFrom(base["PutPrefix"].header)
     header.num_layers = draw(st.sampled_from([len(blobs), len(blobs), len(blobs) + 1, 0]))
     header.name = draw(st.sampled_from(["fz-p", "fz-q", TARGET]))
+    header.index_kind = draw(st.sampled_from(INDEX_KINDS))
+    header.metric = draw(st.sampled_from(METRICS))
     msgs = [pb.PutPrefixRequest(header=header)]
     for layer, blob in enumerate(blobs):
         cut = draw(st.integers(0, len(blob))) if draw(st.booleans()) else len(blob)
@@ -183,6 +211,30 @@ def _put_stream(draw, hints: Hints, base: dict) -> list:
 
 
 @st.composite
+def _bounds_put(draw, base: dict) -> list:
+    """One committed layer aimed at the bounds, mostly built into an IVF index."""
+    blob = draw(st.one_of(bounded_values(), bounded_values(), crafted_header()))
+    header = pb.PutPrefixHeader()
+    header.CopyFrom(base["PutPrefix"].header)
+    header.name = "fz-b"
+    header.index_kind = draw(st.sampled_from(["ivf", "ivf", "flat", "hnsw", "auto"]))
+    header.metric = draw(st.sampled_from(METRICS))
+    return [
+        pb.PutPrefixRequest(header=header),
+        pb.PutPrefixRequest(chunk=pb.ShardChunk(layer=0, data=blob, last=True)),
+        pb.PutPrefixRequest(commit=pb.PutPrefixCommit()),
+    ]
+
+
+@st.composite
+def _bounds_lookup(draw, base: dict) -> pb.LookupRequest:
+    req = pb.LookupRequest()
+    req.CopyFrom(base["Lookup"])
+    req.queries.CopyFrom(draw(query_tensor(SHAPE.groups, SHAPE.dk)))
+    return req
+
+
+@st.composite
 def _raw_payload(draw, base: dict) -> bytes:
     valid = [m.SerializeToString() for m in base.values()]
     blob = bytearray(draw(st.one_of(st.binary(max_size=512), st.sampled_from(valid))))
@@ -192,11 +244,12 @@ def _raw_payload(draw, base: dict) -> bytes:
 
 
 class Fuzzer:
-    def __init__(self, data_dir: Path, report: FuzzReport) -> None:
+    def __init__(self, data_dir: Path, report: FuzzReport, flags: dict) -> None:
         self.dir = data_dir
         self.report = report
+        self.flags = flags  # the server's flags (the cluster backend's, if any), on every start
         self.codes: Counter[str] = Counter()
-        self.server: ServerProcess = start_server(data_dir, log_level="WARNING")
+        self.server: ServerProcess = start_server(data_dir, log_level="WARNING", **flags)
         self.channel = grpc.insecure_channel(self.server.address)
         self.hints, self.keys = self._setup()
 
@@ -228,7 +281,7 @@ class Fuzzer:
     def restart(self) -> None:
         self.channel.close()
         self.server.kill()
-        self.server = start_server(self.dir, log_level="WARNING")
+        self.server = start_server(self.dir, log_level="WARNING", **self.flags)
         self.channel = grpc.insecure_channel(self.server.address)
 
     def send(self, case: Case) -> None:
@@ -304,12 +357,47 @@ def _show(payload: object) -> str:
 
 
 def run(
-    data_dir: Path, *, cases_n: int, seed_: int = 0, max_seconds: float = 900.0, warmup: int = 200
+    data_dir: Path,
+    *,
+    cases_n: int,
+    seed_: int = 0,
+    max_seconds: float = 900.0,
+    warmup: int = 200,
+    backend: str = "local",
+    planes=None,
 ) -> FuzzReport:
-    """`cases_n` cases (bounded by `max_seconds`) against one server process."""
-    report = FuzzReport()
+    """`cases_n` cases (bounded by `max_seconds`) against one server process on `backend`
+    ("local" or "cluster"; the cluster's etcd and Redis are `planes`, an (EtcdCluster,
+    RedisCluster) pair, or started here in `data_dir` and stopped at the end)."""
+    if backend not in ("local", "cluster"):
+        raise ValueError(f"backend must be local or cluster, not {backend!r}")
+    with ExitStack() as stack:
+        flags = {}
+        if backend == "cluster":
+            if planes is None:
+                planes = stack.enter_context(control_and_data_planes(Path(data_dir) / "planes"))
+            etcd, redis = planes
+            flags = {
+                "backend": "cluster",
+                "etcd": ",".join(etcd.client_urls),
+                "redis": ",".join(redis.urls),
+                "etcd_root": f"/fuzz-{time.time_ns()}/",
+            }
+        return _run(Path(data_dir) / "node", cases_n, seed_, max_seconds, warmup, backend, flags)
+
+
+def _run(
+    data_dir: Path,
+    cases_n: int,
+    seed_: int,
+    max_seconds: float,
+    warmup: int,
+    backend: str,
+    flags: dict,
+) -> FuzzReport:
+    report = FuzzReport(backend=backend)
     t0 = time.monotonic()
-    fuzzer = Fuzzer(Path(data_dir), report)
+    fuzzer = Fuzzer(data_dir, report, flags)
     strategy = cases(fuzzer.hints, fuzzer.keys)
     rng = random.Random(seed_)
 
@@ -328,6 +416,8 @@ def run(
         if report.cases == min(warmup, cases_n // 10):
             report.rss_start_mb = rss_mb(fuzzer.server.proc.pid)
         fuzzer.send(case)
+        if report.cases % 1000 == 0:
+            report.rss_samples_mb.append(round(rss_mb(fuzzer.server.proc.pid), 1))
 
     try:
         with warnings.catch_warnings():  # hypothesis warns of long reprs of large cases

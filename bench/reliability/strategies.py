@@ -5,7 +5,11 @@ wire tensors, and well- and ill-formed safetensors shards.
 range plus the `hints`' known names and blobs, repeated and map fields, oneofs, nested
 messages to a bounded depth; `memdb.v1.Tensor` through `tensor()`). `shard_blob(hints)` draws
 the bytes of one layer's shard: valid ones, valid safetensors with wrong contents (shapes,
-dtypes including bf16 / fp8, extras, NaN), hand-made headers, truncations and bit flips.
+dtypes including bf16 / fp8, extras, NaN), well-shaped shards whose values break the bounds
+(float8 keys whose scale overflows them, scales of 0 / -1 / 1e-45, keys past the norm bound,
+unknown or missing `memdb.format`: `bounded_values`), hand-made headers (shapes with a zero
+and huge dimensions among them), truncations and bit flips. `INDEX_KINDS` and `METRICS` are
+what an upload's header may ask for (an IVF build is where overflowing keys failed).
 Knows nothing of servers; draws only.
 """
 
@@ -49,6 +53,13 @@ ST_DTYPES = {
     "XX": 1,
 }
 MAX_BLOB = 1 << 16
+# dimensions that match empty data whatever the others are (with a 0), or overflow a product
+HUGE_DIMS = [0, 1, 2, 1 << 31, 1 << 32, (1 << 32) + 1, 1 << 40, 1 << 62, (1 << 63) - 1]
+KEY_SCALES = [1.0, 0.01, 0.0, -1.0, 1e-45, 2.0**-41, 2.0**-40, 2.0**40, 2.0**41, 1e36, 3e38]
+KEY_VALUES = [0.5, 448.0, -448.0, 1e15, 1e20, 3e38]  # the last three: past the norm bound
+FORMATS = [None, "1", "1", "2", "9", "", "1.0", "x" * 40]  # None: no memdb.format
+INDEX_KINDS = ["", "auto", "flat", "ivf", "hnsw"]
+METRICS = ["", "cosine", "ip"]
 
 
 @dataclass
@@ -179,20 +190,49 @@ def tensor(draw) -> object:
             st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=5),
             st.lists(st.sampled_from([1, 1 << 31, 1 << 32, 1 << 62]), min_size=1, max_size=4),
             st.lists(st.just(1), min_size=60, max_size=70),
+            st.lists(st.sampled_from(HUGE_DIMS), min_size=1, max_size=4),
+            st.just([0, (1 << 63) - 1, 2]),  # empty data, passed the byte count (issue 23)
         )
     )
     size = int(np.prod([max(s, 0) for s in shape], dtype=np.float64)) if shape else 1
     numeric = np.dtype(dtype if dtype in WIRE_DTYPES[:4] else "float32")  # numpy has no bf16
     item = numeric.itemsize
     if size * item <= 4096 and draw(st.booleans()):
+        big = st.sampled_from([1e20, 3e38, 65504.0]).map(lambda v: np.full(size, v, numeric))
         data = draw(
             st.one_of(
                 st.binary(min_size=size * item, max_size=size * item),
                 st.just(np.ones(size, numeric).tobytes()),
+                big.map(lambda a: a.tobytes()),  # finite values whose norms overflow
             )
         )
     else:
         data = draw(st.binary(max_size=256))
+    return pb.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+@st.composite
+def query_tensor(draw, groups: int, dk: int) -> object:
+    """Lookup queries aimed at the bounds: the layer's shape ([Q, Dk] or [Q, I, Dk]) holding
+    normal, huge (norms past the bound) or non-finite values, or an empty shape with huge
+    dimensions and no data."""
+    from memdb.v1 import memdb_pb2 as pb
+
+    dtype = draw(st.sampled_from(["float32", "float16"]))
+    if draw(st.integers(0, 3)) == 0:
+        shape = draw(st.lists(st.sampled_from(HUGE_DIMS), min_size=2, max_size=4))
+        shape[draw(st.integers(0, len(shape) - 1))] = 0
+        return pb.Tensor(dtype=dtype, shape=shape, data=b"")
+    q = draw(st.integers(1, 3))
+    shape = draw(st.sampled_from([[q, dk], [q, groups, dk]]))
+    values = np.random.default_rng(draw(st.integers(0, 3))).standard_normal(shape)
+    big = draw(st.sampled_from([1.0, 1e15, 1e20, 3e38, 65504.0, np.inf, np.nan]))
+    if draw(st.booleans()):
+        values[(0,) * (len(shape) - 1)] = big  # one vector
+    else:
+        values *= big
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = values.astype(dtype).tobytes()
     return pb.Tensor(dtype=dtype, shape=shape, data=data)
 
 
@@ -202,7 +242,7 @@ def tensor(draw) -> object:
 def shard_blob(hints: Hints) -> st.SearchStrategy[bytes]:
     """One layer's bytes: valid, wrong contents, hand-made headers, truncated or flipped."""
     valid = st.sampled_from(hints.blobs) if hints.blobs else st.just(b"")
-    return st.one_of(valid, wrong_contents(), crafted_header(), mutated(valid))
+    return st.one_of(valid, wrong_contents(), bounded_values(), crafted_header(), mutated(valid))
 
 
 @st.composite
@@ -240,6 +280,42 @@ def wrong_contents(draw) -> bytes:
     )
 
 
+@st.composite
+def bounded_values(draw) -> bytes:
+    """A well-shaped shard whose keys or key scales may break the bounds (float8 keys times a
+    scale that overflows, scales of 0 / -1 / 1e-45, float32 or bfloat16 keys past the norm
+    bound), under a `memdb.format` that may be unknown or missing."""
+    from memdb.shards import save_tensors
+
+    i, m, dk, h, d = (draw(st.integers(1, n)) for n in (2, 40, 6, 2, 3))
+    dtype = draw(st.sampled_from(["float8_e4m3fn", "float32", "bfloat16", "float16"]))
+    value = draw(st.sampled_from(KEY_VALUES))
+    keys = np.random.default_rng(draw(st.integers(0, 3))).standard_normal((i, m, dk))
+    if draw(st.booleans()):
+        keys[draw(st.integers(0, i - 1)), draw(st.integers(0, m - 1))] = value  # one row
+    else:
+        keys = np.full((i, m, dk), value)
+    with np.errstate(over="ignore"):  # float16 / float8 of 1e20: inf or NaN, refused too
+        tensors = {"keys": keys.astype(np.float32).astype(_np_dtype(dtype))}
+    if dtype == "float8_e4m3fn" or draw(st.integers(0, 9)) == 0:
+        scale = np.full((i, m), draw(st.sampled_from(KEY_SCALES)), np.float32)
+        if draw(st.booleans()):
+            scale[draw(st.integers(0, i - 1)), draw(st.integers(0, m - 1))] = draw(
+                st.sampled_from(KEY_SCALES)
+            )
+        tensors["key_scale"] = scale
+    tensors["out"] = np.ones((i, m, h, d), np.float32)
+    tensors["lse"] = np.zeros((i, m, h), np.float32)
+    fmt = draw(st.sampled_from(FORMATS))
+    return save_tensors(tensors, {"layer": "0"} | ({} if fmt is None else {"memdb.format": fmt}))
+
+
+def _np_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name, None) or name)
+
+
 def _typed_header(draw, tensors: dict[str, np.ndarray]) -> bytes:
     """The same tensors with some re-labelled to dtypes numpy lacks (bf16, fp8)."""
     spec, data = {}, b""
@@ -263,7 +339,12 @@ def crafted_header(draw) -> bytes:
         st.lists(st.sampled_from(["keys", "out", "lse", "k_bar", "x", ""]), unique=True, max_size=4)
     ):
         dtype = draw(st.sampled_from(list(ST_DTYPES)))
-        shape = draw(st.lists(st.one_of(st.integers(0, 4), st.integers(-1, 1 << 62)), max_size=4))
+        shape = draw(
+            st.one_of(
+                st.lists(st.one_of(st.integers(0, 4), st.integers(-1, 1 << 62)), max_size=4),
+                st.lists(st.sampled_from(HUGE_DIMS), min_size=1, max_size=4),
+            )
+        )
         size = draw(
             st.one_of(
                 st.just(int(np.prod(shape or [1], dtype=np.float64)) * ST_DTYPES[dtype]),
@@ -274,7 +355,9 @@ def crafted_header(draw) -> bytes:
         spec[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     if draw(st.booleans()):
-        spec["__metadata__"] = draw(st.sampled_from([{"a": 1}, "x", {"memdb.format": "9"}, []]))
+        spec["__metadata__"] = draw(
+            st.sampled_from([{"a": 1}, "x", [], *({"memdb.format": f} for f in FORMATS if f)])
+        )
     data = draw(st.binary(min_size=min(offset, 4096), max_size=min(offset, 4096)))
     blob = _pack(spec, data)
     if draw(st.integers(0, 4)) == 0:  # a header length that lies

@@ -22,9 +22,9 @@ MAX_DIMS = 8  # the widest tensor on the wire is 5-D (Lookup's out [Q, I, k, h, 
 # more than 2**63 bytes even when it is empty. Both are far past any message or upload limit.
 MAX_DIM = 2**32
 MAX_ELEMENTS = 2**40
-# The longest key or query vector (L2 norm). Squared norms up to 2**100 summed over any key dim
-# below 2**20, and inner products of two such vectors (<= 2**100), stay far below float32's
-# largest value (~2**128): FAISS's norms, inner products and k-means distances stay finite.
+# The longest key or query vector (L2 norm). A squared norm is then at most 2**100, and so is
+# an inner product of two such vectors (Cauchy-Schwarz), far below float32's largest value
+# (~2**128): FAISS's norms, inner products and k-means distances (sums of a few) stay finite.
 # Keys of 1e20 (squared 1e40: inf in float32) crashed an IVF build (invalid cluster assignment).
 MAX_NORM = 2.0**50
 

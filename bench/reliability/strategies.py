@@ -198,7 +198,7 @@ def tensor(draw) -> object:
     numeric = np.dtype(dtype if dtype in WIRE_DTYPES[:4] else "float32")  # numpy has no bf16
     item = numeric.itemsize
     if size * item <= 4096 and draw(st.booleans()):
-        big = st.sampled_from([1e20, 3e38, 65504.0]).map(lambda v: np.full(size, v, numeric))
+        big = st.sampled_from([1e20, 3e38, 65504.0]).map(lambda v: _full(size, v, numeric))
         data = draw(
             st.one_of(
                 st.binary(min_size=size * item, max_size=size * item),
@@ -234,6 +234,11 @@ def query_tensor(draw, groups: int, dk: int) -> object:
     with np.errstate(over="ignore", invalid="ignore"):
         data = values.astype(dtype).tobytes()
     return pb.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+def _full(size: int, value: float, dtype: np.dtype) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):  # 1e20 as an integer or float16
+        return np.full(size, value).astype(dtype)
 
 
 # ---------------------------------------------------------------- safetensors

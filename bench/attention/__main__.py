@@ -178,6 +178,8 @@ def run_fitted(results: dict, path: Path, batches, lives, tune_on: bool) -> int:
 
     t0 = time.time()
     results["live_context"] = lives
+    results["command"] = "python -m bench.attention --fitted"
+    results["machine"] = f"{results['device']}, {os.cpu_count()} cores"
     bw = copy_bandwidth()
     results["copy_bandwidth_Bps"] = bw
     log(f"{results['device']}: copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 import argparse
 import json
 import math
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -131,6 +132,22 @@ def by_backend(r: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def commit() -> str:
+    """The commit the code ran from ("+dirty" when tracked files differ from it), or ""."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        out.check_returncode()
+        return out.stdout.strip()
+
+    try:
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the seeded CI-sized sample")
@@ -160,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
             for line in results[part].get("problems", []) + results[part].get("examples", []):
                 print("  ", line[:300], flush=True)
             print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
-    summary = {"backends": by_backend(results)} if fuzz_only else headline(results)
+    summary = headline(results)
+    if fuzz_only:
+        summary = {"backends": by_backend(results), "commit": commit()}
     out = write_results(
         out_path,
         {

@@ -300,7 +300,10 @@ class Fuzzer:
             r.timeouts += 1
         if self.server.proc.poll() is not None:
             r.crashes += 1
-            r.examples.append(f"crash ({self.server.proc.returncode}) after {_show(case.payload)}")
+            r.examples.append(
+                f"crash ({self.server.proc.returncode}) after {_show(case.payload)}; the server "
+                f"log ends: {self.server.log()[-1200:]}"
+            )
             self.restart()
         elif r.cases % 250 == 0:
             self._checkpoint()

@@ -66,6 +66,11 @@ class Unavailable(MemdbError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class OutcomeUnknown(Unavailable):
+    """A write was sent but its reply was lost, and reading back could not tell whether it was
+    applied (the backend stayed unreachable): read the prefix before writing again."""
+
+
 class DeadlineExceeded(MemdbError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -97,27 +97,24 @@ def test_two_nodes_writing_the_same_expected_version_cannot_both_win(nodes):
 
 
 def test_a_quota_holds_across_nodes_writing_at_once(nodes):
+    """The upload in flight on node a holds its reservation: node b's create is refused before
+    it stages anything, and a's goes through."""
     a, b = nodes(2)
     a.put_tenant(TenantRecord("small", max_prefixes=1))
-    staged = threading.Barrier(2)
-    for node in (a, b):
-        node.stage_hook = lambda upload: staged.wait(10)
+    staged, release = threading.Event(), threading.Event()
+    a.stage_hook = lambda upload: (staged.set(), release.wait(10))
     results: list = []
-
-    def create(node, name):
-        try:
-            results.append(write(node, name, tenant="small", mode="create"))
-        except ResourceExhausted as exc:
-            results.append(exc)
-
-    threads = [threading.Thread(target=create, args=(n, f"x{i}")) for i, n in enumerate((a, b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(type(r).__name__ for r in results) == ["PrefixRecord", "ResourceExhausted"]
+    thread = threading.Thread(target=lambda: results.append(write(a, "x0", tenant="small")))
+    thread.start()
+    assert staged.wait(10)
+    before = set(b.blobs.keys_by_upload())
+    with pytest.raises(ResourceExhausted, match="has 1 prefixes, its quota is 1"):
+        write(b, "x1", tenant="small", mode="create")
+    assert set(b.blobs.keys_by_upload()) == before  # refused before any blob was staged
+    release.set()
+    thread.join(30)
+    assert [r.name for r in results] == ["x0"]
     assert a.usage("small")[0] == b.usage("small")[0] == 1
-
 
 def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
     a, b = nodes(2)

@@ -82,7 +82,38 @@ def test_crash_kills_the_process_with_sigkill_at_the_nth_hit():
 def test_every_failpoint_is_marked_in_the_write_path():
     source = "".join(
         (ROOT / "server" / "memdb_server" / f).read_text()
-        for f in ("storage.py", "admin_service.py")
+        for f in (
+            "storage.py",
+            "admin_service.py",
+            "backends/etcd_gateway.py",
+            "backends/redis_blobs.py",
+            "backends/cluster_publish.py",
+        )
     )
     marked = re.findall(r'failpoints\.hit\("(\w+)"\)', source)
     assert sorted(marked) == sorted(failpoints.POINTS)
+
+
+def test_fail_and_lost_reply_are_returned_to_the_caller():
+    with failpoints.armed("etcd_txn=fail#1,etcd_put=lost_reply"):
+        assert [failpoints.hit("etcd_txn") for _ in range(2)] == ["fail", None]
+        assert failpoints.hit("etcd_put") == "lost_reply"
+    assert failpoints.hit("etcd_put") is None  # disarmed after the block
+
+
+def test_a_failpoints_file_rearms_a_running_process_and_firings_are_logged(monkeypatch, tmp_path):
+    spec, log_file = tmp_path / "failpoints", tmp_path / "fired.log"
+    monkeypatch.setattr(failpoints, "_FILE", str(spec))
+    monkeypatch.setattr(failpoints, "_LOG", str(log_file))
+    monkeypatch.setattr(failpoints, "_file_state", {"checked": 0.0, "mtime": None})
+    monkeypatch.setattr(failpoints, "RELOAD_S", 0.0)
+    monkeypatch.setattr(failpoints, "_POINTS", {})
+    assert failpoints.hit("redis_stage") is None  # no file yet: nothing armed
+    spec.write_text("redis_stage=lost_reply\n")
+    assert failpoints.hit("redis_stage") == "lost_reply"
+    spec.write_text("not a spec")  # a bad file is refused and the points stay as they were
+    assert failpoints.hit("redis_stage") == "lost_reply"
+    spec.write_text("")
+    assert failpoints.hit("redis_stage") is None
+    lines = log_file.read_text().splitlines()
+    assert [line.split()[1:] for line in lines] == [["redis_stage", "lost_reply"]] * 2

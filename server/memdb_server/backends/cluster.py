@@ -6,17 +6,19 @@ draft of a new version and the quota arithmetic are the store's own (memdb_serve
 memdb_server.usage):
 
 - etcd holds tenants, hashed API keys, the current-version pointer of each prefix, the record
-  of each retained version and each tenant's `Usage` (see `Keys`). Every change is one etcd
-  transaction guarded by compare-and-swap on what it read (the tenant, the current pointer,
-  the tenant's usage key), retried from a fresh read when another node changed them first: two
-  writers of one version cannot both win, and a quota holds across nodes.
+  of each retained version, per-prefix usage records and the reservations of uploads in flight
+  (see `Keys`). Every change is one etcd transaction guarded by compare-and-swap on what it read
+  (the tenant, the current pointer, the usage record it changes), retried from a fresh read when
+  another node changed them first: two writers of one version cannot both win, and a quota
+  holds across nodes (memdb_server.backends.cluster_usage).
 - A tenant's bytes are what it makes the cluster store: the etcd key + value bytes of its API
   keys, current pointers and retained version records, and the Redis key + value bytes of every
-  retained version's shards and indices (`PrefixRecord.stored_bytes`). The usage key changes in
-  the transaction that changes them.
-- A new version's shards and indices are staged in Redis under a fresh upload id first, with a
-  staging record on the node's lease; the transaction that makes the version current deletes
-  that record. A crash in between leaves blobs that the garbage collector removes.
+  retained version's shards and indices (`PrefixRecord.stored_bytes`).
+- A new version reserves its quota, stages its blobs in Redis under a fresh upload id and is
+  published by a transaction fenced on its reservation (memdb_server.backends.cluster_publish).
+  A crash in between leaves blobs that the garbage collector removes.
+- A write whose etcd reply is lost is settled by reading back what it writes, never sent again
+  blind (`EtcdClient.txn(..., applied=)`): the client is told OK exactly when it happened.
 - Reads go through the node's LMDB `BlobCache` (LRU, bounded), then Redis.
 
 Knows nothing of gRPC or FAISS.
@@ -37,14 +39,16 @@ from typing import TypeVar
 
 from memdb.errors import (
     AlreadyExists,
-    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
 from memdb_server.backends.blob_cache import BlobCache
+from memdb_server.backends.cluster_entries import decode_entry, entry_bytes
 from memdb_server.backends.cluster_node import ClusterEventBus, GarbageCollector, Keys, NodeLease
+from memdb_server.backends.cluster_publish import MAX_ATTEMPTS, Publisher, contended
+from memdb_server.backends.cluster_usage import ClusterUsage, usage_json
 from memdb_server.backends.etcd_gateway import (
     KV,
     EtcdClient,
@@ -53,6 +57,7 @@ from memdb_server.backends.etcd_gateway import (
     op_put,
     range_end,
 )
+from memdb_server.backends.metadata_cache import MetadataCache
 from memdb_server.backends.redis_blobs import BlobRef, BlobStore
 from memdb_server.events import WatchLimits
 from memdb_server.records import (
@@ -66,23 +71,19 @@ from memdb_server.records import (
     check_expected,
     check_key,
     check_layer,
-    check_mode,
     check_tenant,
     dropped_by_next,
     item_key,
-    next_version,
     prefix_key,
-    record_from_dict,
     record_from_json,
     record_to_json,
     version_gone,
 )
 from memdb_server.storage import DEFAULT_MAX_KEYS, DEFAULT_TENANT
-from memdb_server.usage import charge_key, charge_version, check_key_count
+from memdb_server.usage import charge_key, check_key_count
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 64  # compare-and-swap retries of one change before giving up (Unavailable)
 T = TypeVar("T")
 
 
@@ -119,12 +120,21 @@ class ClusterStore(VersionWriter, VersionReads):
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._node_address = node_address
         self._closed = False
-        _, revision = self.etcd.range(self.keys.tenants, limit=1)
+        self.usage_records = ClusterUsage(self.etcd, self.keys)
+        self.metadata = MetadataCache(self.etcd, [self.keys.prefixes, self.keys.versions,
+                                                  self.keys.keys])  # fmt: skip
+        revision = self.metadata.load()  # the watch starts after it
         self._create_tenant(TenantRecord(DEFAULT_TENANT, created_at=time.time()))
         self.lease = NodeLease(self.etcd, lease_ttl_s)
         self.lease.on_regrant(self._register)
         self._register()
-        self.event_bus = ClusterEventBus(self.etcd, self.keys, revision + 1, watch_limits)
+        self.publisher = Publisher(self.etcd, self.blobs, self.keys, self.usage_records,
+                                   self.lease, node_id=self.node_id, retain=self._retain,
+                                   on_staged=lambda upload: self.stage_hook(upload))  # fmt: skip
+        self._store_version = self.publisher.write  # VersionWriter.write_version's store step
+        self.event_bus = ClusterEventBus(self.etcd, self.keys, revision + 1, watch_limits,
+                                         metadata=self.metadata, blob_cache=self.cache)  # fmt: skip
+        self.etcd.on_write(self.metadata.committed)  # read-your-writes through the copy
         self.gc = GarbageCollector(self.etcd, self.blobs, self.keys, node_id=self.node_id,
                                    lease=self.lease, grace_s=gc_grace_s)  # fmt: skip
         if gc_interval_s > 0:
@@ -160,6 +170,7 @@ class ClusterStore(VersionWriter, VersionReads):
         self._closed = True
         self.gc.close()
         self.event_bus.close()
+        self.metadata.close()
         self.lease.close(revoke=not crash)
         self.cache.close()
         self.blobs.close()
@@ -180,9 +191,11 @@ class ClusterStore(VersionWriter, VersionReads):
             raise AlreadyExists(f"tenant '{rec.name}' already exists")
 
     def _create_tenant(self, rec: TenantRecord) -> bool:
-        key = self.keys.tenants + rec.name.encode()
-        ops = [op_put(key, record_to_json(rec)), op_put(self._usage_key(rec.name), _usage_json())]
-        return self.etcd.txn([cmp_mod(key, 0)], ops)
+        key, value = self.keys.tenants + rec.name.encode(), record_to_json(rec)
+        ops = [op_put(key, value), op_put(self.usage_records.key(rec.name), usage_json())]
+        return self.etcd.txn(
+            [cmp_mod(key, 0)], ops, applied=lambda: _holds(self.etcd.get(key), value)
+        )
 
     def get_tenant(self, name: str) -> TenantRecord:
         return record_from_json(TenantRecord, self._tenant_kv(name).value)
@@ -216,11 +229,12 @@ class ClusterStore(VersionWriter, VersionReads):
                        _unchanged_since(self.keys.keys, revision)]  # fmt: skip
             ops = [op_delete(scope, range_end(scope)), op_delete(versions, range_end(versions)),
                    *[op_delete(kv.key) for kv in keys], op_delete(tenant.key),
-                   op_delete(self._usage_key(name))]  # fmt: skip
-            if self.etcd.txn(compare, ops):
+                   *[op_delete(s, range_end(s)) for s in (self.usage_records.scope(name),
+                     self.usage_records.staging_scope(name))]]  # fmt: skip
+            if self.etcd.txn(compare, ops, applied=lambda t=tenant: _gone(self.etcd.get(t.key), t)):
                 log.info("deleted tenant %s (force=%s)", name, force)
                 return
-        raise _contended(f"tenant '{name}'")
+        raise contended(f"tenant '{name}'")
 
     # ------------------------------------------------------------ API keys
 
@@ -228,23 +242,30 @@ class ClusterStore(VersionWriter, VersionReads):
         check_key(rec)
         rec = dataclasses.replace(rec, created_at=rec.created_at or time.time())
         key, blob = self.keys.keys + rec.key_id.encode(), record_to_json(rec)
+        usage_key = self.usage_records.key(rec.tenant)
         for _ in range(MAX_ATTEMPTS):
             tenant_kv = self._tenant_kv(rec.tenant)
             if self.etcd.get(key) is not None:
                 raise AlreadyExists(f"API key '{rec.key_id}' already exists")
-            usage, usage_rev = self._usage(rec.tenant)
-            check_key_count(rec.tenant, usage, self._max_keys)
             tenant = record_from_json(TenantRecord, tenant_kv.value)
-            charge_key(tenant, usage, len(key) + len(blob), f"API key '{rec.key_id}'")
+            load = self.usage_records.load(rec.tenant)
+            check_key_count(rec.tenant, load.committed, self._max_keys)
+            charge_key(tenant, load.total(), len(key) + len(blob), f"API key '{rec.key_id}'")
+            own, own_rev = self.usage_records.record(rec.tenant)
+            own.keys += 1
+            own.bytes += len(key) + len(blob)
             compare = [cmp_mod(tenant_kv.key, tenant_kv.mod_revision), cmp_mod(key, 0),
-                       cmp_mod(self._usage_key(rec.tenant), usage_rev)]  # fmt: skip
-            ops = [op_put(key, blob), op_put(self._usage_key(rec.tenant), _usage_json(usage))]
-            if self.etcd.txn(compare, ops):
+                       cmp_mod(usage_key, own_rev)]  # fmt: skip
+            if tenant.max_bytes:
+                compare += self.usage_records.unchanged_since(rec.tenant, load.revision)
+            ops = [op_put(key, blob), op_put(usage_key, usage_json(own))]
+            if self.etcd.txn(compare, ops, applied=lambda: _holds(self.etcd.get(key), blob)):
                 return
-        raise _contended(f"tenant '{rec.tenant}'")
+        raise contended(f"tenant '{rec.tenant}'")
 
     def get_key(self, key_id: str) -> KeyRecord | None:
-        kv = self.etcd.get(self.keys.keys + key_id.encode()) if key_id else None
+        """Through the node's metadata copy (every authenticated call reads it)."""
+        kv = self.metadata.get(self.keys.keys + key_id.encode()) if key_id else None
         return None if kv is None else record_from_json(KeyRecord, kv.value)
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
@@ -257,15 +278,15 @@ class ClusterStore(VersionWriter, VersionReads):
             if kv is None:
                 raise NotFound(f"API key '{key_id}' not found")
             tenant = record_from_json(KeyRecord, kv.value).tenant
-            usage, usage_rev = self._usage(tenant)
-            usage.keys -= 1
-            usage.bytes -= len(kv.key) + len(kv.value)
-            compare = [cmp_mod(kv.key, kv.mod_revision),
-                       cmp_mod(self._usage_key(tenant), usage_rev)]  # fmt: skip
-            ops = [op_delete(kv.key), op_put(self._usage_key(tenant), _usage_json(usage))]
-            if self.etcd.txn(compare, ops):
+            own, own_rev = self.usage_records.record(tenant)
+            own.keys -= 1
+            own.bytes -= len(kv.key) + len(kv.value)
+            usage_key = self.usage_records.key(tenant)
+            compare = [cmp_mod(kv.key, kv.mod_revision), cmp_mod(usage_key, own_rev)]
+            ops = [op_delete(kv.key), op_put(usage_key, usage_json(own))]
+            if self.etcd.txn(compare, ops, applied=lambda k=kv: _gone(self.etcd.get(k.key), k)):
                 return
-        raise _contended(f"API key '{key_id}'")
+        raise contended(f"API key '{key_id}'")
 
     # ------------------------------------------------------------ prefixes: read
 
@@ -278,19 +299,23 @@ class ClusterStore(VersionWriter, VersionReads):
     def get_prefix(self, tenant: str, name: str, version: int = 0) -> PrefixRecord:
         return self._version_entry(tenant, name, version)[0]
 
-    def _version_entry(self, tenant: str, name: str, version: int) -> tuple[PrefixRecord, dict]:
-        """The record of a version (0 = current) and its blob references."""
-        kv = self.etcd.get(self._pointer(tenant, name))
+    def _version_entry(
+        self, tenant: str, name: str, version: int, *, cached: bool = False
+    ) -> tuple[PrefixRecord, dict]:
+        """The record of a version (0 = current) and its blob references; `cached`: read
+        through the node's metadata copy (Lookup), else from etcd."""
+        get = self.metadata.get if cached else self.etcd.get
+        kv = get(self._pointer(tenant, name))
         if kv is None:
             raise NotFound(f"prefix '{name}' not found")
-        current, blobs = _decode_entry(kv.value)
+        current, blobs = decode_entry(kv.value)
         if version in (0, current.version):
             return current, blobs
-        old = self.etcd.get(self._version_key(tenant, name, version))
+        old = get(self._version_key(tenant, name, version))
         if old is None:
             stored = ", ".join(map(str, current.retained_versions))
             raise NotFound(f"prefix '{name}' has no version {version} (stored versions: {stored})")
-        rec, blobs = _decode_entry(old.value)
+        rec, blobs = decode_entry(old.value)
         rec.retained_versions = list(current.retained_versions)
         return rec, blobs
 
@@ -304,7 +329,7 @@ class ClusterStore(VersionWriter, VersionReads):
         if start_after:
             start = max(scope, self._pointer(tenant, start_after) + b"\0")
         kvs, _ = self.etcd.range(start, range_end(scope), limit=limit)
-        return [_decode_entry(kv.value)[0] for kv in kvs]
+        return [decode_entry(kv.value)[0] for kv in kvs]
 
     def read_version(
         self, tenant: str, name: str, version: int = 0, *, layers: list[int] | None = None
@@ -324,8 +349,9 @@ class ClusterStore(VersionWriter, VersionReads):
     ) -> tuple[PrefixRecord, T]:
         """As `Store.read_current_layer`: the version resolved from one record, and `read()`
         the blobs that record names (content-addressed, so they are exactly that version's;
-        the collector keeps a replaced version's blobs for its grace period)."""
-        rec, blobs = self._version_entry(tenant, name, version)
+        the collector keeps a replaced version's blobs for its grace period). The record is
+        read through the node's metadata copy: no etcd round trip in steady state."""
+        rec, blobs = self._version_entry(tenant, name, version, cached=True)
         check_layer(rec, layer)
         return rec, open_layer(rec, lambda: self._snapshot(rec, blobs, [layer]))
 
@@ -374,95 +400,8 @@ class ClusterStore(VersionWriter, VersionReads):
 
     # ------------------------------------------------------------ prefixes: write
 
-    def _store_version(
-        self,
-        draft: PrefixRecord,
-        mode: str,
-        expected_version: int,
-        shards: list[bytes],
-        indices: list[list[bytes]],
-        still_wanted: Callable[[], bool] | None,
-    ) -> PrefixRecord:
-        """Stage the blobs in Redis, then publish in one etcd txn (see
-        `VersionWriter.write_version`)."""
-        tenant, name = draft.tenant, draft.name
-        upload = uuid.uuid4().hex
-        refs = self.blobs.refs(shards)
-        index_refs = [self.blobs.refs(groups) for groups in indices]
-        draft.stored_bytes = self.blobs.stored_bytes(upload, refs + sum(index_refs, []))
-        blobs = {"upload": upload, "shards": [r.to_json() for r in refs],
-                 "indices": [[r.to_json() for r in g] for g in index_refs]}  # fmt: skip
-        self._prepare(draft, mode, expected_version, blobs)  # fail fast, before staging
-        staging = self.keys.staging + upload.encode()
-        note = {"tenant": tenant, "name": name, "node": self.node_id, "at": time.time()}
-        self.etcd.put(staging, json.dumps(note).encode(), lease=self.lease.id)
-        try:
-            self.blobs.stage(upload, shards, refs)
-            for groups, group_refs in zip(indices, index_refs, strict=True):
-                self.blobs.stage(upload, groups, group_refs)
-            self.stage_hook(upload)
-            rec = self._publish(draft, mode, expected_version, blobs, staging, still_wanted)
-        except BaseException:
-            self._abandon(upload, staging)
-            raise
-        return rec
-
     def stage_hook(self, upload: str) -> None:
         """Called between staging and publishing (tests kill the node here)."""
-
-    def _abandon(self, upload: str, staging: bytes) -> None:
-        try:
-            self.etcd.delete(staging)
-            self.blobs.delete_upload(upload)
-        except Unavailable as exc:  # the collector removes them later
-            log.warning("could not remove abandoned upload %s: %s", upload, exc)
-
-    def _prepare(
-        self, draft: PrefixRecord, mode: str, expected: int, blobs: dict
-    ) -> tuple[PrefixRecord, list, list]:
-        """Read what the write depends on, check the mode and the quota (the store's checks
-        and messages) and return the new record, the compares and the ops of its txn."""
-        tenant_name, name = draft.tenant, draft.name
-        pointer = self._pointer(tenant_name, name)
-        tenant_kv = self._tenant_kv(tenant_name)
-        usage, usage_rev = self._usage(tenant_name)
-        kv = self.etcd.get(pointer)
-        current = _decode_entry(kv.value)[0] if kv else None
-        check_mode(mode, name, current, expected)
-        rec, dropped = next_version(draft, current, self._retain, time.time())
-        entry = _encode_entry(rec, blobs)
-        version_key = self._version_key(tenant_name, name, rec.version)
-        freed = sum(self._version_bytes(tenant_name, name, v) for v in dropped)
-        if kv is not None:
-            freed += len(kv.key) + len(kv.value)
-        added = len(version_key) + len(pointer) + 2 * len(entry) + rec.stored_bytes
-        tenant = record_from_json(TenantRecord, tenant_kv.value)
-        charge_version(tenant, usage, added=added, freed=freed, new_prefix=current is None,
-                       what=f"prefix '{name}' version {rec.version}")  # fmt: skip
-        compare = [cmp_mod(tenant_kv.key, tenant_kv.mod_revision),
-                   cmp_mod(pointer, kv.mod_revision if kv else 0),
-                   cmp_mod(self._usage_key(tenant_name), usage_rev)]  # fmt: skip
-        ops = [op_put(version_key, entry), op_put(pointer, entry),
-               op_put(self._usage_key(tenant_name), _usage_json(usage))]  # fmt: skip
-        ops += [op_delete(self._version_key(tenant_name, name, v)) for v in dropped]
-        return rec, compare, ops
-
-    def _publish(
-        self,
-        draft: PrefixRecord,
-        mode: str,
-        expected: int,
-        blobs: dict,
-        staging: bytes,
-        still_wanted: Callable[[], bool] | None,
-    ) -> PrefixRecord:
-        for _ in range(MAX_ATTEMPTS):
-            rec, compare, ops = self._prepare(draft, mode, expected, blobs)
-            if still_wanted is not None and not still_wanted():
-                raise Cancelled(f"upload of '{draft.name}' was cancelled; nothing was written")
-            if self.etcd.txn(compare, [*ops, op_delete(staging)]):
-                return rec
-        raise _contended(f"prefix '{draft.name}'")
 
     def delete_prefix(self, tenant: str, name: str, *, expected_version: int = 0) -> int:
         pointer = self._pointer(tenant, name)
@@ -471,37 +410,17 @@ class ClusterStore(VersionWriter, VersionReads):
             kv = self.etcd.get(pointer)
             if kv is None:
                 raise NotFound(f"prefix '{name}' not found")
-            current = _decode_entry(kv.value)[0]
+            current = decode_entry(kv.value)[0]
             check_expected(name, current.version, expected_version)
-            usage, usage_rev = self._usage(tenant)
-            stored, _ = self.etcd.range(versions, range_end(versions))
-            usage.bytes -= len(kv.key) + len(kv.value) + sum(map(_entry_bytes, stored))
-            usage.prefixes -= 1
-            compare = [cmp_mod(pointer, kv.mod_revision),
-                       cmp_mod(self._usage_key(tenant), usage_rev)]  # fmt: skip
+            compare = [cmp_mod(pointer, kv.mod_revision)]
             ops = [op_delete(pointer), op_delete(versions, range_end(versions)),
-                   op_put(self._usage_key(tenant), _usage_json(usage))]  # fmt: skip
-            if self.etcd.txn(compare, ops):
+                   op_delete(self.usage_records.key(tenant, name))]  # fmt: skip
+            if self.etcd.txn(compare, ops, applied=lambda k=kv: _gone(self.etcd.get(pointer), k)):
                 log.info("deleted %s/%s (was at version %d)", tenant, name, current.version)
                 return current.version
-        raise _contended(f"prefix '{name}'")
+        raise contended(f"prefix '{name}'")
 
     # ------------------------------------------------------------ accounting
-
-    def _usage_key(self, tenant: str) -> bytes:
-        return self.keys.usage + tenant.encode()
-
-    def _usage(self, tenant: str) -> tuple[Usage, int]:
-        """The tenant's usage counters and the mod revision of their key (0: not stored yet,
-        then counted from the records)."""
-        kv = self.etcd.get(self._usage_key(tenant))
-        if kv is None:
-            return self.recount_usage(tenant), 0
-        return record_from_json(Usage, kv.value), kv.mod_revision
-
-    def _version_bytes(self, tenant: str, name: str, version: int) -> int:
-        kv = self.etcd.get(self._version_key(tenant, name, version))
-        return 0 if kv is None else _entry_bytes(kv)
 
     def usage(self, tenant: str) -> tuple[int, int]:
         """(number of prefixes, bytes counted against the quota) of a tenant (see Usage)."""
@@ -509,7 +428,8 @@ class ClusterStore(VersionWriter, VersionReads):
         return u.prefixes, u.bytes
 
     def tenant_usage(self, tenant: str) -> Usage:
-        return self._usage(tenant)[0]
+        """Committed usage (reservations of uploads in flight not counted)."""
+        return self.usage_records.committed(tenant)
 
     def recount_usage(self, tenant: str) -> Usage:
         """The usage of a tenant counted from its records (what the kept counters must equal)."""
@@ -518,7 +438,7 @@ class ClusterStore(VersionWriter, VersionReads):
         for kv in self.etcd.scan(self.keys.prefixes + scope):
             usage.prefixes += 1
             usage.bytes += len(kv.key) + len(kv.value)
-        usage.bytes += sum(map(_entry_bytes, self.etcd.scan(self.keys.versions + scope)))
+        usage.bytes += sum(map(entry_bytes, self.etcd.scan(self.keys.versions + scope)))
         for kv in self.etcd.scan(self.keys.keys):
             if record_from_json(KeyRecord, kv.value).tenant == tenant:
                 usage.keys += 1
@@ -527,15 +447,15 @@ class ClusterStore(VersionWriter, VersionReads):
 
     def upload_allowance(self, tenant: str, name: str) -> int | None:
         """As `Store.upload_allowance`: bytes a new version of `name` may add before the
-        tenant's byte quota refuses it (None: no quota)."""
+        tenant's byte quota refuses it (None: no quota); uploads in flight count as reserved."""
         tenant_rec = self.get_tenant(tenant)
         if not tenant_rec.max_bytes:
             return None
-        left = tenant_rec.max_bytes - self.tenant_usage(tenant).bytes
+        left = tenant_rec.max_bytes - self.usage_records.load(tenant).total().bytes
         kv = self.etcd.get(self._pointer(tenant, name))
         if kv is not None:
-            current = _decode_entry(kv.value)[0]
-            left += sum(self._version_bytes(tenant, name, v)
+            current = decode_entry(kv.value)[0]
+            left += sum(self.publisher.version_bytes(tenant, name, v)
                         for v in dropped_by_next(current, self._retain))  # fmt: skip
             left += len(kv.key) + len(kv.value)
         return max(left, 0)
@@ -569,30 +489,16 @@ class ClusterStore(VersionWriter, VersionReads):
 # ---------------------------------------------------------------- helpers
 
 
-def _encode_entry(rec: PrefixRecord, blobs: dict) -> bytes:
-    data = json.loads(record_to_json(rec))
-    data["blobs"] = blobs
-    return json.dumps(data, sort_keys=True).encode()
-
-
-def _decode_entry(value: bytes) -> tuple[PrefixRecord, dict]:
-    data = json.loads(value)  # parsed once: the record and its blob references
-    return record_from_dict(PrefixRecord, data), data["blobs"]
-
-
-def _entry_bytes(kv: KV) -> int:
-    """What a stored version record costs: its etcd key + value and its blobs in Redis."""
-    return len(kv.key) + len(kv.value) + record_from_json(PrefixRecord, kv.value).stored_bytes
-
-
-def _usage_json(usage: Usage | None = None) -> bytes:
-    return record_to_json(usage or Usage())
-
-
 def _unchanged_since(prefix: bytes, revision: int) -> dict:
     """No key under `prefix` was created or changed after `revision`."""
     return cmp_mod(prefix, revision + 1, result="LESS", end=range_end(prefix))
 
 
-def _contended(what: str) -> Unavailable:
-    return Unavailable(f"{what} kept changing under {MAX_ATTEMPTS} attempts; retry")
+def _holds(kv: KV | None, value: bytes) -> bool:
+    """A read-back: the key holds exactly what a lost write put."""
+    return kv is not None and kv.value == value
+
+
+def _gone(kv: KV | None, was: KV) -> bool:
+    """A read-back: the key a lost delete removed is absent (or created anew since)."""
+    return kv is None or kv.create_revision != was.create_revision

@@ -3,12 +3,18 @@ the etcd watch that feeds the node's Watch streams, and the garbage collector of
 
 - `NodeLease`: a lease kept alive by a thread; the node's registration and its uploads' staging
   records are attached to it, so they vanish when the node dies.
-- `ClusterEventBus`: an `EventBus` fed by an etcd watch on the current-version pointers, so a
+- `ClusterEventBus`: an `EventBus` fed by one etcd watch on the node's whole root, so a
   change made through any node reaches the watchers of every node (local `publish` calls are
   ignored: this node's own changes arrive through etcd like everyone else's, once, in order).
+  The same watch keeps the node's `MetadataCache` and scrubs from its `BlobCache` the blobs of
+  every deleted version record (a retention drop, a prefix or tenant deletion), so a deleted
+  tenant's bytes leave every node's disk.
 - `GarbageCollector`: on the one node holding the collector's lease key, deletes the Redis keys
   of every upload that neither a stored version nor a live staging record has named for
   `grace_s` (crash-safe: an upload killed between staging and publishing is such an upload).
+  It never deletes a blob that a version names: a publish is fenced on its staging record
+  (cluster_publish), and a staging record goes (with its node's lease, or expired here in a
+  txn) before any blob of its upload does.
 Knows the key layout (`Keys`) but not how versions are written.
 """
 
@@ -16,16 +22,29 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
 from memdb.errors import MemdbError
-from memdb_server.backends.etcd_gateway import EtcdClient, WatchEvent, WatchStop, cmp_mod, op_put
+from memdb_server.backends.blob_cache import BlobCache
+from memdb_server.backends.etcd_gateway import (
+    EtcdClient,
+    WatchEvent,
+    WatchProgress,
+    WatchStop,
+    cmp_mod,
+    op_delete,
+    op_put,
+)
+from memdb_server.backends.metadata_cache import MetadataCache
 from memdb_server.backends.redis_blobs import BlobStore
 from memdb_server.events import Event, EventBus, WatchLimits
-from memdb_server.records import PrefixRecord, record_from_json
+from memdb_server.records import PrefixRecord, item_key, prefix_key, record_from_json
 
 log = logging.getLogger(__name__)
+
+MAX_STAGING_S = 3600.0  # an upload not published this long after it reserved is given up
 
 
 class Keys:
@@ -37,10 +56,24 @@ class Keys:
         self.keys = r + b"keys/"
         self.prefixes = r + b"prefixes/"  # + tenant \0 name -> current PrefixRecord + blobs
         self.versions = r + b"versions/"  # + tenant \0 name \0 version(8) -> PrefixRecord + blobs
-        self.staging = r + b"staging/"  # + upload id -> {tenant, name, node}, on the node lease
+        self.staging = r + b"staging/"  # + tenant \0 upload -> Reservation, on the node lease
         self.nodes = r + b"nodes/"  # + node id -> {address, started_at}, on the node lease
-        self.usage = r + b"usage/"  # + tenant -> Usage (JSON), changed in every txn it counts
+        self.usage = r + b"usage/"  # + tenant \0 name -> that prefix's Usage ("": API keys)
         self.gc_leader = r + b"gc-leader"
+
+    def pointer(self, tenant: str, name: str) -> bytes:
+        return self.prefixes + prefix_key(tenant, name)
+
+    def version(self, tenant: str, name: str, version: int) -> bytes:
+        return self.versions + item_key(tenant, name, version)
+
+    def versions_of(self, tenant: str, name: str) -> bytes:
+        """The key range (a prefix) of every version record of one prefix."""
+        return self.versions + item_key(tenant, name)
+
+    def upload_of(self, staging_key: bytes) -> str:
+        """The upload id a staging key names."""
+        return staging_key[len(self.staging) :].rsplit(b"\0", 1)[-1].decode()
 
 
 # ---------------------------------------------------------------- lease
@@ -96,17 +129,41 @@ def event_of(watch: WatchEvent, keys: Keys) -> Event | None:
     return Event(watch.kind, rec.tenant, rec.name, rec.version, rec.model_fingerprint, at)
 
 
+def dropped_upload(watch: WatchEvent, keys: Keys) -> str | None:
+    """The upload whose blobs a deleted version record named."""
+    if watch.kind != "delete" or watch.prev is None or not watch.kv.key.startswith(keys.versions):
+        return None
+    return json.loads(watch.prev.value)["blobs"]["upload"]
+
+
+def root_of(keys: Keys) -> bytes:
+    """The prefix every key of the layout starts with."""
+    parts = [keys.tenants, keys.keys, keys.prefixes, keys.versions, keys.staging, keys.nodes,
+             keys.usage, keys.gc_leader]  # fmt: skip
+    return bytes(os.path.commonprefix(parts))
+
+
 class ClusterEventBus(EventBus):
     def __init__(
-        self, etcd: EtcdClient, keys: Keys, start_revision: int, limits: WatchLimits | None = None
+        self,
+        etcd: EtcdClient,
+        keys: Keys,
+        start_revision: int,
+        limits: WatchLimits | None = None,
+        *,
+        metadata: MetadataCache | None = None,
+        blob_cache: BlobCache | None = None,
     ) -> None:
+        """Watch from `start_revision` (the revision `metadata` was loaded at, plus one)."""
         super().__init__(limits or WatchLimits())
-        self._keys = keys
+        self._keys, self._metadata, self._blob_cache = keys, metadata, blob_cache
+        self._batch: list[WatchEvent] = []  # the events of the response being read
+        self._scrub_dead_uploads()  # deleted while this node was not watching
         self._stop = WatchStop()
         self._thread = threading.Thread(
             target=etcd.watch,
-            args=(keys.prefixes, self._deliver, self._stop),
-            kwargs={"start_revision": start_revision},
+            args=(root_of(keys), self._deliver, self._stop),
+            kwargs={"start_revision": start_revision, "on_progress": self._progress},
             name="memdb-etcd-watch",
             daemon=True,
         )
@@ -116,9 +173,34 @@ class ClusterEventBus(EventBus):
         """Ignored: every change, this node's too, is delivered from the etcd watch."""
 
     def _deliver(self, watch: WatchEvent) -> None:
-        event = event_of(watch, self._keys)
-        if event is not None:
-            EventBus.publish(self, event)
+        self._batch.append(watch)
+
+    def _progress(self, progress: WatchProgress) -> None:
+        """The end of a watch response: the metadata copy first (a Watch event's version is
+        then readable on this node), then the scrubs, then the Watch events, in order."""
+        batch, self._batch = self._batch, []
+        if self._metadata is not None:
+            self._metadata.apply(batch, progress)
+        if self._blob_cache is not None:
+            for watch in batch:
+                upload = dropped_upload(watch, self._keys)
+                if upload is not None:
+                    self._blob_cache.forget(upload)
+            if progress.lost:
+                self._scrub_dead_uploads()
+        for watch in batch:
+            event = event_of(watch, self._keys)
+            if event is not None:
+                EventBus.publish(self, event)
+
+    def _scrub_dead_uploads(self) -> None:
+        """Forget the cached blobs of every upload no version record of the copy names."""
+        if self._metadata is None or self._blob_cache is None:
+            return
+        live = [json.loads(kv.value)["blobs"]["upload"]
+                for kv in self._metadata.under(self._keys.versions)]  # fmt: skip
+        if forgotten := self._blob_cache.keep_only(live):
+            log.info("scrubbing %d cached uploads of deleted versions", forgotten)
 
     def close(self) -> None:
         super().close()
@@ -139,9 +221,11 @@ class GarbageCollector:
         node_id: str,
         lease: NodeLease | None,
         grace_s: float,
+        max_staging_s: float = MAX_STAGING_S,
     ) -> None:
         self._etcd, self._blobs, self._keys = etcd, blobs, keys
         self.node_id, self._lease, self.grace_s = node_id, lease, grace_s
+        self.max_staging_s = max_staging_s
         self._unreferenced_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,13 +259,27 @@ class GarbageCollector:
         held = self._etcd.get(self._keys.gc_leader)
         return held is not None and held.value == me
 
+    def expire_staging(self) -> int:
+        """Delete staging records (reservations) older than `max_staging_s` whose node is still
+        alive but whose upload never finished, each in a txn compared on the record read, so
+        their blobs become garbage; a publish of such an upload then fails on its fence."""
+        expired = 0
+        now = time.time()
+        for kv in self._etcd.scan(self._keys.staging):
+            if now - float(json.loads(kv.value).get("at", now)) < self.max_staging_s:
+                continue
+            if self._etcd.txn([cmp_mod(kv.key, kv.mod_revision)], [op_delete(kv.key)]):
+                log.warning("expired the reservation of upload %s", self._keys.upload_of(kv.key))
+                expired += 1
+        return expired
+
     def live_uploads(self) -> set[str]:
         """Uploads named by a stored version (current or retained) or a live staging record."""
         live = set()
         for kv in self._etcd.scan(self._keys.versions):
             live.add(json.loads(kv.value)["blobs"]["upload"])
         for kv in self._etcd.scan(self._keys.staging):
-            live.add(kv.key[len(self._keys.staging) :].decode())
+            live.add(self._keys.upload_of(kv.key))
         return live
 
     def collect(self) -> int:
@@ -191,6 +289,7 @@ class GarbageCollector:
         staging record was written, so the etcd read sees that record or the version that
         replaced it, unless the upload is garbage.
         """
+        self.expire_staging()  # before the blob scan: an expired upload's blobs are garbage
         found = self._blobs.keys_by_upload()
         live = self.live_uploads()
         now = time.monotonic()

@@ -4,6 +4,12 @@ etcd serves its v3 API as JSON over HTTP on the client port (`POST /v3/kv/range`
 `/v3/watch`, `/v3/lease/grant`, ...; keys and values base64). This module owns that encoding,
 failover across the cluster's endpoints, and the watch stream. It knows nothing of what memdb
 keeps in etcd.
+
+Reads fail over to the next endpoint on any transport error. Writes (put, delete, txn) fail over
+only when the request cannot have reached etcd (the connection was refused); once it was sent,
+a lost reply, a timeout or a 5xx may hide an applied write, so the write raises
+`OutcomeUnknown` and the caller settles it by reading back (sending it again could apply it
+twice). The failpoints `etcd_txn`, `etcd_put`, `etcd_delete` inject those faults.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import json
 import logging
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 
-from memdb.errors import Unavailable
+from memdb.errors import OutcomeUnknown, Unavailable
+from memdb_server import failpoints
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ def range_end(prefix: bytes) -> bytes:
     return b"\0"  # every key
 
 
+SETTLE_S = 10.0  # how long a write whose reply was lost is read back before OutcomeUnknown
 WATCH_IDLE_S = 2.0  # a watch stream with no event for this long is re-opened (and `stop` read)
 
 
@@ -58,6 +68,17 @@ class WatchEvent:
     kind: str  # "put" | "delete"
     kv: KV
     prev: KV | None
+
+
+@dataclass(frozen=True)
+class WatchProgress:
+    """Where a watch stands: every event up to `revision` has been delivered. `live`: the
+    stream is open (False: it broke and is reconnecting); `lost`: etcd compacted away events
+    after `revision`, which the watch will never deliver."""
+
+    revision: int
+    live: bool
+    lost: bool = False
 
 
 def _kv(raw: dict | None) -> KV | None:
@@ -141,31 +162,70 @@ class EtcdClient:
         self._http = httpx.Client(timeout=timeout)
         self._first = 0
         self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()  # requests sent, by path (not the watch)
+        self._write_observers: list[Callable[[int], None]] = []
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict) -> dict:
+    def on_write(self, fn: Callable[[int], None]) -> None:
+        """Call `fn(revision)` after each write this client made that changed etcd (a txn
+        that succeeded, a put, a delete that deleted), with the revision it made, before the
+        write returns."""
+        self._write_observers.append(fn)
+
+    def _wrote(self, path: str, resp: dict) -> None:
+        changed = path == "/v3/kv/put" or (
+            resp.get("succeeded") if path == "/v3/kv/txn" else int(resp.get("deleted", 0))
+        )
+        if changed:
+            for fn in self._write_observers:
+                fn(int(resp["header"]["revision"]))
+
+    def _post(
+        self, path: str, body: dict, *, write: bool = False, fault: str | None = None
+    ) -> dict:
+        """POST to the first endpoint that answers. A `write` goes to another endpoint only
+        if it was not sent; else OutcomeUnknown. `fault`: what a failpoint injects."""
+        if fault == "fail":
+            raise Unavailable(f"etcd {path} was not sent (failpoint)")
         with self._lock:
             first = self._first
+            self.requests[path] += 1
         n = len(self.endpoints)
         errors = []
         for i in range(n):
             at = (first + i) % n
+            url = self.endpoints[at] + path
             try:
-                resp = self._http.post(self.endpoints[at] + path, json=body)
+                resp = self._http.post(url, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                errors.append(f"{self.endpoints[at]}: {exc}")  # never sent: safe to fail over
+                continue
             except httpx.TransportError as exc:
+                if write:
+                    raise _unknown(path, url, exc) from exc
                 errors.append(f"{self.endpoints[at]}: {exc}")
                 continue
-            if resp.status_code >= 500 and i + 1 < n:
-                errors.append(f"{self.endpoints[at]}: HTTP {resp.status_code} {resp.text[:200]}")
-                continue
+            if fault == "lost_reply":  # sent and applied; the reply is dropped
+                raise _unknown(path, url, "reply dropped by failpoint")
+            if resp.status_code >= 500:
+                if write:  # etcd's "request timed out" may still apply the request
+                    raise _unknown(path, url, f"HTTP {resp.status_code} {resp.text[:200]}")
+                if i + 1 < n:
+                    errors.append(
+                        f"{self.endpoints[at]}: HTTP {resp.status_code} {resp.text[:200]}"
+                    )
+                    continue
             if resp.status_code != 200:
                 raise Unavailable(f"etcd {path} failed: HTTP {resp.status_code} {resp.text[:300]}")
             if at != first:
                 with self._lock:
                     self._first = at
-            return resp.json()
+            answer = resp.json()
+            if write:
+                self._wrote(path, answer)
+            return answer
         raise Unavailable(f"etcd is unreachable: {'; '.join(errors)}")
 
     # ------------------------------------------------------------ kv
@@ -209,18 +269,48 @@ class EtcdClient:
         body = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = str(lease)
-        return int(self._post("/v3/kv/put", body)["header"]["revision"])
+        fault = failpoints.hit("etcd_put")
+        return int(self._post("/v3/kv/put", body, write=True, fault=fault)["header"]["revision"])
 
     def delete(self, key: bytes, end: bytes | None = None) -> int:
         body = {"key": b64(key)}
         if end is not None:
             body["range_end"] = b64(end)
-        return int(self._post("/v3/kv/deleterange", body).get("deleted", 0))
+        fault = failpoints.hit("etcd_delete")
+        return int(
+            self._post("/v3/kv/deleterange", body, write=True, fault=fault).get("deleted", 0)
+        )
 
-    def txn(self, compare: list[dict], success: list[dict], failure: list[dict] = ()) -> bool:
-        """Run `success` if every compare holds, else `failure`; True if it succeeded."""
+    def txn(
+        self,
+        compare: list[dict],
+        success: list[dict],
+        failure: list[dict] = (),
+        *,
+        applied: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Run `success` if every compare holds, else `failure`; True if it succeeded.
+
+        When its reply is lost (OutcomeUnknown), `applied()`, a read of what the txn writes,
+        settles it: True, it was applied; False, it was not, and `txn` returns False so the
+        caller's loop reads again and retries (sending it blind again could apply it twice).
+        Reading back is retried for SETTLE_S while etcd is unreachable, then OutcomeUnknown.
+        """
+        try:
+            return self.txn_revision(compare, success, failure)[0]
+        except OutcomeUnknown as lost:
+            if applied is None:
+                raise
+            return _settle(applied, lost)
+
+    def txn_revision(
+        self, compare: list[dict], success: list[dict], failure: list[dict] = ()
+    ) -> tuple[bool, int]:
+        """As `txn`, and the store revision the transaction ran at (its own, if it wrote)."""
         body = {"compare": compare, "success": success, "failure": list(failure)}
-        return bool(self._post("/v3/kv/txn", body).get("succeeded", False))
+        fault = failpoints.hit("etcd_txn")
+        resp = self._post("/v3/kv/txn", body, write=True, fault=fault)
+        return bool(resp.get("succeeded", False)), int(resp["header"]["revision"])
 
     # ------------------------------------------------------------ leases
 
@@ -247,25 +337,38 @@ class EtcdClient:
         stop: threading.Event,
         *,
         start_revision: int = 0,
+        on_progress: Callable[[WatchProgress], None] | None = None,
     ) -> None:
         """Call `on_event` for every change under `prefix` from `start_revision` (0: from now)
         until `stop` is set; reconnects (to the next endpoint) and resumes after the last
-        revision seen, so no event is missed or repeated."""
+        revision seen, so no event is missed or repeated. `on_progress` hears when the stream
+        opens, after each response's events (etcd never splits one revision's events across
+        responses), and when the stream breaks or events were compacted away."""
         pos = {"next": start_revision}
         attempt = 0
+        progress = on_progress or (lambda p: None)
         while not stop.is_set():
             url = self.endpoints[attempt % len(self.endpoints)] + "/v3/watch"
             try:
-                self._watch_once(url, prefix, on_event, stop, pos)
+                self._watch_once(url, prefix, on_event, stop, pos, progress)
             except httpx.ReadTimeout:
                 continue  # idle: re-open on the same endpoint, resuming at pos["next"]
             except (httpx.TransportError, httpx.StreamError, ValueError, KeyError) as exc:
+                if stop.is_set():
+                    return
                 log.warning("etcd watch on %s broke (%s); reconnecting", url, exc)
+                progress(WatchProgress(pos["next"] - 1, live=False))
                 attempt += 1
                 stop.wait(0.2)
 
     def _watch_once(
-        self, url: str, prefix: bytes, on_event: Callable, stop: threading.Event, pos: dict
+        self,
+        url: str,
+        prefix: bytes,
+        on_event: Callable,
+        stop: threading.Event,
+        pos: dict,
+        progress: Callable[[WatchProgress], None],
     ) -> None:
         req = {"key": b64(prefix), "range_end": b64(range_end(prefix)), "prev_kv": True}
         if pos["next"]:
@@ -284,10 +387,33 @@ class EtcdClient:
                     if result.get("compact_revision"):
                         log.error("etcd compacted past revision %d: events were lost", pos["next"])
                         pos["next"] = int(result["compact_revision"])
+                        progress(WatchProgress(pos["next"] - 1, live=False, lost=True))
                         return
-                    for raw in result.get("events", []):
+                    events = result.get("events", [])
+                    for raw in events:
                         kv = _kv(raw["kv"])
                         kind = raw.get("type", "PUT").lower()
                         on_event(WatchEvent(kind, kv, _kv(raw.get("prev_kv"))))
                         pos["next"] = kv.mod_revision + 1
+                    if events or result.get("created"):
+                        progress(WatchProgress(pos["next"] - 1, live=True))
                 raise httpx.StreamError("the watch stream ended")
+
+
+def _settle(applied: Callable[[], bool], lost: OutcomeUnknown) -> bool:
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            return applied()
+        except OutcomeUnknown:
+            raise
+        except Unavailable as exc:
+            if time.monotonic() > deadline:
+                raise OutcomeUnknown(f"{lost}; reading it back failed too: {exc}") from exc
+            time.sleep(0.2)
+
+
+def _unknown(path: str, url: str, why: object) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"etcd {path} was sent to {url} but no reply came ({why}); it may have been applied"
+    )

@@ -23,6 +23,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from memdb.errors import NotFound, Unavailable
+from memdb_server import failpoints
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class BlobStore:
         master that dies after the version is published cannot take them with it.
         """
         refs = self.refs(blobs) if refs is None else refs
+        fault = failpoints.hit("redis_stage")
+        if fault == "fail":
+            raise Unavailable("the upload's blobs were not sent to Redis (failpoint)")
         parts: dict[str, bytes] = {}
         for ref, blob in zip(refs, blobs, strict=True):
             view = memoryview(blob)
@@ -123,12 +127,15 @@ class BlobStore:
         for attempt in range(2):
             try:
                 self._put_per_master(parts)
+                if fault == "lost_reply":
+                    raise redis.ConnectionError("the reply was dropped (failpoint)")
                 return refs
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
                 if attempt:  # MOVED / a failover under way: re-read the slots once, then fail
                     raise Unavailable(
                         f"the Redis Cluster refused the upload's blobs: {exc}"
                     ) from exc
+                fault = None  # SETs of content-named keys are idempotent: sending again is safe
                 self._rc.nodes_manager.initialize()
         return refs
 
@@ -158,10 +165,15 @@ class BlobStore:
         return self.delete_keys(list(self.scan(upload)))
 
     def delete_keys(self, keys: list[str]) -> int:
+        fault = failpoints.hit("redis_delete")
+        if fault == "fail":
+            raise Unavailable("the delete was not sent to Redis (failpoint)")
         deleted = 0
         try:
             for start in range(0, len(keys), 500):
                 deleted += int(self._rc.delete(*keys[start : start + 500]))
+            if fault == "lost_reply":
+                raise redis.ConnectionError("the reply was dropped (failpoint)")
         except redis.RedisError as exc:
             raise Unavailable(f"the Redis Cluster refused a delete: {exc}") from exc
         return deleted

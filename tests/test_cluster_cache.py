@@ -138,6 +138,41 @@ def test_a_forgotten_upload_is_no_longer_served_or_cached_and_leaves_the_file(tm
     reopened.close()
 
 
+def test_blobs_cached_and_read_while_the_file_is_rewritten_are_kept(tmp_path):
+    cache = BlobCache(tmp_path / "c", max_bytes=96 * MiB, scrub_delay_s=3600)
+    rng = np.random.default_rng(1)
+    old = {f"{'up0' if i % 4 == 0 else 'up1'}:{i}": rng.bytes(MiB) for i in range(64)}
+    for key, blob in old.items():
+        cache.put(key, blob)
+    cache.forget("up0")
+    new: dict[str, bytes] = {}
+    wrong: list[str] = []
+    stop = threading.Event()
+
+    def readers_and_writers():  # go on while the copy runs outside the lock
+        while not stop.is_set():
+            key = f"new:{len(new)}"
+            new[key] = rng.bytes(4096)
+            cache.put(key, new[key])
+            wrong.extend(k for k in ("up1:1", "up1:2") if cache.get(k) != old[k])
+
+    worker = threading.Thread(target=readers_and_writers)
+    worker.start()
+    try:
+        assert cache.scrub() == 16
+    finally:
+        stop.set()
+        worker.join()
+    assert not wrong and cache.scrubs >= 1
+    files = on_disk(tmp_path / "c")
+    assert not any(blob[9000:9064] in files for k, blob in old.items() if k.startswith("up0:"))
+    cache.close()
+    reopened = BlobCache(tmp_path / "c", max_bytes=96 * MiB)
+    assert all(reopened.get(k) == blob for k, blob in new.items())
+    assert len(reopened) == 48 + len(new)
+    reopened.close()
+
+
 def test_a_node_that_starts_scrubs_cached_blobs_of_versions_deleted_while_it_was_down(
     cluster_planes, tmp_path
 ):

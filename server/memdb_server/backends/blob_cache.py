@@ -12,7 +12,9 @@ within `scrub_delay_s` plus one rewrite removes them from the file on disk. Dele
 record only frees its pages, which keep their old bytes until reused, so the scrubber rewrites
 the file compactly (`Environment.copy(compact=True)` writes only live pages) and swaps it in
 (an atomic rename over the old file). A burst of deletes costs one rewrite: the scrubber waits
-`scrub_delay_s` after the first before it starts. Knows nothing of Redis or etcd.
+`scrub_delay_s` after the first before it starts. The copy is made from a read snapshot while
+reads and writes go on; what changed meanwhile is redone in the new file under the lock, with
+the swap. Knows nothing of Redis or etcd.
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class BlobCache:
         self._forgotten: dict[bytes, float] = {}  # upload id + b":" -> when; own lock
         self._forgotten_lock = threading.Lock()
         self._pending = False  # forgotten blobs may still be in the file
+        self._scrubbing = threading.Lock()  # one scrub at a time
+        self._since_copy: set[bytes] | None = None  # keys put or deleted while a copy runs
+        self._cleared_in_copy = False
         self._wake = threading.Event()
-        self._closing = False
+        self._closing = threading.Event()
         self._load()
         self._scrubber = threading.Thread(target=self._run, name="memdb-cache-scrub", daemon=True)
         self._scrubber.start()
@@ -85,10 +90,10 @@ class BlobCache:
             log.info("blob cache %s: %d blobs, %d bytes", self.path, len(self._lru), self.nbytes)
 
     def close(self) -> None:
-        self._closing = True
+        self._closing.set()
         self._wake.set()
         self._scrubber.join()
-        with self._lock:
+        with self._scrubbing, self._lock:
             if self._env is not None:
                 self._env.close()
                 self._env = None
@@ -145,10 +150,16 @@ class BlobCache:
                 txn.delete(old, db=self._blobs)
                 txn.delete(old, db=self._atime)
                 self.nbytes -= size
+                self._changed(old)
             txn.put(k, blob, db=self._blobs)
             txn.put(k, repr(time.time()).encode(), db=self._atime)
         self._lru[k] = len(blob)
         self.nbytes += len(blob)
+        self._changed(k)
+
+    def _changed(self, k: bytes) -> None:
+        if self._since_copy is not None:
+            self._since_copy.add(k)
 
     def _clear(self) -> None:
         with self._env.begin(write=True) as txn:
@@ -156,6 +167,7 @@ class BlobCache:
             txn.drop(self._atime, delete=False)
         self._lru.clear()
         self.nbytes = 0
+        self._cleared_in_copy = self._since_copy is not None
 
     def __len__(self) -> int:
         with self._lock:
@@ -191,12 +203,9 @@ class BlobCache:
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            if self._closing:
+            if self._closing.wait(self.scrub_delay_s):  # gather the rest of a burst of deletes
                 return
-            time.sleep(self.scrub_delay_s)  # gather the rest of a burst of deletes
             self._wake.clear()
-            if self._closing:
-                return
             try:
                 self.scrub()
             except lmdb.Error:
@@ -204,20 +213,20 @@ class BlobCache:
 
     def scrub(self) -> int:
         """Delete the blobs of forgotten uploads and, if any went, rewrite the file without
-        their bytes; returns how many blobs it deleted. Readers wait for the rewrite (about
-        1 s per GiB cached)."""
+        their bytes; returns how many blobs it deleted. The copy is made from a snapshot while
+        reads and writes go on (about 1.4 s per GiB cached); only the swap takes the lock."""
         with self._forgotten_lock:
             horizon = time.monotonic() - FORGOTTEN_TTL_S
             self._forgotten = {g: t for g, t in self._forgotten.items() if t > horizon}
             groups = sorted(self._forgotten)
-        with self._lock:
-            if self._env is None:
-                return 0
-            deleted = self._delete_groups(groups)
-            self._pending = self._pending or deleted > 0
-            if self._pending:
+        with self._scrubbing:
+            with self._lock:
+                if self._env is None:
+                    return 0
+                deleted = self._delete_groups(groups)
+                self._pending = self._pending or deleted > 0
+            while self._pending and not self._closing.is_set():
                 self._rewrite()
-                self._pending = False
         return deleted
 
     def _delete_groups(self, groups: list[bytes]) -> int:
@@ -239,19 +248,55 @@ class BlobCache:
         return deleted
 
     def _rewrite(self) -> None:
-        """Copy the live pages to a new file and rename it over the old one (called with the
-        lock held: no transaction is open)."""
+        """Copy the live pages of a snapshot to a new file and rename it over the old one, then
+        redo there what changed since the snapshot; if a forgotten blob was deleted meanwhile
+        (its bytes are in the copy), `_pending` stays set for another rewrite."""
         started = time.perf_counter()
         tmp = self.path / COMPACT_DIR
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        self._env.copy(str(tmp), compact=True)
-        self._env.close()
+        with self._lock:
+            snapshot = self._env.begin()
+            self._since_copy, self._cleared_in_copy = set(), False
         try:
-            os.replace(tmp / "data.mdb", self.path / "data.mdb")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._open()
+            self._env.copy(str(tmp), compact=True, txn=snapshot)
+        except BaseException:
+            with self._lock:
+                snapshot.abort()
+                self._since_copy = None
+            raise
+        with self._lock:
+            snapshot.abort()
+            changed, self._since_copy = self._since_copy, None
+            carried = self._values([k for k in changed if k in self._lru])
+            self._env.close()
+            try:
+                os.replace(tmp / "data.mdb", self.path / "data.mdb")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._open()
+            self._pending = self._redo(changed, carried)
         self.scrubs += 1
         log.info("blob cache %s rewritten without deleted blobs in %.3f s (%d bytes live)",
                  self.path, time.perf_counter() - started, self.nbytes)  # fmt: skip
+
+    def _values(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, bytes]]:
+        with self._env.begin() as txn:
+            return {k: (txn.get(k, db=self._blobs), txn.get(k, db=self._atime)) for k in keys}
+
+    def _redo(self, changed: set[bytes], carried: dict[bytes, tuple[bytes, bytes]]) -> bool:
+        """Apply to the new file the puts and deletes made during the copy; True if one of
+        them deleted a forgotten blob (whose bytes the copy holds)."""
+        with self._env.begin(write=True) as txn:
+            if self._cleared_in_copy:
+                txn.drop(self._blobs, delete=False)
+                txn.drop(self._atime, delete=False)
+            for k in changed:
+                if k in carried:
+                    blob, atime = carried[k]
+                    txn.put(k, blob, db=self._blobs)
+                    txn.put(k, atime, db=self._atime)
+                else:
+                    txn.delete(k, db=self._blobs)
+                    txn.delete(k, db=self._atime)
+        return any(self._is_forgotten(k) for k in changed if k not in carried)

@@ -16,7 +16,8 @@ How fresh a read from the copy is:
   may answer a version older than another node already serves. MemdbClient keeps its reads
   monotonic by asking again for the version it saw, which this copy does not hold, so etcd
   answers.
-Knows etcd's keys and revisions, not what the records mean.
+The copy holds every record of its scopes in memory (records only: a few KB per version, no
+blobs). Knows etcd's keys and revisions, not what the records mean.
 """
 
 from __future__ import annotations

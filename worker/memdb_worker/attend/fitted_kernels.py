@@ -2,9 +2,9 @@
 how they are launched): `rows_partial` (split-KV attention of a chunk of the batch's rows, the
 query heads of one KV head folded into one query tile, over a slice of that head's fitted
 rows: float8 keys times their per-row scale, the per-row bias added to the logits),
-and `fitted_phase1` (row programs and the live programs of `fused_kernels.live_partial` in one
-launch). Their partial states are laid out as the shared-prefix kernels' are, so
-`fused_kernels.shared_combine` merges them (per batch row and KV head, one output write).
+`fitted_phase1` (row programs and the live programs of `fused_kernels.live_partial` in one
+launch) and `fitted_combine` (per batch row and query head: all partial states loaded at once,
+merged, one output write).
 
 This module holds the kernels only; it knows nothing of memories or models.
 """
@@ -104,3 +104,36 @@ if HAVE_TRITON:
                 sv_n, mask_ptr, sm_b, sm_n, N, B, H, HKV, SL, live_split, scale, lo_ptr, ll_ptr,
                 HAS_MASK, IEEE, False, D, G, GP, BLOCK_N,
             )  # fmt: skip
+
+    @triton.jit
+    def fitted_combine(plo_ptr, pll_ptr, SLP, C, BC, HKV, lo_ptr, ll_ptr, SL, B, H, out_ptr,
+                       sout_b, sout_h, D: tl.constexpr, G: tl.constexpr, GF: tl.constexpr,
+                       SP: tl.constexpr, SLQ: tl.constexpr):  # fmt: skip
+        """Per (batch row, query head): every row slice's and live slice's partial state
+        loaded at once (SP >= SLP, SLQ >= SL: one round trip), merged, written once."""
+        pid = tl.program_id(0)
+        hq = pid % H
+        b = pid // H
+        kh = hq // G
+        offs_d = tl.arange(0, D)
+        offs_s = tl.arange(0, SP)
+        sm = offs_s < SLP
+        prow = ((offs_s * C + b // BC) * HKV + kh) * GF + (b % BC) * G + hq % G
+        pl = tl.load(pll_ptr + prow, mask=sm, other=float("-inf"))
+        po = tl.load(plo_ptr + prow.to(tl.int64)[:, None] * D + offs_d[None, :], mask=sm[:, None],
+                     other=0.0)  # fmt: skip
+        offs_l = tl.arange(0, SLQ)
+        lm = offs_l < SL
+        lrow = (offs_l * B + b) * H + hq
+        ql = tl.load(ll_ptr + lrow, mask=lm, other=float("-inf"))
+        qo = tl.load(lo_ptr + lrow.to(tl.int64)[:, None] * D + offs_d[None, :], mask=lm[:, None],
+                     other=0.0)  # fmt: skip
+        mx = tl.maximum(tl.max(pl, axis=0), tl.max(ql, axis=0))
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        wp = tl.exp(pl - mx)
+        wl = tl.exp(ql - mx)
+        total = tl.sum(wp, axis=0) + tl.sum(wl, axis=0)
+        acc = tl.sum(wp[:, None] * po, axis=0) + tl.sum(wl[:, None] * qo, axis=0)
+        res = acc / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + b.to(tl.int64) * sout_b + hq * sout_h + offs_d,
+                 res.to(out_ptr.dtype.element_ty))  # fmt: skip

@@ -13,11 +13,13 @@ import json
 import logging
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.cluster_faults.campaign import run
+from bench.cluster_faults.faults import FAULTS, SLOTS
 from bench.server import machine
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--faults", type=int, default=500, help="stop once this many were injected")
     ap.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the fault phase")
+    ap.add_argument("--kinds", help="only these fault kinds (comma-separated; default: all)")
     ap.add_argument("--keep", type=Path, help="keep the run's files (histories, logs) here")
     ap.add_argument("--out", type=Path, default=RESULTS / "cluster_faults.json")
     args = ap.parse_args(argv)
@@ -40,10 +43,17 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cluster-faults-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        result = run(root, seed=args.seed, target_faults=args.faults, max_seconds=args.max_seconds)
+        result = run(
+            root,
+            seed=args.seed,
+            target_faults=args.faults,
+            max_seconds=args.max_seconds,
+            slots=_slots(args.kinds),
+        )
     argv_used = sys.argv[1:] if argv is None else argv
     result["command"] = "python -m bench.cluster_faults " + shlex.join(argv_used)
     result["machine"] = machine()
+    result["commit"] = _commit()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     keys = (
@@ -63,6 +73,26 @@ def main(argv: list[str] | None = None) -> dict:
         print("  ", p)
     print(f"-> {args.out}")
     return result
+
+
+def _slots(kinds: str | None) -> dict | None:
+    if not kinds:
+        return None
+    wanted = set(kinds.split(","))
+    unknown = wanted - set(FAULTS)
+    if unknown:
+        raise SystemExit(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    slots = {s: {k: w for k, w in ks.items() if k in wanted} for s, ks in SLOTS.items()}
+    return {s: ks for s, ks in slots.items() if ks}
+
+
+def _commit() -> str:
+    """The commit the code ran from (+dirty when the tree had changes)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def _exit(signum, frame) -> None:

@@ -67,9 +67,11 @@ from bench.attention.cases import (
     NS,
     D,
     H,
+    bench,
     check,
     copy_bandwidth,
     gpu_tag,
+    graphed,
     layer_rows,
     log,
     parse_format,
@@ -183,6 +185,8 @@ def run_fitted(results: dict, path: Path, batches, lives, tune_on: bool) -> int:
     bw = copy_bandwidth()
     results["copy_bandwidth_Bps"] = bw
     log(f"{results['device']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    one = torch.zeros(1, device="cuda")
+    results["graph_launch_us"] = bench(graphed(lambda: one.add_(1)))  # the timing's intercept
     ms = sorted({m for n in fitted.NS for m in fitted.budgets(n)})
     configs = fitted.sweep(results, batches, lives, ms) if tune_on else {}
     path.write_text(json.dumps(results, indent=1))

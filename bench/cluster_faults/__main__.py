@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.cluster_faults.campaign import run
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["command"] = "python -m bench.cluster_faults " + shlex.join(argv_used)
     result["machine"] = machine()
     result["commit"] = _commit()
+    result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     keys = (

@@ -29,6 +29,17 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_READER: _ClassVar[Role]
     ROLE_WRITER: _ClassVar[Role]
     ROLE_ADMIN: _ClassVar[Role]
+    ROLE_WORKER: _ClassVar[Role]
+
+class BuildState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUILD_STATE_UNSPECIFIED: _ClassVar[BuildState]
+    BUILD_STATE_QUEUED: _ClassVar[BuildState]
+    BUILD_STATE_CLAIMED: _ClassVar[BuildState]
+    BUILD_STATE_RUNNING: _ClassVar[BuildState]
+    BUILD_STATE_DONE: _ClassVar[BuildState]
+    BUILD_STATE_FAILED: _ClassVar[BuildState]
+    BUILD_STATE_CANCELLED: _ClassVar[BuildState]
 PUT_MODE_UNSPECIFIED: PutMode
 PUT_MODE_CREATE: PutMode
 PUT_MODE_UPDATE: PutMode
@@ -40,6 +51,14 @@ ROLE_UNSPECIFIED: Role
 ROLE_READER: Role
 ROLE_WRITER: Role
 ROLE_ADMIN: Role
+ROLE_WORKER: Role
+BUILD_STATE_UNSPECIFIED: BuildState
+BUILD_STATE_QUEUED: BuildState
+BUILD_STATE_CLAIMED: BuildState
+BUILD_STATE_RUNNING: BuildState
+BUILD_STATE_DONE: BuildState
+BUILD_STATE_FAILED: BuildState
+BUILD_STATE_CANCELLED: BuildState
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -115,7 +134,7 @@ class PutPrefixCommit(_message.Message):
     def __init__(self) -> None: ...
 
 class PutPrefixHeader(_message.Message):
-    __slots__ = ("name", "mode", "expected_version", "model_fingerprint", "num_layers", "token_count", "build_params", "index_kind", "metric", "total_bytes")
+    __slots__ = ("name", "mode", "expected_version", "model_fingerprint", "num_layers", "token_count", "build_params", "index_kind", "metric", "total_bytes", "build_job", "build_worker")
     class BuildParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +152,8 @@ class PutPrefixHeader(_message.Message):
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUILD_JOB_FIELD_NUMBER: _ClassVar[int]
+    BUILD_WORKER_FIELD_NUMBER: _ClassVar[int]
     name: str
     mode: PutMode
     expected_version: int
@@ -143,7 +164,9 @@ class PutPrefixHeader(_message.Message):
     index_kind: str
     metric: str
     total_bytes: int
-    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., expected_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    build_job: str
+    build_worker: str
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., expected_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., build_params: _Optional[_Mapping[str, str]] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., total_bytes: _Optional[int] = ..., build_job: _Optional[str] = ..., build_worker: _Optional[str] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("layer", "data", "last")
@@ -237,16 +260,20 @@ class LookupResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., out: _Optional[_Union[Tensor, _Mapping]] = ..., lse: _Optional[_Union[Tensor, _Mapping]] = ..., extras: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class FetchMemoryRequest(_message.Message):
-    __slots__ = ("name", "model_fingerprint", "version", "chunk_bytes")
+    __slots__ = ("name", "model_fingerprint", "version", "chunk_bytes", "build_job", "build_worker")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUILD_JOB_FIELD_NUMBER: _ClassVar[int]
+    BUILD_WORKER_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_fingerprint: str
     version: int
     chunk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    build_job: str
+    build_worker: str
+    def __init__(self, name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., build_job: _Optional[str] = ..., build_worker: _Optional[str] = ...) -> None: ...
 
 class FetchMemoryResponse(_message.Message):
     __slots__ = ("info", "chunk")
@@ -433,3 +460,183 @@ class StatsResponse(_message.Message):
     uptime_s: float
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     def __init__(self, server_version: _Optional[str] = ..., store_bytes: _Optional[int] = ..., map_size: _Optional[int] = ..., num_tenants: _Optional[int] = ..., num_prefixes: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., index_cache_bytes: _Optional[int] = ..., index_cache_hits: _Optional[int] = ..., index_cache_misses: _Optional[int] = ..., uptime_s: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class BuildSpec(_message.Message):
+    __slots__ = ("name", "mode", "append", "expected_version", "prefix_text", "traces", "options", "budget", "model_fingerprint", "index_kind", "metric", "build_params", "query_position")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class BuildParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BUILD_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_POSITION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mode: PutMode
+    append: bool
+    expected_version: int
+    prefix_text: str
+    traces: _containers.RepeatedScalarFieldContainer[str]
+    options: _containers.ScalarMap[str, str]
+    budget: int
+    model_fingerprint: str
+    index_kind: str
+    metric: str
+    build_params: _containers.ScalarMap[str, str]
+    query_position: int
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[PutMode, str]] = ..., append: _Optional[bool] = ..., expected_version: _Optional[int] = ..., prefix_text: _Optional[str] = ..., traces: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, str]] = ..., budget: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., index_kind: _Optional[str] = ..., metric: _Optional[str] = ..., build_params: _Optional[_Mapping[str, str]] = ..., query_position: _Optional[int] = ...) -> None: ...
+
+class BuildJob(_message.Message):
+    __slots__ = ("job_id", "tenant", "spec", "state", "base_version", "worker_id", "stage", "prefix_tokens", "tokens_prefilled", "num_layers", "layers_fitted", "total_bytes", "bytes_uploaded", "version", "error", "attempts", "created_at", "updated_at", "lease_until", "prefix_chars", "trace_count")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PREFILLED_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FITTED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    tenant: str
+    spec: BuildSpec
+    state: BuildState
+    base_version: int
+    worker_id: str
+    stage: str
+    prefix_tokens: int
+    tokens_prefilled: int
+    num_layers: int
+    layers_fitted: int
+    total_bytes: int
+    bytes_uploaded: int
+    version: int
+    error: str
+    attempts: int
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    lease_until: _timestamp_pb2.Timestamp
+    prefix_chars: int
+    trace_count: int
+    def __init__(self, job_id: _Optional[str] = ..., tenant: _Optional[str] = ..., spec: _Optional[_Union[BuildSpec, _Mapping]] = ..., state: _Optional[_Union[BuildState, str]] = ..., base_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., num_layers: _Optional[int] = ..., layers_fitted: _Optional[int] = ..., total_bytes: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., version: _Optional[int] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prefix_chars: _Optional[int] = ..., trace_count: _Optional[int] = ...) -> None: ...
+
+class SubmitBuildRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: BuildSpec
+    def __init__(self, spec: _Optional[_Union[BuildSpec, _Mapping]] = ...) -> None: ...
+
+class GetBuildRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListBuildsRequest(_message.Message):
+    __slots__ = ("limit", "include_finished")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    include_finished: bool
+    def __init__(self, limit: _Optional[int] = ..., include_finished: _Optional[bool] = ...) -> None: ...
+
+class ListBuildsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[BuildJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[BuildJob, _Mapping]]] = ...) -> None: ...
+
+class CancelBuildRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WatchBuildRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ClaimBuildRequest(_message.Message):
+    __slots__ = ("worker_id", "model_fingerprint")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    model_fingerprint: str
+    def __init__(self, worker_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ClaimBuildResponse(_message.Message):
+    __slots__ = ("job", "lease_s")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    job: BuildJob
+    lease_s: float
+    def __init__(self, job: _Optional[_Union[BuildJob, _Mapping]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class ReportBuildRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "state", "stage", "prefix_tokens", "tokens_prefilled", "num_layers", "layers_fitted", "total_bytes", "bytes_uploaded", "version", "error")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PREFILLED_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FITTED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    state: BuildState
+    stage: str
+    prefix_tokens: int
+    tokens_prefilled: int
+    num_layers: int
+    layers_fitted: int
+    total_bytes: int
+    bytes_uploaded: int
+    version: int
+    error: str
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., state: _Optional[_Union[BuildState, str]] = ..., stage: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., num_layers: _Optional[int] = ..., layers_fitted: _Optional[int] = ..., total_bytes: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReportBuildResponse(_message.Message):
+    __slots__ = ("job", "lease_s")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    job: BuildJob
+    lease_s: float
+    def __init__(self, job: _Optional[_Union[BuildJob, _Mapping]] = ..., lease_s: _Optional[float] = ...) -> None: ...

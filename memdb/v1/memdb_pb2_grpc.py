@@ -695,3 +695,336 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BuildServiceStub:
+    """Build jobs: tenants submit and follow them; workers (ROLE_WORKER or root) claim and report.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SubmitBuild = channel.unary_unary(
+                '/memdb.v1.BuildService/SubmitBuild',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.SubmitBuildRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+                _registered_method=True)
+        self.GetBuild = channel.unary_unary(
+                '/memdb.v1.BuildService/GetBuild',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.GetBuildRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+                _registered_method=True)
+        self.ListBuilds = channel.unary_unary(
+                '/memdb.v1.BuildService/ListBuilds',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.ListBuildsRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.ListBuildsResponse.FromString,
+                _registered_method=True)
+        self.CancelBuild = channel.unary_unary(
+                '/memdb.v1.BuildService/CancelBuild',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.CancelBuildRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+                _registered_method=True)
+        self.WatchBuild = channel.unary_stream(
+                '/memdb.v1.BuildService/WatchBuild',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.WatchBuildRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+                _registered_method=True)
+        self.ClaimBuild = channel.unary_unary(
+                '/memdb.v1.BuildService/ClaimBuild',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.ClaimBuildRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.ClaimBuildResponse.FromString,
+                _registered_method=True)
+        self.ReportBuild = channel.unary_unary(
+                '/memdb.v1.BuildService/ReportBuild',
+                request_serializer=memdb_dot_v1_dot_memdb__pb2.ReportBuildRequest.SerializeToString,
+                response_deserializer=memdb_dot_v1_dot_memdb__pb2.ReportBuildResponse.FromString,
+                _registered_method=True)
+
+
+class BuildServiceServicer:
+    """Build jobs: tenants submit and follow them; workers (ROLE_WORKER or root) claim and report.
+    """
+
+    def SubmitBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBuilds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BuildServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SubmitBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBuild,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.SubmitBuildRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.SerializeToString,
+            ),
+            'GetBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBuild,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.GetBuildRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.SerializeToString,
+            ),
+            'ListBuilds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBuilds,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.ListBuildsRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.ListBuildsResponse.SerializeToString,
+            ),
+            'CancelBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBuild,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.CancelBuildRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.SerializeToString,
+            ),
+            'WatchBuild': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBuild,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.WatchBuildRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.BuildJob.SerializeToString,
+            ),
+            'ClaimBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimBuild,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.ClaimBuildRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.ClaimBuildResponse.SerializeToString,
+            ),
+            'ReportBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBuild,
+                    request_deserializer=memdb_dot_v1_dot_memdb__pb2.ReportBuildRequest.FromString,
+                    response_serializer=memdb_dot_v1_dot_memdb__pb2.ReportBuildResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'memdb.v1.BuildService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('memdb.v1.BuildService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BuildService:
+    """Build jobs: tenants submit and follow them; workers (ROLE_WORKER or root) claim and report.
+    """
+
+    @staticmethod
+    def SubmitBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memdb.v1.BuildService/SubmitBuild',
+            memdb_dot_v1_dot_memdb__pb2.SubmitBuildRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memdb.v1.BuildService/GetBuild',
+            memdb_dot_v1_dot_memdb__pb2.GetBuildRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBuilds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memdb.v1.BuildService/ListBuilds',
+            memdb_dot_v1_dot_memdb__pb2.ListBuildsRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.ListBuildsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memdb.v1.BuildService/CancelBuild',
+            memdb_dot_v1_dot_memdb__pb2.CancelBuildRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memdb.v1.BuildService/WatchBuild',
+            memdb_dot_v1_dot_memdb__pb2.WatchBuildRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.BuildJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memdb.v1.BuildService/ClaimBuild',
+            memdb_dot_v1_dot_memdb__pb2.ClaimBuildRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.ClaimBuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memdb.v1.BuildService/ReportBuild',
+            memdb_dot_v1_dot_memdb__pb2.ReportBuildRequest.SerializeToString,
+            memdb_dot_v1_dot_memdb__pb2.ReportBuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -22,6 +22,7 @@ from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 from memdb.wire import prefix_info, timestamp
 from memdb_server import auth, failpoints
+from memdb_server.build_service import job_upload, job_writer
 from memdb_server.events import Event
 from memdb_server.index import build_layer_indices, resolve_kind
 from memdb_server.records import check_metadata
@@ -36,7 +37,8 @@ _MODES = {
     pb.PUT_MODE_UPDATE: "update",
     pb.PUT_MODE_UPSERT: "upsert",
 }
-_ROLE_NAMES = {pb.ROLE_READER: "reader", pb.ROLE_WRITER: "writer", pb.ROLE_ADMIN: "admin"}
+_ROLE_NAMES = {pb.ROLE_READER: "reader", pb.ROLE_WRITER: "writer", pb.ROLE_ADMIN: "admin",
+               pb.ROLE_WORKER: "worker"}  # fmt: skip
 _ROLE_VALUES = {v: k for k, v in _ROLE_NAMES.items()}
 MAX_LAYERS = 4096
 
@@ -49,6 +51,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     def PutPrefix(self, request_iterator: Iterator[pb.PutPrefixRequest], context) -> pb.PrefixInfo:
         tenant = auth.current().tenant
         header = self._header(next(iter(request_iterator), None))
+        job = job_upload(self.rt, header) if header.build_job else None  # a build job's
+        tenant = job.tenant if job is not None else tenant
         budget = self._upload_budget(tenant, header)
         blobs = self._receive_shards(request_iterator, header, budget)
         failpoints.hit("put_received")
@@ -61,7 +65,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                    for s in shards]  # fmt: skip
         self.rt.metrics.index_builds.inc(sum(len(i) for i in indices))
         failpoints.hit("put_indexed")
-        rec = self.rt.store.write_version(
+        write = self.rt.store.write_version if job is None else job_writer(self.rt, job)
+        rec = write(
             tenant,
             header.name,
             mode=_MODES[header.mode],
@@ -222,7 +227,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self.rt.store.get_tenant(tenant)  # NotFound for an unknown tenant
         role = _ROLE_NAMES.get(request.role)
         if role is None:
-            raise InvalidArgument("role must be ROLE_READER, ROLE_WRITER or ROLE_ADMIN")
+            raise InvalidArgument(
+                "role must be ROLE_READER, ROLE_WRITER, ROLE_ADMIN or ROLE_WORKER"
+            )
+        if role == "worker":  # a worker key builds the jobs of every tenant
+            p.require(auth.ROOT, "creating a worker key")
         key_id, key, secret_hash = auth.new_key()
         rec = KeyRecord(key_id, tenant, role, secret_hash, request.description, time.time())
         self.rt.store.put_key(rec)

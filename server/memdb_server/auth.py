@@ -23,10 +23,13 @@ from memdb_server.interceptors import Call, Hook
 
 log = logging.getLogger(__name__)
 
-ROLES = ("reader", "writer", "admin")
+ROLES = ("reader", "writer", "admin", "worker")
 ROOT = "root"  # the configured admin key: admin of tenant "default" and of every tenant
 ROOT_KEY_ID = "root"  # the key id of the root key's Principal (it is never stored)
-_RANK = {"reader": 0, "writer": 1, "admin": 2, ROOT: 3}
+# a worker key is a writer of its own tenant that may also claim every tenant's build jobs
+# (build_service); only the root key creates one
+WORKER = "worker"
+_RANK = {"reader": 0, "writer": 1, WORKER: 1, "admin": 2, ROOT: 3}
 DEFAULT_TENANT = "default"
 
 # The least role each RPC needs (short method name); health is not authenticated at all.
@@ -45,6 +48,13 @@ METHOD_ROLES: dict[str, str] = {
     "CreateTenant": ROOT,
     "ListTenants": ROOT,
     "DeleteTenant": ROOT,
+    "SubmitBuild": "writer",
+    "CancelBuild": "writer",
+    "GetBuild": "reader",
+    "ListBuilds": "reader",
+    "WatchBuild": "reader",
+    "ClaimBuild": WORKER,
+    "ReportBuild": WORKER,
 }
 UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/",)
 DEFAULT_ROLE = "reader"  # e.g. server reflection
@@ -63,6 +73,8 @@ class Principal:
         return self.role == ROOT
 
     def has(self, role: str) -> bool:
+        if role == WORKER:  # not a rank: admins of a tenant build nothing for others
+            return self.role in (WORKER, ROOT)
         return _RANK[self.role] >= _RANK[role]
 
     def require(self, role: str, what: str) -> None:

@@ -121,6 +121,15 @@ class ServerConfig(BaseSettings):
     node_lease_s: int = Field(10, ge=2, description="cluster: TTL of the node's etcd lease")
     gc_interval_s: float = Field(30.0, ge=0, description="cluster: blob GC period; 0 = off")
     gc_grace_s: float = Field(60.0, ge=0, description="cluster: unreferenced blobs kept this long")
+    # build jobs (memdb_server.build_jobs)
+    build_lease_s: float = Field(
+        30.0, gt=0, description="a claimed build job goes back to the queue this long after "
+        "its worker's last report"
+    )  # fmt: skip
+    build_worker_live_s: float = Field(
+        120.0, gt=0, description="a build job is refused unless a worker of its model polled "
+        "for jobs this recently"
+    )  # fmt: skip
     # process
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

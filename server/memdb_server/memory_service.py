@@ -26,6 +26,7 @@ from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 from memdb.wire import decode_tensor, encode_tensor, prefix_info, timestamp
 from memdb_server import auth
+from memdb_server.build_service import job_tenant
 from memdb_server.config import ServerConfig
 from memdb_server.events import Event
 from memdb_server.index import LoadedLayer, load_layer
@@ -142,7 +143,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         """The record, then every layer's shard in chunks, each read from LMDB when it is sent
         (one short read transaction per chunk): a stream holds one chunk, whatever the size
         of the memory, and nothing once it ends or is cancelled."""
-        tenant = auth.current().tenant
+        tenant = job_tenant(self.rt, request) if request.build_job else auth.current().tenant
         name = check_name(request.name)
         chunk = fetch_chunk_bytes(request.chunk_bytes, self.rt.config)
         rec = self.rt.store.get_prefix(tenant, name, request.version)

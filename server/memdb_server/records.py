@@ -31,7 +31,7 @@ MAX_BUILD_PARAMS_BYTES = 16 * 1024  # keys + values of all entries
 MAX_DESCRIPTION_BYTES = 1024  # of an API key
 MAX_TENANT_BYTES = 128
 MAX_NAME_BYTES = 255  # with the tenant and 16 bytes of numbers, well under LMDB's 511-byte keys
-ROLES = ("admin", "writer", "reader")
+ROLES = ("admin", "writer", "reader", "worker")
 MODES = ("create", "update", "upsert")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "ip")
@@ -66,7 +66,7 @@ class Usage:
 class KeyRecord:
     key_id: str
     tenant: str
-    role: str  # admin | writer | reader
+    role: str  # admin | writer | reader | worker
     secret_hash: str
     description: str = ""
     created_at: float = 0.0

@@ -23,6 +23,7 @@ from memdb_server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from memdb_server.backends import Backend
+    from memdb_server.build_jobs import Jobs
 
 T = TypeVar("T")
 
@@ -41,6 +42,7 @@ class Runtime:
     index_params: IndexParams
     executor: ThreadPoolExecutor
     started_at: float = field(default_factory=time.time)
+    jobs: Jobs | None = None  # build jobs (build_jobs), on the store's job table
 
     async def blocking(self, fn: Callable[..., T], *args) -> T:
         """`fn(*args)` in the executor, awaited from the event loop."""

@@ -37,6 +37,8 @@ from memdb_server.admin_service import AdminServicer
 from memdb_server.auth import Authenticator, AuthHook
 from memdb_server.backends import open_backend
 from memdb_server.backends.health import HealthMonitor
+from memdb_server.build_jobs import Jobs
+from memdb_server.build_service import BuildServicer
 from memdb_server.config import ServerConfig, load_config
 from memdb_server.durable import write_file_durably
 from memdb_server.events import WatchLimits
@@ -49,7 +51,7 @@ from memdb_server.shares import TimeShares
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("memdb.v1.MemoryService", "memdb.v1.AdminService")
+SERVICES = ("memdb.v1.MemoryService", "memdb.v1.AdminService", "memdb.v1.BuildService")
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
@@ -87,6 +89,7 @@ def run_server(config: ServerConfig) -> Iterator[RunningServer]:
         index_params=_index_params(config),
         executor=executor,
     )
+    rt.jobs = Jobs(store.job_table(), lease_s=config.build_lease_s)
     admin_key = _admin_key(config)
     grpc_thread = _GrpcThread(rt, admin_key)
     monitor: HealthMonitor | None = None
@@ -221,6 +224,7 @@ class _GrpcThread:
         )
         pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(rt), server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(rt), server)
+        pb_grpc.add_BuildServiceServicer_to_server(BuildServicer(rt, rt.jobs), server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if c.reflection:

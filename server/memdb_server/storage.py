@@ -10,6 +10,7 @@ This module owns the one LMDB environment of a server and its named sub-database
     shards    tenant \\0 name \\0 version layer -> safetensors bytes of one layer
     indices   tenant \\0 name \\0 version layer group -> serialized FAISS index bytes
     usage     tenant -> Usage (JSON): bytes, prefixes and keys the tenant stores
+    jobs, job_inputs, build_models: build jobs (memdb_server.build_jobs.LmdbJobTable)
 
 (version: 8 bytes, layer and group: 4 bytes, all big-endian, so keys sort numerically and every
 record of a prefix, or of a tenant, is one range scan.) A version is written completely and made
@@ -45,6 +46,7 @@ from memdb.errors import (
     ResourceExhausted,
 )
 from memdb_server import failpoints
+from memdb_server.build_jobs import LmdbJobTable
 from memdb_server.durable import fsync_dir, make_dirs_durably
 from memdb_server.lmdbio import PAGE, RWLock, delete_range, file_size, round_up, scan
 from memdb_server.records import (
@@ -83,7 +85,8 @@ from memdb_server.usage import (
 log = logging.getLogger(__name__)
 
 SCHEMA = b"1"
-DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices", "usage")
+DBS = ("meta", "tenants", "keys", "prefixes", "versions", "shards", "indices", "usage", "jobs",
+       "job_inputs", "build_models")  # fmt: skip
 DEFAULT_TENANT = "default"
 # The last bytes of the largest map are kept for deletes: a delete copies the B-tree pages it
 # touches, so in a map filled to the brim even a delete fails. 64 MiB frees gigabytes (a
@@ -582,6 +585,10 @@ class Store(VersionWriter, VersionReads):
                 pkey = prefix_key(tenant, name)
                 left += len(pkey) + len(txn.get(pkey, db=self._db["prefixes"]))
         return max(left, 0)
+
+    def job_table(self) -> LmdbJobTable:
+        """The durable records of build jobs, in this environment."""
+        return LmdbJobTable(self._read, self._write, self._db)
 
     def list_nodes(self) -> list[dict]:
         """Server nodes sharing this store: none (one process owns an LMDB store; the cluster

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from memdb.shards import Shard
+from memdb_server.build_jobs import JobTable
 from memdb_server.config import ServerConfig
 from memdb_server.events import EventBus, WatchLimits
 from memdb_server.records import KeyRecord, PrefixRecord, TenantRecord, Usage, VersionSnapshot
@@ -83,6 +84,7 @@ class Backend(Protocol):
     def upload_allowance(self, tenant: str, name: str) -> int | None: ...
     def info(self) -> dict: ...
     def list_nodes(self) -> list[dict]: ...
+    def job_table(self) -> JobTable: ...  # build jobs' records (memdb_server.build_jobs)
     def close(self) -> None: ...
 
 

@@ -46,6 +46,7 @@ from memdb.errors import (
 )
 from memdb_server.backends.blob_cache import BlobCache
 from memdb_server.backends.cluster_entries import decode_entry, entry_bytes
+from memdb_server.backends.cluster_jobs import EtcdJobTable
 from memdb_server.backends.cluster_node import ClusterEventBus, GarbageCollector, Keys, NodeLease
 from memdb_server.backends.cluster_publish import MAX_ATTEMPTS, Publisher, contended
 from memdb_server.backends.cluster_usage import ClusterUsage, usage_json
@@ -150,6 +151,10 @@ class ClusterStore(VersionWriter, VersionReads):
         """Publish the node's serving address in its registration (once it is known)."""
         self._node_address = address
         self._register()
+
+    def job_table(self) -> EtcdJobTable:
+        """Build jobs' records, shared by every node (backends.cluster_jobs)."""
+        return EtcdJobTable(self.etcd, self.keys.tenants.removesuffix(b"tenants/"))
 
     def list_nodes(self) -> list[dict]:
         """The live nodes' registrations ({node, address, started_at}), by node id."""

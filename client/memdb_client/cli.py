@@ -3,6 +3,7 @@
     memdb-admin [--server HOST:PORT] [--api-key KEY] [--json] COMMAND ...
 
     prefix insert|update|append|build|delete|list|show|export|import
+    build  list|show|cancel
     tenant create|list|delete
     key    create|list|revoke
     status
@@ -10,9 +11,10 @@
 The server address and key come from --server / MEMDB_SERVER and --api-key / MEMDB_API_KEY.
 Results go to stdout (aligned tables, or JSON with --json); messages and progress bars to
 stderr. Every failure is one line `memdb-admin: error: ...` and a non-zero exit code (see
-EXIT_CODES). Talks to the server only through `MemdbClient`; builds memories with the worker's
-builder, found through the `memdb.builders` entry point (`memdb_client.build`): without the
-worker extra every command but the builds still runs.
+EXIT_CODES). Talks to the server only through `MemdbClient`; builds run as build jobs on the
+workers (`cli_build`), or with --local through the worker's builder, found through the
+`memdb.builders` entry point (`memdb_client.build`): without the worker extra every command but
+the local builds runs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from memdb.errors import (
 )
 from memdb_client import output
 from memdb_client.app import EXIT_CODES, App, Failure, json_option, pass_app
+from memdb_client.cli_build import build_group
 from memdb_client.cli_prefix import prefix
 from memdb_client.client import DEFAULT_ADDRESS
 from memdb_client.inputs import InputError
@@ -269,7 +272,8 @@ def key():
 
 @key.command("create")
 @click.option("--tenant", default="", help="Tenant of the key (default: the caller's).")
-@click.option("--role", type=click.Choice(["admin", "writer", "reader"]), required=True)
+@click.option("--role", type=click.Choice(["admin", "writer", "reader", "worker"]), required=True,
+              help="worker: builds jobs of every tenant (root key only)")  # fmt: skip
 @click.option("--description", default="", help="A note shown in `key list`.")
 @json_option
 @pass_app
@@ -311,3 +315,4 @@ def main() -> None:
 
 
 cli.add_command(prefix)
+cli.add_command(build_group)

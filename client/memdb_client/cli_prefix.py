@@ -1,9 +1,12 @@
 """`memdb-admin prefix ...`: build, upload, append to, inspect, move and delete memories.
 
-Builds run locally with the worker's builder (`memdb_client.build.local_builder`, loaded only by
-the build commands, whose flags come from `memdb.build_options.BuildOptions`) and are uploaded
-with one `PutPrefix` stream: the server makes a version current only once the whole upload and
-its commit message arrived and validated, never half of one. A Ctrl-C before the commit message
+`insert`, `update` and `append` submit a build job that a worker holding the model runs
+(`cli_build.submit`: nothing of the worker or torch is needed here); with `--local` (and
+`prefix build`) they build on this machine with the worker's builder
+(`memdb_client.build.local_builder`, loaded only then; flags from
+`memdb.build_options.BuildOptions`) and upload with one `PutPrefix` stream: the server makes
+a version current only once the whole upload and its commit message arrived and validated,
+never half of one. A Ctrl-C before the commit message
 was sent stores nothing; one after it may or may not have stored the version (see
 `MemdbClient.put_prefix`; `prefix info` tells which).
 """
@@ -19,8 +22,9 @@ import click
 from memdb.build_options import Spec, spec, specs
 from memdb.errors import NotFound
 from memdb.shards import encode_shard, holds_fitted_rows
-from memdb_client import build, output, portable
+from memdb_client import build, cli_build, output, portable
 from memdb_client.app import EXIT_CODES, App, Failure, json_option, pass_app
+from memdb_client.build_jobs import BuildSpec
 from memdb_client.inputs import DEFAULT_TEMPLATE, INPUT_FORMATS, Source, read_source, unescape
 from memdb_client.types import PrefixInfo
 
@@ -76,6 +80,21 @@ input_options = _options(
         type=click.IntRange(min=1),
         default=None,
         help="Use at most N examples (JSONL) or paragraphs (text).",
+    ),
+)
+
+job_options = _options(
+    click.option(
+        "--local",
+        is_flag=True,
+        help="Build on this machine (needs the worker extra and the model) instead of "
+        "submitting a build job to a worker; --model/--device/--dtype/--threads apply only here.",
+    ),
+    click.option(
+        "--model-fingerprint",
+        default="",
+        help="Build job: the model to build with (default: the prefix's, or the one model "
+        "live workers hold).",
     ),
 )
 
@@ -344,7 +363,17 @@ def _done(app: App, verb: str, info: PrefixInfo) -> None:
 
 def _build_and_upload(app: App, name: str, mode: str, kw: dict) -> None:
     pre = _read_prefix(kw)  # bad input fails before anything else
-    _check_name(app, name, exists=(mode == "update"))
+    have = _check_name(app, name, exists=(mode == "update"))
+    if not kw["local"]:
+        traces, traces_from = _traces(kw, pre)
+        spec = BuildSpec(
+            name, mode, pre.text, traces, kw["budget"], build.make_options(kw).to_metadata(),
+            kw["model_fingerprint"], have.version if have else 0,
+            index_kind="" if kw["index_kind"] == "auto" else kw["index_kind"],
+            metric=kw["metric"], build_params=_sources(kw, pre, traces_from),
+        )  # fmt: skip
+        _done(app, "inserted" if mode == "create" else "updated", cli_build.submit(app, spec))
+        return
     b = _build(app, name, kw, pre)
     info = _upload(
         app,
@@ -361,11 +390,20 @@ def _build_and_upload(app: App, name: str, mode: str, kw: dict) -> None:
 
 
 # -- build commands --------------------------------------------------------------------------------
-def _build_command(f):
+def _sources(kw: dict, pre: Source, traces_from: str) -> dict[str, str]:
+    extra = {"source": pre.path, "traces_source": traces_from, "built_by": "memdb-admin"}
+    if pre.kind == "jsonl":
+        extra["template"] = unescape(kw["template"])
+    return extra
+
+
+def _build_command(f, *, jobs: bool = True):
+    """The options of a build command (`jobs`: it may run as a build job)."""
     return _options(
         input_options,
         trace_options,
         builder_options,
+        *([job_options] if jobs else []),
         model_options,
         index_options,
         json_option,
@@ -373,11 +411,16 @@ def _build_command(f):
     )(f)
 
 
+def _local_build_command(f):
+    return _build_command(f, jobs=False)
+
+
 @prefix.command("insert")
 @click.argument("name")
 @_build_command
 def prefix_insert(app: App, name: str, **kw):
-    """Build the memory of a new prefix NAME locally and upload it.
+    """Build the memory of a new prefix NAME (a build job on a worker; --local: here) and
+    store it.
 
     Refuses an existing NAME (use `update`). Example, TREC as a 200-example prefix with 64
     other examples as calibration traces:
@@ -409,7 +452,7 @@ def prefix_update(app: App, name: str, **kw):
     help="Portable file to write (a .tar, or a directory), for `prefix import`.",
 )
 @click.option("--force", is_flag=True, help="Overwrite FILE.")
-@_build_command
+@_local_build_command
 def prefix_build(app: App, name: str, out: str, force: bool, **kw):
     """Build the memory of prefix NAME into a portable file, without a server (e.g. on a GPU
     machine); load it anywhere with `prefix import`."""
@@ -427,6 +470,7 @@ def prefix_build(app: App, name: str, out: str, force: bool, **kw):
 @prefix.command("append")
 @click.argument("name")
 @input_options
+@job_options
 @model_options
 @build_flag(spec("chunk_tokens"))
 @click.option(
@@ -448,6 +492,15 @@ def prefix_append(app: App, name: str, query_position, **kw):
     src = _read_prefix(kw)
     info = _check_name(app, name, exists=True)
     assert info is not None
+    if not kw["local"]:
+        options = build.make_options({"chunk_tokens": kw["chunk_tokens"]}).to_metadata()
+        spec = BuildSpec(
+            name, "update", src.text, options=options, append=True,
+            model_fingerprint=kw["model_fingerprint"], expected_version=info.version,
+            build_params={"source": src.path}, query_position=query_position,
+        )  # fmt: skip
+        _done(app, "appended to", cli_build.submit(app, spec))
+        return
     builder = build.local_builder()
     loaded, fp = _load(app, builder, kw)
     if fp != info.model_fingerprint:

@@ -26,6 +26,7 @@ from memdb.shards import Shard, decode_shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
 from memdb.wire import decode_tensor, encode_tensor
+from memdb_client.build_jobs import STATE_VALUES, BuildJob, BuildSpec
 from memdb_client.targets import channel_options, channel_target
 from memdb_client.types import (
     ROLES,
@@ -80,6 +81,7 @@ class MemdbClient:
         self._memory = pb_grpc.MemoryServiceStub(self._channel)
         self._admin = pb_grpc.AdminServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._build = pb_grpc.BuildServiceStub(self._channel)
         self._seen: dict[str, int] = {}  # prefix name -> the highest version seen
         self._seen_lock = threading.Lock()
 
@@ -207,6 +209,7 @@ class MemdbClient:
         timeout: float | None = None,
         on_bytes: Callable[[int], None] | None = None,
         max_layers: int | None = None,
+        build_job: tuple[str, str] | None = None,
     ) -> tuple[PrefixInfo, list[bytes]]:
         """A whole version as its info and every layer's safetensors bytes.
 
@@ -215,10 +218,12 @@ class MemdbClient:
         memory's metadata without its tensors. The server streams each chunk from the store as
         it sends it; when the version is replaced and dropped meanwhile (ABORTED) a fetch of
         the current version (`version=0`) starts again, up to FETCH_ATTEMPTS times in all (a
-        deleted prefix then answers NOT_FOUND); `on_bytes` counts the bytes of every attempt."""
+        deleted prefix then answers NOT_FOUND); `on_bytes` counts the bytes of every attempt.
+        `build_job` = (job id, worker id): a worker reading the memory its append job extends."""
 
         def read(v: int) -> tuple[PrefixInfo, list[bytes]]:
-            return self._fetch_once(name, model_fingerprint, v, timeout, on_bytes, max_layers)
+            return self._fetch_once(name, model_fingerprint, v, timeout, on_bytes, max_layers,
+                                    build_job)  # fmt: skip
 
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             try:
@@ -236,8 +241,11 @@ class MemdbClient:
         timeout: float | None,
         on_bytes: Callable[[int], None] | None,
         max_layers: int | None,
+        build_job: tuple[str, str] | None = None,
     ) -> tuple[PrefixInfo, list[bytes]]:
         req = pb.FetchMemoryRequest(name=name, model_fingerprint=model_fingerprint, version=version)
+        if build_job is not None:
+            req.build_job, req.build_worker = build_job
         info: PrefixInfo | None = None
         blobs: list[bytes] = []
         buf = bytearray()
@@ -280,6 +288,7 @@ class MemdbClient:
         version: int = 0,
         timeout: float | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        build_job: tuple[str, str] | None = None,
     ) -> MemoryShards:
         """A whole version, decoded into shards."""
         info, blobs = self.fetch_memory_raw(
@@ -288,6 +297,7 @@ class MemdbClient:
             version=version,
             timeout=timeout,
             on_bytes=on_bytes,
+            build_job=build_job,
         )
         shards = [decode_shard(b, where=f"layer {i}") for i, b in enumerate(blobs)]
         return MemoryShards(info, shards)
@@ -318,6 +328,7 @@ class MemdbClient:
         metric: str = "",
         timeout: float | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        build_job: tuple[str, str] | None = None,
     ) -> PrefixInfo:
         """Upload a memory (one shard per layer) as a new version, atomically.
 
@@ -334,7 +345,8 @@ class MemdbClient:
             set to the version you last saw tells which (FailedPrecondition: it was stored).
         `on_bytes(n)` is called (from gRPC's sending thread) as each chunk is sent. The server
         refuses (ResourceExhausted) as soon as the bytes pass its max upload size or the
-        tenant's quota, without waiting for the rest.
+        tenant's quota, without waiting for the rest. `build_job` = (job id, worker id): a
+        worker's upload of the build job it claimed (name, mode and version are the job's).
         """
         if mode not in _MODES:
             raise InvalidArgument(f"mode must be one of {', '.join(_MODES)}")
@@ -350,6 +362,8 @@ class MemdbClient:
             index_kind=index_kind,
             metric=metric,
             total_bytes=sum(len(b) for b in blobs),
+            build_job=build_job[0] if build_job else "",
+            build_worker=build_job[1] if build_job else "",
         )
         stop = threading.Event()
         stream = self._upload_stream(header, blobs, on_bytes, stop)
@@ -432,6 +446,50 @@ class MemdbClient:
         deleted = self._call(self._admin.DeletePrefix, req).deleted_version
         self._forget(name)
         return deleted
+
+    # ------------------------------------------------------------ build jobs
+    def submit_build(self, spec: BuildSpec) -> BuildJob:
+        """Queue a build of `spec` on a worker of its model (refusals come before any build)."""
+        req = pb.SubmitBuildRequest(spec=spec.to_pb())
+        return BuildJob.from_pb(self._call(self._build.SubmitBuild, req))
+
+    def get_build(self, job_id: str) -> BuildJob:
+        return BuildJob.from_pb(self._call(self._build.GetBuild, pb.GetBuildRequest(job_id=job_id)))
+
+    def list_builds(self, *, include_finished: bool = False, limit: int = 100) -> list[BuildJob]:
+        req = pb.ListBuildsRequest(limit=limit, include_finished=include_finished)
+        return [BuildJob.from_pb(j) for j in self._call(self._build.ListBuilds, req).jobs]
+
+    def cancel_build(self, job_id: str) -> BuildJob:
+        req = pb.CancelBuildRequest(job_id=job_id)
+        return BuildJob.from_pb(self._call(self._build.CancelBuild, req))
+
+    def watch_build(self, job_id: str, timeout: float | None = None) -> Iterator[BuildJob]:
+        """The job now and at each change, until it is final (deadline: `stream_timeout`)."""
+        req = pb.WatchBuildRequest(job_id=job_id)
+        call = self._build.WatchBuild(
+            req, timeout=timeout or self.stream_timeout, metadata=self._metadata
+        )
+        try:
+            for msg in call:
+                yield BuildJob.from_pb(msg)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    def claim_build(self, worker_id: str, model_fingerprint: str) -> tuple[BuildJob | None, float]:
+        """(the oldest queued job of this model, now this worker's, or None; the lease's s)."""
+        req = pb.ClaimBuildRequest(worker_id=worker_id, model_fingerprint=model_fingerprint)
+        resp = self._call(self._build.ClaimBuild, req)
+        return (BuildJob.from_pb(resp.job) if resp.HasField("job") else None), resp.lease_s
+
+    def report_build(self, job_id: str, worker_id: str, state: str, **fields) -> BuildJob:
+        """Progress (state "running": also the lease's heartbeat), "done" or "failed"."""
+        req = pb.ReportBuildRequest(
+            job_id=job_id, worker_id=worker_id, state=STATE_VALUES[state], **fields
+        )
+        return BuildJob.from_pb(self._call(self._build.ReportBuild, req).job)
 
     # ------------------------------------------------------------ tenants, keys, stats
     def create_tenant(self, name: str, *, max_bytes: int = 0, max_prefixes: int = 0) -> TenantInfo:

@@ -13,7 +13,8 @@ import numpy as np
 from memdb.shards import Shard
 from memdb.v1 import memdb_pb2 as pb
 
-ROLES = {"reader": pb.ROLE_READER, "writer": pb.ROLE_WRITER, "admin": pb.ROLE_ADMIN}
+ROLES = {"reader": pb.ROLE_READER, "writer": pb.ROLE_WRITER, "admin": pb.ROLE_ADMIN,
+         "worker": pb.ROLE_WORKER}  # fmt: skip
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
 
 

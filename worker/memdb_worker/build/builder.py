@@ -30,11 +30,12 @@ This module knows nothing of storage or serving; it emits `memdb.shards.Shard`s.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -114,11 +115,13 @@ def build_memory(
     budget: int,
     options: BuildOptions | None = None,
     progress: bool = True,
+    on_progress: Callable[..., None] | None = None,
 ) -> BuiltMemory:
-    """Build a memory of `budget` entries per layer and group from a prefix and traces."""
+    """Build a memory of `budget` entries per layer and group from a prefix and traces;
+    `on_progress(**fields)` hears the stages (`calibrate`, `cluster`)."""
     options = options or BuildOptions()
-    calib = calibrate(model, tokenizer, prefix, traces, options, progress=progress)
-    return cluster(calib, budget, options, progress=progress)
+    calib = calibrate(model, tokenizer, prefix, traces, options, progress, on_progress)
+    return cluster(calib, budget, options, progress=progress, on_progress=on_progress)
 
 
 # -- clustering ---------------------------------------------------------------------------------
@@ -130,10 +133,13 @@ def cluster(
     budget: int,
     options: BuildOptions | None = None,
     progress: bool = True,
+    on_progress: Callable[..., None] | None = None,
 ) -> BuiltMemory:
     """Cluster a calibration into `budget` entries per layer and group; emit the shards.
 
     Uses the key-space and entry fields of `options` (calibration fields are already spent).
+    `on_progress(**fields)` (a build job's report) hears stage="fitting", num_layers and
+    layers_fitted after each layer.
     """
     options = options or calib.options
     t0 = time.perf_counter()
@@ -173,6 +179,7 @@ def cluster(
     # fitted rows: the records' RoPE rotation, the same at every layer
     cos_sin = calib.rope.cos_sin(calib.positions) if options.fitted else None  # [N, d] each
     bar = tqdm(total=len(layers), desc="clustering layers", unit="layer", disable=not progress)
+    fitted = itertools.count(1)  # next() is atomic: the pool threads share it
 
     def one(layer: int) -> Shard:
         with torch.inference_mode():  # thread-local: pool threads need it too
@@ -181,6 +188,9 @@ def cluster(
             else:
                 shard = _cluster_layer(calib, ks, layer, budget, options, meta)
         bar.update()
+        done = next(fitted)
+        if on_progress is not None:
+            on_progress(stage="fitting", num_layers=len(layers), layers_fitted=done)
         return shard
 
     workers = _cluster_workers(len(layers))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,8 +92,12 @@ def calibrate(
     traces: Sequence[str | Sequence[int]],
     options: BuildOptions | None = None,
     progress: bool = True,
+    on_progress: Callable[..., None] | None = None,
 ) -> Calibration:
     """Encode the prefix, run the traces after it, record queries and exact prefix states.
+
+    `on_progress(**fields)` (a build job's report) hears stage="calibration" and
+    tokens_prefilled once the prefix is encoded.
 
     `prefix` may also be an already encoded `PrefixKV` (e.g. from `encode_prefix`), which is
     used as is (not re-encoded; `options.chunk_tokens` is then moot). Either way its chunks'
@@ -127,6 +131,8 @@ def calibrate(
             sink_tokens=options.sink_tokens,
         )  # fmt: skip
     ).with_chunk_mass(options.chunk_mass)
+    if on_progress is not None:
+        on_progress(stage="calibration", tokens_prefilled=pre.token_count)
     rec = _Recorder(pre, num_layers, cap, h, d, options.lse_correction)
 
     device = next(model.parameters()).device

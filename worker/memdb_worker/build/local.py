@@ -11,7 +11,7 @@ Appending is `append.append_chunk` (the composability of attention states).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,19 @@ def prefill_chunks(
 
 
 def build(
-    model, tokenizer, tok: Tokenized, budget: int, options: BuildOptions, progress: bool
+    model,
+    tokenizer,
+    tok: Tokenized,
+    budget: int,
+    options: BuildOptions,
+    progress: bool,
+    on_progress: Callable[..., None] | None = None,
 ) -> BuiltMemory:
-    """Calibrate and cluster or fit (the builder's own progress bars)."""
+    """Calibrate and cluster or fit (the builder's own progress bars; `on_progress(**fields)`:
+    a build job's reports, see `build_memory`)."""
     try:
-        return build_memory(model, tokenizer, tok.prefix, tok.traces, budget, options, progress)
+        return build_memory(model, tokenizer, tok.prefix, tok.traces, budget, options, progress,
+                            on_progress)  # fmt: skip
     except ValueError as exc:
         raise BuildError(str(exc)) from None
 

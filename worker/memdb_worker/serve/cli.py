@@ -39,6 +39,8 @@ _OPTIONS: list[Callable] = [
     click.option("--cache-bytes", type=int, help="byte budget of cached memories"),
     click.option("--max-batch", type=int, help="requests decoded together"),
     click.option("--threads", type=int, help="torch CPU threads"),
+    click.option("--build-jobs/--no-build-jobs", default=None, help="run the server's build jobs"),
+    click.option("--build-poll-s", type=float, help="seconds between polls for build jobs"),
     click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])),
     click.option("--ready-file", type=click.Path(dir_okay=False), help="JSON written when ready"),
 ]

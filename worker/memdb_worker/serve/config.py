@@ -30,7 +30,9 @@ class WorkerConfig(BaseSettings):
 
     config: Path | None = Field(None, description="TOML file with any of these settings")
     server: str = Field("127.0.0.1:50051", description="memdb server HOST:PORT[,HOST:PORT...]")
-    api_key: SecretStr = Field(SecretStr(""), description="API key of the tenant (reader or up)")
+    api_key: SecretStr = Field(
+        SecretStr(""), description="API key of the tenant (reader or up; worker: build jobs too)"
+    )
     tls: bool = Field(False, description="connect to the server with TLS")
     model: str = Field("default", description="'default' (SmolLM2 GGUF), a .gguf file or folder")
     model_name: str = Field("", description="model id in the API; default: the model's file name")
@@ -61,6 +63,11 @@ class WorkerConfig(BaseSettings):
     lookup_timeout_s: float = Field(10.0, gt=0, description="deadline of one remote Lookup")
     reconnect_max_s: float = Field(2.0, gt=0, description="longest wait between reconnects")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    build_jobs: bool = Field(
+        True, description="claim and run the server's build jobs for this model (needs a "
+        "worker key; builds load a second copy of the model on the first job)"
+    )  # fmt: skip
+    build_poll_s: float = Field(1.0, gt=0, description="seconds between polls for build jobs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ready_file: Path | None = Field(
         None, description="write {address, port} as JSON here once serving"

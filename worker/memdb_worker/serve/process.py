@@ -27,9 +27,16 @@ class WorkerProcess(ChildProcess):
 
 
 def launch_worker(
-    server_address: str, api_key: str, workdir: Path, *, name: str = "worker", **flags
+    server_address: str,
+    api_key: str,
+    workdir: Path,
+    *,
+    name: str = "worker",
+    env: dict[str, str] | None = None,
+    **flags,
 ) -> tuple[subprocess.Popen, Path, Path]:
-    """Start the process without waiting (see `wait_worker`); returns (proc, ready, log)."""
+    """Start the process without waiting (see `wait_worker`); returns (proc, ready, log).
+    `env`: more environment of the child (e.g. MEMDB_FAILPOINTS)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / f"{name}-ready-{time.monotonic_ns()}.json"
@@ -37,7 +44,7 @@ def launch_worker(
     args = [sys.executable, "-m", "memdb_worker.serve.cli", "serve", "--server", server_address,
             "--listen", "127.0.0.1:0", "--ready-file", str(ready)]  # fmt: skip
     # the key travels in the environment, not on the command line (ps shows that)
-    proc = spawn(args + flag_args(flags), log_path, env={"MEMDB_API_KEY": api_key})
+    proc = spawn(args + flag_args(flags), log_path, env={**(env or {}), "MEMDB_API_KEY": api_key})
     return proc, ready, log_path
 
 

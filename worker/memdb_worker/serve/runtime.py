@@ -20,6 +20,7 @@ import torch
 from memdb.errors import NotFound, Unavailable
 from memdb_client import MemdbClient
 from memdb_worker.model.loading import LoadedModel, load_model, model_fingerprint
+from memdb_worker.serve.build_loop import BuildLoop
 from memdb_worker.serve.cache import MemoryCache, Source
 from memdb_worker.serve.config import WorkerConfig
 from memdb_worker.serve.metrics import WorkerMetrics
@@ -39,6 +40,7 @@ class WorkerRuntime:
     cache: MemoryCache
     scheduler: Scheduler
     metrics: WorkerMetrics
+    builds: BuildLoop | None  # the build-job loop (None: off, or a one-shot `generate`)
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -80,8 +82,10 @@ class WorkerRuntime:
             static_live=config.static_live_tokens,
         ).start()
         metrics = WorkerMetrics(cache.stats, lambda: scheduler.stats)
+        builds = BuildLoop(config, fingerprint, client).start() if (
+            watch and config.build_jobs) else None  # fmt: skip
         return cls(config, model, tokenizer, fingerprint, _model_id(config), cache, scheduler,
-                   metrics)  # fmt: skip
+                   metrics, builds)  # fmt: skip
 
     def resolve(self, name: str) -> Source:
         """The state source of memory `name` (raises memdb errors: NotFound, ...)."""
@@ -113,9 +117,12 @@ class WorkerRuntime:
                 "budget_bytes": c.budget_bytes,
             },
             "queued": self.scheduler.stats.queued,
+            "build_jobs": self.builds.stats() if self.builds is not None else {"enabled": False},
         }
 
     def close(self) -> None:
+        if self.builds is not None:
+            self.builds.stop()
         self.scheduler.stop()
         self.cache.close()
 

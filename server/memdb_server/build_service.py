@@ -192,6 +192,7 @@ class BuildServicer(pb_grpc.BuildServiceServicer):
     def ClaimBuild(self, request: pb.ClaimBuildRequest, context) -> pb.ClaimBuildResponse:
         if not request.worker_id or not request.model_fingerprint:
             raise InvalidArgument("ClaimBuild needs worker_id and model_fingerprint")
+        check_metadata(request.model_fingerprint, {})  # it keys an LMDB record: bounded
         rec = self.jobs.claim(request.model_fingerprint, request.worker_id)
         if rec is None:
             return pb.ClaimBuildResponse(lease_s=self.jobs.lease_s)

@@ -408,7 +408,7 @@ def test_bad_inputs_fail_before_any_work(server, tmp_path):
         "prefix update",
     )
     fail(
-        run(server, "prefix", "insert", "x", "-p", str(good), "--model", str(tmp_path / "no")),
+        run(server, "prefix", "insert", "x", "--local", "-p", str(good), "--model", "/no"),
         2,
         "cannot load model",
     )
@@ -450,10 +450,11 @@ def model_in_cli(smollm2, one_thread, monkeypatch):
     return smollm2
 
 
-def _trec_args(n_prefix=8, n_traces=4):
+def _trec_args(n_prefix=8, n_traces=4, local=True):
+    """TREC prefix and traces; `local`: built in this process (--local, not a build job)."""
     if not TREC.is_file():
         pytest.skip(f"{TREC} not found")
-    return [
+    return ["--local"] * local + [
         "-p",
         str(TREC),
         "--prefix-limit",
@@ -508,6 +509,7 @@ def test_insert_update_append_export_with_smollm2(server, server2, model_in_cli,
         "prefix",
         "append",
         "trec",
+        "--local",
         "-p",
         str(TREC),
         "--prefix-skip",
@@ -554,8 +556,8 @@ def test_append_to_a_memory_built_with_default_options(server, model_in_cli):
     )
     assert "trec-over" not in names(server)
     app = run_json(
-        server, "prefix", "append", "trec-default", "-p", str(TREC), "--prefix-skip", "100",
-        "--prefix-limit", "3",
+        server, "prefix", "append", "trec-default", "--local", "-p", str(TREC),
+        "--prefix-skip", "100", "--prefix-limit", "3",
     )  # fmt: skip
     added = app["token_count"] - n
     assert app["version"] == 2 and added > 0 and app["budget"] == 8 + added
@@ -581,7 +583,7 @@ def test_append_refuses_a_memory_of_another_model(server, model_in_cli, tmp_path
     text = tmp_path / "more.txt"
     text.write_text("More text for the memory.")
     fail(
-        run(server, "prefix", "append", "foreign", "-p", str(text)),
+        run(server, "prefix", "append", "foreign", "--local", "-p", str(text)),
         4,
         "was built with model sha256:000000000000",
         "append with the model that built it",
@@ -593,7 +595,8 @@ def test_build_writes_a_portable_file_without_a_server(model_in_cli, tmp_path, s
     out = tmp_path / "built.tar"
     res = CliRunner(env=CLEAN_ENV).invoke(
         cli,
-        ["-q", "--json", "prefix", "build", "offline", "-o", str(out), *_trec_args(), "-m", "4"],
+        ["-q", "--json", "prefix", "build", "offline", "-o", str(out), *_trec_args(local=0)]
+        + ["-m", "4"],
     )
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["prefix"]["budget"] == 4

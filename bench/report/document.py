@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.report import decode, quality, service, validation
+from bench.report import decode, faults, quality, service, validation
 from bench.report.markdown import reflow, section, table
 from bench.report.sources import RESULTS, command, load, machine
 
@@ -53,6 +53,7 @@ def render() -> str:
         service.reliability(),
         service.server(),
         service.cluster(),
+        faults.cluster_faults(),
         service.malformed(),
         "## Memory quality",
         quality.smol(),

@@ -6,9 +6,9 @@
 (`memdb_client.build.local_builder`, loaded only then; flags from
 `memdb.build_options.BuildOptions`) and upload with one `PutPrefix` stream: the server makes
 a version current only once the whole upload and its commit message arrived and validated,
-never half of one. A Ctrl-C before the commit message
-was sent stores nothing; one after it may or may not have stored the version (see
-`MemdbClient.put_prefix`; `prefix info` tells which).
+never half of one. A Ctrl-C before the commit message was sent stores nothing; one after it
+may or may not have stored the version (see `MemdbClient.put_prefix`; `prefix info` tells
+which). The commands' flags are `cli_options`.
 """
 
 from __future__ import annotations
@@ -19,170 +19,29 @@ from typing import Any
 
 import click
 
-from memdb.build_options import Spec, spec, specs
+from memdb.build_options import spec
 from memdb.errors import NotFound
 from memdb.shards import encode_shard, holds_fitted_rows
 from memdb_client import build, cli_build, output, portable
 from memdb_client.app import EXIT_CODES, App, Failure, json_option, pass_app
 from memdb_client.build_jobs import BuildSpec
-from memdb_client.inputs import DEFAULT_TEMPLATE, INPUT_FORMATS, Source, read_source, unescape
+from memdb_client.cli_options import (
+    build_flag,
+    builder_options,
+    compose,
+    index_options,
+    input_options,
+    job_options,
+    model_options,
+    trace_options,
+)
+from memdb_client.inputs import Source, read_source, unescape
 from memdb_client.types import PrefixInfo
-
-_TEMPLATE_SHOWN = DEFAULT_TEMPLATE.replace("\n", "\\n")
 
 
 @click.group()
 def prefix():
     """Build, upload, append to, inspect, export/import and delete memories."""
-
-
-# -- shared options --------------------------------------------------------------------------------
-def _options(*decorators):
-    def wrap(f):
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return wrap
-
-
-input_options = _options(
-    click.option(
-        "--prefix-file",
-        "-p",
-        required=True,
-        metavar="FILE",
-        help="The prefix: plain text, or JSONL examples ('-' = stdin).",
-    ),
-    click.option(
-        "--input-format",
-        type=click.Choice(INPUT_FORMATS),
-        default="auto",
-        show_default=True,
-        help="auto: JSONL for .jsonl/.ndjson, else plain text.",
-    ),
-    click.option(
-        "--format",
-        "template",
-        default=_TEMPLATE_SHOWN,
-        show_default=True,
-        help="str.format template of one JSONL example (fields of the record; "
-        "\\n and \\t are understood).",
-    ),
-    click.option(
-        "--prefix-skip",
-        type=click.IntRange(min=0),
-        default=0,
-        help="Skip the first N examples (JSONL) or paragraphs (text).",
-    ),
-    click.option(
-        "--prefix-limit",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Use at most N examples (JSONL) or paragraphs (text).",
-    ),
-)
-
-job_options = _options(
-    click.option(
-        "--local",
-        is_flag=True,
-        help="Build on this machine (needs the worker extra and the model) instead of "
-        "submitting a build job to a worker; --model/--device/--dtype/--threads apply only here.",
-    ),
-    click.option(
-        "--model-fingerprint",
-        default="",
-        help="Build job: the model to build with (default: the prefix's, or the one model "
-        "live workers hold).",
-    ),
-)
-
-model_options = _options(
-    click.option(
-        "--model",
-        default="default",
-        envvar="MEMDB_MODEL",
-        show_default=True,
-        help="'default' (SmolLM2-135M-Instruct GGUF), a .gguf file or a model folder "
-        "(env MEMDB_MODEL).",
-    ),
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
-    click.option(
-        "--dtype",
-        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-        default="auto",
-        show_default=True,
-        help="Model dtype (auto: float32 on CPU, bfloat16 on GPU).",
-    ),
-    click.option(
-        "--threads",
-        type=click.IntRange(min=1),
-        default=None,
-        help="CPU threads for torch and FAISS (default: theirs; 1 is best on a busy machine).",
-    ),
-)
-
-
-def build_flag(s: Spec):
-    """The click option of the build option `s` (its value None when not given: the default)."""
-    decls = [f"--{s.flag}/--no-{s.flag}"] if s.kind is bool else [f"--{s.flag}"]
-    bounded = s.min is not None or s.max is not None
-    if s.choices is not None:
-        kind = click.Choice(s.choices)
-    elif s.kind is int:
-        kind = click.IntRange(min=s.min, max=s.max) if bounded else click.INT
-    elif s.kind is float:
-        kind = click.FloatRange(min=s.min, max=s.max) if bounded else click.FLOAT
-    else:
-        kind = None  # a --x/--no-x flag
-    default = f"  [default: {s.default_text}]" if s.default_text else ""
-    return click.option(*decls, s.name, type=kind, default=None, help=s.help + default)
-
-
-trace_options = _options(
-    click.option(
-        "--traces-file",
-        "-t",
-        metavar="FILE",
-        help="Calibration traces: JSONL (one example each) or text (one paragraph "
-        "each). Default: the prefix's own examples/paragraphs.",
-    ),
-    click.option(
-        "--trace-format",
-        "trace_template",
-        default=None,
-        help="Template of one JSONL trace (default: --format).",
-    ),
-    click.option(
-        "--traces-skip", type=click.IntRange(min=0), default=0, help="Skip the first N traces."
-    ),
-    click.option(
-        "--traces-limit", type=click.IntRange(min=1), default=None, help="Use at most N traces."
-    ),
-    click.option(
-        "--budget",
-        "-m",
-        type=click.IntRange(min=1),
-        default=1024,
-        show_default=True,
-        help="Memory budget M: entries per layer and index group.",
-    ),
-)
-builder_options = _options(*(build_flag(s) for s in specs()))  # every BuildOptions field
-
-index_options = _options(
-    click.option(
-        "--index-kind",
-        type=click.Choice(["auto", "flat", "ivf", "hnsw"]),
-        default="auto",
-        show_default=True,
-        help="Server index (auto: by budget).",
-    ),
-    click.option(
-        "--metric", type=click.Choice(["cosine", "ip"]), default="cosine", show_default=True
-    ),
-)
 
 
 @dataclass
@@ -399,7 +258,7 @@ def _sources(kw: dict, pre: Source, traces_from: str) -> dict[str, str]:
 
 def _build_command(f, *, jobs: bool = True):
     """The options of a build command (`jobs`: it may run as a build job)."""
-    return _options(
+    return compose(
         input_options,
         trace_options,
         builder_options,

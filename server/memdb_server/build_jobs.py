@@ -41,6 +41,7 @@ FINAL = (DONE, FAILED, CANCELLED)
 MAX_ATTEMPTS = 3  # claims of one job before it fails (each lapsed lease is one)
 SEEN_WRITE_S = 5.0  # a worker's poll refreshes its model's last_seen at most this often
 JOB_TAG = "build_job"  # build_params key naming the job that stored a version
+MAX_ID_BYTES = 128  # job and worker ids (ours are 21 characters): an LMDB key stays < 511 bytes
 
 
 @dataclasses.dataclass
@@ -200,7 +201,7 @@ class Jobs:
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job (NotFound also when it belongs to another tenant than `tenant`)."""
-        rec = self.table.get(job_id)
+        rec = self.table.get(job_id) if 0 < len(job_id.encode()) <= MAX_ID_BYTES else None
         if rec is None or (tenant is not None and rec.tenant != tenant):
             raise NotFound(f"build job {job_id!r} not found")
         return rec
@@ -282,6 +283,7 @@ class Jobs:
             return self._set(rec, state=RUNNING, lease_until=self._clock() + self.lease_s,
                              **progress)  # fmt: skip
 
+        self.get(job_id)  # NotFound for an unknown (or overlong) id
         return self.table.update(job_id, report)
 
     def check_upload(self, job_id: str, worker_id: str) -> JobRecord:

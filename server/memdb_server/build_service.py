@@ -33,6 +33,7 @@ from memdb_server.build_jobs import (
     DONE,
     FAILED,
     JOB_TAG,
+    MAX_ID_BYTES,
     RUNNING,
     STATES,
     JobRecord,
@@ -193,6 +194,8 @@ class BuildServicer(pb_grpc.BuildServiceServicer):
         if not request.worker_id or not request.model_fingerprint:
             raise InvalidArgument("ClaimBuild needs worker_id and model_fingerprint")
         check_metadata(request.model_fingerprint, {})  # it keys an LMDB record: bounded
+        if len(request.worker_id.encode()) > MAX_ID_BYTES:
+            raise InvalidArgument(f"worker_id is longer than {MAX_ID_BYTES} bytes")
         rec = self.jobs.claim(request.model_fingerprint, request.worker_id)
         if rec is None:
             return pb.ClaimBuildResponse(lease_s=self.jobs.lease_s)

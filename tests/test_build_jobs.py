@@ -342,3 +342,33 @@ def test_on_etcd_a_job_is_claimed_once_across_nodes_and_requeued_after_its_lease
         assert "fp" in nodes[1].live_models(60)
         for c in clients:
             c.close()
+
+
+def test_on_the_cluster_backend_a_job_submitted_on_one_node_is_uploaded_through_another(
+    cluster_planes, tmp_path
+):
+    """Two memdb-server nodes (etcd + Redis Cluster): the job's record, claim, upload and done
+    are one job whichever node each call reaches."""
+    from memdb_server.cluster_process import memdb_cluster
+
+    etcd, redis = cluster_planes
+    with memdb_cluster(tmp_path, etcd, redis, nodes=2, build_lease_s=60) as (n1, n2):
+        root1, root2 = MemdbClient(n1.address, n1.admin_key), MemdbClient(n2.address, n2.admin_key)
+        key, _ = root1.create_api_key("worker")
+        w2 = MemdbClient(n2.address, key)
+        assert w2.claim_build("w", "sha256:cluster") == (None, 60.0)
+        job = root1.submit_build(_spec("c", random.Random(6), model_fingerprint="sha256:cluster"))
+        got, _ = w2.claim_build("w", "sha256:cluster")
+        assert got.job_id == job.job_id and got.spec.traces
+        w2.report_build(job.job_id, "w", "running", stage="upload", total_bytes=100)
+        info = w2.put_prefix("c", _one_shard(), model_fingerprint="sha256:cluster",
+                             build_job=(job.job_id, "w"))  # fmt: skip
+        assert info.version == 1 and info.tenant == "default"
+        done = root1.get_build(job.job_id)
+        assert (done.state, done.version) == ("done", 1)
+        assert root1.get_prefix("c").build_params["build_job"] == job.job_id
+        with pytest.raises(FailedPrecondition, match="already done"):
+            w2.put_prefix("c", _one_shard(), model_fingerprint="sha256:cluster",
+                          build_job=(job.job_id, "w"))  # fmt: skip
+        for c in (root1, root2, w2):
+            c.close()

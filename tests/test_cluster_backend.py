@@ -116,6 +116,7 @@ def test_a_quota_holds_across_nodes_writing_at_once(nodes):
     assert [r.name for r in results] == ["x0"]
     assert a.usage("small")[0] == b.usage("small")[0] == 1
 
+
 def test_a_write_through_one_node_is_read_exactly_through_another(nodes):
     a, b = nodes(2)
     shards = [shard_bytes(seed=layer, m=64) for layer in range(3)]

@@ -35,7 +35,7 @@ from bench.reliability.memories import FP, Shape, queries_of, tag_of, tag_of_blo
 from memdb.errors import MemdbError, NotFound
 from memdb_client import MemdbClient
 from memdb_client.types import PrefixInfo
-from memdb_server.failpoints import POINTS
+from memdb_server.failpoints import LOCAL_POINTS
 from memdb_server.process import ServerProcess, start_server
 
 log = logging.getLogger(__name__)
@@ -308,8 +308,8 @@ def run(
     start = time.monotonic()
     campaign = KillCampaign(data_dir, names, seed, max_delay_s)
     # each failpoint once first, then random moments and failpoints in turn
-    rest = [p for point in POINTS for p in (RANDOM, point)]
-    schedule = list(POINTS) + rest * (kills // len(rest) + 1)
+    rest = [p for point in LOCAL_POINTS for p in (RANDOM, point)]
+    schedule = list(LOCAL_POINTS) + rest * (kills // len(rest) + 1)
     for i in range(kills):
         if time.monotonic() - start > max_seconds:
             campaign.report.problems.append(f"stopped after {i} rounds: time bound reached")

@@ -51,7 +51,8 @@ ACTIONS = ("crash", "sleep", "fail", "lost_reply")
 RELOAD_S = 0.1  # how often the armed file is checked for a change
 
 # Every point marked in the code, so a typo in MEMDB_FAILPOINTS is an error, not a no-op.
-POINTS = (
+# The local store's write path (what bench.reliability.kills kills at) ...
+LOCAL_POINTS = (
     "put_received",  # admin_service.PutPrefix: every chunk arrived, nothing decoded yet
     "put_indexed",  # admin_service.PutPrefix: shards decoded and indexed, before the store
     "before_write_txn",  # storage.write_version: validated, before the write transaction
@@ -60,7 +61,9 @@ POINTS = (
     "after_commit",  # storage.write_version: committed, before returning to the caller
     "delete_before_commit",  # storage.delete_prefix: records deleted in the open transaction
     "delete_after_commit",  # storage.delete_prefix: committed, before returning
-    # the cluster backend (backends/): its etcd and Redis clients, and the store between them
+)
+# ... and the cluster backend (backends/): its etcd and Redis clients, the store between them
+CLUSTER_POINTS = (
     "etcd_txn",  # EtcdClient.txn: a transaction (fail / lost_reply / sleep)
     "etcd_put",  # EtcdClient.put
     "etcd_delete",  # EtcdClient.delete
@@ -68,6 +71,7 @@ POINTS = (
     "redis_delete",  # BlobStore.delete_keys
     "cluster_before_publish",  # ClusterStore: blobs staged, the publish txn not yet sent
 )
+POINTS = LOCAL_POINTS + CLUSTER_POINTS
 
 
 @dataclass

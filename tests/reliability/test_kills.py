@@ -6,12 +6,12 @@ from __future__ import annotations
 import lmdb
 
 from bench.reliability import kills
-from bench.reliability.kills import POINTS, KillCampaign, Written, orphan_records
+from bench.reliability.kills import LOCAL_POINTS, KillCampaign, Written, orphan_records
 
 
 def test_kill9_at_every_failpoint_and_at_random_loses_and_tears_nothing(tmp_path):
     report = kills.run(tmp_path, kills=10, seed=11, max_seconds=120)
-    assert report.kills == 10 and sorted(report.failpoint_kills) == sorted(POINTS), report
+    assert report.kills == 10 and sorted(report.failpoint_kills) == sorted(LOCAL_POINTS), report
     assert report.acked_writes > 0 and report.checks >= 10 * 3
     assert report.lost_writes == 0 and report.partial_writes == 0, report.problems
     assert report.orphan_records == 0 and not report.problems, report.problems

@@ -47,6 +47,19 @@ def test_a_create_whose_publish_reply_is_lost_is_told_ok_and_stays_readable(node
     assert fully_readable(node, "p")
 
 
+def test_a_publish_settled_after_a_lost_reply_is_told_to_the_metadata_cache(nodes):
+    (node,) = nodes(1)
+    told: list[int] = []
+    node.etcd.on_write(told.append)
+    with failpoints.armed(LOST_PUBLISH):
+        write(node, "p", mode="create")
+    pointer = node.etcd.get(node.keys.pointer(T, "p"))
+    # the publish's reply was lost, yet the node's copy was told a revision holding it, so a
+    # read through it right after the write sees the new version (read-your-writes)
+    assert told and max(told) >= pointer.mod_revision
+    assert node.metadata.required >= pointer.mod_revision
+
+
 def test_an_update_whose_publish_reply_is_lost_is_applied_once(nodes):
     (node,) = nodes(1)
     write(node, "p", token_count=1)
@@ -93,6 +106,13 @@ def test_tenant_and_key_writes_whose_reply_is_lost_are_told_ok(nodes):
         node.delete_tenant("acme")
     with pytest.raises(NotFound):
         node.get_tenant("acme")
+
+
+def test_a_node_whose_registration_reply_is_lost_starts_and_is_listed(nodes):
+    with failpoints.armed("etcd_put=lost_reply#1") as points:
+        (node,) = nodes(1)  # the registration is a put of the node's own key: sent again
+    assert points["etcd_put"].hits >= 2
+    assert node.node_id in [n["node"] for n in node.list_nodes()]
 
 
 def test_a_publish_not_sent_publishes_nothing_and_removes_its_blobs(nodes):

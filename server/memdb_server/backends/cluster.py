@@ -42,6 +42,7 @@ from memdb.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutcomeUnknown,
     Unavailable,
 )
 from memdb_server.backends.blob_cache import BlobCache
@@ -86,6 +87,7 @@ from memdb_server.usage import charge_key, check_key_count
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+REGISTER_ATTEMPTS = 5  # a node registration whose reply was lost is sent again this often
 
 
 class ClusterStore(VersionWriter, VersionReads):
@@ -143,9 +145,18 @@ class ClusterStore(VersionWriter, VersionReads):
         log.info("cluster node %s: etcd %s, redis %s", self.node_id, etcd, redis)
 
     def _register(self) -> None:
+        """Put the node's registration on its lease. The put only ever writes this node's own
+        key with the same value, so one whose reply was lost is sent again (idempotent)."""
         info = {"node": self.node_id, "address": self._node_address, "started_at": time.time()}
-        self.etcd.put(self.keys.nodes + self.node_id.encode(), json.dumps(info).encode(),
-                      lease=self.lease.id)  # fmt: skip
+        key, value = self.keys.nodes + self.node_id.encode(), json.dumps(info).encode()
+        for attempt in range(REGISTER_ATTEMPTS):
+            try:
+                self.etcd.put(key, value, lease=self.lease.id)
+                return
+            except OutcomeUnknown:
+                if attempt + 1 == REGISTER_ATTEMPTS:
+                    raise
+                log.warning("node registration: reply lost; sending it again")
 
     def set_address(self, address: str) -> None:
         """Publish the node's serving address in its registration (once it is known)."""

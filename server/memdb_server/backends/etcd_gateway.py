@@ -164,6 +164,7 @@ class EtcdClient:
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()  # requests sent, by path (not the watch)
         self._write_observers: list[Callable[[int], None]] = []
+        self._read_revision = 0  # the highest store revision a read of this client saw
 
     def close(self) -> None:
         self._http.close()
@@ -179,8 +180,11 @@ class EtcdClient:
             resp.get("succeeded") if path == "/v3/kv/txn" else int(resp.get("deleted", 0))
         )
         if changed:
-            for fn in self._write_observers:
-                fn(int(resp["header"]["revision"]))
+            self._notify(int(resp["header"]["revision"]))
+
+    def _notify(self, revision: int) -> None:
+        for fn in self._write_observers:
+            fn(revision)
 
     def _post(
         self, path: str, body: dict, *, write: bool = False, fault: str | None = None
@@ -246,7 +250,10 @@ class EtcdClient:
         if revision:
             body["revision"] = str(revision)
         resp = self._post("/v3/kv/range", body)
-        return [_kv(raw) for raw in resp.get("kvs", [])], int(resp["header"]["revision"])
+        revision = int(resp["header"]["revision"])
+        with self._lock:
+            self._read_revision = max(self._read_revision, revision)
+        return [_kv(raw) for raw in resp.get("kvs", [])], revision
 
     def count(self, prefix: bytes) -> int:
         """How many keys start with `prefix` (etcd counts; no values travel)."""
@@ -295,13 +302,20 @@ class EtcdClient:
         settles it: True, it was applied; False, it was not, and `txn` returns False so the
         caller's loop reads again and retries (sending it blind again could apply it twice).
         Reading back is retried for SETTLE_S while etcd is unreachable, then OutcomeUnknown.
+        A txn settled as applied is told to `on_write` observers with the revision its
+        read-back saw (at or after the txn's own), as an answered one is.
         """
         try:
             return self.txn_revision(compare, success, failure)[0]
         except OutcomeUnknown as lost:
             if applied is None:
                 raise
-            return _settle(applied, lost)
+            if not _settle(applied, lost):
+                return False
+            with self._lock:
+                revision = self._read_revision
+            self._notify(revision)
+            return True
 
     def txn_revision(
         self, compare: list[dict], success: list[dict], failure: list[dict] = ()

@@ -19,7 +19,10 @@ memdb_server.usage):
   A crash in between leaves blobs that the garbage collector removes.
 - A write whose etcd reply is lost is settled by reading back what it writes, never sent again
   blind (`EtcdClient.txn(..., applied=)`): the client is told OK exactly when it happened.
-- Reads go through the node's LMDB `BlobCache` (LRU, bounded), then Redis.
+- A steady-state Lookup reads no etcd: the API key, the current pointer and the version record
+  come from the node's `MetadataCache` (a copy kept by its etcd watch; this node's writes are
+  read back through it at once, a miss or a lagging watch goes to etcd).
+- Blob reads go through the node's LMDB `BlobCache` (LRU, bounded), then Redis.
 
 Knows nothing of gRPC or FAISS.
 """

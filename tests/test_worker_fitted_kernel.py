@@ -305,7 +305,7 @@ def test_bind_and_the_static_decoder_decode_fitted_rows_with_the_kernels():
     ref = StaticDecoder(model, 2, 16, mem, use_fused=False)
     for d_ in (dec, ref):
         d_.set_tokens([0, 1], d_.prefill([0, 1], [[5, 9, 17], [4, 4, 8, 1]]).argmax(-1).tolist())
-    assert dec.rows is not None
+    assert dec.attention.path == "fitted_kernel" and ref.attention.path == "states"
     assert torch.equal(dec.step(2, graphed=True).clone(), ref.step(2))
 
 

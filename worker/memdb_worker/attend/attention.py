@@ -22,11 +22,13 @@ from the pre-RoPE query) and RoPE makes live-to-live attention depend only on re
 positions, so for a `Memory` the two choices differ by rounding only (and in how much of the
 model's context is left); an `PrefixKV` needs "after_prefix" to equal in-context learning.
 
-On CUDA, a decode step (T = 1) bound to one `Memory` whose options the kernels cover (hard
-top-1, with or without the first-order lse correction, any lse_bias; fitted rows in the
-builder's formats) runs the fused Triton kernels of `fused` (`fitted_rows`) instead of steps
-1-3 (same function, to bf16 rounding); `MEMDB_FUSED=0` or
-`fused.set_enabled(False)` forces the reference path, and observers always see it.
+A decode step (T = 1) bound to one source goes through the one attention seam
+(`source_attention.SourceAttention`, which the graphed step uses too): on CUDA a `Memory` whose
+options the kernels cover (fitted rows in the builder's formats; looked-up entries with hard
+top-1, with or without the first-order lse correction, any lse_bias) runs its fused Triton
+kernel and a `PrefixKV` shared-prefix attention, instead of steps 1-3 (same function, to bf16
+rounding); off CUDA looked-up entries take the kernel's torch form. `MEMDB_FUSED=0` or
+`fused.set_enabled(False)` turns the kernels off, and observers always see steps 1-3.
 
 Works with `model.generate` and a KV cache (the cache holds live tokens only), with batches
 (rows may mix sources and unbound rows), on CPU and CUDA. A binding lives on the model's
@@ -94,6 +96,8 @@ class Binding:
     live_positions: LivePositions
     rope: RopeSpec
     observers: list[Observer] = field(default_factory=list)
+    # decode steps of a single source: the one attention seam (source_attention)
+    seam: object | None = None
 
     def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
         """Position shift of each row's live tokens, [B, 1] (or [1, 1] for a single source)."""
@@ -154,6 +158,11 @@ def bind(
             if check is not None:
                 check(model)
         binding = Binding(sources, live_positions, RopeSpec.from_model(model), list(observers))
+        if not isinstance(sources, list):
+            from memdb_worker.attend.source_attention import SourceAttention
+
+            p = next(model.parameters())
+            binding.seam = SourceAttention(sources, binding.rope, device=p.device, dtype=p.dtype)
     previous = [getattr(m, _ATTR, None) for m in attn_modules]
     hooks = []
     try:
@@ -240,14 +249,13 @@ def _fused_attention(
     scale: float,
     kwargs: dict,
 ) -> torch.Tensor | None:
-    """The fused CUDA kernels (`fused.memory_attention`, or `fitted_rows.fitted_attention` for
-    fitted rows) for a decode step bound to one memory; None where they do not apply (then the
-    reference path below runs)."""
-    from memdb_worker.attend import fitted_rows, fused
-    from memdb_worker.memory.memory import Memory
-
-    source = binding.sources
-    if not isinstance(source, Memory) or binding.observers or not fused.memory_ok(source, query):
+    """A decode step (T = 1) bound to one source, through the attention seam's kernel
+    (`source_attention.SourceAttention`); None where no kernel runs (kernels off, a path of
+    states, observers watching): then the reference path below runs."""
+    seam = binding.seam
+    if seam is None or binding.observers or query.shape[2] != 1:
+        return None
+    if not seam.fused or seam.path == "states":
         return None
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         return None
@@ -255,28 +263,11 @@ def _fused_attention(
     if position_ids is None:
         return None
     b = query.shape[0]
-    layer = int(module.layer_idx)
     positions = (position_ids.long() + binding.offsets(b, query.device)).expand(b, 1)[:, 0]
     mask = None
     if attention_mask is not None:
         mask = attention_mask[:, 0, -1, :]  # [B|1, N]: T = 1, the query's row
-    if source.fitted:
-        rows = fitted_rows.prepare(source, layer)
-        return fitted_rows.fitted_attention(query, key, value, mask, rows, scale,
-                                            fused.lse_bias(source, layer))  # fmt: skip
-    return fused.memory_attention(
-        query,
-        key,
-        value,
-        mask,
-        positions,
-        fused.prepare_layer(source, layer),
-        binding.rope.inv_freq,
-        binding.rope.attention_scaling,
-        scale,
-        fused.lse_bias(source, layer),
-        lse_correction=source.lse_corrected,
-    )
+    return seam.decode(int(module.layer_idx), query, key, value, mask, positions, scale)
 
 
 def _prefix_state(binding: Binding, lq: LayerQuery, b: int, h: int, t: int, dv: int) -> State:

@@ -4,17 +4,12 @@
 ([layers, max_batch, Hkv, max_live, d], rows are slots) and runs one decode step for the first
 `b` slots with the model's own modules (embedding, RMSNorms, projections, rotary embedding, MLP,
 LM head), so it computes what `model(...)` computes, without transformers' per-call Python work
-(mask construction, cache bookkeeping, `torch.cat` of a DynamicCache). Attention per source:
-
-- None (neither): SDPA over the slot's live KV (the heads of a KV group folded into the query
-  dimension, a boolean mask of the slot's length);
-- a `memory.Memory`: the fused path (`fused.memory_attention`: lookup, live attention, merge) on
-  CUDA, its torch form `fused.decode_reference` elsewhere; a fitted memory the fitted-row kernel
-  (`fitted_rows.fitted_attention`) on CUDA; memories the kernels do not cover (and fitted ones
-  off CUDA) take the reference path (`Memory.prefix_state` merged with the live state);
-- an `memory.PrefixKV` (the full prefix, prefix-cached: its KV computed once and shared by
-  every slot): shared-prefix attention (`shared_prefix.shared_attention`: the prefix KV read once
-  for the batch) on CUDA, `shared_prefix.shared_reference` elsewhere.
+(mask construction, cache bookkeeping, `torch.cat` of a DynamicCache). Attention goes through
+the one attention seam, `source_attention.SourceAttention` (`self.attention`), which the
+transformers path uses too: SDPA for None (neither), the fitted-row or looked-up-entry kernel
+for a `memory.Memory` on CUDA (the entries' torch form elsewhere), shared-prefix attention for a
+`memory.PrefixKV` (the full prefix, prefix-cached: its KV computed once, read once per batch),
+and the states reference where no kernel covers the source.
 
 The step samples inside (greedy where a slot's temperature is 0, else Gumbel-max sampling at its
 temperature with the device's default generator: per-request seeds and top_p are not applied
@@ -36,17 +31,14 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memdb_worker.attend import fitted_rows, fused
 from memdb_worker.attend.attention import LivePositions, bind
-from memdb_worker.attend.shared_prefix import shared_attention, shared_reference
-from memdb_worker.memory.keys import LayerQuery, RopeSpec
+from memdb_worker.attend.source_attention import SourceAttention
+from memdb_worker.memory.keys import RopeSpec
 from memdb_worker.memory.memory import Memory
 from memdb_worker.memory.prefix_kv import PrefixKV
-from memdb_worker.memory.state import attention_state, merge_states
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +88,12 @@ class StaticDecoder:
         if source is not None and live_positions == "after_prefix":
             self.offset = int(source.prefix_length)
         self.rope = RopeSpec.from_model(model)
-        self.inv_freq = self.rope.inv_freq.to(self.device)
-        cuda = self.device.type == "cuda" and fused.HAVE_TRITON
-        self.fused = cuda if use_fused is None else bool(use_fused)
-        self.fls = None
-        self.rows = None  # a fitted memory's rows per layer, in the kernels' form
         if isinstance(source, Memory):
             source.check_model(model)
-            if fused.supports(source) and source.fitted:
-                self.rows = [fitted_rows.prepare(source, i) for i in range(len(self.layers))]
-            elif fused.supports(source):
-                self.fls = [fused.prepare_layer(source, i) for i in range(len(self.layers))]
-        if isinstance(source, PrefixKV):
-            self.pk = [k.to(self.device, self.dtype) for k in source.keys]
-            self.pv = [v.to(self.device, self.dtype) for v in source.values]
+        # the one attention seam (also the transformers path's): the path per source
+        self.attention = SourceAttention(source, self.rope, device=self.device, dtype=self.dtype,
+                                         use_fused=use_fused)  # fmt: skip
+        self.attention.prepare(len(self.layers))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
 
@@ -250,39 +234,10 @@ class StaticDecoder:
             kc, vc = self.k[i, :b], self.v[i, :b]  # [b, Hkv, S, d]
             kc[rows, :, lens] = k[:, :, 0]
             vc[rows, :, lens] = v[:, :, 0]
-            o = self._attend(i, q, kc, vc, mask, pos, float(attn.scaling))  # [b, 1, H, d]
+            o = self.attention.decode(i, q, kc, vc, mask, pos, float(attn.scaling))  # [b, 1, H, d]
             x = x + attn.o_proj(o.reshape(b, 1, h * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.model.model.norm(x))[:, 0].float()
-
-    def _attend(self, layer, q, kc, vc, mask, pos, scale) -> torch.Tensor:
-        """Attention of q [b, H, 1, d] over the source and the live KV: [b, 1, H, d]."""
-        src = self.source
-        if src is None:
-            b, h, _, d = q.shape
-            qg = q.reshape(b, self.kv_heads, h // self.kv_heads, d)  # a KV group's heads as rows
-            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask.view(b, 1, 1, -1),
-                                               scale=scale)  # fmt: skip
-            return o.reshape(b, 1, h, d)
-        if isinstance(src, PrefixKV):
-            pk, pv = self.pk[layer], self.pv[layer]
-            if self.fused:
-                return shared_attention(q, pk, pv, kc, vc, mask, scale)
-            return shared_reference(q, pk, pv, kc, vc, mask, scale)
-        if self.rows is not None and self.fused:
-            return fitted_rows.fitted_attention(q, kc, vc, mask, self.rows[layer], scale,
-                                                fused.lse_bias(src, layer))  # fmt: skip
-        if self.fls is not None:
-            mask4 = mask.view(mask.shape[0], 1, 1, -1)
-            args = (q, kc, vc, mask4, pos, self.fls[layer], self.inv_freq,
-                    self.rope.attention_scaling, scale, fused.lse_bias(src, layer))  # fmt: skip
-            if self.fused:
-                return fused.memory_attention(*args, lse_correction=src.lse_corrected)
-            return fused.decode_reference(*args, lse_correction=src.lse_corrected)[0]
-        lq = LayerQuery(layer, q, pos.view(-1, 1), scale, self.rope, self.kv_heads)
-        live = attention_state(q, kc, vc, scale, mask.view(mask.shape[0], 1, 1, -1))
-        merged = merge_states(live, src.prefix_state(lq))
-        return merged.out.to(q.dtype).transpose(1, 2)
 
     @staticmethod
     def _sample(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:

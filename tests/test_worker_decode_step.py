@@ -157,7 +157,7 @@ def test_graphed_step_generates_the_eager_tokens_on_cuda(way):
             assert dec.attention.path == "entries_kernel"  # the fused kernels ran in the graph
 
 
-def run_scheduler(model, prompts, maxes, source, static_live):
+def run_scheduler(model, prompts, maxes, source, static_live, **sampling):
     """Tokens of each request through the scheduler: the last request is submitted when the
     first one has its first token (it joins the running batch); rows finish at their own
     max_tokens (a static batch compacts its slots)."""
@@ -175,7 +175,8 @@ def run_scheduler(model, prompts, maxes, source, static_live):
             if ev.final:
                 done[i].set()
 
-        params = SamplingParams(max_tokens=maxes[i], temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=maxes[i], ignore_eos=True,
+                                **{"temperature": 0.0, **sampling})  # fmt: skip
         return GenerationRequest(prompts[i], params, sink, source)
 
     try:
@@ -209,3 +210,22 @@ def test_scheduler_static_batches_generate_the_eager_tokens(setup, way, monkeypa
     assert got == want
     assert len(static.static._decoders) == 1  # the static path ran
     assert static.stats.batches == eager.stats.batches == 2  # a prefill, then one join
+
+
+SAMPLED = {"temperature": 1.3, "top_p": 0.9, "top_k": 40, "seed": 7}
+
+
+@pytest.mark.parametrize("way", ["neither", "fitted"])
+def test_seeded_sampling_draws_the_same_tokens_in_static_and_eager_batches(setup, way):
+    """One sampler (attend.sampling): a seeded request at temperature > 0 with top_p and top_k
+    gets the same tokens whichever path decodes it, and its seed decides them."""
+    model, prompts, sources = setup
+    maxes = [7, 2, 4]
+    want, _ = run_scheduler(model, prompts, maxes, sources[way], static_live=0, **SAMPLED)
+    got, static = run_scheduler(model, prompts, maxes, sources[way], static_live=32, **SAMPLED)
+    assert len(static.static._decoders) == 1  # the static path ran (top_p < 1 included)
+    assert got == want
+    greedy, _ = run_scheduler(model, prompts, maxes, sources[way], static_live=0)
+    other, _ = run_scheduler(model, prompts, maxes, sources[way], static_live=0,
+                             **{**SAMPLED, "seed": 8})  # fmt: skip
+    assert want != greedy and want != other  # the draw and its seed matter here

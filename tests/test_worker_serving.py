@@ -276,6 +276,9 @@ def test_openai_client_works_unchanged(stack, refs):
     chunks = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
                                        stop=["\n"], extra_body=extra, stream=True)  # fmt: skip
     assert "".join(ch.choices[0].text for ch in chunks) == ref["v1"]
+    top1 = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=1.5,
+                                     stop=["\n"], extra_body={**extra, "top_k": 1})  # fmt: skip
+    assert top1.choices[0].text == ref["v1"]  # top_k = 1 leaves the argmax alone to draw
     messages = [{"role": "user", "content": "Name a color."}]
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6,
                                           temperature=0, extra_body=extra)  # fmt: skip

@@ -11,9 +11,10 @@ for a `memory.Memory` on CUDA (the entries' torch form elsewhere), shared-prefix
 `memory.PrefixKV` (the full prefix, prefix-cached: its KV computed once, read once per batch),
 and the states reference where no kernel covers the source.
 
-The step samples inside (greedy where a slot's temperature is 0, else Gumbel-max sampling at its
-temperature with the device's default generator: per-request seeds and top_p are not applied
-here), writes the sampled token as the slot's next input and advances its length, so that
+The step samples inside with the one sampler (`sampling.sample`: greedy at temperature 0, else
+the slot's temperature, top_k, top_p and seed, the draw a hash of its seed and step, so eager and
+graphed steps draw alike), writes the sampled token as the slot's next input and advances its
+length, so that
 `graph(b)` captures the whole step for a batch bucket (1, 2, 4, 8, 16, 32) and consecutive
 replays need no host work but reading the sampled tokens. Rows fewer than the bucket are padded
 (slots past the active ones run on whatever they hold; their results are ignored).
@@ -35,6 +36,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from memdb_worker.attend.attention import LivePositions, bind
+from memdb_worker.attend.sampling import new_seed, sample
 from memdb_worker.attend.source_attention import SourceAttention
 from memdb_worker.memory.keys import RopeSpec
 from memdb_worker.memory.memory import Memory
@@ -81,7 +83,10 @@ class StaticDecoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         z = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.lengths, self.tokens, self.next = z.clone(), z.clone(), z.clone()
+        # each slot's sampling (attend.sampling): temperature, top_p, top_k, seed, tokens drawn
         self.temps = torch.zeros(max_batch, dtype=torch.float32, device=self.device)
+        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=self.device)
+        self.top_k, self.seeds, self.steps = z.clone(), z.clone(), z.clone()
         self.host_lengths = [0] * max_batch
         self.max_batch, self.max_live = max_batch, max_live
         self.offset = 0
@@ -106,10 +111,16 @@ class StaticDecoder:
         prompts: Sequence[Sequence[int]],
         temperatures: Sequence[float] | None = None,
         pad_id: int = 0,
+        *,
+        top_p: Sequence[float] | None = None,
+        top_k: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Run the prompts (one batch, left-padded) bound to the source, copy each one's KV into
-        its slot; returns the logits of their last tokens [n, V] float32 (the caller samples the
-        first token and sets it with `set_tokens`)."""
+        its slot and set its sampling (temperature 0 = greedy, top_p 1, top_k 0 = off; seeds
+        default to fresh ones); returns the logits of their last tokens [n, V] float32. The
+        caller samples the first token (`sampling.sample` at step 0, the same seed) and sets it
+        with `set_tokens`; the step draws the next ones from step 1 on."""
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1 or max(lengths) >= self.max_live:
             raise ValueError(f"prompts of {lengths} tokens do not fit {self.max_live} live slots")
@@ -130,10 +141,14 @@ class StaticDecoder:
                 self.k[layer, slot, :, :t] = lay.keys[i, :, width - t :]
                 self.v[layer, slot, :, :t] = lay.values[i, :, width - t :]
         temps = temperatures or [0.0] * n
-        for slot, t, temp in zip(slots, lengths, temps, strict=True):
+        top_p, top_k = top_p or [1.0] * n, top_k or [0] * n
+        seeds = seeds or [new_seed() for _ in range(n)]
+        for i, (slot, t) in enumerate(zip(slots, lengths, strict=True)):
             self.lengths[slot] = t
             self.host_lengths[slot] = t
-            self.temps[slot] = float(temp)
+            self.temps[slot], self.top_p[slot] = float(temps[i]), float(top_p[i])
+            self.top_k[slot], self.seeds[slot] = int(top_k[i]), int(seeds[i])
+            self.steps[slot] = 1  # the first token (step 0) is the caller's
         return out.logits[:, -1, :].float()
 
     def set_tokens(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
@@ -150,10 +165,13 @@ class StaticDecoder:
             if i != j:
                 self.k[:, i] = self.k[:, j]
                 self.v[:, i] = self.v[:, j]
-                for x in (self.lengths, self.tokens, self.next, self.temps):
+                for x in (self.lengths, self.tokens, self.next, *self._sampling()):
                     x[i] = x[j]
                 self.host_lengths[i] = self.host_lengths[j]
         self.free(len(keep))
+
+    def _sampling(self) -> tuple[torch.Tensor, ...]:
+        return self.temps, self.top_p, self.top_k, self.seeds, self.steps
 
     @torch.inference_mode()
     def free(self, first: int = 0) -> None:
@@ -184,10 +202,11 @@ class StaticDecoder:
         g = self.graphs.get(batch)
         if g is not None:
             return g
-        saved = [x.clone() for x in (self.lengths, self.tokens, self.next)]
+        state = (self.lengths, self.tokens, self.next, self.steps)  # what a step changes
+        saved = [x.clone() for x in state]
 
         def restore():
-            for x, y in zip((self.lengths, self.tokens, self.next), saved, strict=True):
+            for x, y in zip(state, saved, strict=True):
                 x.copy_(y)
 
         with torch.inference_mode():
@@ -209,10 +228,12 @@ class StaticDecoder:
 
     def _step(self, b: int) -> None:
         logits = self._forward(b)
-        nxt = self._sample(logits, self.temps[:b])
+        nxt = sample(logits, self.temps[:b], self.top_p[:b], self.top_k[:b], self.seeds[:b],
+                     self.steps[:b])  # fmt: skip
         self.next[:b].copy_(nxt)
         self.tokens[:b].copy_(nxt)
         self.lengths[:b] += 1
+        self.steps[:b] += 1
 
     def _forward(self, b: int) -> torch.Tensor:
         """Logits [b, V] (float32) of the slots' next tokens; writes their K/V at their length."""
@@ -238,15 +259,6 @@ class StaticDecoder:
             x = x + attn.o_proj(o.reshape(b, 1, h * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.model.model.norm(x))[:, 0].float()
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
-        """Greedy where temps == 0, else Gumbel-max sampling at the temperature: [b] long."""
-        greedy = logits.argmax(dim=-1)
-        u = torch.rand_like(logits).clamp_(1e-20, 1.0)
-        gumbel = -torch.log(-torch.log(u))
-        sampled = (logits / temps.clamp_min(1e-6).unsqueeze(-1) + gumbel).argmax(dim=-1)
-        return torch.where(temps > 0, sampled, greedy)
 
 
 __all__ = ["BUCKETS", "StaticDecoder", "bucket"]

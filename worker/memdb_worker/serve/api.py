@@ -85,6 +85,7 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample among the k most probable tokens (0: all)")
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -186,9 +187,8 @@ def create_app(rt: WorkerRuntime) -> FastAPI:
             raise ApiError(400, f"max_tokens must be <= {rt.config.max_tokens_limit}")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         try:
-            params = SamplingParams(
-                max_tokens, body.temperature, body.top_p, stop, body.seed, body.ignore_eos
-            )
+            params = SamplingParams(max_tokens, body.temperature, body.top_p, stop, body.seed,
+                                    body.ignore_eos, body.top_k)  # fmt: skip
             source = None
             if body.memory:
                 source = await run_in_threadpool(rt.resolve, body.memory)

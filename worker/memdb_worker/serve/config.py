@@ -55,7 +55,7 @@ class WorkerConfig(BaseSettings):
     static_live_tokens: int = Field(
         0, ge=0,
         description="live tokens per row of a static KV cache for CUDA-graphed decoding of "
-        "batches with one memory/prefix and top_p = 1 (0: off, transformers' forward)",
+        "batches with one memory/prefix (0: off, transformers' forward)",
     )  # fmt: skip
     batch_wait_ms: float = Field(5.0, ge=0, description="wait for more requests before a batch")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask")

@@ -22,7 +22,9 @@ has its leading blocks encoded and cached first.
 
 Decode steps run transformers' forward eagerly (a DynamicCache per batch), or, with
 `static_live` > 0, through a static KV cache of that many live tokens per row for batches that
-allow it (`static_batch`: one source, top_p = 1; CUDA-graphed per batch bucket on CUDA).
+allow it (`static_batch`: one source; CUDA-graphed per batch bucket on CUDA). Both draw tokens
+with the one sampler (`attend.sampling`: temperature, top_k, top_p, a per-request seed), so a
+request gets the same tokens on either path.
 
 This module knows nothing of HTTP, memories' origin or the server.
 """
@@ -40,6 +42,7 @@ import torch
 from transformers import DynamicCache
 
 from memdb_worker.attend.attention import LivePositions, StateSource, bind
+from memdb_worker.attend.sampling import new_seed, sample
 from memdb_worker.serve.prefix_cache import PrefixCache
 from memdb_worker.serve.static_batch import StaticBatch, StaticBatches
 
@@ -52,8 +55,9 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh one per request
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    top_k: int = 0  # 0: every token
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -62,6 +66,8 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0: every token)")
 
 
 @dataclass
@@ -126,11 +132,7 @@ class _Row:
         self.ids: list[int] = []
         self.sent = 0  # chars of text already sent
         self.done = False
-        self.gen: torch.Generator | None = None
-        if req.params.temperature > 0:
-            self.gen = torch.Generator(device=device)
-            seed = req.params.seed
-            self.gen.manual_seed(seed if seed is not None else int(torch.seed() % (2**63)))
+        self.seed = req.params.seed if req.params.seed is not None else new_seed()
 
     def push(self, token: int, eos: set[int]) -> None:
         """Add a token, send the text that is safe to send, finish if it is the end."""
@@ -510,16 +512,16 @@ class Scheduler:
         return out.logits[:, -1, :].float()
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        nxt = logits.argmax(dim=-1)
-        for j, row in enumerate(rows):
-            p = row.req.params
-            if p.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[j] / p.temperature, dim=-1)
-            if p.top_p < 1:
-                sp, si = probs.sort(descending=True)
-                cut = sp.cumsum(0) - sp > p.top_p
-                sp[cut] = 0
-                probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            nxt[j] = torch.multinomial(probs, 1, generator=row.gen)[0]
-        return nxt
+        """Each row's next token by the one sampler (`sampling.sample`, as the static step
+        draws): step = the tokens the row has drawn so far."""
+        ps = [r.req.params for r in rows]
+        dev = logits.device
+        return sample(
+            logits,
+            torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
+            torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
+            torch.tensor([len(r.ids) for r in rows], dtype=torch.long, device=dev),
+            all_greedy=all(p.temperature <= 0 for p in ps),
+        )

@@ -1,17 +1,16 @@
 """The scheduler's static-cache batches: rows decoded by a `decode_step.StaticDecoder`.
 
 A batch whose rows share one attention source (the same memory, the same cached prefix, or
-none), sample with top_p = 1 and fit the decoder's live capacity runs its decode steps through a
+none) and fit the decoder's live capacity runs its decode steps through a
 static KV cache (CUDA-graphed per batch bucket on CUDA, eager elsewhere) instead of
 transformers' forward with a DynamicCache. Rows are slots [0, n) of the decoder: a finished row
 leaves by moving the last slots down (`StaticDecoder.compact`), newcomers with the same source
 are prefilled into the next free slots, and each step runs the bucket that holds n rows (rows
 past n are padding).
 
-The first token of a row is sampled on the host from its prefill logits (the scheduler's
-sampler: temperature, top_p, per-request seed); later tokens are sampled inside the step
-(greedy, or Gumbel-max at the row's temperature with the device's generator: per-request seeds
-do not apply to them).
+The first token of a row is sampled from its prefill logits by the scheduler, later ones inside
+the step, both with the one sampler (`attend.sampling`: the row's temperature, top_k, top_p and
+seed), so a row draws the tokens the eager path would.
 
 `StaticBatches` keeps one decoder per source (the most recent few: each holds a static cache and
 its graphs). This module knows rows only through the attributes the scheduler gives them
@@ -51,8 +50,10 @@ class StaticBatch:
         """Prefill rows into the next free slots; their first tokens become their next ones."""
         n = len(self.rows)
         slots = list(range(n, n + len(rows)))
-        temps = [float(r.req.params.temperature) for r in rows]
-        logits = self.dec.prefill(slots, [r.prompt for r in rows], temps)
+        ps = [r.req.params for r in rows]
+        logits = self.dec.prefill(slots, [r.prompt for r in rows], [p.temperature for p in ps],
+                                  top_p=[p.top_p for p in ps], top_k=[p.top_k for p in ps],
+                                  seeds=[r.seed for r in rows])  # fmt: skip
         first = sample(logits, list(rows)).tolist()
         self.dec.set_tokens(slots, first)
         self.rows += list(rows)
@@ -92,14 +93,12 @@ class StaticBatches:
 
     def fits(self, rows: Sequence, source=None, extra: int = 0) -> bool:
         """Whether these rows (joining `extra` running ones of `source` if given) can decode
-        statically: one source, top_p = 1, prompt + max_tokens within the live capacity."""
+        statically: one source, prompt + max_tokens within the live capacity."""
         if not rows or extra + len(rows) > self.max_batch:
             return False
         src = rows[0].source if source is None and extra == 0 else source
         return all(
-            r.source is src
-            and r.req.params.top_p >= 1.0
-            and len(r.prompt) + r.req.params.max_tokens < self.max_live
+            r.source is src and len(r.prompt) + r.req.params.max_tokens < self.max_live
             for r in rows
         )
 

@@ -30,6 +30,7 @@ def test_service_config_balances_round_robin_and_retries_only_idempotent_calls()
     names = {(n["service"], n["method"]) for n in method["name"]}
     assert ("memdb.v1.MemoryService", "Lookup") in names
     assert not {m for _, m in names} & {"PutPrefix", "DeletePrefix", "CreateTenant", "CreateApiKey"}
+    assert not {m for _, m in names} & {"FetchMemory", "Watch"}  # streams: see targets.py
     assert len(names) == sum(len(m) for m in IDEMPOTENT.values())
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memdb.errors import MemdbError, Unavailable
+from memdb.errors import DeadlineExceeded, MemdbError, Unavailable
 from memdb_client import MemdbClient
 from memdb_server.backends.cluster import ClusterStore
 from memdb_server.backends.health import HealthMonitor
@@ -121,6 +121,47 @@ def _root_of(server) -> str:
     """The etcd root a memdb_cluster node was started with (from its command line)."""
     args = server.proc.args
     return args[args.index("--etcd-root") + 1]
+
+
+def test_a_fetch_in_flight_when_its_node_dies_ends_within_its_deadline(planes, tmp_path):
+    """A single-address client's FetchMemory sent to a node that dies before answering (paused,
+    then killed; the node restarted on its port, twice) ends within its deadline, and a fetch
+    then reads from the restarted node. With FetchMemory in gRPC's retryPolicy (grpcio 1.85)
+    such a call never ended: its deadline passed unnoticed (client/memdb_client/targets.py)."""
+    etcd, redis = planes
+    with memdb_cluster(tmp_path, etcd, redis, nodes=1, admin_key=ROOT_KEY) as (node,):
+        flags = {"backend": "cluster", "etcd": ",".join(etcd.client_urls),
+                 "redis": ",".join(redis.urls), "etcd_root": _root_of(node)}  # fmt: skip
+        client = MemdbClient(node.address, ROOT_KEY, timeout=3, stream_timeout=3)
+        client.put_prefix("p", make_shards(), model_fingerprint=FP)
+
+        def fetch(box: dict) -> None:
+            try:
+                box["got"] = client.fetch_memory("p", model_fingerprint=FP)
+            except MemdbError as exc:
+                box["error"] = exc
+
+        try:
+            for restart in (1, 2):
+                os.kill(node.proc.pid, signal.SIGSTOP)  # the fetch is sent, never answered
+                box: dict = {}
+                started = time.monotonic()
+                thread = threading.Thread(target=fetch, args=(box,), daemon=True)
+                thread.start()
+                time.sleep(0.3)
+                node.kill()
+                node = start_server(node.data_dir, admin_key=ROOT_KEY, listen=node.address,
+                                    **flags)  # fmt: skip
+                thread.join(max(0.0, started + 3 + 2 - time.monotonic()))
+                assert not thread.is_alive(), f"restart {restart}: FetchMemory hung (3 s deadline)"
+                ended = box.get("error", Unavailable())
+                assert "got" in box or isinstance(ended, (Unavailable, DeadlineExceeded)), box
+            got = eventually(lambda: client.fetch_memory("p", model_fingerprint=FP))
+            assert got.info.version == 1
+            np.testing.assert_array_equal(got.shards[2].keys, make_shards()[2].keys)
+        finally:
+            node.stop()
+            client.close()
 
 
 def test_blobs_not_on_a_replica_are_never_published(planes, tmp_path):

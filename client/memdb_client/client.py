@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
@@ -21,7 +22,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memdb.errors import Aborted, InvalidArgument, NotFound, from_rpc_error
+from memdb.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from memdb.shards import Shard, decode_shard, encode_shard
 from memdb.v1 import memdb_pb2 as pb
 from memdb.v1 import memdb_pb2_grpc as pb_grpc
@@ -41,6 +49,10 @@ from memdb_client.types import (
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 FETCH_ATTEMPTS = 3  # a fetch of the current version restarts when it is replaced meanwhile
+# a fetch that fails UNAVAILABLE is tried again, as gRPC retries the unary reads (targets.py:
+# not gRPC's retries for streams), within the fetch's one deadline
+FETCH_UNAVAILABLE_ATTEMPTS = 4
+FETCH_BACKOFF_S = (0.05, 1.0)  # the first wait, doubled up to the second
 MiB = 1 << 20
 _MODES = {"create": pb.PUT_MODE_CREATE, "update": pb.PUT_MODE_UPDATE, "upsert": pb.PUT_MODE_UPSERT}
 R = TypeVar("R")
@@ -218,20 +230,37 @@ class MemdbClient:
         memory's metadata without its tensors. The server streams each chunk from the store as
         it sends it; when the version is replaced and dropped meanwhile (ABORTED) a fetch of
         the current version (`version=0`) starts again, up to FETCH_ATTEMPTS times in all (a
-        deleted prefix then answers NOT_FOUND); `on_bytes` counts the bytes of every attempt.
+        deleted prefix then answers NOT_FOUND); one that fails UNAVAILABLE (its server died or
+        restarts) starts again up to FETCH_UNAVAILABLE_ATTEMPTS times in all, through the next
+        server. Every attempt shares one deadline, `timeout` (default `stream_timeout`) from
+        now: DEADLINE_EXCEEDED once it passes. `on_bytes` counts the bytes of every attempt.
         `build_job` = (job id, worker id): a worker reading the memory its append job extends."""
+        deadline = time.monotonic() + (timeout or self.stream_timeout)
 
         def read(v: int) -> tuple[PrefixInfo, list[bytes]]:
-            return self._fetch_once(name, model_fingerprint, v, timeout, on_bytes, max_layers,
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"FetchMemory of '{name}': deadline passed")
+            return self._fetch_once(name, model_fingerprint, v, left, on_bytes, max_layers,
                                     build_job)  # fmt: skip
 
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
+        aborted = unavailable = 0
+        backoff = FETCH_BACKOFF_S[0]
+        while True:
             try:
                 return self._monotonic(name, version, read, lambda got: got[0].version)
             except Aborted:
-                if version or attempt == FETCH_ATTEMPTS:
+                aborted += 1
+                if version or aborted == FETCH_ATTEMPTS:
                     raise
-        raise AssertionError("unreachable")
+            except Unavailable:
+                unavailable += 1
+                if unavailable == FETCH_UNAVAILABLE_ATTEMPTS:
+                    raise
+                if time.monotonic() + backoff >= deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(2 * backoff, FETCH_BACKOFF_S[1])
 
     def _fetch_once(
         self,

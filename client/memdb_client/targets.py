@@ -2,11 +2,15 @@
 with client-side round_robin load balancing and retries of idempotent calls on UNAVAILABLE.
 
 Several addresses become one static target (`ipv4:...` / `ipv6:...`; host names are resolved
-once, here), so every call goes to the next ready server and a dead one is skipped. Calls that
-change nothing (Lookup, FetchMemory, Watch, reads of prefixes, tenants, keys and stats, health)
-are retried by gRPC itself on UNAVAILABLE, on another server; writes are not (a write whose
-server died fails cleanly: nothing was published, see the cluster backend). Knows nothing of
-memdb's messages.
+once, here), so every call goes to the next ready server and a dead one is skipped. Unary calls
+that change nothing (Lookup, reads of prefixes, tenants, keys and stats, health) are retried by
+gRPC itself on UNAVAILABLE, on another server; writes are not (a write whose server died fails
+cleanly: nothing was published, see the cluster backend). The streaming reads are not given to
+gRPC's retries: with a retryPolicy, grpcio 1.85's retry filter never ends a server-streaming
+call whose connection dies before the server's first answer, deadline or not (a FetchMemory in
+flight when its node was killed hung for good). MemdbClient retries FetchMemory itself, within
+the call's deadline; a Watch fails with UNAVAILABLE and its caller opens it again. Knows
+nothing of memdb's messages.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import ipaddress
 import json
 import socket
 
-IDEMPOTENT = {
-    "memdb.v1.MemoryService": ("Lookup", "FetchMemory", "Watch"),
+IDEMPOTENT = {  # unary only: no server-streaming method (FetchMemory, Watch), see above
+    "memdb.v1.MemoryService": ("Lookup",),
     "memdb.v1.AdminService": ("GetPrefix", "ListPrefixes", "ListTenants", "ListApiKeys", "Stats"),
     "grpc.health.v1.Health": ("Check",),
 }

@@ -3,7 +3,7 @@ static-cache, CUDA-graphed decode step (`memdb_worker.attend.decode_step`), for 
 the
 full prefix prefix-cached, at several concurrencies and prefix lengths, with the weight floor
 measured in the same run. `python -m bench.worker_gpu [--concurrency 1,8,32] [--N 8192,32768]
-[--M 4096] [--memory-formats f32/head+kbar,fp8/head+kbar] [--steps 32] [--out PATH]`; on CPU for
+[--M 4096] [--memory-formats fitted/fp8,fp8/head+kbar] [--steps 32] [--out PATH]`; on CPU for
 testing: `python -m bench.worker_gpu --tiny --device cpu` (eager steps, no graphs).
 
 The model is a transformers `LlamaForCausalLM` of Llama-3.1-8B shape (hidden 4096, 32 layers,
@@ -12,11 +12,13 @@ random weights, bf16 (the real weights are not on the lent GPUs). Ways, each for
 query tokens (c concurrent requests, one batch padded to its bucket 1/2/4/8/16/32):
 
 - "neither":     the query alone (no prefix, no memory);
-- "memory":      bound to a synthetic memory of M entries per group in the format given
-                 (`bench.attention.parse_format`: "f32/head+kbar" is what the builder writes by
-                 default; q_mean / k_bar stored, so the first-order lse correction runs), whose
-                 prefix_length is N (live tokens sit where they would after the real prefix);
-                 decode through the fused kernels, prefill through the reference path;
+- "memory":      bound to a synthetic memory of M rows / entries per KV head or group in the
+                 format given, whose prefix_length is N (live tokens sit where they would after
+                 the real prefix); decode through the fused kernels, prefill through the
+                 reference path. "fitted/fp8" (first by default) is the builder's default:
+                 fitted rows (float8 keys with a per-row scale, bf16 values, float32 biases);
+                 the others are looked-up entries (`bench.attention.parse_format`, e.g.
+                 "f32/head+kbar": q_mean / k_bar stored, so the first-order lse correction runs);
 - "full_prefix": the N-token prefix encoded ONCE (`prefix.encode_prefix`; its time is
                  `prefix_encode_s`, paid once per prefix version, not per request: prefix
                  caching), its KV shared by every row: the prefill of a request runs its Q tokens
@@ -48,6 +50,7 @@ from bench.attention import gpu_tag, parse_format
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WAYS = ("neither", "memory", "full_prefix")
+FITTED = "fitted/fp8"  # the builder's default memory format (fitted rows)
 GiB = 1 << 30
 
 
@@ -100,14 +103,23 @@ def random_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0, s
 # -- the memory ----------------------------------------------------------------------------------
 
 
+def check_format(fmt: str) -> None:
+    """ValueError unless `fmt` is FITTED or a looked-up format of `parse_format`."""
+    if fmt != FITTED:
+        parse_format(fmt)
+
+
 def synthetic_memory(model, budget: int, prefix_tokens: int, fmt: str = "f32/head+kbar",
                      seed: int = 0):  # fmt: skip
-    """A memory of the model's shape in format `fmt` (random entries, pre-RoPE keys), made on
-    the model's device with the metadata the builder writes (prefix_length = prefix_tokens)."""
+    """A memory of the model's shape in format `fmt` (random rows or entries, pre-RoPE keys),
+    made on the model's device with the metadata the builder writes (prefix_length =
+    prefix_tokens)."""
     from memdb_worker.memory.formats import quantize_keys
     from memdb_worker.memory.keys import KeySpace, RopeSpec
     from memdb_worker.memory.memory import KEY_SCALE, Memory, layer_from_tensors
 
+    if fmt == FITTED:
+        return _synthetic_fitted(model, budget, prefix_tokens, seed)
     f = parse_format(fmt)
     cfg = model.config
     dev = next(model.parameters()).device
@@ -140,6 +152,36 @@ def synthetic_memory(model, budget: int, prefix_tokens: int, fmt: str = "f32/hea
             "lse_correction": "1" if f["kbar"] else "0", "rope": json.dumps(rope_meta),
             "scaling": repr(float(d**-0.5)), "group_key": f["group_key"],
             "memory_format": fmt, "synthetic": "1"}  # fmt: skip
+    return Memory(layers, ks, meta)
+
+
+def _synthetic_fitted(model, budget: int, prefix_tokens: int, seed: int):
+    """Fitted rows of the model's shape as the builder stores them: per layer and KV head
+    `budget` rows of float8 e4m3 keys with a per-row scale, bf16 values, float32 biases."""
+    from memdb_worker.memory.formats import quantize_keys
+    from memdb_worker.memory.keys import KeySpace, RopeSpec
+    from memdb_worker.memory.memory import KEY_SCALE, Memory, layer_from_tensors
+
+    cfg = model.config
+    dev = next(model.parameters()).device
+    h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rope = RopeSpec.from_model(model)
+    ks = KeySpace("pre_rope", "kv_group", h, hkv, d, common_position=prefix_tokens, rope=rope)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        keys, scale = quantize_keys(torch.randn(hkv, budget, d, device=dev, generator=g),
+                                    torch.float8_e4m3fn)  # fmt: skip
+        values = (0.1 * torch.randn(hkv, budget, 1, d, device=dev, generator=g)).bfloat16()
+        bias = 2.0 * torch.randn(hkv, budget, 1, device=dev, generator=g)
+        layers.append(layer_from_tensors(keys, values, bias, {KEY_SCALE: scale}))
+    rope_meta = {"inv_freq": [float(x) for x in rope.inv_freq.tolist()],
+                 "attention_scaling": rope.attention_scaling}  # fmt: skip
+    meta = {**ks.metadata(), "prefix_length": str(prefix_tokens), "budget": str(budget),
+            "token_count": str(prefix_tokens), "num_layers": str(cfg.num_hidden_layers),
+            "lse_correction": "0", "rope": json.dumps(rope_meta), "entry_state": "fitted",
+            "scaling": repr(float(d**-0.5)), "group_key": "mean", "memory_format": FITTED,
+            "synthetic": "1"}  # fmt: skip
     return Memory(layers, ks, meta)
 
 
@@ -225,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", default=None, help="comma list (default 1,8,32; tiny 1,2)")
     ap.add_argument("--N", default=None, help="prefix tokens, comma list (8192,32768; tiny 128)")
     ap.add_argument("--M", type=int, default=None, help="memory budget (default 4096; tiny 16)")
-    ap.add_argument("--memory-formats", default="f32/head+kbar,fp8/head+kbar")
+    ap.add_argument("--memory-formats", default=f"{FITTED},fp8/head+kbar",
+                    help="the default (fitted rows) first, then looked-up entries")  # fmt: skip
     ap.add_argument("--query-tokens", type=int, default=None, help="query tokens (32; tiny 8)")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (32; tiny 3)")
     ap.add_argument("--ways", default=",".join(WAYS))
@@ -247,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     ways = [w.strip() for w in args.ways.split(",")]
     formats = [f for f in args.memory_formats.split(",") if f]
     for f in formats:
-        parse_format(f)
+        check_format(f)
     if any(w not in WAYS for w in ways):
         ap.error(f"ways are {list(WAYS)}")
     if args.out is None:

@@ -282,6 +282,14 @@ class BuildOptions:
     trace_batch_size: int = option(
         32, "Traces run per calibration batch.", group="calibration", min=1, calibration=True
     )
+    holdout: float = option(
+        0.0,
+        "Fraction of the traces held out of the fit; the build reports each layer's error on "
+        "them (0: none).",
+        group="calibration",
+        min=0,
+        max=0.5,
+    )
 
     def __post_init__(self) -> None:
         for spec in specs():

@@ -24,7 +24,7 @@ CHANGED = BuildOptions(
     granularity="head", entry_state="average", lse_correction=True, key_dtype="bfloat16",
     out_dtype="float16", kmeans_iters=3, seed=5, fit_steps=2, fit_ridge=0.5,
     fit_stored_keys=False, chunk_tokens=64, sink_tokens=4, chunk_mass="sum", max_records=99,
-    max_tokens_per_trace=3, trace_batch_size=2,
+    max_tokens_per_trace=3, trace_batch_size=2, holdout=0.2,
 )  # fmt: skip
 NO_Q_MEAN = BuildOptions(entry_state="average", granularity="head", lse_correction=True,
                          store_q_mean=False)  # fmt: skip

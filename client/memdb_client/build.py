@@ -73,6 +73,7 @@ def server_params(metadata: dict[str, str], extra: dict[str, Any]) -> dict[str, 
         "chunk_lengths",
         "scaling",
         "appended_chunks",
+        "heldout_errors",  # each layer's error on held-out traces (BuildOptions.holdout)
     ):
         if k in metadata:
             out[k] = metadata[k]
@@ -80,3 +81,18 @@ def server_params(metadata: dict[str, str], extra: dict[str, Any]) -> dict[str, 
         if v is not None:
             out[k] = v if isinstance(v, str) else json.dumps(v)
     return {k[:256]: v[:4096] for k, v in out.items()}
+
+
+def heldout_summary(metadata: dict[str, str]) -> str | None:
+    """One line on a build's held-out errors (`heldout_errors`): the median layer's and the
+    three hardest layers' relative output error; None without them."""
+    raw = metadata.get("heldout_errors")
+    if not raw:
+        return None
+    got = json.loads(raw)
+    rel = got["rel_err"]
+    median = sorted(rel)[len(rel) // 2]
+    worst = sorted(range(len(rel)), key=lambda i: -rel[i])[:3]
+    hard = ", ".join(f"layer {i} {rel[i]:.3f}" for i in worst)
+    return (f"held-out error ({got['records']} queries of {got['traces']} traces): median layer "
+            f"{median:.3f}, hardest {hard}")  # fmt: skip

@@ -128,6 +128,8 @@ def _build(app: App, name: str, kw: dict, pre: Source | None = None) -> Built:
         f"built in {built.build_seconds:.1f} s: {len(built.shards)} layers, "
         f"{output.human_bytes(built.nbytes())}"
     )
+    if (line := build.heldout_summary(built.metadata)) is not None:
+        app.note(line)
     extra = {
         "source": pre.path,
         "traces_source": traces_from,

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from memdb.build_options import CALIBRATION_FIELDS, BuildOptions, EntryState
 from memdb.shards import Shard
+from memdb_worker.build import heldout
 from memdb_worker.build.calibration import Calibration, calibrate, tokenize_prefix, tokenize_traces
 from memdb_worker.build.fitting import fit_group, warm_solver
 from memdb_worker.memory.formats import keys_as_stored, quantize_keys, to_numpy
@@ -118,10 +119,23 @@ def build_memory(
     on_progress: Callable[..., None] | None = None,
 ) -> BuiltMemory:
     """Build a memory of `budget` entries per layer and group from a prefix and traces;
-    `on_progress(**fields)` hears the stages (`calibrate`, `cluster`)."""
+    `on_progress(**fields)` hears the stages (`calibrate`, `cluster`). With `options.holdout`
+    a fraction of the traces is kept out of the fit and each layer's error on them is stored
+    in the metadata (`heldout`)."""
     options = options or BuildOptions()
-    calib = calibrate(model, tokenizer, prefix, traces, options, progress, on_progress)
-    return cluster(calib, budget, options, progress=progress, on_progress=on_progress)
+    fit, held = heldout.split_traces(traces, options.holdout, options.seed)
+    calib = calibrate(model, tokenizer, prefix, fit, options, progress, on_progress)
+    built = cluster(calib, budget, options, progress=progress, on_progress=on_progress)
+    if held:
+        t0 = time.perf_counter()
+        check = calibrate(model, tokenizer, calib.prefix_kv, held, options, progress=False)
+        device = next(model.parameters()).device
+        errors = heldout.layer_errors(built.to_memory(device), check)
+        value = heldout.summary(errors, check.num_records, len(held))
+        for meta in (built.metadata, *(s.metadata for s in built.shards)):
+            meta[heldout.METADATA_KEY] = value
+        built.build_seconds += time.perf_counter() - t0
+    return built
 
 
 # -- clustering ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ read-your-writes on a node, etcd for what the copy cannot answer, monotonic read
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from memdb_server.cluster_process import memdb_cluster
 from memdb_server.config import ServerConfig
 from memdb_server.records import KeyRecord
 from memdb_server.server import run_server
+from memdb_server.storage import DEFAULT_TENANT
 from tests.test_server import make_shards
 from tests.test_storage import T, write
 
@@ -294,9 +296,9 @@ def test_reads_go_to_etcd_while_the_watch_is_broken_and_return_once_it_is_live(p
         current(b, "absent")  # a miss is checked with etcd: never a false NotFound
 
 
-def test_a_client_never_reads_a_version_older_than_one_it_saw_from_a_lagging_node(
-    cluster_planes, tmp_path
-):
+@contextlib.contextmanager
+def two_servers(cluster_planes, tmp_path):
+    """Servers a and b (cluster backend, one root) and a writer client of a, a reader of b."""
     etcd, redis = cluster_planes
     root = f"/memdb-cache-{uuid.uuid4().hex}/"
 
@@ -306,15 +308,30 @@ def test_a_client_never_reads_a_version_older_than_one_it_saw_from_a_lagging_nod
                             redis=",".join(redis.urls), etcd_root=root)  # fmt: skip
 
     with run_server(config("a")) as a, run_server(config("b")) as b:
-        writer, reader = MemdbClient(a.address, ROOT_KEY), MemdbClient(b.address, ROOT_KEY)
+        with MemdbClient(a.address, ROOT_KEY) as writer, MemdbClient(b.address, ROOT_KEY) as reader:
+            yield a, b, writer, reader
+
+
+@contextlib.contextmanager
+def held_back(copy):
+    """The copy's watch events wait until the block ends: the copy lags behind etcd."""
+    held, apply = threading.Event(), copy.apply
+    copy.apply = lambda events, progress: (held.wait(20), apply(events, progress))
+    try:
+        yield
+    finally:
+        held.set()
+
+
+def test_a_client_never_reads_a_version_older_than_one_it_saw_from_a_lagging_node(
+    cluster_planes, tmp_path
+):
+    with two_servers(cluster_planes, tmp_path) as (a, b, writer, reader):
         q = np.ones((2, 16), np.float32)
         writer.put_prefix("m", make_shards(layers=2, seed=1, fill=1.0), model_fingerprint=FP)
         caught_up(b.runtime.store, a.runtime.store)
         assert reader.lookup("m", 1, q, model_fingerprint=FP).version == 1
-        copy = b.runtime.store.metadata
-        held, apply = threading.Event(), copy.apply
-        copy.apply = lambda events, progress: (held.wait(20), apply(events, progress))
-        try:
+        with held_back(b.runtime.store.metadata):
             update = make_shards(layers=2, seed=2, fill=2.0)
             writer.put_prefix("m", update, model_fingerprint=FP, mode="update")
             with MemdbClient(b.address, ROOT_KEY) as fresh:  # has seen nothing: b lags
@@ -323,9 +340,27 @@ def test_a_client_never_reads_a_version_older_than_one_it_saw_from_a_lagging_nod
             res = reader.lookup("m", 1, q, model_fingerprint=FP)
             assert res.version == 2 and np.all(res.out == 2.0)
             assert reader.seen_version("m") == 2
-        finally:
-            held.set()
         reader.delete_prefix("m")  # versions start over: nothing seen of "m" any more
         assert reader.seen_version("m") == 0
-        writer.close()
-        reader.close()
+
+
+def test_a_version_seen_and_replaced_twice_since_never_lets_a_lagging_node_answer_older(
+    cluster_planes, tmp_path
+):
+    """The version the client saw is gone when it asks again: its next read of the current
+    version is etcd's (the node holds its copy back), not the lagging copy's (the campaign's
+    two stale Lookups)."""
+    with two_servers(cluster_planes, tmp_path) as (a, b, writer, reader):
+        q = np.ones((2, 16), np.float32)
+        writer.put_prefix("m", make_shards(layers=2, seed=1, fill=1.0), model_fingerprint=FP)
+        caught_up(b.runtime.store, a.runtime.store)
+        with held_back(b.runtime.store.metadata):
+            for v in (2, 3, 4, 5):
+                writer.put_prefix("m", make_shards(layers=2, seed=v, fill=float(v)),
+                                  model_fingerprint=FP, mode="update")  # fmt: skip
+                if v == 2:
+                    assert reader.get_prefix("m").version == 2  # seen, then replaced 3 times
+            with pytest.raises(NotFound):
+                a.runtime.store.get_prefix(DEFAULT_TENANT, "m", 2)  # no longer retained
+            res = reader.lookup("m", 1, q, model_fingerprint=FP)
+            assert res.version == 5 and np.all(res.out == 5.0)

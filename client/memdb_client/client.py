@@ -137,15 +137,25 @@ class MemdbClient:
         self, name: str, version: int, read: Callable[[int], R], version_of: Callable[[R], int]
     ) -> R:
         """`read(version)`; a read of the current version (0) answered older than the version
-        this client saw is asked again for that one. If it is gone (replaced twice since, or
-        the prefix deleted by someone else), the older answer stands and `name` starts over."""
+        this client saw is asked again for that one. If it is gone (replaced twice since), the
+        current version is read once more: the server read etcd for the version asked, and its
+        current one now is at least as new (a cluster node's metadata copy, held back, see
+        backends/metadata_cache.py). Older still, or the prefix deleted by someone else: the
+        older answer stands and `name` starts over."""
         got = read(version)
         seen = self.seen_version(name)
         if not version and version_of(got) < seen:
             try:
                 got = read(seen)
             except NotFound:
-                self._forget(name)
+                try:
+                    again = read(0)
+                except NotFound:
+                    again = got
+                if version_of(again) >= seen:
+                    got = again
+                else:
+                    self._forget(name)
         self._saw(name, version_of(got))
         return got
 

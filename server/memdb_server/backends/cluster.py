@@ -324,10 +324,17 @@ class ClusterStore(VersionWriter, VersionReads):
         """The record of a version (0 = current) and its blob references; `cached`: read
         through the node's metadata copy (Lookup), else from etcd."""
         get = self.metadata.get if cached else self.etcd.get
-        kv = get(self._pointer(tenant, name))
+        pointer = self._pointer(tenant, name)
+        kv = get(pointer)
         if kv is None:
             raise NotFound(f"prefix '{name}' not found")
         current, blobs = decode_entry(kv.value)
+        if cached and version > current.version:  # the copy is behind what the client saw
+            kvs, revision = self.etcd.range(pointer)
+            self.metadata.behind(revision)
+            if not kvs:
+                raise NotFound(f"prefix '{name}' not found")
+            get, (current, blobs) = self.etcd.get, decode_entry(kvs[0].value)
         if version in (0, current.version):
             return current, blobs
         old = get(self._version_key(tenant, name, version))

@@ -12,10 +12,13 @@ How fresh a read from the copy is:
   when the watch is not live (not yet open, broken, reconnecting), and when the key is absent
   from the copy (so a record created through another node a moment ago is found: only a miss
   costs a round trip). Events compacted away before the watch saw them: the copy reloads.
-- Across nodes the copy lags the newest write by the watch's delay (milliseconds): a read here
-  may answer a version older than another node already serves. MemdbClient keeps its reads
-  monotonic by asking again for the version it saw, which this copy does not hold, so etcd
-  answers.
+- Across nodes the copy lags the newest write by the watch's delay (milliseconds; seconds
+  under a slow or cut etcd link, until the idle watch is re-opened): a read here may answer a
+  version older than another node already serves. MemdbClient keeps its reads monotonic by
+  asking again for the version it saw: newer than the copy's current one, it makes the store
+  read etcd and hold the copy back (`behind`) until it caught up, so that even when that
+  version is gone (replaced twice since) the client's next read of the current version is
+  etcd's.
 The copy holds every record of its scopes in memory (records only: a few KB per version, no
 blobs). Knows etcd's keys and revisions, not what the records mean.
 """
@@ -119,6 +122,13 @@ class MetadataCache:
             ):
                 log.warning("metadata cache at revision %d; a write made %d", self.revision,
                             revision)  # fmt: skip
+
+    def behind(self, revision: int) -> None:
+        """A read showed etcd at `revision` ahead of the copy (a client saw a newer version
+        than the copy's): the copy serves again only once it holds `revision`, reads go to
+        etcd meanwhile. Never waits."""
+        with self._changed:
+            self.required = max(self.required, revision)
 
     def close(self) -> None:
         with self._changed:

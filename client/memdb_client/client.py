@@ -134,14 +134,21 @@ class MemdbClient:
             self._seen.pop(name, None)
 
     def _monotonic(
-        self, name: str, version: int, read: Callable[[int], R], version_of: Callable[[R], int]
+        self,
+        name: str,
+        version: int,
+        read: Callable[[int], R],
+        version_of: Callable[[R], int],
+        *,
+        cached: bool = False,
     ) -> R:
         """`read(version)`; a read of the current version (0) answered older than the version
-        this client saw is asked again for that one. If it is gone (replaced twice since), the
-        current version is read once more: the server read etcd for the version asked, and its
-        current one now is at least as new (a cluster node's metadata copy, held back, see
-        backends/metadata_cache.py). Older still, or the prefix deleted by someone else: the
-        older answer stands and `name` starts over."""
+        this client saw is asked again for that one. If it is gone (replaced twice since) and
+        the read is one a cluster node answers from its metadata copy (`cached`: Lookup), the
+        current version is read once more: the node read etcd for the version asked and holds
+        its copy back, so its current one now is at least as new (server/memdb_server/backends/
+        metadata_cache.py). Older still, or the prefix deleted by someone else: the older
+        answer stands and `name` starts over."""
         got = read(version)
         seen = self.seen_version(name)
         if not version and version_of(got) < seen:
@@ -149,7 +156,7 @@ class MemdbClient:
                 got = read(seen)
             except NotFound:
                 try:
-                    again = read(0)
+                    again = read(0) if cached else got
                 except NotFound:
                     again = got
                 if version_of(again) >= seen:
@@ -212,7 +219,7 @@ class MemdbClient:
             req.version = v
             return self._call(self._memory.Lookup, req, timeout)
 
-        resp = self._monotonic(name, version, read, lambda r: r.version)
+        resp = self._monotonic(name, version, read, lambda r: r.version, cached=True)
         return LookupResult(
             version=resp.version,
             ids=decode_tensor(resp.ids, name="ids"),

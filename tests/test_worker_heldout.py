@@ -75,3 +75,11 @@ def test_without_holdout_every_trace_is_fitted_and_nothing_is_reported(inputs):
     built = build_memory(model, None, prefix, traces, budget=4, progress=False)
     assert METADATA_KEY not in built.metadata
     assert json.loads(built.metadata["build_params"])["trace_count"] == len(traces)
+
+
+def test_the_budget_check_counts_only_the_traces_left_to_fit():
+    from memdb_worker.build.local import Tokenized, check_budget
+
+    tok = Tokenized(prefix=list(range(50)), traces=[[1] * 10 for _ in range(10)])
+    assert check_budget(tok, 8, BuildOptions()) == 100
+    assert check_budget(tok, 8, BuildOptions(holdout=0.2)) == 80  # 2 of 10 traces held out

@@ -24,6 +24,7 @@ from memdb_worker.build.append import Appended
 from memdb_worker.build.append import append_chunk as _append
 from memdb_worker.build.builder import BuiltMemory, build_memory
 from memdb_worker.build.calibration import tokenize_prefix, tokenize_traces
+from memdb_worker.build.heldout import split_traces
 from memdb_worker.model import loading
 from memdb_worker.model.prefix import default_chunk_tokens
 
@@ -89,7 +90,8 @@ def check_budget(tok: Tokenized, budget: int, options: BuildOptions) -> int:
     """The number of calibration records the build will keep; BuildError if budget exceeds it
     (the records, or for fitted entries the prefix's tokens). Checked before the model runs."""
     per = options.max_tokens_per_trace
-    total = sum(len(t) if per is None else min(len(t), per) for t in tok.traces)
+    fit, _ = split_traces(tok.traces, options.holdout, options.seed)  # held-out ones: not fit
+    total = sum(len(t) if per is None else min(len(t), per) for t in fit)
     records = min(options.max_records, total)
     if budget < 1:
         raise BuildError("--budget must be at least 1")
@@ -100,9 +102,9 @@ def check_budget(tok: Tokenized, budget: int, options: BuildOptions) -> int:
         )
     if budget > records and not options.fitted:
         raise BuildError(
-            f"budget M={budget} exceeds the {records} calibration tokens ({len(tok.traces)} "
-            f"traces, {tok.trace_tokens} tokens, max_records={options.max_records}); add "
-            "traces or lower --budget"
+            f"budget M={budget} exceeds the {records} calibration tokens ({len(fit)} fitted "
+            f"traces of {len(tok.traces)}, {tok.trace_tokens} tokens, max_records="
+            f"{options.max_records}); add traces or lower --budget"
         )
     return records
 

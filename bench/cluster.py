@@ -26,6 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import multiprocessing as mp
+import shlex
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.reliability.__main__ import commit
 from bench.server import machine
 from memdb.errors import MemdbError
 from memdb.shards import Shard
@@ -202,6 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     one = result["nodes"]["1"]["lookup_vectors_per_s"]
     result["speedup_3_vs_1"] = round(result["nodes"]["3"]["lookup_vectors_per_s"] / one, 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    argv = sys.argv[1:] if argv is None else argv
+    result["command"] = " ".join(["python -m bench.cluster", *map(shlex.quote, argv)])
+    result["commit"] = commit()
+    result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("| nodes | lookup vectors/s | p50 ms | p99 ms |\n|---|---|---|---|")
     for n, row in result["nodes"].items():

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.reliability.__main__ import commit
-from bench.server import machine
+from bench.server import commit, machine
 from memdb.errors import MemdbError
 from memdb.shards import Shard
 from memdb_client import MemdbClient

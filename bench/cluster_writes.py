@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.cluster import FP, KEY, make_memory
-from bench.reliability.__main__ import commit
-from bench.server import machine
+from bench.server import commit, machine
 from memdb.errors import MemdbError
 from memdb_client import MemdbClient
 from memdb_server.cluster_process import control_and_data_planes, memdb_cluster

@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +39,23 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " + (
         f"Python {platform.python_version()}"
     )
+
+
+def commit() -> str:
+    """Where a result comes from, beside `machine`: the commit the code ran from ("+dirty"
+    when tracked files differ from it), or "" outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        out.check_returncode()
+        return out.stdout.strip()
+
+    try:
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
 
 
 def make_layer(m: int, dk: int, rng: np.random.Generator) -> Shard:

@@ -156,11 +156,11 @@ def synthetic_memory(model, budget: int, prefix_tokens: int, fmt: str = "f32/hea
 
 
 def _synthetic_fitted(model, budget: int, prefix_tokens: int, seed: int):
-    """Fitted rows of the model's shape as the builder stores them: per layer and KV head
-    `budget` rows of float8 e4m3 keys with a per-row scale, bf16 values, float32 biases."""
-    from memdb_worker.memory.formats import quantize_keys
+    """Fitted rows of the model's shape as the builder stores them (`bench.attention.fitted.
+    random_rows`: float8 keys with a per-row scale, bf16 values, float32 biases), per layer."""
+    from bench.attention.fitted import random_rows
     from memdb_worker.memory.keys import KeySpace, RopeSpec
-    from memdb_worker.memory.memory import KEY_SCALE, Memory, layer_from_tensors
+    from memdb_worker.memory.memory import Memory
 
     cfg = model.config
     dev = next(model.parameters()).device
@@ -168,13 +168,7 @@ def _synthetic_fitted(model, budget: int, prefix_tokens: int, seed: int):
     rope = RopeSpec.from_model(model)
     ks = KeySpace("pre_rope", "kv_group", h, hkv, d, common_position=prefix_tokens, rope=rope)
     g = torch.Generator(device=dev).manual_seed(seed)
-    layers = []
-    for _ in range(cfg.num_hidden_layers):
-        keys, scale = quantize_keys(torch.randn(hkv, budget, d, device=dev, generator=g),
-                                    torch.float8_e4m3fn)  # fmt: skip
-        values = (0.1 * torch.randn(hkv, budget, 1, d, device=dev, generator=g)).bfloat16()
-        bias = 2.0 * torch.randn(hkv, budget, 1, device=dev, generator=g)
-        layers.append(layer_from_tensors(keys, values, bias, {KEY_SCALE: scale}))
+    layers = [random_rows(hkv, budget, d, g, value_scale=0.1) for _ in range(cfg.num_hidden_layers)]
     rope_meta = {"inv_freq": [float(x) for x in rope.inv_freq.tolist()],
                  "attention_scaling": rope.attention_scaling}  # fmt: skip
     meta = {**ks.metadata(), "prefix_length": str(prefix_tokens), "budget": str(budget),

@@ -80,3 +80,12 @@ def test_the_draw_replays_in_a_cuda_graph():
         out = sample(logits, temps, top_p, top_k, seeds, steps)
     g.replay()
     assert torch.equal(out, want)
+
+
+def test_the_eager_shortcut_without_truncation_draws_what_the_full_draw_draws():
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(2))
+    temps = torch.rand(64, generator=torch.Generator().manual_seed(3)) * 1.5  # some near 0
+    temps[::7] = 0.0
+    args = (logits, temps, torch.ones(64), torch.zeros(64, dtype=torch.long), torch.arange(64),
+            torch.full((64,), 5))  # fmt: skip
+    assert torch.equal(sample(*args, truncate=False), sample(*args))

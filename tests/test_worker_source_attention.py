@@ -10,7 +10,7 @@ import torch
 
 from memdb_worker.attend import attention, fused
 from memdb_worker.attend.decode_step import StaticDecoder
-from memdb_worker.attend.source_attention import SourceAttention
+from memdb_worker.attend.source_attention import PATHS, SourceAttention
 from memdb_worker.build import BuildOptions, build_memory
 from memdb_worker.memory.keys import LayerQuery, RopeSpec
 from memdb_worker.memory.state import attention_state, merge_states
@@ -47,6 +47,7 @@ def seam(model, source, **kw) -> SourceAttention:
 def test_the_path_per_source_with_kernels_on_and_off(setup):
     model, sources = setup
     off = {name: seam(model, s).path for name, s in sources.items()}  # CPU: kernels off
+    assert set(off.values()) <= set(PATHS)
     assert off == {"neither": "sdpa", "entries": "entries_torch", "fitted": "states",
                    "prefix": "states", "prefix_mean": "states"}  # fmt: skip
     if fused.HAVE_TRITON:  # forced on (Triton's interpreter would run them on the CPU)

@@ -40,21 +40,31 @@ def budgets(n: int) -> list[int]:
     return sorted({n // 8, FIXED_BUDGET})
 
 
+def random_rows(hkv: int, budget: int, d: int, generator: torch.Generator,
+                value_scale: float = 1.0):  # fmt: skip
+    """One layer of random fitted rows in the builder's stored format, on the generator's
+    device: per KV head `budget` rows of float8 e4m3 keys with a per-row scale, bfloat16
+    values (~ N(0, value_scale^2)), float32 biases (~ N(0, 4))."""
+    from memdb_worker.memory.formats import quantize_keys
+    from memdb_worker.memory.memory import KEY_SCALE, layer_from_tensors
+
+    dev = generator.device
+    keys, scale = quantize_keys(torch.randn(hkv, budget, d, device=dev, generator=generator),
+                                torch.float8_e4m3fn)  # fmt: skip
+    values = torch.randn(hkv, budget, 1, d, device=dev, generator=generator) * value_scale
+    bias = torch.randn(hkv, budget, 1, device=dev, generator=generator) * 2
+    return layer_from_tensors(keys, values.to(torch.bfloat16), bias, {KEY_SCALE: scale})
+
+
 def make_fitted(budget: int, seed: int = 0):
     """A random fitted memory of the 8B shape, one layer, in the builder's stored format."""
-    from memdb_worker.memory.formats import quantize_keys
     from memdb_worker.memory.keys import KeySpace
-    from memdb_worker.memory.memory import KEY_SCALE, Memory, layer_from_tensors
+    from memdb_worker.memory.memory import Memory
 
     g = torch.Generator(device=A.DEVICE).manual_seed(seed)
     ks = KeySpace("pre_rope", "kv_group", A.H, A.HKV, A.D, rope=A.rope_spec())
-    keys, scale = quantize_keys(torch.randn(A.HKV, budget, A.D, device=A.DEVICE, generator=g),
-                                torch.float8_e4m3fn)  # fmt: skip
-    values = torch.randn(A.HKV, budget, 1, A.D, device=A.DEVICE, generator=g).to(torch.bfloat16)
-    bias = torch.randn(A.HKV, budget, 1, device=A.DEVICE, generator=g) * 2
-    lay = layer_from_tensors(keys, values, bias, {KEY_SCALE: scale})
     meta = {"entry_state": "fitted", "group_key": "mean", "prefix_length": "0"}
-    return Memory([lay], ks, meta)
+    return Memory([random_rows(A.HKV, budget, A.D, g)], ks, meta)
 
 
 def kernel_fn(mem, inp, config):

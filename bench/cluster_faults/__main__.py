@@ -13,7 +13,6 @@ import json
 import logging
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from bench.cluster_faults.campaign import run
 from bench.cluster_faults.faults import FAULTS, SLOTS
-from bench.server import machine
+from bench.server import commit, machine
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv_used = sys.argv[1:] if argv is None else argv
     result["command"] = "python -m bench.cluster_faults " + shlex.join(argv_used)
     result["machine"] = machine()
-    result["commit"] = _commit()
+    result["commit"] = commit()
     result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -86,15 +85,6 @@ def _slots(kinds: str | None) -> dict | None:
         raise SystemExit(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULTS)}")
     slots = {s: {k: w for k, w in ks.items() if k in wanted} for s, ks in SLOTS.items()}
     return {s: ks for s, ks in slots.items() if ks}
-
-
-def _commit() -> str:
-    """The commit the code ran from (+dirty when the tree had changes)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def _exit(signum, frame) -> None:

@@ -21,13 +21,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep
 import argparse
 import json
 import math
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench.reliability import fuzz, history, isolation, kills, neighbours, soak
 from bench.reliability.measure import write_results
+from bench.server import commit
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PARTS = ("kills", "history", "fuzz", "isolation", "neighbours", "soak")
@@ -130,22 +130,6 @@ def by_backend(r: dict) -> dict:
             "seconds": f["seconds"],
         }
     return {k: v for k, v in out.items() if v is not None}
-
-
-def commit() -> str:
-    """The commit the code ran from ("+dirty" when tracked files differ from it), or ""."""
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-        out.check_returncode()
-        return out.stdout.strip()
-
-    try:
-        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uno")
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head + ("+dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,7 +44,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from transformers import AttentionInterface
@@ -53,6 +53,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from memdb_worker.memory.keys import LayerQuery, RopeSpec
 from memdb_worker.memory.state import State, attention_state, empty_state, merge_states
+
+if TYPE_CHECKING:
+    from memdb_worker.attend.source_attention import SourceAttention
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +99,8 @@ class Binding:
     live_positions: LivePositions
     rope: RopeSpec
     observers: list[Observer] = field(default_factory=list)
-    # decode steps of a single source: the one attention seam (source_attention)
-    seam: object | None = None
+    # decode steps of a single source: the one attention seam
+    seam: SourceAttention | None = None
 
     def offsets(self, batch: int, device: torch.device) -> torch.Tensor:
         """Position shift of each row's live tokens, [B, 1] (or [1, 1] for a single source)."""

@@ -61,15 +61,17 @@ def sample(
     seeds: torch.Tensor,
     steps: torch.Tensor,
     *,
-    all_greedy: bool = False,
+    truncate: bool = True,
 ) -> torch.Tensor:
-    """The next token of each row (module doc). `all_greedy` (known on the host, eager only)
-    skips the draw."""
+    """The next token of each row (module doc). `truncate=False`, a shortcut for the eager
+    path when no row has top_p < 1 or top_k > 0 (a CUDA graph keeps the default), skips the
+    sort and draws the same token."""
     greedy = logits.argmax(dim=-1)
-    if all_greedy:
-        return greedy
     b, v = logits.shape
     scaled = logits / temps.clamp_min(1e-6).view(b, 1)
+    if not truncate:  # every token kept: the argmax needs no order
+        drawn = (scaled - torch.log(-torch.log(uniform(seeds, steps, v)))).argmax(dim=-1)
+        return torch.where(temps > 0, drawn, greedy)
     ordered, order = scaled.sort(dim=-1, descending=True)  # [B, V]
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # the mass of the more probable tokens

@@ -121,7 +121,6 @@ class _Row:
         self,
         req: GenerationRequest,
         tokenizer,
-        device: torch.device,
         tokenizer_lock: threading.Lock | None = None,
     ) -> None:
         self.req = req
@@ -378,7 +377,7 @@ class Scheduler:
             rows = arg.rows if isinstance(arg, (_Batch, StaticBatch)) else arg
             logger.warning("a batch of %d failed: %s", len(rows), exc, exc_info=True)
             for r in rows:
-                (r if isinstance(r, _Row) else _Row(r, None, self.device)).fail(exc)
+                (r if isinstance(r, _Row) else _Row(r, None)).fail(exc)
             return None
 
     def _prefill(self, reqs: list[GenerationRequest], static: bool = True) -> _Batch | StaticBatch:
@@ -407,7 +406,7 @@ class Scheduler:
 
     def _rows(self, reqs: list[GenerationRequest]) -> list[_Row]:
         """Rows of new requests; those without a memory take a cached prompt prefix if any."""
-        rows = [_Row(r, self.tokenizer, self.device, self.tokenizer_lock) for r in reqs]
+        rows = [_Row(r, self.tokenizer, self.tokenizer_lock) for r in reqs]
         if self.prefix_cache is not None:
             for row in rows:
                 if row.source is None:
@@ -515,6 +514,8 @@ class Scheduler:
         """Each row's next token by the one sampler (`sampling.sample`, as the static step
         draws): step = the tokens the row has drawn so far."""
         ps = [r.req.params for r in rows]
+        if all(p.temperature <= 0 for p in ps):  # greedy rows: no per-row tensors to build
+            return logits.argmax(dim=-1)
         dev = logits.device
         return sample(
             logits,
@@ -523,5 +524,5 @@ class Scheduler:
             torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
             torch.tensor([r.seed for r in rows], dtype=torch.long, device=dev),
             torch.tensor([len(r.ids) for r in rows], dtype=torch.long, device=dev),
-            all_greedy=all(p.temperature <= 0 for p in ps),
+            truncate=any(p.top_p < 1 or p.top_k > 0 for p in ps),
         )
